@@ -1,0 +1,302 @@
+"""An orthonormal basis of the span of the checkpoints (the first half of Algorithm 1).
+
+Successive checkpoints are nearly collinear, so classical Gram-Schmidt in fp32 (the reference code's)
+loses orthogonality. Here checkpoints are streamed from disk in blocks, each block is orthogonalized against
+the basis so far twice ("twice is enough", block classical Gram-Schmidt with reorthogonalization) with
+inner products accumulated in fp64, then column by column within the block. A checkpoint whose residual
+is below `tol` of its norm adds no direction: it is dropped with a warning, never divided by almost zero.
+
+Only the trainable parameters are in the subspace; buffers (BatchNorm statistics) are averaged and stored
+beside the basis, to be recomputed after training anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from twa_cli.checkpoints import (
+    Checkpoint,
+    check_compatible,
+    check_finite,
+    load_tensors,
+    make_metadata,
+    open_tensors,
+    read_checkpoint,
+    save_tensors,
+    sha256_file,
+)
+from twa_cli.averaging import mean_of
+from twa_cli.errors import TwaError
+from twa_cli.models import build_model, trainable_names
+
+log = logging.getLogger("twa")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CHUNK = 1 << 20  # elements of the parameter vector handled at once in fp64
+
+
+@dataclass
+class Basis:
+    """Rows of `vectors` are orthonormal; checkpoint i is `vectors.T @ coords[:, i]` on the trainable params."""
+
+    vectors: torch.Tensor  # (k, D)
+    coords: torch.Tensor  # (k, n) float64
+    layout: list[tuple[str, tuple[int, ...]]]  # the trainable tensors, in the order they fill D
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    dropped: list[dict[str, Any]] = field(default_factory=list)
+    arch: dict[str, Any] | None = None
+    data: dict[str, Any] | None = None
+    errors: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return int(self.vectors.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def center_coords(self) -> torch.Tensor:
+        """Coordinates of the mean of the checkpoints, TWA's default starting point."""
+        return self.coords.mean(dim=1)
+
+    def coefficients(self, coords: torch.Tensor) -> torch.Tensor:
+        """Averaging coefficients alpha (one per source checkpoint) with sum_i alpha_i w_i = vectors.T @ coords.
+
+        When checkpoints were dropped as duplicates the alpha are not unique; this is the smallest-norm choice,
+        which splits a weight evenly between identical checkpoints.
+        """
+        return torch.linalg.pinv(self.coords) @ coords.to(torch.float64).cpu()
+
+    def point(self, coords: torch.Tensor) -> torch.Tensor:
+        return self.vectors.t().to(torch.float32) @ coords.to(torch.float32)
+
+    def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, offset = {}, 0
+        for name, shape in self.layout:
+            size = _numel(shape)
+            out[name] = vector[offset : offset + size].view(shape)
+            offset += size
+        return out
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def subspace_tensors(ckpt: Checkpoint, shapes: dict[str, tuple[int, ...]], model: dict[str, Any] | None) -> list[str]:
+    """Which tensors span the subspace: the trainable parameters, from metadata, the model, or every float tensor."""
+    names = ckpt.trainable
+    if names is None and (model or ckpt.arch) is not None:
+        names = trainable_names(build_model(model or ckpt.arch))  # type: ignore[arg-type]
+    if names is None:
+        with open_tensors(ckpt.path) as handle:
+            names = [k for k in handle.keys() if handle.get_slice(k).get_dtype() in ("F32", "F16", "BF16", "F64")]
+        log.warning("%s: no architecture known; every floating tensor (BatchNorm statistics too) spans the subspace", ckpt.path)
+    missing = [n for n in names if n not in shapes]
+    if missing:
+        raise TwaError(f"{ckpt.path}: has no tensor '{missing[0]}' that the model trains; does --model fit?")
+    return names
+
+
+def _read_flat(path: Path, layout: list[tuple[str, tuple[int, ...]]], out: torch.Tensor) -> None:
+    """Fill `out` (D,) with the trainable tensors of a file, one tensor at a time (memory of one tensor)."""
+    offset = 0
+    with open_tensors(path) as handle:
+        for name, shape in layout:
+            size = _numel(shape)
+            try:
+                tensor = handle.get_tensor(name)
+            except Exception as exc:
+                raise TwaError(f"{path}: cannot read tensor '{name}'; is the file truncated? ({exc})") from exc
+            check_finite(tensor, f"{path}: tensor '{name}'")
+            out[offset : offset + size].copy_(tensor.reshape(-1))
+            offset += size
+
+
+def _project_out(q: torch.Tensor, x: torch.Tensor, coords: torch.Tensor) -> None:
+    """x <- x - q.T (q x.T), twice, with fp64 inner products; the removed components are added to coords (k, b)."""
+    if q.shape[0] == 0:
+        return
+    dim = x.shape[1]
+    for _ in range(2):
+        c = torch.zeros(q.shape[0], x.shape[0], dtype=torch.float64)
+        for s in range(0, dim, CHUNK):
+            c += q[:, s : s + CHUNK].double() @ x[:, s : s + CHUNK].double().t()
+        for s in range(0, dim, CHUNK):
+            x[:, s : s + CHUNK] -= (c.t() @ q[:, s : s + CHUNK].double()).to(x.dtype)
+        coords += c
+
+
+def _norms(x: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(x.shape[0], dtype=torch.float64)
+    for s in range(0, x.shape[1], CHUNK):
+        out += x[:, s : s + CHUNK].double().pow(2).sum(dim=1)
+    return out.sqrt()
+
+
+Progress = Callable[[int, int], None]
+
+
+def orthogonalize(
+    ckpts: list[Checkpoint],
+    *,
+    tol: float = 1e-6,
+    dtype: str = "float32",
+    block: int | None = None,
+    model: dict[str, Any] | None = None,
+    hashes: bool = True,
+    progress: Progress | None = None,
+) -> Basis:
+    """Build an orthonormal basis of span{w_i} from checkpoint files, streaming them block by block.
+
+    Peak memory is the basis (n x D fp32) plus one block of checkpoints (at most a quarter of the basis).
+    """
+    if not ckpts:
+        raise TwaError("no checkpoints to orthogonalize")
+    if dtype not in DTYPES:
+        raise TwaError(f"--dtype must be one of {', '.join(DTYPES)} (got '{dtype}')")
+    shapes = check_compatible(ckpts)
+    names = subspace_tensors(ckpts[0], shapes, model)
+    layout = [(name, shapes[name]) for name in names]
+    dim = sum(_numel(s) for _, s in layout)
+    n = len(ckpts)
+    block = block or max(1, min(32, n // 4))
+    q = torch.empty(n, dim, dtype=torch.float32)
+    coords = torch.zeros(n, n, dtype=torch.float64)
+    x = torch.empty(block, dim, dtype=torch.float32)
+    k = 0
+    dropped: list[dict[str, Any]] = []
+    for b0 in range(0, n, block):
+        cols = list(range(b0, min(n, b0 + block)))
+        xb = x[: len(cols)]
+        for j, i in enumerate(cols):
+            _read_flat(ckpts[i].path, layout, xb[j])
+        norms = _norms(xb)
+        c_old = torch.zeros(k, len(cols), dtype=torch.float64)
+        _project_out(q[:k], xb, c_old)
+        coords[:k, b0 : b0 + len(cols)] = c_old
+        block_start = k  # directions added by this block so far are q[block_start:k]
+        for j, i in enumerate(cols):
+            row = xb[j : j + 1]
+            c_blk = torch.zeros(k - block_start, 1, dtype=torch.float64)
+            _project_out(q[block_start:k], row, c_blk)
+            coords[block_start:k, i] += c_blk[:, 0]
+            residual = float(_norms(row)[0])
+            relative = residual / max(float(norms[j]), 1e-300)
+            if relative <= tol:
+                dropped.append({"index": i, "path": str(ckpts[i].path), "relative_residual": relative})
+                log.warning(
+                    "%s: dropped, it adds no direction (residual %.1e of its norm, below --tol %.0e): "
+                    "a duplicate or near-duplicate of earlier checkpoints",
+                    ckpts[i].path, relative, tol,
+                )
+                continue
+            q[k] = row[0] / residual
+            coords[k, i] = residual
+            k += 1
+        if progress is not None:
+            progress(cols[-1] + 1, n)
+    del x
+    vectors = q[:k].clone() if k < n else q
+    del q
+    basis = Basis(
+        vectors=vectors,
+        coords=coords[:k].clone(),
+        layout=layout,
+        buffers=mean_of(ckpts, skip={name for name, _ in layout}),
+        sources=[_source(c, hashes) for c in ckpts],
+        dropped=dropped,
+        arch=model or ckpts[0].arch,
+        data=ckpts[0].data,
+    )
+    basis.errors["orthogonality"] = orthogonality_error(basis.vectors)
+    if dtype != "float32":
+        basis.vectors = basis.vectors.to(DTYPES[dtype])
+        basis.errors["orthogonality_stored"] = orthogonality_error(basis.vectors)
+    return basis
+
+
+def _source(ckpt: Checkpoint, with_hash: bool) -> dict[str, Any]:
+    src: dict[str, Any] = {"path": str(ckpt.path.resolve()), "step": ckpt.step, "epoch": ckpt.epoch}
+    if with_hash:
+        src["sha256"] = sha256_file(ckpt.path)
+    return src
+
+
+def orthogonality_error(vectors: torch.Tensor) -> float:
+    """max |P P^T - I|, with fp64 accumulation."""
+    k, dim = vectors.shape
+    gram = torch.zeros(k, k, dtype=torch.float64)
+    for s in range(0, dim, CHUNK):
+        chunk = vectors[:, s : s + CHUNK].double()
+        gram += chunk @ chunk.t()
+    return float((gram - torch.eye(k, dtype=torch.float64)).abs().max()) if k else 0.0
+
+
+def reconstruction_errors(basis: Basis, ckpts: list[Checkpoint]) -> list[float]:
+    """Relative error of each checkpoint rebuilt from the basis (a second pass over the files)."""
+    flat = torch.empty(basis.dim, dtype=torch.float32)
+    out = []
+    for i, ckpt in enumerate(ckpts):
+        _read_flat(ckpt.path, basis.layout, flat)
+        rebuilt = basis.vectors.t().double() @ basis.coords[:, i]
+        out.append(float((flat.double() - rebuilt).norm() / flat.double().norm()))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def save_basis(basis: Basis, path: str | Path) -> Path:
+    tensors = {"basis": basis.vectors, "coords": basis.coords}
+    tensors.update({f"buffer.{k}": v for k, v in basis.buffers.items()})
+    meta = make_metadata(
+        "basis",
+        arch=basis.arch,
+        data=basis.data,
+        layout=[[name, list(shape)] for name, shape in basis.layout],
+        sources=basis.sources,
+        dropped=basis.dropped,
+        rank=str(basis.rank),
+        errors=basis.errors,
+        dtype=str(basis.vectors.dtype).replace("torch.", ""),
+    )
+    return save_tensors(path, tensors, meta)
+
+
+def is_basis_file(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_file() and read_checkpoint(path).kind == "basis"
+
+
+def load_basis(path: str | Path) -> Basis:
+    ckpt = read_checkpoint(path)
+    if ckpt.kind != "basis":
+        raise TwaError(f"{path}: not a basis file (made by `twa orthogonalize`)")
+    tensors = load_tensors(path)
+    layout = [(name, tuple(shape)) for name, shape in ckpt.json_field("layout")]
+    vectors = tensors["basis"]
+    if vectors.shape[1] != sum(_numel(s) for _, s in layout):
+        raise TwaError(f"{path}: the basis has {vectors.shape[1]} columns but its layout describes a different size")
+    return Basis(
+        vectors=vectors,
+        coords=tensors["coords"],
+        layout=layout,
+        buffers={k[7:]: v for k, v in tensors.items() if k.startswith("buffer.")},
+        sources=ckpt.json_field("sources") or [],
+        dropped=ckpt.json_field("dropped") or [],
+        arch=ckpt.arch,
+        data=ckpt.data,
+        errors=ckpt.json_field("errors") or {},
+    )

@@ -1,0 +1,201 @@
+"""The data registry: digits (bundled, the default), torchvision's sets, image folders and a user's own.
+
+A data set is described by `{"name": ..., "dir": ...}`, recorded in every checkpoint `sample` writes, so later
+commands find the same data without `--data`. Each set comes as three views: the augmented training set
+(for training), the same images without augmentation (for BatchNorm recalibration and training accuracy),
+and the test set.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from twa_cli.errors import TwaError
+
+KNOWN = ("digits", "cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder")
+_MEANS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+@dataclass
+class Datasets:
+    train: Dataset
+    train_eval: Dataset
+    test: Dataset
+    num_classes: int
+    in_channels: int
+    image_size: int
+
+
+def known_data() -> str:
+    return ", ".join(KNOWN) + ", package.module:callable"
+
+
+def data_spec(name: str, data_dir: str | Path | None = None, download: bool = False) -> dict[str, Any]:
+    spec: dict[str, Any] = {"name": name}
+    if data_dir is not None:
+        spec["dir"] = str(Path(data_dir).resolve())
+    if download:
+        spec["download"] = True
+    return spec
+
+
+def load_data(spec: dict[str, Any]) -> Datasets:
+    """Build the three views of the data set a spec names."""
+    name = spec["name"]
+    data_dir = spec.get("dir")
+    if name == "digits":
+        return _digits()
+    if name in ("cifar10", "cifar100", "mnist", "fashion-mnist"):
+        return _torchvision_set(name, data_dir, bool(spec.get("download")))
+    if name == "imagefolder":
+        return _image_folder(data_dir)
+    if ":" in name:
+        return _user_data(name, data_dir)
+    raise TwaError(f"unknown data set '{name}'; known: {known_data()}")
+
+
+def _digits() -> Datasets:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(bunch.target, dtype=torch.long)
+    # A fixed split (seed 0) so every command of every run sees the same 1347 training / 450 test images.
+    order = torch.from_numpy(np.random.RandomState(0).permutation(len(y)))
+    train_idx, test_idx = order[:1347], order[1347:]
+    mean, std = x[train_idx].mean(), x[train_idx].std()
+    x = (x - mean) / std
+    train = TensorDataset(x[train_idx], y[train_idx])
+    return Datasets(train, train, TensorDataset(x[test_idx], y[test_idx]), 10, 1, 8)
+
+
+def _torchvision_set(name: str, data_dir: str | None, download: bool) -> Datasets:
+    from torchvision import datasets as tvd
+    from torchvision import transforms as T
+
+    if data_dir is None:
+        raise TwaError(f"--data {name} needs --data-dir (add --download to fetch it there)")
+    cls = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST}[name]
+    mean, std = _MEANS[name]
+    plain = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+    augment = plain
+    if name.startswith("cifar"):
+        augment = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), plain])
+    try:
+        train = cls(data_dir, train=True, transform=augment, download=download)
+        train_eval = cls(data_dir, train=True, transform=plain, download=False)
+        test = cls(data_dir, train=False, transform=plain, download=download)
+    except RuntimeError as exc:
+        raise TwaError(f"--data-dir {data_dir}: {name} not found there (add --download to fetch it)") from exc
+    size = 32 if name.startswith("cifar") else 28
+    return Datasets(train, train_eval, test, len(train.classes), len(mean), size)
+
+
+def _image_folder(data_dir: str | None) -> Datasets:
+    from PIL import Image
+    from torchvision import datasets as tvd
+    from torchvision import transforms as T
+
+    if data_dir is None:
+        raise TwaError("--data imagefolder needs --data-dir, a folder with train/ and val/ (or test/)")
+    root = Path(data_dir)
+    train_dir = root / "train"
+    test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    if not train_dir.is_dir() or test_dir is None:
+        raise TwaError(f"--data-dir {root}: expected train/ and val/ (or test/) sub-folders of class folders")
+    probe = tvd.ImageFolder(str(train_dir))
+    if not probe.samples:
+        raise TwaError(f"{train_dir}: no images found")
+    with Image.open(probe.samples[0][0]) as img:
+        width = img.size[0]
+        channels = len(img.getbands())
+    if width <= 64:  # CIFAR-like: the standard pad-and-crop plus flip
+        mean, std = _MEANS["cifar10"] if channels == 3 else ((0.5,), (0.5,))
+        plain = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+        augment = T.Compose([T.RandomCrop(width, padding=width // 8), T.RandomHorizontalFlip(), plain])
+        test_tf, size = plain, width
+    else:  # ImageNet-like: as in the PyTorch ImageNet example
+        mean, std = _MEANS["imagenet"]
+        norm = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+        augment = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), norm])
+        plain = test_tf = T.Compose([T.Resize(256), T.CenterCrop(224), norm])
+        size = 224
+    train = tvd.ImageFolder(str(train_dir), transform=augment)
+    train_eval = tvd.ImageFolder(str(train_dir), transform=plain)
+    test = tvd.ImageFolder(str(test_dir), transform=test_tf)
+    return Datasets(train, train_eval, test, len(train.classes), channels, size)
+
+
+def _user_data(name: str, data_dir: str | None) -> Datasets:
+    module_name, attr = name.split(":", 1)
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise TwaError(f"--data {name}: cannot import ({exc})") from exc
+    result = factory(data_dir) if data_dir is not None else factory()
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise TwaError(f"--data {name}: must return (train_set, test_set)")
+    train, test = result
+    x0, _ = train[0]
+    x0 = torch.as_tensor(x0)
+    labels = _labels(train)
+    channels = int(x0.shape[0]) if x0.dim() == 3 else 1
+    return Datasets(train, train, test, int(max(labels)) + 1, channels, int(x0.shape[-1]))
+
+
+def _labels(dataset: Dataset) -> list[int]:
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[1].tolist()
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return list(map(int, targets))
+    return [int(dataset[i][1]) for i in range(len(dataset))]  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The data order of an epoch depends only on (seed, epoch), so a resumed run sees the same batches."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def batches(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
+    num_workers: int = 0,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Mini-batches of a data set; in-memory tensors are sliced directly, without per-sample collation."""
+    n = len(dataset)  # type: ignore[arg-type]
+    order = torch.randperm(n, generator=epoch_generator(seed, epoch)) if shuffle else None
+    if isinstance(dataset, TensorDataset):
+        x, y = dataset.tensors[:2]
+        idx = order if order is not None else torch.arange(n)
+        for i in range(0, n, batch_size):
+            j = idx[i : i + batch_size]
+            yield x[j], y[j]
+        return
+    source = Subset(dataset, order.tolist()) if order is not None else dataset
+    yield from DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+def num_batches(dataset: Dataset, batch_size: int) -> int:
+    return -(-len(dataset) // batch_size)  # type: ignore[arg-type]

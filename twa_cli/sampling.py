@@ -1,0 +1,156 @@
+"""`twa sample`: regular SGD training that writes the checkpoints TWA averages (Appendix A.2)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from twa_cli.checkpoints import (
+    make_metadata,
+    read_checkpoint,
+    save_tensors,
+    write_text,
+)
+from twa_cli.data import load_data, num_batches
+from twa_cli.errors import TwaError
+from twa_cli.evaluation import evaluate
+from twa_cli.models import build_model, model_spec, trainable_names
+from twa_cli.training import (
+    EpochStats,
+    LoopConfig,
+    Reporter,
+    load_train_state,
+    save_train_state,
+    strip_prefix,
+    train_loop,
+    with_prefix,
+)
+
+STATE_FILE = "train-state.safetensors"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class SampleConfig:
+    model: str = "small-cnn"
+    data: dict[str, Any] | None = None
+    epochs: int = 40
+    lr: float = 0.1
+    schedule: str = "step"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 128
+    per_epoch: int = 1
+    seed: int = 0
+    device: str = "cpu"
+
+
+@dataclass
+class SampleResult:
+    out: Path
+    checkpoints: list[Path]
+    history: list[dict[str, Any]]
+
+
+def checkpoint_name(step: int) -> str:
+    return f"ckpt-{step:08d}.safetensors"
+
+
+def sample_steps(per_epoch: int, batches_per_epoch: int) -> set[int]:
+    """Batch indices (0-based, within an epoch) after which a sample is saved: evenly spaced, the last one last."""
+    if per_epoch < 1 or per_epoch > batches_per_epoch:
+        raise TwaError(f"--per-epoch must be between 1 and the {batches_per_epoch} batches of an epoch")
+    return {round((j + 1) * batches_per_epoch / per_epoch) - 1 for j in range(per_epoch)}
+
+
+def sample(
+    out: str | Path,
+    cfg: SampleConfig,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    reporter: Reporter | None = None,
+) -> SampleResult:
+    """Train with SGD and write the initial weights plus `per_epoch` samples per epoch into `out`."""
+    out = Path(out)
+    if cfg.data is None:
+        raise TwaError("--data is required")
+    state_path = out / STATE_FILE
+    if resume:
+        if not state_path.exists():
+            raise TwaError(f"{out}: nothing to resume (no {STATE_FILE}); run without --resume")
+    elif out.exists() and any(out.iterdir()):
+        if not force:
+            raise TwaError(f"{out}: already exists and is not empty (pass --force to overwrite, --resume to continue)")
+        _clear_previous_run(out)
+    torch.manual_seed(cfg.seed)
+    data = load_data(cfg.data)
+    arch = model_spec(cfg.model, data.num_classes, data.in_channels, data.image_size)
+    model = build_model(arch).to(cfg.device)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    names = trainable_names(model)
+    per_epoch_batches = num_batches(data.train, cfg.batch_size)
+    save_after = sample_steps(cfg.per_epoch, per_epoch_batches)
+    config = asdict(cfg)
+    written: list[Path] = []
+
+    def save_sample(step: int, epoch: float) -> None:
+        meta = make_metadata(
+            "checkpoint", arch=arch, data=cfg.data, step=str(step), epoch=f"{epoch:.6g}", trainable=names,
+            config=config, command="sample",
+        )
+        written.append(save_tensors(out / checkpoint_name(step), model.state_dict(), meta))
+
+    history: list[dict[str, Any]] = []
+    start_epoch, step = 0, 0
+    if resume:
+        tensors, start_epoch, step, history = load_train_state(state_path, config)
+        model.load_state_dict(strip_prefix("model", tensors))
+        params = dict(model.named_parameters())
+        for name, buf in strip_prefix("momentum", tensors).items():
+            optimizer.state[params[name]]["momentum_buffer"] = buf.to(cfg.device)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        save_sample(0, 0.0)
+
+    def after_step(epoch: int, index: int, global_step: int) -> None:
+        if index in save_after:
+            save_sample(global_step, epoch + (index + 1) / per_epoch_batches)
+
+    def after_epoch(stats: EpochStats) -> None:
+        test = evaluate(model, data.test, device=cfg.device)
+        stats.extra.update(test_loss=test.loss, test_acc=test.accuracy)
+        history.append(stats.to_dict())
+        tensors = with_prefix("model", model.state_dict()) | with_prefix("momentum", _optimizer_tensors(model, optimizer))
+        save_train_state(state_path, tensors, stats, history, config)
+        write_text(out / METRICS_FILE, "".join(json.dumps(h) + "\n" for h in history))
+
+    loop = LoopConfig(cfg.epochs, cfg.lr, cfg.schedule, cfg.batch_size, cfg.seed, cfg.device)
+    train_loop(
+        model, optimizer, data, loop, start_epoch=start_epoch, step=step,
+        after_step=after_step, after_epoch=after_epoch, reporter=reporter,
+    )
+    return SampleResult(out, sorted(out.glob("ckpt-*.safetensors")), history)
+
+
+def _clear_previous_run(out: Path) -> None:
+    """--force: remove what an earlier `sample` wrote here, and nothing else."""
+    for path in out.glob("*.safetensors"):
+        if read_checkpoint(path).meta.get("command") == "sample" or path.name == STATE_FILE:
+            path.unlink()
+    (out / METRICS_FILE).unlink(missing_ok=True)
+
+
+def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, param in model.named_parameters():
+        buf = optimizer.state.get(param, {}).get("momentum_buffer")
+        if buf is not None:
+            out[name] = buf
+    return out

@@ -1,0 +1,129 @@
+"""Training inside the span of the checkpoints: Algorithm 1 with equation 8.
+
+The trainable parameters and their gradients live in one contiguous buffer each (the modules' parameters
+are views into them), so a step reads the gradient with one matrix-vector product, updates n coordinates,
+and writes the weights with a second one: no concatenation, no allocation, no copy back, no host sync.
+
+Why coordinates: eq. 8 is SGD with momentum on w, with the gradient projected through P P^T and weight decay
+lambda*w. Started inside the span, w, the momentum and every update stay inside it, so the whole update can be
+carried out on a = P w (n numbers) and w rebuilt as P^T a. This is the same iteration, with no D-sized
+momentum buffer and no drift out of the subspace. A start outside the span (a user's file) keeps its
+off-span part r, which eq. 8 only shrinks by weight decay: w = P^T a + s r with a scalar s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+class FlatParameters:
+    """Rebind a model's trainable parameters (in `names` order) as views of one flat buffer, grads too."""
+
+    def __init__(self, model: nn.Module, names: Iterable[str]):
+        params = dict(model.named_parameters())
+        names = list(names)
+        missing = [n for n in names if n not in params]
+        if missing:
+            from twa_cli.errors import TwaError
+
+            raise TwaError(f"the basis covers '{missing[0]}', which the model does not have")
+        first = params[names[0]]
+        total = sum(params[n].numel() for n in names)
+        self.names = names
+        self.params = torch.empty(total, dtype=first.dtype, device=first.device)
+        self.grads = torch.zeros(total, dtype=first.dtype, device=first.device)
+        offset = 0
+        for name in names:
+            p = params[name]
+            size = p.numel()
+            view = self.params[offset : offset + size].view_as(p)
+            view.copy_(p.detach())
+            p.data = view
+            p.grad = self.grads[offset : offset + size].view_as(p)
+            offset += size
+        # Parameters outside the basis must not train: freeze them.
+        for name, p in params.items():
+            if name not in set(names):
+                p.requires_grad_(False)
+
+
+class SubspaceSGD(torch.optim.Optimizer):
+    """SGD with momentum and weight decay restricted to the row space of `basis` (k x D, orthonormal rows)."""
+
+    def __init__(
+        self,
+        flat: FlatParameters,
+        basis: torch.Tensor,
+        coords: torch.Tensor,
+        *,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-5,
+        offspan: torch.Tensor | None = None,
+    ):
+        params = [p for p in _params_of(flat)]
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+        self.flat = flat
+        self.basis = basis
+        device = flat.params.device
+        self.coords = coords.to(device=device, dtype=torch.float32).clone()
+        self.momentum = torch.zeros_like(self.coords)
+        self._grad_coords = torch.zeros_like(self.coords)
+        self.offspan = offspan  # r, the part of the start outside the span, or None
+        self.offspan_scale = 1.0  # s
+        self.offspan_momentum = 0.0
+        self._write_params()
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        group = self.param_groups[0]
+        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+        # c = P g   (the gradient in subspace coordinates; P^T c is the projected gradient of eq. 7)
+        _matvec(self.basis, self.flat.grads, self._grad_coords)
+        # eq. 8 in coordinates: m <- mu m + (c + wd a);  a <- a - lr m
+        self.momentum.mul_(mu).add_(self._grad_coords).add_(self.coords, alpha=wd)
+        self.coords.add_(self.momentum, alpha=-lr)
+        if self.offspan is not None:
+            self.offspan_momentum = mu * self.offspan_momentum + wd * self.offspan_scale
+            self.offspan_scale -= lr * self.offspan_momentum
+        self._write_params()
+        return None
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        self.flat.grads.zero_()
+
+    @torch.no_grad()
+    def _write_params(self) -> None:
+        """w = P^T a (+ s r), written straight into the parameter buffer."""
+        _matvec_t(self.basis, self.coords, self.flat.params)
+        if self.offspan is not None:
+            self.flat.params.add_(self.offspan, alpha=self.offspan_scale)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {"coords": self.coords, "momentum": self.momentum}
+        out["offspan"] = torch.tensor([self.offspan_scale, self.offspan_momentum], dtype=torch.float64)
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.coords.copy_(tensors["coords"])
+        self.momentum.copy_(tensors["momentum"])
+        self.offspan_scale, self.offspan_momentum = (float(v) for v in tensors["offspan"])
+        self._write_params()
+
+
+def _params_of(flat: FlatParameters) -> list[torch.Tensor]:
+    # The optimizer base class wants leaf tensors to group; the flat buffer is the one we update.
+    return [flat.params]
+
+
+def _matvec(basis: torch.Tensor, vector: torch.Tensor, out: torch.Tensor) -> None:
+    """out = basis @ vector."""
+    torch.mv(basis, vector, out=out)
+
+
+def _matvec_t(basis: torch.Tensor, coords: torch.Tensor, out: torch.Tensor) -> None:
+    """out = basis.T @ coords."""
+    torch.mv(basis.t(), coords, out=out)
