@@ -317,6 +317,7 @@ def train_subspace(
 @app.command("eval")
 def eval_(
     files: Annotated[list[Path], typer.Argument(help="Checkpoint files to score.")],
+    label: Annotated[Optional[list[str]], typer.Option("--label", help="A name for each file in the table (repeat it, in order).")] = None,
     split: Annotated[Split, typer.Option(help="test, train, or both (then also the generalization gap).")] = Split.test,
     model: ModelOpt = None,
     data: DataOpt = None,
@@ -343,11 +344,13 @@ def eval_(
     if json_out:
         ui.emit_json({"results": [r.to_dict() for r in results]})
         return
+    if label and len(label) != len(files):
+        raise TwaError(f"--label given {len(label)} times for {len(files)} files")
     rows = []
-    for r in results:
-        rows.append([r.path, r.test.accuracy if r.test else None, r.test.loss if r.test else None,
+    for name, r in zip(label or [r.path for r in results], results):
+        rows.append([name, r.test.accuracy if r.test else None, r.test.loss if r.test else None,
                      r.train.accuracy if r.train else None, r.gap])
-    ui.table("Evaluation", ["file", "test acc %", "test loss", "train acc %", "gap"], rows)
+    ui.table("Evaluation", ["model" if label else "file", "test acc %", "test loss", "train acc %", "gap"], rows)
 
 
 # Entry point --------------------------------------------------------------------------------------------

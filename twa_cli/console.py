@@ -70,7 +70,8 @@ def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> 
         return
     t = Table(title=title, title_justify="left")
     for c in columns:
-        t.add_column(c, justify="left" if c in ("", "model", "file", "checkpoint") else "right")
+        left = c in ("", "model", "file", "checkpoint")
+        t.add_column(c, justify="left" if left else "right", overflow="fold" if left else "ellipsis")
     for row in rows:
         t.add_row(*[_cell(v) for v in row])
     out.print(t)

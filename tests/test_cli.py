@@ -1,0 +1,64 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from twa_cli.checkpoints import list_folder, read_checkpoint
+
+
+def twa(*args, cwd=None, check=True):
+    proc = subprocess.run([sys.executable, "-m", "twa_cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env={"NO_COLOR": "1", "PATH": "/usr/bin:/bin"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"twa {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_on_digits(tmp_path):
+    ckpts = tmp_path / "ckpts"
+    twa("sample", ckpts, "--model", "small-cnn", "--data", "digits", "--epochs", "3", "--batch-size", "64",
+        "--lr", "0.05")
+    assert len(list_folder(ckpts)) == 4
+    metrics = [json.loads(line) for line in (ckpts / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+
+    swa = json.loads(twa("swa", ckpts, "-o", tmp_path / "swa.safetensors", "--start", "1", "--json").stdout)
+    assert swa["checkpoints"] == 3 and swa["batchnorm"] == "recomputed"
+
+    basis = json.loads(twa("orthogonalize", ckpts, "-o", tmp_path / "basis.safetensors", "--json").stdout)
+    assert basis["rank"] == 4 and basis["errors"]["orthogonality"] < 1e-6
+
+    proc = twa("train-subspace", tmp_path / "basis.safetensors", "--epochs", "2", "--lr", "0.5", "--json")
+    summary = json.loads(proc.stdout)
+    out = tmp_path / "basis-twa"
+    assert summary["output"] == str(out)
+    assert len(summary["coefficients"]) == 4
+    assert read_checkpoint(out / "twa.safetensors").kind == "twa"
+
+    scored = json.loads(twa("eval", out / "twa.safetensors", "--split", "both", "--json").stdout)["results"][0]
+    assert scored["test"]["accuracy"] == pytest.approx(summary["test"]["accuracy"], abs=1e-9)
+    assert scored["gap"] == pytest.approx(scored["train"]["accuracy"] - scored["test"]["accuracy"])
+
+
+def test_train_subspace_on_a_folder_writes_beside_it(cnn_run, tmp_path):
+    import shutil
+
+    ckpts = tmp_path / "run"
+    shutil.copytree(cnn_run, ckpts)
+    proc = twa("train-subspace", ckpts, "--epochs", "1", "--lr", "0.5", "--batch-size", "64")
+    out = tmp_path / "run-twa"
+    assert str(out) in proc.stdout
+    assert {p.name for p in out.iterdir()} >= {"twa.safetensors", "coefficients.json", "metrics.jsonl",
+                                               "basis.safetensors"}
+    assert not list(ckpts.glob("twa*"))
+    # a second run refuses to overwrite the result
+    again = twa("train-subspace", ckpts, "--epochs", "1", check=False)
+    assert again.returncode == 1 and "already exists" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_help_and_version():
+    assert "twa" in twa("--version").stdout
+    for command in ("sample", "swa", "orthogonalize", "train-subspace", "eval"):
+        assert "Usage" in twa(command, "--help").stdout

@@ -1,0 +1,117 @@
+import json
+
+import torch
+import torch.nn.functional as F
+
+from conftest import flat_trainable
+from twa_cli.basis import load_basis
+from twa_cli.checkpoints import list_folder, load_tensors, read_checkpoint
+from twa_cli.data import batches, load_data
+from twa_cli.evaluation import evaluate
+from twa_cli.models import build_model
+from twa_cli.subspace import FlatParameters, SubspaceSGD
+from twa_cli.subspace_training import SubspaceConfig, train_subspace
+from twa_cli.training import learning_rate
+
+
+def _run(src, out, **kw):
+    cfg = SubspaceConfig(epochs=kw.pop("epochs", 2), lr=kw.pop("lr", 0.5), batch_size=64, **kw)
+    return train_subspace(src, out, cfg)
+
+
+def test_result_lies_in_the_span_and_coefficients_rebuild_it(cnn_run, tmp_path):
+    result = _run(cnn_run, tmp_path / "twa")
+    basis = load_basis(tmp_path / "twa" / "basis.safetensors")
+    names = [n for n, _ in basis.layout]
+    w_twa = flat_trainable(result.result, names)
+    p = basis.vectors.double()
+    assert float((w_twa - p.t() @ (p @ w_twa)).norm() / w_twa.norm()) < 1e-5
+    ckpts = list_folder(cnn_run)
+    stacked = torch.stack([flat_trainable(c.path, names) for c in ckpts])
+    alpha = torch.tensor(result.coefficients, dtype=torch.float64)
+    assert float((alpha @ stacked - w_twa).norm() / w_twa.norm()) < 1e-5
+    saved = json.loads((tmp_path / "twa" / "coefficients.json").read_text())
+    assert [row["alpha"] for row in saved["coefficients"]] == result.coefficients
+    assert 0.5 < sum(result.coefficients) < 1.5  # about 1, as the paper argues (not imposed)
+
+
+def test_subspace_training_lowers_the_training_loss(cnn_run, tmp_path):
+    result = _run(cnn_run, tmp_path / "twa", epochs=3, lr=1.0)
+    data = load_data(read_checkpoint(result.result).data)
+    center = load_basis(tmp_path / "twa" / "basis.safetensors")
+    start = build_model(center.arch)
+    state = start.state_dict()
+    state.update(center.unflatten(center.point(center.center_coords())))
+    state.update(center.buffers)
+    start.load_state_dict(state)
+    from twa_cli.batchnorm import recalibrate_bn
+
+    recalibrate_bn(start, data.train_eval)
+    trained = build_model(center.arch)
+    trained.load_state_dict(load_tensors(result.result))
+    assert evaluate(trained, data.train_eval).loss < evaluate(start, data.train_eval).loss
+
+
+def test_flat_parameters_are_views_and_gradients_accumulate_in_place():
+    model = build_model({"name": "mlp", "kwargs": {"num_classes": 10, "in_channels": 1, "image_size": 8}})
+    names = [n for n, _ in model.named_parameters()]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    flat = FlatParameters(model, names)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n])
+        assert p.data_ptr() >= flat.params.data_ptr()
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    F.cross_entropy(model(x), y).backward()
+    assert float(flat.grads.abs().sum()) > 0
+    offset = 0
+    for _, p in model.named_parameters():
+        assert torch.equal(flat.grads[offset : offset + p.numel()].view_as(p), p.grad)
+        offset += p.numel()
+
+
+def test_matches_a_plain_transcription_of_algorithm_1(mlp_run, tmp_path):
+    """The coordinate-space optimizer against eq. 8 written out in parameter space with torch.optim.SGD."""
+    epochs, lr, wd, mu, bs = 2, 0.5, 1e-3, 0.9, 64
+    result = _run(mlp_run, tmp_path / "twa", epochs=epochs, lr=lr, weight_decay=wd, momentum=mu)
+    basis = load_basis(tmp_path / "twa" / "basis.safetensors")
+    data = load_data(basis.data)
+
+    model = build_model(basis.arch)
+    names = [n for n, _ in basis.layout]
+    params = dict(model.named_parameters())
+    start = basis.unflatten(basis.point(basis.center_coords()))
+    with torch.no_grad():
+        for n in names:
+            params[n].copy_(start[n])
+    p_mat = basis.vectors.double()
+    opt = torch.optim.SGD([params[n] for n in names], lr=lr, momentum=mu, weight_decay=wd)
+    per_epoch = -(-len(data.train) // bs)
+    for epoch in range(epochs):
+        for i, (x, y) in enumerate(batches(data.train, bs, shuffle=True, seed=0, epoch=epoch)):
+            for g in opt.param_groups:
+                g["lr"] = learning_rate("step", lr, epochs, epoch, i / per_epoch)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            g = torch.cat([params[n].grad.reshape(-1).double() for n in names])
+            g = p_mat.t() @ (p_mat @ g)  # P P^T g, eq. 7 without the decay term (SGD adds lambda w)
+            offset = 0
+            for n in names:
+                size = params[n].numel()
+                params[n].grad.copy_(g[offset : offset + size].view_as(params[n]))
+                offset += size
+            opt.step()
+    expected = torch.cat([params[n].detach().reshape(-1).double() for n in names])
+    got = flat_trainable(result.result, names)
+    assert float((got - expected).norm() / expected.norm()) < 1e-4
+
+
+def test_optimizer_step_keeps_parameters_in_sync_with_coordinates():
+    model = build_model({"name": "mlp", "kwargs": {"num_classes": 10, "in_channels": 1, "image_size": 8}})
+    names = [n for n, _ in model.named_parameters()]
+    flat = FlatParameters(model, names)
+    q, _ = torch.linalg.qr(torch.randn(flat.params.numel(), 5))
+    basis = q.t().contiguous()
+    opt = SubspaceSGD(flat, basis, torch.randn(5), lr=0.1)
+    F.cross_entropy(model(torch.randn(8, 1, 8, 8)), torch.arange(8)).backward()
+    opt.step()
+    assert torch.allclose(flat.params, basis.t() @ opt.coords, atol=1e-6)
