@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ from twa_cli.checkpoints import list_folder, read_checkpoint
 
 def twa(*args, cwd=None, check=True):
     proc = subprocess.run([sys.executable, "-m", "twa_cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env={"NO_COLOR": "1", "PATH": "/usr/bin:/bin"})
+                          cwd=cwd, env={**os.environ, "NO_COLOR": "1"})
     if check and proc.returncode != 0:
         raise AssertionError(f"twa {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
