@@ -15,7 +15,7 @@ from twa_cli.checkpoints import Checkpoint, check_compatible, check_finite, make
 from twa_cli.data import load_data
 from twa_cli.errors import TwaError
 from twa_cli.evaluation import Score, evaluate
-from twa_cli.models import build_model, load_weights, trainable_names
+from twa_cli.models import build_model, check_fits, load_weights, trainable_names
 
 log = logging.getLogger("twa")
 
@@ -74,14 +74,17 @@ def swa(
     """Average the checkpoints uniformly, recompute BatchNorm statistics, and write the result to `out`."""
     if not ckpts:
         raise TwaError("no checkpoints to average")
-    check_compatible(ckpts)
+    shapes = check_compatible(ckpts)
     out = Path(out)
-    average = mean_of(ckpts, progress=progress)
     arch = model or ckpts[0].arch
     data_spec = data or ckpts[0].data
-    bn, test, trainable = "none", None, ckpts[0].trainable
-    if arch is not None:
+    net = None
+    if arch is not None:  # before the long pass over the files: a model that does not fit fails at once
         net = build_model(arch)
+        check_fits(net, shapes, str(ckpts[0].path))
+    average = mean_of(ckpts, progress=progress)
+    bn, test, trainable = "none", None, ckpts[0].trainable
+    if net is not None:
         load_weights(net, average, "the average")
         trainable = trainable_names(net)
         if has_batchnorm(net):

@@ -33,7 +33,7 @@ from twa_cli.checkpoints import (
 )
 from twa_cli.averaging import mean_of
 from twa_cli.errors import TwaError
-from twa_cli.models import build_model, trainable_names
+from twa_cli.models import build_model, check_fits, trainable_names
 
 log = logging.getLogger("twa")
 
@@ -96,9 +96,11 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def subspace_tensors(ckpt: Checkpoint, shapes: dict[str, tuple[int, ...]], model: dict[str, Any] | None) -> list[str]:
     """Which tensors span the subspace: the trainable parameters, from metadata, the model, or every float tensor."""
-    names = ckpt.trainable
+    names = None if model is not None else ckpt.trainable
     if names is None and (model or ckpt.arch) is not None:
-        names = trainable_names(build_model(model or ckpt.arch))  # type: ignore[arg-type]
+        net = build_model(model or ckpt.arch)  # type: ignore[arg-type]
+        check_fits(net, shapes, str(ckpt.path))
+        names = trainable_names(net)
     if names is None:
         with open_tensors(ckpt.path) as handle:
             names = [k for k in handle.keys() if handle.get_slice(k).get_dtype() in ("F32", "F16", "BF16", "F64")]
@@ -285,13 +287,18 @@ def load_basis(path: str | Path) -> Basis:
     if ckpt.kind != "basis":
         raise TwaError(f"{path}: not a basis file (made by `twa orthogonalize`)")
     tensors = load_tensors(path)
-    layout = [(name, tuple(shape)) for name, shape in ckpt.json_field("layout")]
-    vectors = tensors["basis"]
-    if vectors.shape[1] != sum(_numel(s) for _, s in layout):
-        raise TwaError(f"{path}: the basis has {vectors.shape[1]} columns but its layout describes a different size")
+    try:
+        layout = [(str(name), tuple(int(n) for n in shape)) for name, shape in ckpt.json_field("layout")]
+        vectors, coords = tensors["basis"], tensors["coords"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TwaError(f"{path}: a damaged basis file (no valid layout, basis or coords)") from exc
+    if vectors.dim() != 2 or vectors.shape[1] != sum(_numel(s) for _, s in layout):
+        raise TwaError(f"{path}: the basis has shape {list(vectors.shape)} but its layout describes a different size")
+    if coords.dim() != 2 or coords.shape[0] != vectors.shape[0]:
+        raise TwaError(f"{path}: coords of shape {list(coords.shape)} do not match {vectors.shape[0]} basis vectors")
     return Basis(
         vectors=vectors,
-        coords=tensors["coords"],
+        coords=coords,
         layout=layout,
         buffers={k[7:]: v for k, v in tensors.items() if k.startswith("buffer.")},
         sources=ckpt.json_field("sources") or [],

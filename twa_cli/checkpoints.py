@@ -8,20 +8,23 @@ command selects from it by position with the same start/end/every flags.
 
 from __future__ import annotations
 
+import ctypes
+import glob
 import hashlib
 import json
 import os
 import re
-import tempfile
+import shutil
+import struct
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from twa_cli.errors import TwaError
 
@@ -42,11 +45,11 @@ class Checkpoint:
 
     @property
     def step(self) -> int | None:
-        return int(self.meta["step"]) if "step" in self.meta else None
+        return _number_field(self, "step", int)
 
     @property
     def epoch(self) -> float | None:
-        return float(self.meta["epoch"]) if "epoch" in self.meta else None
+        return _number_field(self, "epoch", float)
 
     @property
     def kind(self) -> str:
@@ -76,6 +79,16 @@ def _json_field(ckpt: Checkpoint, key: str) -> Any:
         return json.loads(raw)
     except json.JSONDecodeError as exc:
         raise TwaError(f"{ckpt.path}: metadata field '{key}' is not valid JSON ({exc.msg})") from exc
+
+
+def _number_field(ckpt: Checkpoint, key: str, kind: type) -> Any:
+    raw = ckpt.meta.get(key)
+    if raw is None:
+        return None
+    try:
+        return kind(raw)
+    except ValueError as exc:
+        raise TwaError(f"{ckpt.path}: metadata field '{key}' is not a number ({raw!r})") from exc
 
 
 def make_metadata(kind: str, **fields: Any) -> dict[str, str]:
@@ -165,9 +178,8 @@ def select(ckpts: list[Checkpoint], start: int = 0, end: int | None = None, ever
         raise TwaError(f"--every must be at least 1 (got {every})")
     chosen = ckpts[start:end:every]
     if not chosen:
-        raise TwaError(
-            f"--start {start} --end {end} --every {every} selects no checkpoint out of {len(ckpts)}"
-        )
+        flags = f"--start {start}" + (f" --end {end}" if end is not None else "") + f" --every {every}"
+        raise TwaError(f"{flags} selects no checkpoint out of the {len(ckpts)} in the folder")
     return chosen
 
 
@@ -211,34 +223,127 @@ def check_output(path: Path, force: bool, inputs: Iterable[Path] = ()) -> None:
             raise TwaError(f"{path}: will not write inside the input folder {src}; choose another output")
 
 
+# A file being written has no name until it is complete (an O_TMPFILE, linked into the folder at the end),
+# so a process killed mid-write leaves nothing behind. Where the system cannot do that, a dot-named
+# temporary beside the target is used, and removed by the next write of the same file.
+_UNNAMED_TEMPS = hasattr(os, "O_TMPFILE") and sys.platform.startswith("linux")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def _temp_name(path: Path) -> Path:
+    return path.parent / f".{path.name}.{os.urandom(4).hex()}.tmp"
+
+
+def _remove_stale_temps(path: Path) -> None:
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+def _open_unnamed(folder: Path) -> int:
+    if not _UNNAMED_TEMPS:
+        return -1
+    try:
+        return os.open(folder, os.O_TMPFILE | os.O_RDWR, 0o666)
+    except OSError:  # a file system without unnamed files
+        return -1
+
+
+def _name_unnamed(fd: int, name: Path) -> None:
+    """Give an O_TMPFILE a name (os.link would link the /proc symlink itself, hence linkat)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd, at_symlink_follow = -100, 0x400
+    if libc.linkat(at_fdcwd, f"/proc/self/fd/{fd}".encode(), at_fdcwd, os.fsencode(name), at_symlink_follow):
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(name))
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A binary file whose content appears at `path`, complete, only when the block finishes without error."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path)
+    named: Path | None = None
+    fd = _open_unnamed(path.parent)
+    if fd < 0:
+        named = _temp_name(path)
+        fd = os.open(named, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666 & ~_UMASK)
+    try:
+        with os.fdopen(fd, "w+b") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+            if named is None:
+                named = _temp_name(path)
+                try:
+                    _name_unnamed(fh.fileno(), named)
+                except OSError:  # no /proc: copy into a named temporary after all
+                    fh.seek(0)
+                    with open(named, "xb") as copy:
+                        shutil.copyfileobj(fh, copy)
+                        copy.flush()
+                        os.fsync(copy.fileno())
+            os.replace(named, path)
+    finally:
+        if named is not None and named.exists():
+            named.unlink()
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path beside `path` that is renamed onto it only when the block finishes."""
+    """A temporary path beside `path` that is renamed onto it only when the block finishes without error
+    (for writers that want a path, not a file object)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    _remove_stale_temps(path)
+    tmp = _temp_name(path)
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp.exists():
+            tmp.unlink()
+
+
+_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
-    """Write a safetensors file atomically (callers check overwriting with `check_output`)."""
+    """Write a safetensors file atomically (callers check overwriting with `check_output`).
+
+    Streamed tensor by tensor into the (unnamed) temporary file: no second copy of the model in memory, and
+    views sharing one storage (the flat parameter buffer) are fine.
+    """
     path = Path(path)
-    # safetensors refuses views sharing storage (our flat parameter buffer), so each tensor gets its own.
-    owned = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
-        save_file(owned, str(tmp), metadata=dict(metadata))
+    # Largest items first, as safetensors does, so every tensor starts aligned for memory-mapped reading.
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"cannot store tensor '{name}' of dtype {t.dtype} in a safetensors file")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with atomic_file(path) as fh:
+        fh.write(struct.pack("<Q", len(encoded)))
+        fh.write(encoded)
+        for name in order:
+            t = tensors[name].detach().to("cpu").contiguous().reshape(-1)
+            fh.write(t.view(torch.uint8).numpy().data if t.numel() else b"")
     return path
 
 
 def write_text(path: str | Path, text: str) -> Path:
     path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+    with atomic_file(path) as fh:
+        fh.write(text.encode())
     return path
 
 

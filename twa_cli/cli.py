@@ -367,7 +367,13 @@ class _interruptible:
 
     def __exit__(self, kind: Any, value: Any, tb: Any) -> bool:
         if kind is KeyboardInterrupt:
-            ui.error(f"interrupted; the last completed epoch is saved in {self.out}: add --resume to continue")
+            from twa_cli.sampling import STATE_FILE  # the same name for both training commands
+
+            if (self.out / STATE_FILE).exists():
+                ui.error(f"interrupted; the last completed epoch is saved in {self.out / STATE_FILE}: "
+                         "run the same command with --resume to continue")
+            else:
+                ui.error("interrupted in the first epoch, before anything could be resumed: run the command again")
             raise typer.Exit(130)
         return False
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -213,9 +213,14 @@ def model_spec(name: str, num_classes: int, in_channels: int, image_size: int, *
 
 def build_model(spec: dict[str, Any]) -> nn.Module:
     """Instantiate the architecture a spec (from metadata or `model_spec`) describes."""
+    if not (isinstance(spec, dict) and isinstance(spec.get("name"), str) and isinstance(spec.get("kwargs", {}), dict)):
+        raise TwaError(f"not an architecture description: {spec!r}")
     name, kwargs = spec["name"], dict(spec.get("kwargs", {}))
     if name in MODELS:
-        return MODELS[name](**kwargs)
+        try:
+            return MODELS[name](**kwargs)
+        except TypeError as exc:  # a damaged or hand-edited description
+            raise TwaError(f"model '{name}': {exc}") from exc
     if name.startswith("torchvision:"):
         kwargs.pop("image_size", None)
         return _torchvision(name.split(":", 1)[1])(**kwargs)
@@ -243,17 +248,23 @@ def trainable_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Load a state_dict, naming the first mismatch when the checkpoint does not fit the architecture."""
+def check_fits(model: nn.Module, shapes: Mapping[str, Sequence[int]], source: str) -> None:
+    """The file's tensors are exactly the model's, shape for shape; else name the first mismatch."""
     own = model.state_dict()
     for key, value in own.items():
-        if key not in tensors:
+        if key not in shapes:
             raise TwaError(f"{source}: has no tensor '{key}' that the model needs; does --model fit the checkpoint?")
-        if tuple(tensors[key].shape) != tuple(value.shape):
+        if tuple(shapes[key]) != tuple(value.shape):
             raise TwaError(
-                f"{source}: '{key}' has shape {list(tensors[key].shape)}, the model expects {list(value.shape)}"
+                f"{source}: '{key}' has shape {list(shapes[key])}, the model expects {list(value.shape)}; "
+                "does --model fit the checkpoint?"
             )
-    extra = [k for k in tensors if k not in own]
+    extra = [k for k in shapes if k not in own]
     if extra:
         raise TwaError(f"{source}: tensor '{extra[0]}' is not in the model; does --model fit the checkpoint?")
+
+
+def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Load a state_dict, naming the first mismatch when the checkpoint does not fit the architecture."""
+    check_fits(model, {k: tuple(v.shape) for k, v in tensors.items()}, source)
     model.load_state_dict(tensors)

@@ -18,14 +18,17 @@ from twa_cli.checkpoints import (
 from twa_cli.data import load_data, num_batches
 from twa_cli.errors import TwaError
 from twa_cli.evaluation import evaluate
-from twa_cli.models import build_model, model_spec, trainable_names
+from twa_cli.models import build_model, load_weights, model_spec, trainable_names
 from twa_cli.training import (
+    Diverged,
     EpochStats,
     LoopConfig,
     Reporter,
     load_train_state,
     save_train_state,
     strip_prefix,
+    check_weights_finite,
+    divergence_advice,
     train_loop,
     with_prefix,
 )
@@ -83,10 +86,8 @@ def sample(
     if resume:
         if not state_path.exists():
             raise TwaError(f"{out}: nothing to resume (no {STATE_FILE}); run without --resume")
-    elif out.exists() and any(out.iterdir()):
-        if not force:
-            raise TwaError(f"{out}: already exists and is not empty (pass --force to overwrite, --resume to continue)")
-        _clear_previous_run(out)
+    elif out.exists() and any(out.iterdir()) and not force:
+        raise TwaError(f"{out}: already exists and is not empty (pass --force to overwrite, --resume to continue)")
     torch.manual_seed(cfg.seed)
     data = load_data(cfg.data)
     arch = model_spec(cfg.model, data.num_classes, data.in_channels, data.image_size)
@@ -99,8 +100,11 @@ def sample(
     save_after = sample_steps(cfg.per_epoch, per_epoch_batches)
     config = asdict(cfg)
     written: list[Path] = []
+    if not resume and force and out.exists():
+        _clear_previous_run(out)  # only now that every input has been checked
 
     def save_sample(step: int, epoch: float) -> None:
+        check_weights_finite(model, step, optimizer.param_groups[0]["lr"])
         meta = make_metadata(
             "checkpoint", arch=arch, data=cfg.data, step=str(step), epoch=f"{epoch:.6g}", trainable=names,
             config=config, command="sample",
@@ -111,7 +115,7 @@ def sample(
     start_epoch, step = 0, 0
     if resume:
         tensors, start_epoch, step, history = load_train_state(state_path, config)
-        model.load_state_dict(strip_prefix("model", tensors))
+        load_weights(model, strip_prefix("model", tensors), str(state_path))
         params = dict(model.named_parameters())
         for name, buf in strip_prefix("momentum", tensors).items():
             optimizer.state[params[name]]["momentum_buffer"] = buf.to(cfg.device)
@@ -132,18 +136,21 @@ def sample(
         write_text(out / METRICS_FILE, "".join(json.dumps(h) + "\n" for h in history))
 
     loop = LoopConfig(cfg.epochs, cfg.lr, cfg.schedule, cfg.batch_size, cfg.seed, cfg.device)
-    train_loop(
-        model, optimizer, data, loop, start_epoch=start_epoch, step=step,
-        after_step=after_step, after_epoch=after_epoch, reporter=reporter,
-    )
+    try:
+        train_loop(
+            model, optimizer, data, loop, start_epoch=start_epoch, step=step,
+            after_step=after_step, after_epoch=after_epoch, reporter=reporter, checked_steps=save_after,
+        )
+    except Diverged as exc:
+        raise Diverged(f"{exc}; {divergence_advice(state_path)}") from exc
     return SampleResult(out, sorted(out.glob("ckpt-*.safetensors")), history)
 
 
 def _clear_previous_run(out: Path) -> None:
     """--force: remove what an earlier `sample` wrote here, and nothing else."""
-    for path in out.glob("*.safetensors"):
-        if read_checkpoint(path).meta.get("command") == "sample" or path.name == STATE_FILE:
-            path.unlink()
+    ours = [p for p in out.glob("*.safetensors") if p.name == STATE_FILE or read_checkpoint(p).meta.get("command") == "sample"]
+    for path in ours:  # decided for every file before removing any
+        path.unlink()
     (out / METRICS_FILE).unlink(missing_ok=True)
 
 

@@ -24,15 +24,17 @@ from twa_cli.checkpoints import (
 from twa_cli.data import load_data
 from twa_cli.errors import TwaError
 from twa_cli.evaluation import Score, evaluate
-from twa_cli.models import build_model, load_weights
+from twa_cli.models import build_model, check_fits, load_weights
 from twa_cli.subspace import FlatParameters, SubspaceSGD
 from twa_cli.training import (
+    Diverged,
     EpochStats,
     LoopConfig,
     Reporter,
     load_train_state,
     save_train_state,
     strip_prefix,
+    divergence_advice,
     train_loop,
     with_prefix,
 )
@@ -121,16 +123,18 @@ def train_subspace(
     data_spec = cfg.data or basis.data
     if data_spec is None:
         raise TwaError(f"{src}: the checkpoints name no data set; pass --data")
-    out.mkdir(parents=True, exist_ok=True)
-    if made_here and not resume:
-        save_basis(basis, out / BASIS_FILE)
 
+    # Every input is checked before the first file is written: a mistake leaves nothing behind.
     torch.manual_seed(cfg.seed)
     data = load_data(data_spec)
     model = build_model(arch)
+    check_basis_fits(model, basis, str(basis_src))
     start_coords, offspan, init_tensors = _starting_point(basis, cfg.init)
     _load_start(model, basis, init_tensors)
     model.to(cfg.device)
+    out.mkdir(parents=True, exist_ok=True)
+    if made_here and not resume:
+        save_basis(basis, out / BASIS_FILE)
     flat = FlatParameters(model, [name for name, _ in basis.layout])
     vectors = basis.vectors.to(device=cfg.device, dtype=flat.params.dtype)
     optimizer = SubspaceSGD(
@@ -142,9 +146,14 @@ def train_subspace(
     start_epoch = step = 0
     if resume:
         tensors, start_epoch, step, history = load_train_state(state_path, config)
+        saved = strip_prefix("model", tensors)
+        check_fits(model, {k: tuple(v.shape) for k, v in saved.items()}, str(state_path))
         for name, value in model.state_dict().items():
-            value.copy_(tensors[f"model.{name}"])  # in place: the parameters are views of the flat buffer
-        optimizer.load_state_tensors(strip_prefix("optim", tensors))
+            value.copy_(saved[name])  # in place: the parameters are views of the flat buffer
+        optim = strip_prefix("optim", tensors)
+        if not {"coords", "momentum", "offspan"} <= set(optim):
+            raise TwaError(f"{state_path}: not a subspace training state (no optimizer coordinates)")
+        optimizer.load_state_tensors(optim)
 
     def after_epoch(stats: EpochStats) -> None:
         if cfg.eval_every_epoch:
@@ -159,8 +168,11 @@ def train_subspace(
         write_text(out / METRICS_FILE, "".join(json.dumps(h) + "\n" for h in history))
 
     loop = LoopConfig(cfg.epochs, cfg.lr, cfg.schedule, cfg.batch_size, cfg.seed, cfg.device)
-    train_loop(model, optimizer, data, loop, start_epoch=start_epoch, step=step, after_epoch=after_epoch,
-               reporter=reporter)
+    try:
+        train_loop(model, optimizer, data, loop, start_epoch=start_epoch, step=step, after_epoch=after_epoch,
+                   reporter=reporter)
+    except Diverged as exc:
+        raise Diverged(f"{exc}; no result was written; {divergence_advice(state_path)}") from exc
 
     if cfg.bn_update:
         recalibrate_bn(model, data.train_eval, max_batches=cfg.bn_batches, device=cfg.device)
@@ -178,6 +190,19 @@ def train_subspace(
     return SubspaceResult(out, result, coefficients, test, history, basis.dropped)
 
 
+def check_basis_fits(model: torch.nn.Module, basis: Basis, source: str) -> None:
+    """The basis spans tensors the model has, shape for shape; else name the first mismatch."""
+    params = dict(model.named_parameters())
+    for name, shape in basis.layout:
+        if name not in params:
+            raise TwaError(f"{source}: the basis covers '{name}', which the model does not have; does --model fit?")
+        if tuple(params[name].shape) != tuple(shape):
+            raise TwaError(
+                f"{source}: the basis has '{name}' with shape {list(shape)}, the model {list(params[name].shape)}; "
+                "does --model fit?"
+            )
+
+
 def _starting_point(basis: Basis, init: str) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor] | None]:
     """Coordinates of the start, its off-span part (None when it lies in the span) and its full tensors."""
     if init == "center":
@@ -188,9 +213,11 @@ def _starting_point(basis: Basis, init: str) -> tuple[torch.Tensor, torch.Tensor
             raise TwaError(f"--init last: the last source checkpoint {last} is not readable")
         init = last
     tensors = load_tensors(init)
-    missing = [n for n, _ in basis.layout if n not in tensors]
-    if missing:
-        raise TwaError(f"--init {init}: has no tensor '{missing[0]}' of the basis")
+    for name, shape in basis.layout:
+        if name not in tensors:
+            raise TwaError(f"--init {init}: has no tensor '{name}' of the basis")
+        if tuple(tensors[name].shape) != tuple(shape):
+            raise TwaError(f"--init {init}: '{name}' has shape {list(tensors[name].shape)}, the basis {list(shape)}")
     w0 = torch.cat([tensors[n].reshape(-1).double() for n, _ in basis.layout])
     coords = basis.vectors.double() @ w0
     residual = w0 - basis.vectors.t().double() @ coords

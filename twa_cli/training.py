@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -119,8 +119,13 @@ def train_loop(
     after_step: StepHook | None = None,
     after_epoch: EpochHook | None = None,
     reporter: Reporter | None = None,
+    checked_steps: Collection[int] = (),
 ) -> int:
-    """Train from `start_epoch` to `cfg.epochs`; returns the global step count at the end."""
+    """Train from `start_epoch` to `cfg.epochs`; returns the global step count at the end.
+
+    `checked_steps`: batch indices (within an epoch) after which `after_step` writes the weights out, so the
+    loop checks for divergence first: a diverged sample is never saved.
+    """
     reporter = reporter or Silent()
     device = torch.device(cfg.device)
     per_epoch = num_batches(data.train, cfg.batch_size)
@@ -151,12 +156,13 @@ def train_loop(
                 # Record the first non-finite step on the device; the host looks only every few steps.
                 bad_step.copy_(torch.where((bad_step < 0) & ~torch.isfinite(detached), step, bad_step))
             seen += len(y)
-            if step % DIVERGENCE_CHECK_EVERY == 0:
+            if step % DIVERGENCE_CHECK_EVERY == 0 or i in checked_steps:
                 _check_divergence(bad_step, lr)
             if after_step is not None:
                 after_step(epoch, i, step)
             reporter.batch_done()
         _check_divergence(bad_step, lr)
+        check_weights_finite(model, step, lr)  # the last step's update can overflow with a finite loss
         stats = EpochStats(
             epoch=epoch + 1,
             step=step,
@@ -174,10 +180,25 @@ def train_loop(
 def _check_divergence(bad_step: torch.Tensor, lr: float) -> None:
     first = int(bad_step)
     if first >= 0:
-        raise Diverged(
-            f"training diverged: the loss became NaN or Inf at step {first} (lr {lr:g}); "
-            "try a smaller --lr. The last good state (end of the previous epoch) is kept for --resume."
-        )
+        raise Diverged(f"training diverged: the loss became NaN or Inf at step {first} (lr {lr:g}); try a smaller --lr")
+
+
+def check_weights_finite(model: nn.Module, step: int, lr: float) -> None:
+    """Raise `Diverged` when a weight is NaN or Inf (one host sync: call it before writing weights out)."""
+    with torch.no_grad():
+        finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
+    if not bool(finite):
+        raise Diverged(f"training diverged: the weights became NaN or Inf by step {step} (lr {lr:g}); "
+                       "try a smaller --lr")
+
+
+def divergence_advice(state_path: Path) -> str:
+    """What a diverged run leaves behind, for the end of the error message."""
+    if state_path.exists():
+        done = read_checkpoint(state_path).json_field("state")["epochs_done"]
+        return (f"the last good state (epoch {done}) is kept in {state_path}: "
+                "continue from it with --resume and a smaller --lr")
+    return "nothing was saved (it diverged in the first epoch): start again with a smaller --lr"
 
 
 # ---------------------------------------------------------------------------------------------- resuming
@@ -194,8 +215,8 @@ def save_train_state(
     save_tensors(path, tensors, make_metadata("train-state", state=info))
 
 
-# Options a resumed run may change: how long it runs and where.
-RESUMABLE_CHANGES = ("epochs", "device")
+# Options a resumed run may change: how long it runs, where, and the learning rate (to recover from divergence).
+RESUMABLE_CHANGES = ("epochs", "device", "lr")
 
 
 def load_train_state(
@@ -203,6 +224,8 @@ def load_train_state(
 ) -> tuple[dict[str, torch.Tensor], int, int, list[dict[str, Any]]]:
     """(tensors, epochs done, global step, metrics so far), after checking the run's options are unchanged."""
     info = read_checkpoint(path).json_field("state")
+    if not (isinstance(info, dict) and {"config", "epochs_done", "step", "history"} <= set(info)):
+        raise TwaError(f"{path}: not a training state written by this tool (damaged metadata)")
     saved = {k: v for k, v in info["config"].items() if k not in RESUMABLE_CHANGES}
     now = {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}
     if saved != now:
@@ -211,6 +234,8 @@ def load_train_state(
             f"--resume: --{diff.replace('_', '-')} was {saved.get(diff)!r} in the interrupted run, now {now.get(diff)!r}"
         )
     tensors = load_tensors(path)
+    if "rng.torch" not in tensors:
+        raise TwaError(f"{path}: not a training state written by this tool (no RNG state)")
     torch.set_rng_state(tensors.pop("rng.torch"))
     return tensors, int(info["epochs_done"]), int(info["step"]), list(info["history"])
 
