@@ -53,4 +53,41 @@ def trajectory(n: int, dim: int, seed: int = 0, step: float = 1e-3) -> torch.Ten
     return offset + torch.cumsum(steps, dim=0)
 
 
-__all__ = ["flat_trainable", "list_folder", "tiny_run", "trajectory", "write_synthetic_folder"]
+
+def run_twa(*args: object) -> tuple[int, str, str]:
+    """The `twa` entry point, run in this process: (exit code, stdout, stderr)."""
+    import io
+    import sys
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from twa_cli.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_argv, code = sys.argv, 0
+    sys.argv = ["twa", *map(str, args)]
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = saved_argv
+    return code, out.getvalue(), err.getvalue()
+
+
+def snapshot(root: Path) -> dict[str, object]:
+    """Every file and folder under `root` with its size, modification time and content hash."""
+    import hashlib
+
+    state: dict[str, object] = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if path.is_dir():
+            state[rel] = "dir"
+        else:
+            stat = path.stat()
+            state[rel] = (stat.st_size, stat.st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
+    return state
+
+
+__all__ = ["flat_trainable", "list_folder", "run_twa", "snapshot", "tiny_run", "trajectory", "write_synthetic_folder"]

@@ -1,0 +1,216 @@
+"""Bad input never costs a result: through the real `twa` entry point, every case below exits 1 with one
+line naming the problem, no traceback, and leaves every file and folder exactly as it was.
+
+A case is one line of CASES: the command (placeholders are the inputs built by INPUTS) and the fragments its
+error line must contain. A new kind of input is one more entry in INPUTS.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_twa, snapshot
+from twa_cli.basis import orthogonalize, save_basis
+from twa_cli.checkpoints import list_folder, load_tensors, make_metadata, read_checkpoint, save_tensors
+from twa_cli.models import MLP
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _first(folder: Path) -> Path:
+    return sorted(folder.glob("ckpt-*.safetensors"))[1]
+
+
+def _truncated(root: Path, run: Path) -> Path:
+    folder = _copy_run(run, root / "truncated")
+    victim = _first(folder)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    return folder
+
+
+def _corrupt_header(root: Path, run: Path) -> Path:
+    folder = _copy_run(run, root / "corrupt")
+    victim = _first(folder)
+    data = bytearray(victim.read_bytes())
+    data[8:40] = b"\x00\xff" * 16
+    victim.write_bytes(bytes(data))
+    return folder
+
+
+def _with_nan(root: Path, run: Path) -> Path:
+    folder = _copy_run(run, root / "nan")
+    victim = _first(folder)
+    tensors = load_tensors(victim)
+    tensors["net.3.weight"][2, 5] = float("nan")
+    save_tensors(victim, tensors, read_checkpoint(victim).meta)
+    return folder
+
+
+def _other_architecture(root: Path, run: Path) -> Path:
+    """An MLP of another width, with metadata saying so."""
+    path = root / "wide" / "wide.safetensors"
+    meta = dict(read_checkpoint(_first(run)).meta)
+    meta["arch"] = '{"kwargs": {"hidden": 64, "image_size": 8, "in_channels": 1, "num_classes": 10}, "name": "mlp"}'
+    torch.manual_seed(0)
+    return save_tensors(path, MLP(10, 64, hidden=64).state_dict(), meta)
+
+
+def _mixed(root: Path, run: Path) -> Path:
+    folder = root / "mixed"
+    folder.mkdir()
+    for i, src in enumerate(sorted(run.glob("ckpt-*.safetensors"))[:2]):
+        shutil.copy(src, folder / f"a{i}.safetensors")
+    shutil.copy(_other_architecture(root, run), folder / "b.safetensors")
+    return folder
+
+
+def _basis(root: Path, run: Path) -> Path:
+    return save_basis(orthogonalize(list_folder(run), hashes=False), root / "basis.safetensors")
+
+
+def _existing(root: Path, run: Path) -> Path:
+    path = root / "out" / "existing.safetensors"
+    shutil.copy(_first(run), path)
+    return path
+
+
+# name -> builder(root, mlp run) returning a path; each case formats its command with these.
+INPUTS: dict[str, Callable[[Path, Path], Path]] = {
+    "run": lambda root, run: _copy_run(run, root / "run"),
+    "empty": lambda root, run: (root / "empty").mkdir() or root / "empty",
+    "truncated": _truncated,
+    "corrupt": _corrupt_header,
+    "nan": _with_nan,
+    "mixed": _mixed,
+    "wide": _other_architecture,
+    "basis": _basis,
+    "existing": _existing,
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    command: str
+    expect: tuple[str, ...]
+
+
+def case(id: str, command: str, *expect: str) -> Case:
+    return Case(id, command, expect)
+
+
+CASES = [
+    case("empty-folder", "swa {empty} -o {out}/avg.safetensors", "{empty}", "no .safetensors checkpoints"),
+    case("missing-folder", "orthogonalize {root}/nope -o {out}/b.safetensors", "{root}/nope", "no such file"),
+    case("missing-file", "eval {root}/nope.safetensors", "{root}/nope.safetensors", "no such file"),
+    case("missing-basis", "train-subspace {root}/nope.safetensors -o {out}/t", "{root}/nope.safetensors", "no such"),
+    case("differing-shapes", "swa {mixed} -o {out}/avg.safetensors", "'net.1.bias'", "{mixed}/a0.safetensors",
+         "{mixed}/b.safetensors"),
+    case("differing-shapes-basis", "orthogonalize {mixed} -o {out}/b.safetensors", "'net.1.bias'",
+         "{mixed}/b.safetensors"),
+    case("truncated", "swa {truncated} -o {out}/avg.safetensors", "{truncated}/{victim}",
+         "not a readable safetensors file"),
+    case("truncated-eval", "eval {truncated}/{victim}", "{truncated}/{victim}"),
+    case("corrupt-header", "orthogonalize {corrupt} -o {out}/b.safetensors", "{corrupt}/{victim}"),
+    case("nan-swa", "swa {nan} -o {out}/avg.safetensors", "{nan}/{victim}", "'net.3.weight'",
+         "NaN or Inf"),
+    case("nan-basis", "orthogonalize {nan} -o {out}/b.safetensors", "{nan}/{victim}",
+         "'net.3.weight'", "NaN or Inf"),
+    case("nan-eval", "eval {nan}/{victim}", "'net.3.weight'", "NaN or Inf"),
+    case("model-misfit-swa", "swa {run} -o {out}/avg.safetensors --model small-cnn --data digits",
+         "{run}/ckpt-00000000.safetensors", "'features.0.weight'", "--model"),
+    case("model-misfit-basis", "orthogonalize {run} -o {out}/b.safetensors --model small-cnn --data digits",
+         "'features.0.weight'", "--model"),
+    case("model-misfit-eval", "eval {run}/ckpt-00000000.safetensors --model small-cnn --data digits",
+         "'features.0.weight'", "--model"),
+    case("model-misfit-train", "train-subspace {run} -o {out}/t --model small-cnn --data digits",
+         "'features.0.weight'", "--model"),
+    case("unknown-model", "sample {out}/new --model nosuchnet", "'nosuchnet'", "small-cnn", "resnet20", "mlp"),
+    case("unknown-model-swa", "swa {run} -o {out}/avg.safetensors --model nosuchnet --data digits", "'nosuchnet'",
+         "small-cnn"),
+    case("unknown-data", "sample {out}/new --data nosuchdata", "'nosuchdata'", "digits", "cifar10", "mnist"),
+    case("unknown-data-eval", "eval {run}/ckpt-00000000.safetensors --data nosuchdata", "'nosuchdata'", "digits"),
+    case("missing-data-folder", "sample {out}/new --data mnist --data-dir {root}/nodata", "{root}/nodata",
+         "--download"),
+    case("data-without-folder", "sample {out}/new --data cifar10", "--data-dir", "--download"),
+    case("select-nothing", "swa {run} -o {out}/avg.safetensors --start 50", "--start 50",
+         "selects no checkpoint"),
+    case("select-nothing-end", "orthogonalize {run} -o {out}/b.safetensors --end 0", "--end 0",
+         "selects no checkpoint"),
+    case("select-nothing-train", "train-subspace {run} -o {out}/t --start 7 --end 3", "selects no checkpoint"),
+    case("basis-misfit", "train-subspace {basis} -o {out}/t --model small-cnn --data digits", "{basis}",
+         "'net.1.weight'", "--model"),
+    case("basis-init-misfit", "train-subspace {basis} -o {out}/t --init {wide}", "{wide}", "'net.1.weight'"),
+    case("output-exists", "swa {run} -o {existing}", "{existing}", "already exists", "--force"),
+    case("output-in-input", "swa {run} -o {run}/avg.safetensors", "inside the input folder"),
+    case("run-exists", "sample {run} --model mlp", "{run}", "already exists", "--resume"),
+    case("force-checks-first", "sample {run} --model mlp --data nosuchdata --force", "'nosuchdata'"),
+    case("resume-nothing", "sample {out}/new --resume", "nothing to resume"),
+    case("resume-changed", "sample {run} --model mlp --resume --batch-size 32 --lr 0.05 --epochs 3",
+         "--batch-size was 64", "now 32"),
+]
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory, mlp_run: Path) -> tuple[Path, dict[str, Path]]:
+    """Every input, built once: (root, name -> path relative to root)."""
+    root = tmp_path_factory.mktemp("inputs")
+    (root / "out").mkdir()
+    return root, {name: build(root, mlp_run).relative_to(root) for name, build in INPUTS.items()}
+
+
+@pytest.fixture
+def inputs(template: tuple[Path, dict[str, Path]], tmp_path: Path, mlp_run: Path) -> dict[str, str]:
+    """A fresh copy of every input per case, so a case that wrongly writes cannot affect the next."""
+    source, built = template
+    root = tmp_path / "inputs"
+    shutil.copytree(source, root)
+    paths = {name: str(root / rel) for name, rel in built.items()}
+    victim = _first(mlp_run).name  # the file the damaging builders damage
+    return {**paths, "root": str(root), "out": str(root / "out"), "victim": victim}
+
+
+def _check_rejected(code: int, stderr: str, expect: list[str], before: dict, after: dict) -> None:
+    lines = stderr.strip().splitlines()
+    assert code == 1, stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert "Traceback" not in stderr
+    for fragment in expect:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    assert after == before, "a failed command changed the file system"
+
+
+@pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_line_exit_1_and_writes_nothing(c: Case, inputs: dict[str, str], tmp_path: Path):
+    root = tmp_path
+    before = snapshot(root)
+    code, _, stderr = run_twa(*shlex.split(c.command.format(**inputs)))
+    _check_rejected(code, stderr, [e.format(**inputs) for e in c.expect], before, snapshot(root))
+
+
+def test_debug_shows_the_traceback(inputs: dict[str, str]):
+    from twa_cli.errors import TwaError
+
+    with pytest.raises(TwaError, match="no .safetensors checkpoints"):
+        run_twa("swa", inputs["empty"], "-o", f"{inputs['out']}/a.safetensors", "--debug")
+
+
+@pytest.mark.parametrize("c", [c for c in CASES if c.id in ("truncated",)],
+                         ids=lambda c: c.id)
+def test_the_installed_command_prints_no_traceback(c: Case, inputs: dict[str, str], tmp_path: Path):
+    before = snapshot(tmp_path)
+    argv = shlex.split(c.command.format(**inputs))
+    proc = subprocess.run([sys.executable, "-m", "twa_cli", *argv], capture_output=True, text=True)
+    _check_rejected(proc.returncode, proc.stderr, [e.format(**inputs) for e in c.expect], before, snapshot(tmp_path))
