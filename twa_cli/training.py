@@ -198,7 +198,7 @@ def divergence_advice(state_path: Path) -> str:
         done = read_checkpoint(state_path).json_field("state")["epochs_done"]
         return (f"the last good state (epoch {done}) is kept in {state_path}: "
                 "continue from it with --resume and a smaller --lr")
-    return "nothing was saved (it diverged in the first epoch): start again with a smaller --lr"
+    return "no epoch completed, so there is nothing to resume: start again with a smaller --lr (and --force)"
 
 
 # ---------------------------------------------------------------------------------------------- resuming
