@@ -210,6 +210,9 @@ def orthogonalize(
         if progress is not None:
             progress(cols[-1] + 1, n)
     del x
+    if k == 0:
+        raise TwaError(f"{ckpts[0].path.parent}: the selected checkpoints are all zero on the trained tensors; "
+                       "they span no direction")
     vectors = q[:k].clone() if k < n else q
     del q
     basis = Basis(

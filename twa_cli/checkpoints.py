@@ -57,28 +57,34 @@ class Checkpoint:
 
     @property
     def arch(self) -> dict[str, Any] | None:
-        return _json_field(self, "arch")
+        return _json_field(self, "arch", dict)
 
     @property
     def data(self) -> dict[str, Any] | None:
-        return _json_field(self, "data")
+        return _json_field(self, "data", dict)
 
     @property
     def trainable(self) -> list[str] | None:
-        return _json_field(self, "trainable")
+        names = _json_field(self, "trainable", list)
+        if names is not None and not all(isinstance(n, str) for n in names):
+            raise TwaError(f"{self.path}: metadata field 'trainable' is not a list of tensor names")
+        return names
 
     def json_field(self, key: str) -> Any:
         return _json_field(self, key)
 
 
-def _json_field(ckpt: Checkpoint, key: str) -> Any:
+def _json_field(ckpt: Checkpoint, key: str, kind: type | None = None) -> Any:
     raw = ckpt.meta.get(key)
     if raw is None:
         return None
     try:
-        return json.loads(raw)
+        value = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise TwaError(f"{ckpt.path}: metadata field '{key}' is not valid JSON ({exc.msg})") from exc
+    if kind is not None and not isinstance(value, kind):
+        raise TwaError(f"{ckpt.path}: metadata field '{key}' is not a JSON {kind.__name__}")
+    return value
 
 
 def _number_field(ckpt: Checkpoint, key: str, kind: type) -> Any:

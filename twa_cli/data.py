@@ -55,6 +55,8 @@ def data_spec(name: str, data_dir: str | Path | None = None, download: bool = Fa
 
 def load_data(spec: dict[str, Any]) -> Datasets:
     """Build the three views of the data set a spec names."""
+    if not (isinstance(spec, dict) and isinstance(spec.get("name"), str)):
+        raise TwaError(f"not a data set description: {spec!r}")
     name = spec["name"]
     data_dir = spec.get("dir")
     if name == "digits":

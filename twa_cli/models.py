@@ -219,8 +219,8 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
     if name in MODELS:
         try:
             return MODELS[name](**kwargs)
-        except TypeError as exc:  # a damaged or hand-edited description
-            raise TwaError(f"model '{name}': {exc}") from exc
+        except (TypeError, ValueError, RuntimeError) as exc:  # a damaged or hand-edited description
+            raise TwaError(f"model '{name}' cannot be built with {kwargs}: {exc}") from exc
     if name.startswith("torchvision:"):
         kwargs.pop("image_size", None)
         return _torchvision(name.split(":", 1)[1])(**kwargs)
