@@ -155,6 +155,11 @@ CASES = [
     case("basis-init-misfit", "train-subspace {basis} -o {out}/t --init {wide}", "{wide}", "'net.1.weight'"),
     case("output-exists", "swa {run} -o {existing}", "{existing}", "already exists", "--force"),
     case("output-in-input", "swa {run} -o {run}/avg.safetensors", "inside the input folder"),
+    case("output-under-a-file", "swa {run} -o {existing}/avg.safetensors", "{existing} is a file"),
+    case("output-is-a-folder", "orthogonalize {run} -o {empty} --force", "{empty}", "is a folder"),
+    case("run-into-a-file", "sample {existing} --model mlp", "{existing}", "is a file"),
+    case("twa-into-a-file", "train-subspace {basis} -o {existing} --force", "{existing}", "is a file"),
+    case("eval-a-folder", "eval {run}", "{run}", "not a readable safetensors file"),
     case("run-exists", "sample {run} --model mlp", "{run}", "already exists", "--resume"),
     case("force-checks-first", "sample {run} --model mlp --data nosuchdata --force", "'nosuchdata'"),
     case("resume-nothing", "sample {out}/new --resume", "nothing to resume"),
@@ -214,3 +219,38 @@ def test_the_installed_command_prints_no_traceback(c: Case, inputs: dict[str, st
     argv = shlex.split(c.command.format(**inputs))
     proc = subprocess.run([sys.executable, "-m", "twa_cli", *argv], capture_output=True, text=True)
     _check_rejected(proc.returncode, proc.stderr, [e.format(**inputs) for e in c.expect], before, snapshot(tmp_path))
+
+
+def test_a_failing_write_is_one_line_and_leaves_nothing(inputs: dict[str, str], tmp_path: Path, monkeypatch):
+    """The system refusing a write (here a full disk, at the end of it) is reported like bad input."""
+    import errno
+
+    from twa_cli import checkpoints
+
+    def full_disk(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", f"{inputs['out']}/avg.safetensors")
+
+    monkeypatch.setattr(checkpoints.os, "fsync", full_disk)
+    before = snapshot(tmp_path)
+    code, _, stderr = run_twa("swa", inputs["run"], "-o", f"{inputs['out']}/avg.safetensors")
+    _check_rejected(code, stderr, ["avg.safetensors", "No space left on device"], before, snapshot(tmp_path))
+
+
+def test_ctrl_c_anywhere_exits_130_and_restores_the_handler(inputs: dict[str, str], monkeypatch):
+    import os
+    import signal
+
+    from twa_cli import averaging
+
+    real_mean_of = averaging.mean_of
+
+    def interrupted_mean_of(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of averaging
+        return real_mean_of(*args, **kwargs)
+
+    monkeypatch.setattr(averaging, "mean_of", interrupted_mean_of)
+    handler = signal.getsignal(signal.SIGINT)
+    code, _, stderr = run_twa("swa", inputs["run"], "-o", f"{inputs['out']}/avg.safetensors")
+    assert code == 130 and stderr.strip() == "error: interrupted"
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert not Path(inputs["out"], "avg.safetensors").exists()

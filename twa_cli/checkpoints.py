@@ -217,8 +217,18 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def check_output(path: Path, force: bool, inputs: Iterable[Path] = ()) -> None:
-    """Refuse to overwrite a result without --force, and never write into an input folder."""
+def check_output(path: Path, force: bool, inputs: Iterable[Path] = (), folder: bool = False) -> None:
+    """Refuse to overwrite a result without --force, and never write into an input folder.
+
+    `folder`: the output is a folder of files (else a single file).
+    """
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise TwaError(f"{path}: cannot be created, {blocking} is a file")
+    if folder and path.is_file():
+        raise TwaError(f"{path}: is a file; the output is a folder")
+    if not folder and path.is_dir():
+        raise TwaError(f"{path}: is a folder; give the output file's name")
     if path.exists() and not force:
         raise TwaError(f"{path}: already exists (pass --force to overwrite it)")
     target = path.resolve().parent

@@ -7,7 +7,9 @@ Exit codes: 0 success, 1 a problem with the inputs (one line on stderr; --debug 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
@@ -356,6 +358,14 @@ def eval_(
 # Entry point --------------------------------------------------------------------------------------------
 
 
+class Interrupted(BaseException):
+    """Ctrl-C, raised instead of KeyboardInterrupt, which click would turn into "Aborted!" and exit code 1."""
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise Interrupted()
+
+
 class _interruptible:
     """Ctrl-C during training: stop cleanly and say how to continue."""
 
@@ -366,7 +376,7 @@ class _interruptible:
         return None
 
     def __exit__(self, kind: Any, value: Any, tb: Any) -> bool:
-        if kind is KeyboardInterrupt:
+        if kind is not None and issubclass(kind, (KeyboardInterrupt, Interrupted)):
             from twa_cli.sampling import STATE_FILE  # the same name for both training commands
 
             if (self.out / STATE_FILE).exists():
@@ -383,6 +393,9 @@ def main() -> None:
     debug = "--debug" in argv or bool(os.environ.get("TWA_DEBUG"))
     if "--debug" in argv:
         argv = [a for a in argv if a != "--debug"]
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, _interrupt)
     try:
         app(args=argv, prog_name="twa")
     except TwaError as exc:
@@ -390,3 +403,14 @@ def main() -> None:
             raise
         ui.error(str(exc))
         sys.exit(1)
+    except OSError as exc:  # the system refused a read or a write (permissions, a full disk)
+        if debug:
+            raise
+        ui.error(f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc))
+        sys.exit(1)
+    except Interrupted:
+        ui.error("interrupted")
+        sys.exit(130)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)

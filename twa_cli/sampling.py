@@ -83,6 +83,8 @@ def sample(
     if cfg.data is None:
         raise TwaError("--data is required")
     state_path = out / STATE_FILE
+    if out.exists() and not out.is_dir():
+        raise TwaError(f"{out}: is a file; the output is a folder")
     if resume:
         if not state_path.exists():
             raise TwaError(f"{out}: nothing to resume (no {STATE_FILE}); run without --resume")

@@ -114,7 +114,7 @@ def train_subspace(
         if not state_path.exists():
             raise TwaError(f"{out}: nothing to resume (no {STATE_FILE}); run without --resume")
     else:
-        check_output(out, force, inputs=[src])
+        check_output(out, force, inputs=[src], folder=True)
     basis_src = out / BASIS_FILE if resume and (out / BASIS_FILE).exists() else src
     basis, made_here = resolve_basis(basis_src, cfg)
     arch = cfg.model or basis.arch
