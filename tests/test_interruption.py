@@ -136,14 +136,18 @@ def test_train_subspace_interrupted_twice_resumes_bit_for_bit(tmp_path: Path, ml
     assert not (out / STATE).exists()  # a finished run leaves no state behind
 
 
-def test_interrupt_in_the_first_epoch_says_there_is_nothing_to_resume(tmp_path: Path):
-    out = tmp_path / "run"
-    proc = _start("sample", out, "--model", "mlp", "--epochs", "2", "--batch-size", "1", "--per-epoch", "4",
-                  "--device", "cpu")
-    _wait_for(out / "ckpt-00000000.safetensors", proc)
-    code, err = _kill(proc, signal.SIGINT)
+def test_interrupt_in_the_first_epoch_says_there_is_nothing_to_resume(tmp_path: Path, monkeypatch):
+    from twa_cli import sampling
+
+    def ctrl_c_before_the_first_save(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)  # the handler runs as soon as the signal is delivered
+
+    monkeypatch.setattr(sampling, "save_train_state", ctrl_c_before_the_first_save)
+    code, _, err = run_twa("sample", tmp_path / "run", "--model", "mlp", "--epochs", "2", "--device", "cpu")
     assert code == 130
     assert "before anything could be resumed" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / STATE).exists()
 
 
 _WRITER = """

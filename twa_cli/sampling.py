@@ -24,11 +24,11 @@ from twa_cli.training import (
     EpochStats,
     LoopConfig,
     Reporter,
+    check_weights_finite,
+    divergence_advice,
     load_train_state,
     save_train_state,
     strip_prefix,
-    check_weights_finite,
-    divergence_advice,
     train_loop,
     with_prefix,
 )
@@ -150,8 +150,9 @@ def sample(
 
 def _clear_previous_run(out: Path) -> None:
     """--force: remove what an earlier `sample` wrote here, and nothing else."""
-    ours = [p for p in out.glob("*.safetensors") if p.name == STATE_FILE or read_checkpoint(p).meta.get("command") == "sample"]
-    for path in ours:  # decided for every file before removing any
+    ours = [p for p in out.glob("*.safetensors")
+            if p.name == STATE_FILE or read_checkpoint(p).meta.get("command") == "sample"]
+    for path in ours:  # decided for every file before removing any (a damaged one stops it first)
         path.unlink()
     (out / METRICS_FILE).unlink(missing_ok=True)
 
