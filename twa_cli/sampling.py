@@ -18,7 +18,8 @@ from twa_cli.checkpoints import (
 from twa_cli.data import load_data, num_batches
 from twa_cli.errors import TwaError
 from twa_cli.evaluation import evaluate
-from twa_cli.models import build_model, model_spec, trainable_names
+from twa_cli.checkpoints import load_tensors
+from twa_cli.models import build_model, load_weights, model_spec, trainable_names
 from twa_cli.training import (
     EpochStats,
     LoopConfig,
@@ -47,6 +48,7 @@ class SampleConfig:
     per_epoch: int = 1
     seed: int = 0
     device: str = "cpu"
+    init: str | None = None  # start from these weights (fine-tuning a pre-trained model) instead of at random
 
 
 @dataclass
@@ -90,7 +92,10 @@ def sample(
     torch.manual_seed(cfg.seed)
     data = load_data(cfg.data)
     arch = model_spec(cfg.model, data.num_classes, data.in_channels, data.image_size)
-    model = build_model(arch).to(cfg.device)
+    model = build_model(arch)
+    if cfg.init is not None:
+        load_weights(model, load_tensors(cfg.init), cfg.init)
+    model.to(cfg.device)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
