@@ -360,7 +360,8 @@ def train_subspace(
         if result.test:
             ui.table("TWA", ["checkpoints", "test acc %", "test loss"],
                      [[len(result.coefficients), result.test.accuracy, result.test.loss]])
-        ui.out.print(str(result.out), markup=False)
+        if not quiet:
+            ui.out.print(str(result.out), markup=False)
 
 
 @app.command("eval")
