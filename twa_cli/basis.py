@@ -159,17 +159,20 @@ def orthogonalize(
     model: dict[str, Any] | None = None,
     hashes: bool = True,
     progress: Progress | None = None,
+    names: list[str] | None = None,
+    warn: bool = True,
 ) -> Basis:
     """Build an orthonormal basis of span{w_i} from checkpoint files, streaming them block by block.
 
     Peak memory is the basis (n x D fp32) plus one block of checkpoints (at most a quarter of the basis).
+    `names` restricts the subspace to some tensors (layer-wise TWA builds one basis per group of tensors).
     """
     if not ckpts:
         raise TwaError("no checkpoints to orthogonalize")
     if dtype not in DTYPES:
         raise TwaError(f"--dtype must be one of {', '.join(DTYPES)} (got '{dtype}')")
     shapes = check_compatible(ckpts)
-    names = subspace_tensors(ckpts[0], shapes, model)
+    names = names or subspace_tensors(ckpts[0], shapes, model)
     layout = [(name, shapes[name]) for name in names]
     dim = sum(_numel(s) for _, s in layout)
     n = len(ckpts)
@@ -198,7 +201,7 @@ def orthogonalize(
             relative = residual / max(float(norms[j]), 1e-300)
             if relative <= tol:
                 dropped.append({"index": i, "path": str(ckpts[i].path), "relative_residual": relative})
-                log.warning(
+                (log.warning if warn else log.debug)(
                     "%s: dropped, it adds no direction (residual %.1e of its norm, below --tol %.0e): "
                     "a duplicate or near-duplicate of earlier checkpoints",
                     ckpts[i].path, relative, tol,

@@ -34,6 +34,7 @@ SELECT = "Checkpoint selection"
 TRAIN = "Training"
 DATA = "Model and data"
 OUTPUT = "Output"
+VARIANTS = "Variants"
 
 
 class Device(str, Enum):
@@ -47,6 +48,16 @@ class Schedule(str, Enum):
     linear = "linear"
     constant = "constant"
     cosine = "cosine"
+
+
+class FitOn(str, Enum):
+    train = "train"
+    val = "val"
+
+
+class Granularity(str, Enum):
+    model = "model"
+    layer = "layer"
 
 
 class Split(str, Enum):
@@ -69,6 +80,7 @@ Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing outp
 Json = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout (logs stay on stderr).", rich_help_panel=OUTPUT)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors (and the --json summary).", rich_help_panel=OUTPUT)]
 BnBatches = Annotated[Optional[int], typer.Option(help="Recompute BatchNorm statistics on at most this many batches (default: the whole training set).", min=1)]
+ValSplit = Annotated[float, typer.Option(help="Hold out this fraction of the training images as a validation split (the same images in every command).", min=0.0, max=0.9, rich_help_panel=DATA)]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from the end of its last completed epoch.", rich_help_panel=TRAIN)]
 
 
@@ -105,14 +117,14 @@ def _device(device: Device) -> str:
     return device.value
 
 
-def _data(name: str | None, data_dir: Path | None, download: bool) -> dict[str, Any] | None:
+def _data(name: str | None, data_dir: Path | None, download: bool, val_split: float = 0.0) -> dict[str, Any] | None:
     from twa_cli.data import data_spec
 
     if name is None:
         if data_dir is not None:
             raise TwaError("--data-dir needs --data to say which data set it holds")
         return None
-    return data_spec(name, data_dir, download)
+    return data_spec(name, data_dir, download, val_split)
 
 
 def _model(name: str | None, data: dict[str, Any] | None, ckpt_data: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -152,6 +164,8 @@ def sample(
     weight_decay: Annotated[float, typer.Option(help="Weight decay.", rich_help_panel=TRAIN)] = 1e-4,
     batch_size: Annotated[int, typer.Option(help="Batch size.", min=1, rich_help_panel=TRAIN)] = 128,
     per_epoch: Annotated[int, typer.Option(help="Checkpoints saved per epoch, evenly spaced (plus the initial weights).", min=1, rich_help_panel=TRAIN)] = 1,
+    init: Annotated[Optional[Path], typer.Option(help="Start from the weights of this checkpoint (fine-tuning), not at random.", rich_help_panel=TRAIN)] = None,
+    val_split: ValSplit = 0.0,
     seed: Seed = 0,
     device: DeviceOpt = Device.auto,
     resume: Resume = False,
@@ -164,8 +178,8 @@ def sample(
     from twa_cli.sampling import sample as run
 
     _setup(json_out, quiet)
-    cfg = SampleConfig(model, _data(data, data_dir, download), epochs, lr, schedule.value, momentum, weight_decay,
-                       batch_size, per_epoch, seed, _device(device))
+    cfg = SampleConfig(model, _data(data, data_dir, download, val_split), epochs, lr, schedule.value, momentum,
+                       weight_decay, batch_size, per_epoch, seed, _device(device), str(init) if init else None)
     with _interruptible(out), ui.training_progress("sample") as reporter:
         result = run(out, cfg, resume=resume, force=force, reporter=reporter)
     last = result.history[-1] if result.history else {}
@@ -191,20 +205,25 @@ def swa(
     download: Download = False,
     bn_update: Annotated[bool, typer.Option("--bn-update/--no-bn-update", help="Recompute BatchNorm statistics on the training data (needs architecture and data).")] = True,
     bn_batches: BnBatches = None,
+    greedy: Annotated[bool, typer.Option("--greedy", help="Greedy soup: add a checkpoint only if held-out accuracy (on --val-split) does not drop.")] = False,
+    val_split: ValSplit = 0.0,
     device: DeviceOpt = Device.auto,
     force: Force = False,
     json_out: Json = False,
     quiet: Quiet = False,
 ) -> None:
-    """Uniform average of the selected checkpoints (SWA), BatchNorm recomputed."""
+    """Uniform average of the selected checkpoints (SWA), BatchNorm recomputed; or the greedy soup."""
     from twa_cli.averaging import swa as run
     from twa_cli.checkpoints import check_output
 
     _setup(json_out, quiet)
     check_output(output, force, inputs=[ckpts])
     selected = _selected(ckpts, start, end, every)
-    data_spec = _data(data, data_dir, download)
+    data_spec = _data(data, data_dir, download, val_split)
     arch = _model(model, data_spec, selected[0].data)
+    if greedy:
+        _greedy(selected, output, arch, data_spec, val_split, _device(device), json_out)
+        return
     with ui.file_progress("averaging") as progress:
         result = run(selected, output, model=arch, data=data_spec, bn_update=bn_update, bn_batches=bn_batches,
                      device=_device(device), progress=progress)
@@ -216,6 +235,26 @@ def swa(
         ui.info(f"averaged {result.count} checkpoints into {result.path} (BatchNorm statistics {result.bn})")
         if result.test:
             ui.table("SWA", ["checkpoints", "test acc %", "test loss"], [[result.count, result.test.accuracy, result.test.loss]])
+
+
+def _greedy(selected: list[Any], output: Path, arch: dict[str, Any] | None, data_spec: dict[str, Any] | None,
+            val_split: float, device: str, json_out: bool) -> None:
+    from twa_cli.soups import greedy_soup
+
+    spec = data_spec or selected[0].data
+    if spec is not None and val_split:
+        spec = {**spec, "val_split": val_split}
+    with ui.file_progress("soup") as progress:
+        result = greedy_soup(selected, output, model=arch, data=spec, device=device, progress=progress)
+    summary = {"output": str(result.path), "checkpoints": len(selected), "chosen": result.chosen,
+               "individual_val_acc": result.individual, "val_acc": result.val,
+               "test": asdict(result.test) if result.test else None}
+    if json_out:
+        ui.emit_json(summary)
+        return
+    ui.info(f"greedy soup of {len(result.chosen)} of {len(selected)} checkpoints -> {result.path}")
+    ui.table("Greedy soup", ["checkpoints", "held-out acc %", "test acc %"],
+             [[len(result.chosen), result.val, result.test.accuracy if result.test else None]])
 
 
 @app.command()
@@ -279,6 +318,11 @@ def train_subspace(
     bn_update: Annotated[bool, typer.Option("--bn-update/--no-bn-update", help="Recompute BatchNorm statistics after training.")] = True,
     bn_batches: BnBatches = None,
     eval_every_epoch: Annotated[bool, typer.Option("--eval-every-epoch/--no-eval-every-epoch", help="Test accuracy after each epoch (BatchNorm recomputed first).")] = True,
+    fit_on: Annotated[FitOn, typer.Option(help="Fit the coefficients on the training data, or on the held-out split (TWA-v; needs --val-split).", rich_help_panel=VARIANTS)] = FitOn.train,
+    val_split: ValSplit = 0.0,
+    granularity: Annotated[Granularity, typer.Option(help="model: one coefficient per checkpoint; layer: one per checkpoint and group of tensors.", rich_help_panel=VARIANTS)] = Granularity.model,
+    group_size: Annotated[int, typer.Option(help="With --granularity layer: tensors per group.", min=1, rich_help_panel=VARIANTS)] = 1,
+    affine: Annotated[bool, typer.Option("--affine", help="Train in the affine hull of the checkpoints: coefficients sum to exactly 1.", rich_help_panel=VARIANTS)] = False,
     seed: Seed = 0,
     device: DeviceOpt = Device.auto,
     resume: Resume = False,
@@ -296,6 +340,7 @@ def train_subspace(
         epochs=epochs, lr=lr, schedule=schedule.value, momentum=momentum, weight_decay=weight_decay,
         batch_size=batch_size, init=init, seed=seed, device=_device(device), bn_update=bn_update,
         bn_batches=bn_batches, eval_every_epoch=eval_every_epoch, start=start, end=end, every=every, tol=tol,
+        fit_on=fit_on.value, val_split=val_split, granularity=granularity.value, group_size=group_size, affine=affine,
         data=data_spec, model=_model(model, data_spec, None) if model else None,
     )
     out = output or default_output(src)
@@ -303,17 +348,22 @@ def train_subspace(
         result = run(src, out, cfg, force=force, resume=resume, reporter=reporter)
     summary = {
         "output": str(result.out), "checkpoint": str(result.result), "coefficients": result.coefficients,
+        "layers": result.layers,
         "coefficient_sum": sum(result.coefficients), "dropped": result.dropped,
         "test": asdict(result.test) if result.test else None,
     }
     if json_out:
         ui.emit_json(summary)
     else:
-        ui.info(f"wrote {result.result} (coefficients sum to {sum(result.coefficients):.3f})")
+        if result.layers is not None:
+            ui.info(f"wrote {result.result} (layer-wise coefficients for {len(result.layers)} groups of tensors)")
+        else:
+            ui.info(f"wrote {result.result} (coefficients sum to {sum(result.coefficients):.3f})")
         if result.test:
             ui.table("TWA", ["checkpoints", "test acc %", "test loss"],
                      [[len(result.coefficients), result.test.accuracy, result.test.loss]])
-        ui.out.print(str(result.out), markup=False)
+        if not quiet:
+            ui.out.print(str(result.out), markup=False)
 
 
 @app.command("eval")

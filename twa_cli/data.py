@@ -38,23 +38,59 @@ class Datasets:
     num_classes: int
     in_channels: int
     image_size: int
+    # Held out of `train` when the spec asks for a validation split (augmented and plain views).
+    val: Dataset | None = None
+    val_eval: Dataset | None = None
 
 
 def known_data() -> str:
     return ", ".join(KNOWN) + ", package.module:callable"
 
 
-def data_spec(name: str, data_dir: str | Path | None = None, download: bool = False) -> dict[str, Any]:
+def data_spec(
+    name: str, data_dir: str | Path | None = None, download: bool = False, val_split: float = 0.0
+) -> dict[str, Any]:
     spec: dict[str, Any] = {"name": name}
     if data_dir is not None:
         spec["dir"] = str(Path(data_dir).resolve())
     if download:
         spec["download"] = True
+    if val_split:
+        if not 0.0 < val_split < 1.0:
+            raise TwaError(f"--val-split must be between 0 and 1 (got {val_split})")
+        spec["val_split"] = val_split
     return spec
 
 
 def load_data(spec: dict[str, Any]) -> Datasets:
-    """Build the three views of the data set a spec names."""
+    """Build the views of the data set a spec names (with a held-out validation split if it asks for one)."""
+    datasets = _load_views(spec)
+    if spec.get("val_split"):
+        _carve_validation(datasets, float(spec["val_split"]))
+    return datasets
+
+
+# The validation split depends on nothing but the data set and the fraction, so `sample`, `train-subspace`
+# and `swa --greedy` all hold out the same images.
+VAL_SPLIT_SEED = 12345
+
+
+def _carve_validation(datasets: Datasets, fraction: float) -> None:
+    n = len(datasets.train)  # type: ignore[arg-type]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
+    held = max(1, int(round(fraction * n)))
+    val_idx, train_idx = order[:held].sort().values, order[held:].sort().values
+    datasets.val, datasets.val_eval = _subset(datasets.train, val_idx), _subset(datasets.train_eval, val_idx)
+    datasets.train, datasets.train_eval = _subset(datasets.train, train_idx), _subset(datasets.train_eval, train_idx)
+
+
+def _subset(dataset: Dataset, idx: torch.Tensor) -> Dataset:
+    if isinstance(dataset, TensorDataset):  # stay on the fast, collation-free path
+        return TensorDataset(*(t[idx] for t in dataset.tensors))
+    return Subset(dataset, idx.tolist())
+
+
+def _load_views(spec: dict[str, Any]) -> Datasets:
     if not (isinstance(spec, dict) and isinstance(spec.get("name"), str)):
         raise TwaError(f"not a data set description: {spec!r}")
     name = spec["name"]

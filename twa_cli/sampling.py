@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from twa_cli.checkpoints import (
+    load_tensors,
     make_metadata,
     read_checkpoint,
     save_tensors,
@@ -50,6 +51,7 @@ class SampleConfig:
     per_epoch: int = 1
     seed: int = 0
     device: str = "cpu"
+    init: str | None = None  # start from these weights (fine-tuning a pre-trained model) instead of at random
 
 
 @dataclass
@@ -93,7 +95,10 @@ def sample(
     torch.manual_seed(cfg.seed)
     data = load_data(cfg.data)
     arch = model_spec(cfg.model, data.num_classes, data.in_channels, data.image_size)
-    model = build_model(arch).to(cfg.device)
+    model = build_model(arch)
+    if cfg.init is not None:
+        load_weights(model, load_tensors(cfg.init), cfg.init)
+    model.to(cfg.device)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )

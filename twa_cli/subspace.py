@@ -63,6 +63,7 @@ class SubspaceSGD(torch.optim.Optimizer):
         momentum: float = 0.9,
         weight_decay: float = 1e-5,
         offspan: torch.Tensor | None = None,
+        offspan_decays: bool = True,
     ):
         params = [p for p in _params_of(flat)]
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
@@ -73,6 +74,8 @@ class SubspaceSGD(torch.optim.Optimizer):
         self.momentum = torch.zeros_like(self.coords)
         self._grad_coords = torch.zeros_like(self.coords)
         self.offspan = offspan  # r, the part of the start outside the span, or None
+        # False for the affine variant, whose fixed offset is the center of the checkpoints, not a decaying start.
+        self.offspan_decays = offspan_decays
         self.offspan_scale = 1.0  # s
         self.offspan_momentum = 0.0
         self._write_params()
@@ -82,11 +85,11 @@ class SubspaceSGD(torch.optim.Optimizer):
         group = self.param_groups[0]
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
         # c = P g   (the gradient in subspace coordinates; P^T c is the projected gradient of eq. 7)
-        _matvec(self.basis, self.flat.grads, self._grad_coords)
+        self._project(self.flat.grads, self._grad_coords)
         # eq. 8 in coordinates: m <- mu m + (c + wd a);  a <- a - lr m
         self.momentum.mul_(mu).add_(self._grad_coords).add_(self.coords, alpha=wd)
         self.coords.add_(self.momentum, alpha=-lr)
-        if self.offspan is not None:
+        if self.offspan is not None and self.offspan_decays:
             self.offspan_momentum = mu * self.offspan_momentum + wd * self.offspan_scale
             self.offspan_scale -= lr * self.offspan_momentum
         self._write_params()
@@ -98,9 +101,17 @@ class SubspaceSGD(torch.optim.Optimizer):
     @torch.no_grad()
     def _write_params(self) -> None:
         """w = P^T a (+ s r), written straight into the parameter buffer."""
-        _matvec_t(self.basis, self.coords, self.flat.params)
+        self._expand(self.coords, self.flat.params)
         if self.offspan is not None:
             self.flat.params.add_(self.offspan, alpha=self.offspan_scale)
+
+    def _project(self, vector: torch.Tensor, out: torch.Tensor) -> None:
+        """out = P vector (subclasses with a structured basis override this and `_expand`)."""
+        _matvec(self.basis, vector, out)
+
+    def _expand(self, coords: torch.Tensor, out: torch.Tensor) -> None:
+        """out = P^T coords."""
+        _matvec_t(self.basis, coords, out)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = {"coords": self.coords, "momentum": self.momentum}

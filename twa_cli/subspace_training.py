@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from twa_cli.errors import TwaError
 from twa_cli.evaluation import Score, evaluate
 from twa_cli.models import build_model, check_fits, load_weights
 from twa_cli.subspace import FlatParameters, SubspaceSGD
+from twa_cli.variants import build_variant
 from twa_cli.training import (
     Diverged,
     EpochStats,
@@ -65,6 +66,12 @@ class SubspaceConfig:
     end: int | None = None
     every: int = 1
     tol: float = 1e-6
+    # Variants (twa_cli/variants.py): the coefficients fitted on a held-out split, per layer, or summing to 1.
+    fit_on: str = "train"  # train | val
+    val_split: float = 0.0
+    granularity: str = "model"  # model | layer
+    group_size: int = 1
+    affine: bool = False
     data: dict[str, Any] | None = None
     model: dict[str, Any] | None = None
 
@@ -77,6 +84,7 @@ class SubspaceResult:
     test: Score | None
     history: list[dict[str, Any]] = field(default_factory=list)
     dropped: list[dict[str, Any]] = field(default_factory=list)
+    layers: list[dict[str, Any]] | None = None  # layer-wise coefficients (then `coefficients` is empty)
 
 
 def default_output(src: Path) -> Path:
@@ -126,7 +134,9 @@ def train_subspace(
 
     # Every input is checked before the first file is written: a mistake leaves nothing behind.
     torch.manual_seed(cfg.seed)
+    data_spec = _with_validation(data_spec, cfg)
     data = load_data(data_spec)
+    fit_data = replace(data, train=data.val) if cfg.fit_on == "val" else data
     model = build_model(arch)
     check_basis_fits(model, basis, str(basis_src))
     start_coords, offspan, init_tensors = _starting_point(basis, cfg.init)
@@ -136,11 +146,19 @@ def train_subspace(
     if made_here and not resume:
         save_basis(basis, out / BASIS_FILE)
     flat = FlatParameters(model, [name for name, _ in basis.layout])
-    vectors = basis.vectors.to(device=cfg.device, dtype=flat.params.dtype)
-    optimizer = SubspaceSGD(
-        flat, vectors, start_coords, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-        offspan=None if offspan is None else offspan.to(cfg.device),
-    )
+    hyper = {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay}
+    if cfg.affine or cfg.granularity != "model":
+        optimizer, report = build_variant(
+            basis, flat, (start_coords, offspan), affine=cfg.affine, granularity=cfg.granularity,
+            group_size=cfg.group_size, tol=cfg.tol, hyper=hyper,
+        )
+    else:
+        vectors = basis.vectors.to(device=cfg.device, dtype=flat.params.dtype)
+        optimizer = SubspaceSGD(flat, vectors, start_coords, offspan=None if offspan is None else offspan.to(cfg.device),
+                                **hyper)
+
+        def report(coords: torch.Tensor) -> dict[str, Any]:
+            return {"coefficients": [float(a) for a in basis.coefficients(coords)]}
     config = _json_config(cfg)
     history: list[dict[str, Any]] = []
     start_epoch = step = 0
@@ -169,7 +187,7 @@ def train_subspace(
 
     loop = LoopConfig(cfg.epochs, cfg.lr, cfg.schedule, cfg.batch_size, cfg.seed, cfg.device)
     try:
-        train_loop(model, optimizer, data, loop, start_epoch=start_epoch, step=step, after_epoch=after_epoch,
+        train_loop(model, optimizer, fit_data, loop, start_epoch=start_epoch, step=step, after_epoch=after_epoch,
                    reporter=reporter)
     except Diverged as exc:
         raise Diverged(f"{exc}; no result was written; {divergence_advice(state_path)}") from exc
@@ -177,9 +195,9 @@ def train_subspace(
     if cfg.bn_update:
         recalibrate_bn(model, data.train_eval, max_batches=cfg.bn_batches, device=cfg.device)
     test = evaluate(model, data.test, device=cfg.device)
-    alpha = basis.coefficients(optimizer.coords.cpu())
-    coefficients = [float(a) for a in alpha]
-    _write_coefficients(out / COEFFICIENTS_FILE, basis, coefficients, optimizer)
+    reported = report(optimizer.coords.detach().cpu())
+    coefficients = reported.get("coefficients", [])
+    _write_coefficients(out / COEFFICIENTS_FILE, basis, coefficients, optimizer, reported.get("layers"))
     meta = make_metadata(
         "twa", arch=arch, data=data_spec, trainable=[name for name, _ in basis.layout], config=config,
         command="train-subspace", sources=[s["path"] for s in basis.sources], coefficients=coefficients,
@@ -187,7 +205,7 @@ def train_subspace(
     )
     result = save_tensors(out / RESULT_FILE, model.state_dict(), meta)
     state_path.unlink(missing_ok=True)
-    return SubspaceResult(out, result, coefficients, test, history, basis.dropped)
+    return SubspaceResult(out, result, coefficients, test, history, basis.dropped, reported.get("layers"))
 
 
 def check_basis_fits(model: torch.nn.Module, basis: Basis, source: str) -> None:
@@ -236,7 +254,22 @@ def _load_start(model: torch.nn.Module, basis: Basis, init_tensors: dict[str, to
     model.load_state_dict(state)
 
 
-def _write_coefficients(path: Path, basis: Basis, coefficients: list[float], optimizer: SubspaceSGD) -> None:
+def _with_validation(spec: dict[str, Any], cfg: SubspaceConfig) -> dict[str, Any]:
+    """--val-split carves a held-out split (the same images every command holds out); --fit-on val needs one."""
+    if cfg.val_split:
+        spec = {**spec, "val_split": cfg.val_split}
+    if cfg.fit_on not in ("train", "val"):
+        raise TwaError(f"--fit-on must be train or val (got '{cfg.fit_on}')")
+    if cfg.fit_on == "val" and not spec.get("val_split"):
+        raise TwaError("--fit-on val needs --val-split (or checkpoints sampled with one)")
+    return spec
+
+
+def _write_coefficients(path: Path, basis: Basis, coefficients: list[float], optimizer: SubspaceSGD,
+                        layers: list[dict[str, Any]] | None = None) -> None:
+    if layers is not None:
+        write_json(path, {"layers": layers, "sources": basis.sources, "dropped": basis.dropped})
+        return
     rows = [
         {"path": src["path"], "step": src.get("step"), "epoch": src.get("epoch"), "alpha": alpha}
         for src, alpha in zip(basis.sources, coefficients)

@@ -1,0 +1,101 @@
+import json
+
+import torch
+
+from conftest import flat_trainable, tiny_run
+from test_cli import twa
+from twa_cli.basis import load_basis
+from twa_cli.checkpoints import list_folder, load_tensors, read_checkpoint
+from twa_cli.data import data_spec, load_data
+from twa_cli.soups import greedy_soup
+from twa_cli.subspace_training import SubspaceConfig, train_subspace
+
+
+def _run(src, out, **kw):
+    return train_subspace(src, out, SubspaceConfig(epochs=1, lr=0.5, batch_size=64, **kw))
+
+
+def test_affine_coefficients_sum_to_one_and_rebuild_the_result(cnn_run, tmp_path):
+    result = _run(cnn_run, tmp_path / "affine", affine=True)
+    alpha = torch.tensor(result.coefficients, dtype=torch.float64)
+    assert abs(float(alpha.sum()) - 1.0) < 1e-6
+    names = [n for n, _ in load_basis(tmp_path / "affine" / "basis.safetensors").layout]
+    stacked = torch.stack([flat_trainable(c.path, names) for c in list_folder(cnn_run)])
+    w_twa = flat_trainable(result.result, names)
+    assert float((alpha @ stacked - w_twa).norm() / w_twa.norm()) < 1e-5
+
+
+def test_layerwise_table_has_a_row_per_tensor_that_rebuilds_it(cnn_run, tmp_path):
+    result = _run(cnn_run, tmp_path / "layer", granularity="layer")
+    layout = load_basis(tmp_path / "layer" / "basis.safetensors").layout
+    assert [row["tensors"] for row in result.layers] == [[name] for name, _ in layout]
+    saved = json.loads((tmp_path / "layer" / "coefficients.json").read_text())
+    assert len(saved["layers"]) == len(layout)
+    ckpts = list_folder(cnn_run)
+    got = load_tensors(result.result)
+    every = [load_tensors(c.path) for c in ckpts]
+    for row in result.layers:
+        name = row["tensors"][0]
+        rebuilt = sum(a * t[name].double() for a, t in zip(row["alpha"], every))
+        assert torch.allclose(rebuilt, got[name].double(), atol=1e-5 * float(got[name].norm()) + 1e-7), name
+
+
+def test_grouped_layers_follow_group_size(cnn_run, tmp_path):
+    result = _run(cnn_run, tmp_path / "groups", granularity="layer", group_size=3)
+    sizes = [len(row["tensors"]) for row in result.layers]
+    assert all(s == 3 for s in sizes[:-1]) and 1 <= sizes[-1] <= 3
+
+
+def test_validation_split_is_fixed_and_disjoint():
+    a = load_data(data_spec("digits", val_split=0.2))
+    b = load_data(data_spec("digits", val_split=0.2))
+    assert torch.equal(a.val.tensors[0], b.val.tensors[0])
+    assert len(a.val) + len(a.train) == 1347
+    train_rows = {tuple(x.flatten().tolist()) for x in a.train.tensors[0]}
+    assert not any(tuple(x.flatten().tolist()) in train_rows for x in a.val.tensors[0][:50])
+
+
+def test_fit_on_val_records_the_split(cnn_run, tmp_path):
+    result = _run(cnn_run, tmp_path / "val", fit_on="val", val_split=0.2)
+    assert read_checkpoint(result.result).data["val_split"] == 0.2
+    assert result.test is not None
+
+
+def test_greedy_soup_is_the_mean_of_the_chosen_checkpoints(tmp_path):
+    runs = tmp_path / "soup"
+    runs.mkdir()
+    base = tiny_run(tmp_path / "base", model="mlp", epochs=1, per_epoch=1)
+    init = list_folder(base)[-1].path
+    for seed in range(3):
+        twa("sample", tmp_path / f"ft{seed}", "--model", "mlp", "--epochs", "1", "--init", init, "--seed", seed,
+            "--lr", "0.05", "--batch-size", "64", "--val-split", "0.2", "--quiet")
+        (runs / f"ft{seed}.safetensors").symlink_to(list_folder(tmp_path / f"ft{seed}")[-1].path)
+    ckpts = list_folder(runs)
+    result = greedy_soup(ckpts, tmp_path / "greedy.safetensors")
+    assert result.chosen and result.individual[result.chosen[0]] >= 0
+    assert max(result.individual) == result.individual[sorted(range(3), key=lambda i: -result.individual[i])[0]]
+    got = load_tensors(result.path)
+    for name, value in got.items():
+        expected = torch.stack([load_tensors(ckpts[i].path)[name].double() for i in result.chosen]).mean(0)
+        assert torch.allclose(value.double(), expected, atol=1e-6), name
+    assert result.val >= max(result.individual) - 1e-9  # the greedy soup never scores below its best ingredient
+
+
+def test_sample_init_starts_from_the_given_weights(tmp_path):
+    base = tiny_run(tmp_path / "base", model="mlp", epochs=1, per_epoch=1)
+    init = list_folder(base)[-1].path
+    twa("sample", tmp_path / "ft", "--model", "mlp", "--epochs", "1", "--init", init, "--quiet")
+    first = list_folder(tmp_path / "ft")[0].path
+    a, b = load_tensors(first), load_tensors(init)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_variant_options_run_from_the_cli(cnn_run, tmp_path):
+    for i, flags in enumerate((["--affine"], ["--granularity", "layer", "--group-size", "2"],
+                               ["--fit-on", "val", "--val-split", "0.1"])):
+        proc = twa("train-subspace", cnn_run, "-o", tmp_path / f"v{i}", "--epochs", "1", "--lr", "0.5", "--json",
+                   *flags)
+        summary = json.loads(proc.stdout)
+        assert summary["test"]["accuracy"] > 50
+    bad = twa("train-subspace", cnn_run, "-o", tmp_path / "bad", "--fit-on", "val", check=False)
+    assert bad.returncode == 1 and "--val-split" in bad.stderr
