@@ -4,6 +4,7 @@ Each rank owns a contiguous slice of the parameter vector (D entries, padded to 
 N) and the same columns of the basis P (n x D), so it holds n*D/N numbers of it. A step:
 
     reduce-scatter g         each rank receives the summed gradient on its own slice    (N-1)/N * D per rank
+                             (on gloo an all-reduce, see ColumnShardedSGD)
     c_r = P_r g_r            a partial projection, n numbers
     all-reduce c             n numbers: nothing, next to D
     a <- eq. 8 on c          the same n-vector update on every rank
@@ -187,7 +188,11 @@ class ColumnShardedSGD(SubspaceSGD):
         self.group = group
         self.full = flat
         lo = group.rank * width
-        local = _Slice(flat.params[lo : lo + width], torch.zeros_like(flat.params[lo : lo + width]))
+        # nccl's reduce-scatter costs half its all-reduce; gloo's is slower than its all-reduce on CPU
+        # (scripts/bench_distributed.py), so there every rank sums the whole gradient and reads its slice.
+        self.scatter = group.backend == "nccl"
+        grads = torch.zeros_like(flat.grads[lo : lo + width]) if self.scatter else flat.grads[lo : lo + width]
+        local = _Slice(flat.params[lo : lo + width], grads)
         super().__init__(local, shard, coords, lr=lr, momentum=momentum, weight_decay=weight_decay,  # type: ignore[arg-type]
                          offspan=offspan, reduce=self._sum_coords)
 
@@ -199,7 +204,10 @@ class ColumnShardedSGD(SubspaceSGD):
     def step(self, closure=None):  # type: ignore[override]
         if self.group.weight != 1.0:  # uneven parts (the last batch of an epoch): weigh before summing
             self.full.grads.mul_(self.group.weight)
-        _reduce_scatter(self.flat.grads, self.full.grads)
+        if self.scatter:
+            _reduce_scatter(self.flat.grads, self.full.grads)
+        else:
+            dist.all_reduce(self.full.grads)
         return super().step()
 
     def zero_grad(self, set_to_none: bool = False) -> None:
