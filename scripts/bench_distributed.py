@@ -48,16 +48,21 @@ def _worker(rank: int, world: int, port: int, dim: int, n: int, repeats: int) ->
     g, w = torch.randn(width * world), torch.empty(width * world)
     p_rows = torch.randn(n // world, width * world)  # this rank's rows, for the alternative
     c, c_r = torch.empty(n), torch.empty(n // world)
-    times: dict[str, list[float]] = {"columns": [], "rows": []}
+    g_r = torch.empty(width)
+    times: dict[str, list[float]] = {"columns": [], "rows": [], "all-reduce": [], "reduce-scatter": []}
     for i in range(repeats + 2):
-        for name in ("columns", "rows"):
+        for name in times:
             flat.grads.normal_()
             dist.barrier()
             start = time.perf_counter()
             if name == "columns":
                 optimizer.step()
-            else:
+            elif name == "rows":
                 _row_step(p_rows, g, w, c_r, c)
+            elif name == "all-reduce":
+                dist.all_reduce(g)
+            else:
+                dist.reduce_scatter_tensor(g_r, g)
             dist.barrier()
             if i >= 2:  # the first two warm up the connections
                 times[name].append(time.perf_counter() - start)
@@ -68,6 +73,8 @@ def _worker(rank: int, world: int, port: int, dim: int, n: int, repeats: int) ->
         print(f"  columns (twa's ColumnShardedSGD.step): {col * 1e3:8.2f} ms/step")
         print(f"  rows (all-reduce g, all-reduce D):    {row * 1e3:8.2f} ms/step")
         print(f"  rows / columns: {row / col:.2f}x")
+        print(f"  the gradient alone: all-reduce {statistics.median(times['all-reduce']) * 1e3:.2f} ms, "
+              f"reduce-scatter {statistics.median(times['reduce-scatter']) * 1e3:.2f} ms")
         print(f"  bytes each rank sends with a ring, nccl: columns {2 * sent / 2**20:.1f} MiB "
               f"(reduce-scatter + all-gather), rows {4 * sent / 2**20:.1f} MiB (two all-reduces)")
     dist.destroy_process_group()
