@@ -111,6 +111,7 @@ def sharded_basis(mlp_run, tmp_path_factory):
     return index, summary
 
 
+@pytest.mark.slow
 def test_sharded_orthogonalize_spans_the_same_subspace_with_half_the_basis_per_rank(mlp_run, sharded_basis):
     index, summary = sharded_basis
     single = orthogonalize(list_folder(mlp_run), hashes=False)
@@ -127,6 +128,7 @@ def test_sharded_orthogonalize_spans_the_same_subspace_with_half_the_basis_per_r
         assert shard_path(index, s["rank"], WORLD).exists()
 
 
+@pytest.mark.slow
 def test_distributed_train_subspace_equals_single_process(mlp_run, sharded_basis, tmp_path):
     index, _ = sharded_basis
     args = ["--epochs", "2", "--lr", "0.1", "--batch-size", "64", "--weight-decay", "1e-4"]
@@ -149,12 +151,14 @@ def test_distributed_train_subspace_equals_single_process(mlp_run, sharded_basis
         assert s["bytes"] == len(single.coefficients) * -(-dim // WORLD) * 4
 
 
+@pytest.mark.slow
 def test_small_cnn_distributed_accuracy_is_within_one_point_of_one_process(cnn_run, tmp_path):
-    args = ["--epochs", "2", "--lr", "0.5", "--batch-size", "64"]
+    args = ["--epochs", "1", "--lr", "0.5", "--batch-size", "64", "--no-eval-every-epoch"]
     proc = torchrun("train-subspace", cnn_run, "-o", tmp_path / "dist", *args, "--json")
     assert "SyncBatchNorm" in proc.stderr  # said once, by rank 0
     assert proc.stderr.count("SyncBatchNorm") == 1
     dist = json.loads(proc.stdout)
-    single = train_subspace(cnn_run, tmp_path / "single", SubspaceConfig(epochs=2, lr=0.5, batch_size=64))
+    single = train_subspace(cnn_run, tmp_path / "single",
+                            SubspaceConfig(epochs=1, lr=0.5, batch_size=64, eval_every_epoch=False))
     assert abs(dist["test"]["accuracy"] - single.test.accuracy) <= 1.0
     assert load_basis(tmp_path / "dist" / "basis.safetensors").rank == len(single.coefficients)

@@ -112,7 +112,9 @@ class Group:
             self.weight = weight
             yield xb, yb
 
-    def _parts(self, n: int, batch_size: int, shuffle: bool, seed: int, epoch: int) -> tuple[list[torch.Tensor], list[float]]:
+    def _parts(
+        self, n: int, batch_size: int, shuffle: bool, seed: int, epoch: int
+    ) -> tuple[list[torch.Tensor], list[float]]:
         order = torch.randperm(n, generator=epoch_generator(seed, epoch)) if shuffle else torch.arange(n)
         parts, weights = [], []
         for i in range(0, n, batch_size):
@@ -193,8 +195,10 @@ class ColumnShardedSGD(SubspaceSGD):
         self.scatter = group.backend == "nccl"
         grads = torch.zeros_like(flat.grads[lo : lo + width]) if self.scatter else flat.grads[lo : lo + width]
         local = _Slice(flat.params[lo : lo + width], grads)
-        super().__init__(local, shard, coords, lr=lr, momentum=momentum, weight_decay=weight_decay,  # type: ignore[arg-type]
-                         offspan=offspan, reduce=self._sum_coords)
+        super().__init__(
+            local, shard, coords, lr=lr, momentum=momentum, weight_decay=weight_decay,  # type: ignore[arg-type]
+            offspan=offspan, reduce=self._sum_coords,
+        )
 
     def _sum_coords(self, coords: torch.Tensor) -> None:
         self.group.sum_(coords)

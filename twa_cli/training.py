@@ -174,7 +174,8 @@ def train_loop(
             reporter.batch_done()
         _check_divergence(bad_step, lr, shard)
         if shard is not None:
-            totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)])
+            count = torch.tensor(float(seen), dtype=torch.float64, device=device)
+            totals = torch.stack([loss_sum, correct.double(), count])
             shard.sum_(totals)
             loss_sum, correct, seen = totals[0], totals[1], int(totals[2])
         stats = EpochStats(
