@@ -255,7 +255,7 @@ def _sync_batchnorm(model: torch.nn.Module, cfg: SubspaceConfig, group: Group) -
     if group.rank == 0:
         log.warning(
             "BatchNorm under %s without SyncBatchNorm: each rank normalizes over its own %d-th of every batch, "
-            "so training differs slightly from one process (the final recalibration and test figures do not)",
+            "so training differs slightly from one process (recalibration and evaluation still see whole batches)",
             group.backend, group.world,
         )
     return False
