@@ -12,7 +12,7 @@ import torch
 from conftest import flat_trainable, write_synthetic_folder
 from twa_cli.basis import _read_flat, load_basis, orthogonalize, save_basis
 from twa_cli.basis_shards import load_basis_columns, shard_path
-from twa_cli.checkpoints import list_folder, load_tensors
+from twa_cli.checkpoints import list_folder, load_tensors, make_metadata, save_tensors
 from twa_cli.data import batches, load_data
 from twa_cli.distributed import Group
 from twa_cli.errors import TwaError
@@ -131,12 +131,19 @@ def test_sharded_orthogonalize_spans_the_same_subspace_with_half_the_basis_per_r
 @pytest.mark.slow
 def test_distributed_train_subspace_equals_single_process(mlp_run, sharded_basis, tmp_path):
     index, _ = sharded_basis
-    args = ["--epochs", "2", "--lr", "0.1", "--batch-size", "64", "--weight-decay", "1e-4"]
+    # A start off the span: its off-span part is split over the ranks too, and shrinks by weight decay alone.
+    last = list_folder(mlp_run)[-1].path
+    start = {k: v + 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1))
+             for k, v in load_tensors(last).items()}
+    init = save_tensors(tmp_path / "start.safetensors", start, make_metadata("checkpoint"))
+    args = ["--epochs", "2", "--lr", "0.1", "--batch-size", "64", "--weight-decay", "1e-2", "--init", init]
     summary = json.loads(torchrun("train-subspace", index, "-o", tmp_path / "dist", *args, "--json").stdout)
     single_basis = tmp_path / "single-basis.safetensors"
     save_basis(orthogonalize(list_folder(mlp_run)), single_basis)
     single = train_subspace(single_basis, tmp_path / "single",
-                            SubspaceConfig(epochs=2, lr=0.1, batch_size=64, weight_decay=1e-4))
+                            SubspaceConfig(epochs=2, lr=0.1, batch_size=64, weight_decay=1e-2, init=str(init)))
+    scales = [json.loads((tmp_path / d / "coefficients.json").read_text())["offspan_scale"] for d in ("dist", "single")]
+    assert scales[0] is not None and scales[0] == pytest.approx(scales[1], rel=1e-9) and scales[0] < 1.0
 
     w_dist, w_single = load_tensors(tmp_path / "dist" / "twa.safetensors"), load_tensors(single.result)
     assert w_dist.keys() == w_single.keys()
