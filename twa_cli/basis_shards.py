@@ -9,7 +9,6 @@ another world size reads its own slices.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ from twa_cli.basis import Basis, _numel, orthogonalize, save_basis, subspace_ten
 from twa_cli.checkpoints import (
     Checkpoint,
     check_compatible,
-    check_output,
     load_tensors,
     make_metadata,
     open_tensors,
@@ -145,10 +143,3 @@ def shard_report(vectors: torch.Tensor, columns: tuple[int, int], group: Group) 
     """What each rank holds of the basis (gathered on every rank), for the summary the commands print."""
     own = {"rank": group.rank, "columns": list(columns), "bytes": resident_bytes(vectors)}
     return group.gather_objects(own)
-
-
-def check_sharded_output(path: Path, group: Group, force: bool, inputs: list[Path]) -> None:
-    check_output(path, force, inputs=inputs)
-    mine = shard_path(path, group.rank, group.world)
-    if mine.exists() and not force:
-        raise TwaError(f"{mine}: already exists (pass --force to overwrite it)")
