@@ -111,22 +111,45 @@ def subspace_tensors(ckpt: Checkpoint, shapes: dict[str, tuple[int, ...]], model
     return names
 
 
-def _read_flat(path: Path, layout: list[tuple[str, tuple[int, ...]]], out: torch.Tensor) -> None:
-    """Fill `out` (D,) with the trainable tensors of a file, one tensor at a time (memory of one tensor)."""
+def _read_flat(
+    path: Path, layout: list[tuple[str, tuple[int, ...]]], out: torch.Tensor, columns: tuple[int, int] | None = None
+) -> None:
+    """Fill `out` with entries [lo, hi) (default: all D) of the flattened trainable tensors of a file.
+
+    One tensor at a time (memory of one tensor); a tensor cut by the range is read by rows, so a rank that owns
+    a slice of the parameter vector reads little more than its slice.
+    """
+    lo, hi = columns if columns is not None else (0, out.shape[0])
     offset = 0
     with open_tensors(path) as handle:
         for name, shape in layout:
             size = _numel(shape)
-            try:
-                tensor = handle.get_tensor(name)
-            except Exception as exc:
-                raise TwaError(f"{path}: cannot read tensor '{name}'; is the file truncated? ({exc})") from exc
-            check_finite(tensor, f"{path}: tensor '{name}'")
-            out[offset : offset + size].copy_(tensor.reshape(-1))
+            a, b = max(lo, offset), min(hi, offset + size)
+            if a < b:
+                try:
+                    piece = _read_range(handle, name, shape, a - offset, b - offset)
+                except Exception as exc:
+                    raise TwaError(f"{path}: cannot read tensor '{name}'; is the file truncated? ({exc})") from exc
+                check_finite(piece, f"{path}: tensor '{name}'")
+                out[a - lo : b - lo].copy_(piece)
             offset += size
 
 
-def _project_out(q: torch.Tensor, x: torch.Tensor, coords: torch.Tensor) -> None:
+def _read_range(handle: Any, name: str, shape: tuple[int, ...], a: int, b: int) -> torch.Tensor:
+    """Entries [a, b) of a tensor flattened, reading only the rows that hold them."""
+    size = _numel(shape)
+    if (a, b) == (0, size) or len(shape) == 0:
+        return handle.get_tensor(name).reshape(-1)[a:b]
+    row = size // shape[0]
+    first, last = a // row, -(-b // row)
+    rows = handle.get_slice(name)[first:last].reshape(-1)
+    return rows[a - first * row : b - first * row]
+
+
+Reduce = Callable[[torch.Tensor], None]  # sums a tensor in place over the ranks that each hold some columns
+
+
+def _project_out(q: torch.Tensor, x: torch.Tensor, coords: torch.Tensor, reduce: Reduce | None = None) -> None:
     """x <- x - q.T (q x.T), twice, with fp64 inner products; the removed components are added to coords (k, b)."""
     if q.shape[0] == 0:
         return
@@ -135,15 +158,19 @@ def _project_out(q: torch.Tensor, x: torch.Tensor, coords: torch.Tensor) -> None
         c = torch.zeros(q.shape[0], x.shape[0], dtype=torch.float64)
         for s in range(0, dim, CHUNK):
             c += q[:, s : s + CHUNK].double() @ x[:, s : s + CHUNK].double().t()
+        if reduce is not None:
+            reduce(c)
         for s in range(0, dim, CHUNK):
             x[:, s : s + CHUNK] -= (c.t() @ q[:, s : s + CHUNK].double()).to(x.dtype)
         coords += c
 
 
-def _norms(x: torch.Tensor) -> torch.Tensor:
+def _norms(x: torch.Tensor, reduce: Reduce | None = None) -> torch.Tensor:
     out = torch.zeros(x.shape[0], dtype=torch.float64)
     for s in range(0, x.shape[1], CHUNK):
         out += x[:, s : s + CHUNK].double().pow(2).sum(dim=1)
+    if reduce is not None:
+        reduce(out)
     return out.sqrt()
 
 
@@ -161,11 +188,15 @@ def orthogonalize(
     progress: Progress | None = None,
     names: list[str] | None = None,
     warn: bool = True,
+    columns: tuple[int, int] | None = None,
+    reduce: Reduce | None = None,
 ) -> Basis:
     """Build an orthonormal basis of span{w_i} from checkpoint files, streaming them block by block.
 
     Peak memory is the basis (n x D fp32) plus one block of checkpoints (at most a quarter of the basis).
     `names` restricts the subspace to some tensors (layer-wise TWA builds one basis per group of tensors).
+    With `columns` (lo, hi) only those entries of the parameter vector are read and returned, and `reduce`
+    sums the inner products over the ranks holding the other columns (`twa_cli.basis_shards`).
     """
     if not ckpts:
         raise TwaError("no checkpoints to orthogonalize")
@@ -177,27 +208,28 @@ def orthogonalize(
     dim = sum(_numel(s) for _, s in layout)
     n = len(ckpts)
     block = block or max(1, min(32, n // 4))
-    q = torch.empty(n, dim, dtype=torch.float32)
+    lo, hi = columns if columns is not None else (0, dim)
+    q = torch.empty(n, hi - lo, dtype=torch.float32)
     coords = torch.zeros(n, n, dtype=torch.float64)
-    x = torch.empty(block, dim, dtype=torch.float32)
+    x = torch.empty(block, hi - lo, dtype=torch.float32)
     k = 0
     dropped: list[dict[str, Any]] = []
     for b0 in range(0, n, block):
         cols = list(range(b0, min(n, b0 + block)))
         xb = x[: len(cols)]
         for j, i in enumerate(cols):
-            _read_flat(ckpts[i].path, layout, xb[j])
-        norms = _norms(xb)
+            _read_flat(ckpts[i].path, layout, xb[j], (lo, hi))
+        norms = _norms(xb, reduce)
         c_old = torch.zeros(k, len(cols), dtype=torch.float64)
-        _project_out(q[:k], xb, c_old)
+        _project_out(q[:k], xb, c_old, reduce)
         coords[:k, b0 : b0 + len(cols)] = c_old
         block_start = k  # directions added by this block so far are q[block_start:k]
         for j, i in enumerate(cols):
             row = xb[j : j + 1]
             c_blk = torch.zeros(k - block_start, 1, dtype=torch.float64)
-            _project_out(q[block_start:k], row, c_blk)
+            _project_out(q[block_start:k], row, c_blk, reduce)
             coords[block_start:k, i] += c_blk[:, 0]
-            residual = float(_norms(row)[0])
+            residual = float(_norms(row, reduce)[0])
             relative = residual / max(float(norms[j]), 1e-300)
             if relative <= tol:
                 dropped.append({"index": i, "path": str(ckpts[i].path), "relative_residual": relative})
@@ -228,10 +260,10 @@ def orthogonalize(
         arch=model or ckpts[0].arch,
         data=ckpts[0].data,
     )
-    basis.errors["orthogonality"] = orthogonality_error(basis.vectors)
+    basis.errors["orthogonality"] = orthogonality_error(basis.vectors, reduce)
     if dtype != "float32":
         basis.vectors = basis.vectors.to(DTYPES[dtype])
-        basis.errors["orthogonality_stored"] = orthogonality_error(basis.vectors)
+        basis.errors["orthogonality_stored"] = orthogonality_error(basis.vectors, reduce)
     return basis
 
 
@@ -242,13 +274,15 @@ def _source(ckpt: Checkpoint, with_hash: bool) -> dict[str, Any]:
     return src
 
 
-def orthogonality_error(vectors: torch.Tensor) -> float:
+def orthogonality_error(vectors: torch.Tensor, reduce: Reduce | None = None) -> float:
     """max |P P^T - I|, with fp64 accumulation."""
     k, dim = vectors.shape
     gram = torch.zeros(k, k, dtype=torch.float64)
     for s in range(0, dim, CHUNK):
         chunk = vectors[:, s : s + CHUNK].double()
         gram += chunk @ chunk.t()
+    if reduce is not None:
+        reduce(gram)
     return float((gram - torch.eye(k, dtype=torch.float64)).abs().max()) if k else 0.0
 
 
@@ -266,7 +300,7 @@ def reconstruction_errors(basis: Basis, ckpts: list[Checkpoint]) -> list[float]:
 # ---------------------------------------------------------------------------------------------- files
 
 
-def save_basis(basis: Basis, path: str | Path) -> Path:
+def save_basis(basis: Basis, path: str | Path, **extra_meta: Any) -> Path:
     tensors = {"basis": basis.vectors, "coords": basis.coords}
     tensors.update({f"buffer.{k}": v for k, v in basis.buffers.items()})
     meta = make_metadata(
@@ -279,6 +313,7 @@ def save_basis(basis: Basis, path: str | Path) -> Path:
         rank=str(basis.rank),
         errors=basis.errors,
         dtype=str(basis.vectors.dtype).replace("torch.", ""),
+        **extra_meta,
     )
     return save_tensors(path, tensors, meta)
 
@@ -292,6 +327,10 @@ def load_basis(path: str | Path) -> Basis:
     ckpt = read_checkpoint(path)
     if ckpt.kind != "basis":
         raise TwaError(f"{path}: not a basis file (made by `twa orthogonalize`)")
+    if "shards" in ckpt.meta:  # written by `twa orthogonalize` under torchrun: gather the column shards
+        from twa_cli.basis_shards import load_basis_columns
+
+        return load_basis_columns(path)
     tensors = load_tensors(path)
     try:
         layout = [(str(name), tuple(int(n) for n in shape)) for name, shape in ckpt.json_field("layout")]

@@ -9,6 +9,8 @@ statistics and so keeps an exponential average of the last batches.)
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -30,8 +32,13 @@ def recalibrate_bn(
     batch_size: int = 128,
     max_batches: int | None = None,
     device: torch.device | str = "cpu",
+    loader: Callable[..., Iterator[tuple[torch.Tensor, torch.Tensor]]] | None = None,
 ) -> int:
-    """Recompute the running statistics of every BatchNorm layer; returns the number of batches used."""
+    """Recompute the running statistics of every BatchNorm layer; returns the number of batches used.
+
+    `loader` replaces `twa_cli.data.batches`: under torchrun with SyncBatchNorm each rank passes its part of
+    every batch (`Group.batches`), and the synchronized layers see the whole batch, as one process does.
+    """
     layers = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
     if not layers:
         return 0
@@ -43,7 +50,7 @@ def recalibrate_bn(
     model.train()
     used = 0
     try:
-        for x, _ in batches(dataset, batch_size):
+        for x, _ in (loader or batches)(dataset, batch_size):
             if max_batches is not None and used >= max_batches:
                 break
             model(x.to(device, non_blocking=True))

@@ -99,6 +99,9 @@ def _root(
 
 
 def _setup(json_out: bool, quiet: bool) -> None:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 speaks; the others print only errors
+        quiet = True
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     ui.settings.json = json_out
     ui.settings.quiet = quiet or json_out
     ui.setup_logging(quiet)
@@ -278,22 +281,40 @@ def orthogonalize(
     from twa_cli.basis import save_basis
     from twa_cli.checkpoints import check_output
 
+    from twa_cli.distributed import init_group
+
     _setup(json_out, quiet)
+    group = init_group("cpu")  # under torchrun: each rank builds its columns of the basis
     check_output(output, force, inputs=[ckpts])
     selected = _selected(ckpts, start, end, every)
     arch = _model(model, _data(data, data_dir, False), selected[0].data)
+    shards: list[dict[str, Any]] = []
     with ui.file_progress("orthogonalizing") as progress:
-        basis = run(selected, tol=tol, dtype=dtype, model=arch, progress=progress)
+        if group is None:
+            basis = run(selected, tol=tol, dtype=dtype, model=arch, progress=progress)
+        else:
+            from twa_cli.basis_shards import orthogonalize_columns
+
+            group.barrier()  # every rank has checked the output before any writes
+            basis, columns = orthogonalize_columns(selected, group, tol=tol, dtype=dtype, model=arch, progress=progress)
     if arch is None and data is not None:
         basis.data = _data(data, data_dir, False)
-    save_basis(basis, output)
-    summary = {"output": str(output), "checkpoints": len(selected), "rank": basis.rank, "dimension": basis.dim,
-               "dropped": basis.dropped, "errors": basis.errors}
+    if group is None:
+        save_basis(basis, output)
+    else:
+        from twa_cli.basis_shards import save_sharded, shard_report
+
+        save_sharded(basis, columns, output, group, force=force)
+        shards = shard_report(basis.vectors, columns, group)
+    dim = sum(_numel(shape) for _, shape in basis.layout)
+    summary = {"output": str(output), "checkpoints": len(selected), "rank": basis.rank, "dimension": dim,
+               "dropped": basis.dropped, "errors": basis.errors, "shards": shards}
     if json_out:
         ui.emit_json(summary)
     else:
-        ui.info(f"basis of rank {basis.rank} from {len(selected)} checkpoints ({basis.dim:,} parameters) -> {output}")
+        ui.info(f"basis of rank {basis.rank} from {len(selected)} checkpoints ({dim:,} parameters) -> {output}")
         ui.info(f"max |P P^T - I| = {basis.errors['orthogonality']:.1e}")
+        _print_shards(shards, basis.rank * dim * basis.vectors.element_size())
 
 
 @app.command("train-subspace")
@@ -323,6 +344,7 @@ def train_subspace(
     granularity: Annotated[Granularity, typer.Option(help="model: one coefficient per checkpoint; layer: one per checkpoint and group of tensors.", rich_help_panel=VARIANTS)] = Granularity.model,
     group_size: Annotated[int, typer.Option(help="With --granularity layer: tensors per group.", min=1, rich_help_panel=VARIANTS)] = 1,
     affine: Annotated[bool, typer.Option("--affine", help="Train in the affine hull of the checkpoints: coefficients sum to exactly 1.", rich_help_panel=VARIANTS)] = False,
+    sync_bn: Annotated[Optional[bool], typer.Option("--sync-bn/--no-sync-bn", help="Under torchrun: synchronize BatchNorm over the ranks' parts of each batch (default: on with GPUs; PyTorch cannot on CPU).")] = None,
     seed: Seed = 0,
     device: DeviceOpt = Device.auto,
     resume: Resume = False,
@@ -341,7 +363,7 @@ def train_subspace(
         batch_size=batch_size, init=init, seed=seed, device=_device(device), bn_update=bn_update,
         bn_batches=bn_batches, eval_every_epoch=eval_every_epoch, start=start, end=end, every=every, tol=tol,
         fit_on=fit_on.value, val_split=val_split, granularity=granularity.value, group_size=group_size, affine=affine,
-        data=data_spec, model=_model(model, data_spec, None) if model else None,
+        data=data_spec, model=_model(model, data_spec, None) if model else None, sync_bn=sync_bn,
     )
     out = output or default_output(src)
     with _interruptible(out), ui.training_progress("twa") as reporter:
@@ -350,7 +372,7 @@ def train_subspace(
         "output": str(result.out), "checkpoint": str(result.result), "coefficients": result.coefficients,
         "layers": result.layers,
         "coefficient_sum": sum(result.coefficients), "dropped": result.dropped,
-        "test": asdict(result.test) if result.test else None,
+        "test": asdict(result.test) if result.test else None, "shards": result.shards,
     }
     if json_out:
         ui.emit_json(summary)
@@ -362,6 +384,7 @@ def train_subspace(
         if result.test:
             ui.table("TWA", ["checkpoints", "test acc %", "test loss"],
                      [[len(result.coefficients), result.test.accuracy, result.test.loss]])
+        _print_shards(result.shards, None)
         if not quiet:
             ui.out.print(str(result.out), markup=False)
 
@@ -403,6 +426,22 @@ def eval_(
         rows.append([name, r.test.accuracy if r.test else None, r.test.loss if r.test else None,
                      r.train.accuracy if r.train else None, r.gap])
     ui.table("Evaluation", ["model" if label else "file", "test acc %", "test loss", "train acc %", "gap"], rows)
+
+
+def _print_shards(shards: list[dict[str, Any]], whole: int | None) -> None:
+    """Under torchrun: how much of the basis each rank holds."""
+    total = whole or sum(s["bytes"] for s in shards)
+    for s in shards:
+        lo, hi = s["columns"]
+        ui.info(f"rank {s['rank']}: columns {lo:,}:{hi:,} of the basis, {s['bytes'] / 2**20:.2f} MiB "
+                f"({100 * s['bytes'] / max(total, 1):.1f}% of {total / 2**20:.2f} MiB)")
+
+
+def _numel(shape: Any) -> int:
+    n = 1
+    for size in shape:
+        n *= int(size)
+    return n
 
 
 # Entry point --------------------------------------------------------------------------------------------

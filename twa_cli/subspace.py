@@ -13,16 +13,20 @@ off-span part r, which eq. 8 only shrinks by weight decay: w = P^T a + s r with 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
 
 class FlatParameters:
-    """Rebind a model's trainable parameters (in `names` order) as views of one flat buffer, grads too."""
+    """Rebind a model's trainable parameters (in `names` order) as views of one flat buffer, grads too.
 
-    def __init__(self, model: nn.Module, names: Iterable[str]):
+    `multiple_of` pads both buffers with zeros to a multiple of it, so that they split into equal shards
+    (one per rank, `twa_cli.distributed`); the padding belongs to no parameter and stays zero.
+    """
+
+    def __init__(self, model: nn.Module, names: Iterable[str], multiple_of: int = 1):
         params = dict(model.named_parameters())
         names = list(names)
         missing = [n for n in names if n not in params]
@@ -32,8 +36,9 @@ class FlatParameters:
             raise TwaError(f"the basis covers '{missing[0]}', which the model does not have")
         first = params[names[0]]
         total = sum(params[n].numel() for n in names)
+        total = -(-total // multiple_of) * multiple_of
         self.names = names
-        self.params = torch.empty(total, dtype=first.dtype, device=first.device)
+        self.params = torch.zeros(total, dtype=first.dtype, device=first.device)
         self.grads = torch.zeros(total, dtype=first.dtype, device=first.device)
         offset = 0
         for name in names:
@@ -64,6 +69,7 @@ class SubspaceSGD(torch.optim.Optimizer):
         weight_decay: float = 1e-5,
         offspan: torch.Tensor | None = None,
         offspan_decays: bool = True,
+        reduce: Callable[[torch.Tensor], None] | None = None,
     ):
         params = [p for p in _params_of(flat)]
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
@@ -76,6 +82,7 @@ class SubspaceSGD(torch.optim.Optimizer):
         self.offspan = offspan  # r, the part of the start outside the span, or None
         # False for the affine variant, whose fixed offset is the center of the checkpoints, not a decaying start.
         self.offspan_decays = offspan_decays
+        self.reduce = reduce  # sums c in place over ranks that each hold some columns of the basis, or None
         self.offspan_scale = 1.0  # s
         self.offspan_momentum = 0.0
         self._write_params()
@@ -86,6 +93,8 @@ class SubspaceSGD(torch.optim.Optimizer):
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
         # c = P g   (the gradient in subspace coordinates; P^T c is the projected gradient of eq. 7)
         self._project(self.flat.grads, self._grad_coords)
+        if self.reduce is not None:
+            self.reduce(self._grad_coords)
         # eq. 8 in coordinates: m <- mu m + (c + wd a);  a <- a - lr m
         self.momentum.mul_(mu).add_(self._grad_coords).add_(self.coords, alpha=wd)
         self.coords.add_(self.momentum, alpha=-lr)

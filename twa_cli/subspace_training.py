@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -10,18 +12,21 @@ from typing import Any
 import torch
 
 from twa_cli.basis import Basis, is_basis_file, load_basis, orthogonalize, save_basis
-from twa_cli.batchnorm import recalibrate_bn
+from twa_cli.basis_shards import load_basis_columns, orthogonalize_columns, save_sharded, shard_report
+from twa_cli.batchnorm import has_batchnorm, recalibrate_bn
 from twa_cli.checkpoints import (
     check_output,
     list_folder,
     load_tensors,
     make_metadata,
+    read_checkpoint,
     save_tensors,
     select,
     write_json,
     write_text,
 )
 from twa_cli.data import load_data
+from twa_cli.distributed import ColumnShardedSGD, Group, init_group
 from twa_cli.errors import TwaError
 from twa_cli.evaluation import Score, evaluate
 from twa_cli.models import build_model, check_fits, load_weights
@@ -39,6 +44,8 @@ from twa_cli.training import (
     train_loop,
     with_prefix,
 )
+
+log = logging.getLogger("twa")
 
 RESULT_FILE = "twa.safetensors"
 COEFFICIENTS_FILE = "coefficients.json"
@@ -74,6 +81,8 @@ class SubspaceConfig:
     affine: bool = False
     data: dict[str, Any] | None = None
     model: dict[str, Any] | None = None
+    # Under torchrun: SyncBatchNorm during training (None: on under nccl, off under gloo, where torch lacks it).
+    sync_bn: bool | None = None
 
 
 @dataclass
@@ -85,6 +94,7 @@ class SubspaceResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     dropped: list[dict[str, Any]] = field(default_factory=list)
     layers: list[dict[str, Any]] | None = None  # layer-wise coefficients (then `coefficients` is empty)
+    shards: list[dict[str, Any]] = field(default_factory=list)  # what each rank held of the basis, under torchrun
 
 
 def default_output(src: Path) -> Path:
@@ -94,8 +104,18 @@ def default_output(src: Path) -> Path:
     return src.parent / f"{stem}-twa"
 
 
-def resolve_basis(src: Path, cfg: SubspaceConfig, progress=None) -> tuple[Basis, bool]:
-    """A basis file is loaded; a checkpoint folder is orthogonalized first. Returns (basis, made_here)."""
+def resolve_basis(src: Path, cfg: SubspaceConfig, progress=None, group: Group | None = None) -> tuple[Basis, bool]:
+    """A basis file is loaded; a checkpoint folder is orthogonalized first. Returns (basis, made_here).
+
+    Under torchrun the basis holds only this rank's columns (`group.columns(D)`).
+    """
+    if group is not None:
+        if is_basis_file(src):
+            layout = read_checkpoint(src).json_field("layout") or []
+            dim = sum(math.prod(shape) for _, shape in layout)
+            return load_basis_columns(src, group.columns(dim)), False
+        ckpts = select(list_folder(src), cfg.start, cfg.end, cfg.every)
+        return orthogonalize_columns(ckpts, group, tol=cfg.tol, model=cfg.model, progress=progress)[0], True
     if is_basis_file(src):
         return load_basis(src), False
     ckpts = select(list_folder(src), cfg.start, cfg.end, cfg.every)
@@ -111,8 +131,15 @@ def train_subspace(
     resume: bool = False,
     reporter: Reporter | None = None,
 ) -> SubspaceResult:
-    """Train inside the span of the checkpoints in `src` (a folder or a basis file) and write the result."""
+    """Train inside the span of the checkpoints in `src` (a folder or a basis file) and write the result.
+
+    Under torchrun every rank calls this: the batch and the basis are split over the ranks
+    (`twa_cli.distributed`), every rank ends with the same weights, and rank 0 alone writes.
+    """
     cfg = cfg or SubspaceConfig()
+    group = init_group(cfg.device)
+    lead = group is None or group.rank == 0
+    device = group.device if group is not None else cfg.device
     src = Path(src)
     if not src.exists():
         raise TwaError(f"{src}: no such file or folder")
@@ -123,8 +150,10 @@ def train_subspace(
             raise TwaError(f"{out}: nothing to resume (no {STATE_FILE}); run without --resume")
     else:
         check_output(out, force, inputs=[src], folder=True)
+    if group is not None:
+        group.barrier()  # every rank has checked `out` before any creates it
     basis_src = out / BASIS_FILE if resume and (out / BASIS_FILE).exists() else src
-    basis, made_here = resolve_basis(basis_src, cfg)
+    basis, made_here = resolve_basis(basis_src, cfg, group=group)
     arch = cfg.model or basis.arch
     if arch is None:
         raise TwaError(f"{src}: the checkpoints name no architecture; pass --model")
@@ -139,26 +168,49 @@ def train_subspace(
     fit_data = replace(data, train=data.val) if cfg.fit_on == "val" else data
     model = build_model(arch)
     check_basis_fits(model, basis, str(basis_src))
-    start_coords, offspan, init_tensors = _starting_point(basis, cfg.init)
+    variant = cfg.affine or cfg.granularity != "model"
+    if variant and group is not None:
+        raise TwaError("--affine and --granularity layer run in a single process, not under torchrun")
+    columns = _columns(basis, group) if group is not None else None
+    start_coords, offspan, init_tensors = _starting_point(basis, cfg.init, columns, group)
     _load_start(model, basis, init_tensors)
-    model.to(cfg.device)
+    sync_bn = _sync_batchnorm(model, cfg, group) if group is not None else False
+    model.to(device)
     out.mkdir(parents=True, exist_ok=True)
     if made_here and not resume:
-        save_basis(basis, out / BASIS_FILE)
-    flat = FlatParameters(model, [name for name, _ in basis.layout])
+        if group is not None:
+            save_sharded(basis, _columns(basis, group), out / BASIS_FILE, group, force=True)
+        else:
+            save_basis(basis, out / BASIS_FILE)
+    names = [name for name, _ in basis.layout]
     hyper = {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay}
-    if cfg.affine or cfg.granularity != "model":
-        optimizer, report = build_variant(
-            basis, flat, (start_coords, offspan), affine=cfg.affine, granularity=cfg.granularity,
-            group_size=cfg.group_size, tol=cfg.tol, hyper=hyper,
-        )
-    else:
-        vectors = basis.vectors.to(device=cfg.device, dtype=flat.params.dtype)
-        optimizer = SubspaceSGD(flat, vectors, start_coords, offspan=None if offspan is None else offspan.to(cfg.device),
-                                **hyper)
 
-        def report(coords: torch.Tensor) -> dict[str, Any]:
-            return {"coefficients": [float(a) for a in basis.coefficients(coords)]}
+    def report(coords: torch.Tensor) -> dict[str, Any]:
+        return {"coefficients": [float(a) for a in basis.coefficients(coords)]}
+
+    if group is None:
+        flat = FlatParameters(model, names)
+        if variant:
+            optimizer, report = build_variant(
+                basis, flat, (start_coords, offspan), affine=cfg.affine, granularity=cfg.granularity,
+                group_size=cfg.group_size, tol=cfg.tol, hyper=hyper,
+            )
+        else:
+            vectors = basis.vectors.to(device=device, dtype=flat.params.dtype)
+            optimizer = SubspaceSGD(
+                flat, vectors, start_coords, offspan=None if offspan is None else offspan.to(device), **hyper
+            )
+    else:
+        flat = FlatParameters(model, names, multiple_of=group.world)
+        width = flat.params.numel() // group.world
+        shard = _padded(basis.vectors, width).to(device=device, dtype=flat.params.dtype)
+        basis.vectors = shard[:, : basis.vectors.shape[1]]  # one copy of the columns, not two
+        optimizer = ColumnShardedSGD(
+            flat, shard, start_coords, group, offspan=None if offspan is None else _padded(offspan[None], width)[0].to(device),
+            **hyper,
+        )
+    # BatchNorm statistics: with SyncBatchNorm the ranks share each batch, else every rank sees all of it.
+    recal_loader = group.batches if group is not None and sync_bn else None
     config = _json_config(cfg)
     history: list[dict[str, Any]] = []
     start_epoch = step = 0
@@ -177,35 +229,42 @@ def train_subspace(
         if cfg.eval_every_epoch:
             # Figures measured after recalibration: running statistics go stale when the weights move fast.
             if cfg.bn_update:
-                recalibrate_bn(model, data.train_eval, max_batches=cfg.bn_batches, device=cfg.device)
-            test = evaluate(model, data.test, device=cfg.device)
+                recalibrate_bn(model, data.train_eval, max_batches=cfg.bn_batches, device=device, loader=recal_loader)
+            test = evaluate(model, data.test, device=device)
             stats.extra.update(test_loss=test.loss, test_acc=test.accuracy)
         history.append(stats.to_dict())
-        tensors = with_prefix("model", model.state_dict()) | with_prefix("optim", optimizer.state_tensors())
-        save_train_state(state_path, tensors, stats, history, config)
-        write_text(out / METRICS_FILE, "".join(json.dumps(h) + "\n" for h in history))
+        if lead:
+            tensors = with_prefix("model", model.state_dict()) | with_prefix("optim", optimizer.state_tensors())
+            save_train_state(state_path, tensors, stats, history, config)
+            write_text(out / METRICS_FILE, "".join(json.dumps(h) + "\n" for h in history))
 
-    loop = LoopConfig(cfg.epochs, cfg.lr, cfg.schedule, cfg.batch_size, cfg.seed, cfg.device)
+    loop = LoopConfig(cfg.epochs, cfg.lr, cfg.schedule, cfg.batch_size, cfg.seed, device)
     try:
         train_loop(model, optimizer, fit_data, loop, start_epoch=start_epoch, step=step, after_epoch=after_epoch,
-                   reporter=reporter)
+                   reporter=reporter, shard=group)
     except Diverged as exc:
         raise Diverged(f"{exc}; no result was written; {divergence_advice(state_path)}") from exc
 
     if cfg.bn_update:
-        recalibrate_bn(model, data.train_eval, max_batches=cfg.bn_batches, device=cfg.device)
-    test = evaluate(model, data.test, device=cfg.device)
+        recalibrate_bn(model, data.train_eval, max_batches=cfg.bn_batches, device=device, loader=recal_loader)
+    test = evaluate(model, data.test, device=device)
     reported = report(optimizer.coords.detach().cpu())
     coefficients = reported.get("coefficients", [])
-    _write_coefficients(out / COEFFICIENTS_FILE, basis, coefficients, optimizer, reported.get("layers"))
-    meta = make_metadata(
-        "twa", arch=arch, data=data_spec, trainable=[name for name, _ in basis.layout], config=config,
-        command="train-subspace", sources=[s["path"] for s in basis.sources], coefficients=coefficients,
-        step=str(history[-1]["step"] if history else 0), epoch=str(cfg.epochs),
-    )
-    result = save_tensors(out / RESULT_FILE, model.state_dict(), meta)
-    state_path.unlink(missing_ok=True)
-    return SubspaceResult(out, result, coefficients, test, history, basis.dropped, reported.get("layers"))
+    shards = shard_report(optimizer.basis, columns, group) if group is not None and columns is not None else []
+    result = out / RESULT_FILE
+    if lead:
+        _write_coefficients(out / COEFFICIENTS_FILE, basis, coefficients, optimizer, reported.get("layers"))
+        meta = make_metadata(
+            "twa", arch=arch, data=data_spec, trainable=names, config=config,
+            command="train-subspace", sources=[s["path"] for s in basis.sources], coefficients=coefficients,
+            step=str(history[-1]["step"] if history else 0), epoch=str(cfg.epochs),
+        )
+        save_tensors(result, model.state_dict(), meta)
+        state_path.unlink(missing_ok=True)
+    if group is not None:
+        group.barrier()  # no rank returns before the result is on disk
+    return SubspaceResult(out, result, coefficients, test, history, basis.dropped, layers=reported.get("layers"),
+                          shards=shards)
 
 
 def check_basis_fits(model: torch.nn.Module, basis: Basis, source: str) -> None:
@@ -221,8 +280,44 @@ def check_basis_fits(model: torch.nn.Module, basis: Basis, source: str) -> None:
             )
 
 
-def _starting_point(basis: Basis, init: str) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor] | None]:
-    """Coordinates of the start, its off-span part (None when it lies in the span) and its full tensors."""
+def _columns(basis: Basis, group: Group) -> tuple[int, int]:
+    return group.columns(sum(math.prod(shape) for _, shape in basis.layout))
+
+
+def _padded(matrix: torch.Tensor, width: int) -> torch.Tensor:
+    """A rank's columns, zero-padded to the common shard width (only the last rank's are short)."""
+    out = torch.zeros(matrix.shape[0], width, dtype=matrix.dtype)
+    out[:, : matrix.shape[1]] = matrix
+    return out
+
+
+def _sync_batchnorm(model: torch.nn.Module, cfg: SubspaceConfig, group: Group) -> bool:
+    """Convert BatchNorm to SyncBatchNorm where torch can (nccl); on gloo say once why results differ."""
+    if not has_batchnorm(model):
+        return False
+    wanted = cfg.sync_bn if cfg.sync_bn is not None else group.backend == "nccl"
+    if wanted and group.backend != "nccl":
+        raise TwaError("--sync-bn: PyTorch's SyncBatchNorm runs on GPUs only (nccl); use --no-sync-bn on CPU")
+    if wanted:
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return True
+    if group.rank == 0:
+        log.warning(
+            "BatchNorm under %s without SyncBatchNorm: each rank normalizes over its own %d-th of every batch, "
+            "so training differs slightly from one process (recalibration and evaluation still see whole batches)",
+            group.backend, group.world,
+        )
+    return False
+
+
+def _starting_point(
+    basis: Basis, init: str, columns: tuple[int, int] | None = None, group: Group | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor] | None]:
+    """Coordinates of the start, its off-span part (None when it lies in the span) and its full tensors.
+
+    Under torchrun `basis` holds the `columns` of this rank: the projection and norms are summed over ranks
+    and the off-span part returned is this rank's slice of it.
+    """
     if init == "center":
         return basis.center_coords(), None, None
     if init == "last":
@@ -237,10 +332,17 @@ def _starting_point(basis: Basis, init: str) -> tuple[torch.Tensor, torch.Tensor
         if tuple(tensors[name].shape) != tuple(shape):
             raise TwaError(f"--init {init}: '{name}' has shape {list(tensors[name].shape)}, the basis {list(shape)}")
     w0 = torch.cat([tensors[n].reshape(-1).double() for n, _ in basis.layout])
+    if columns is not None:
+        w0 = w0[columns[0] : columns[1]]
     coords = basis.vectors.double() @ w0
+    if group is not None:
+        group.sum_(coords)
     residual = w0 - basis.vectors.t().double() @ coords
+    squares = torch.stack([residual.pow(2).sum(), w0.pow(2).sum()])
+    if group is not None:
+        group.sum_(squares)
     # A start inside the span up to rounding (any source checkpoint) is snapped onto it.
-    offspan = residual.float() if float(residual.norm()) > 1e-6 * float(w0.norm()) else None
+    offspan = residual.float() if float(squares[0].sqrt()) > 1e-6 * float(squares[1].sqrt()) else None
     return coords, offspan, tensors
 
 

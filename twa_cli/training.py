@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -91,6 +91,16 @@ class Silent:
         pass
 
 
+class DataShard(Protocol):
+    """One rank's part in data-parallel training (`twa_cli.distributed.Group`); None in a single process."""
+
+    def batches(
+        self, dataset: Any, batch_size: int, *, shuffle: bool, seed: int, epoch: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def sum_(self, tensor: torch.Tensor) -> None: ...
+    def min_(self, tensor: torch.Tensor) -> None: ...
+
+
 class Diverged(TwaError):
     pass
 
@@ -120,13 +130,17 @@ def train_loop(
     after_epoch: EpochHook | None = None,
     reporter: Reporter | None = None,
     checked_steps: Collection[int] = (),
+    shard: DataShard | None = None,
 ) -> int:
     """Train from `start_epoch` to `cfg.epochs`; returns the global step count at the end.
 
     `checked_steps`: batch indices (within an epoch) after which `after_step` writes the weights out, so the
     loop checks for divergence first: a diverged sample is never saved.
+    With a `shard` this process sees only its part of each global batch, and the epoch's figures and the
+    divergence check are combined over all ranks.
     """
     reporter = reporter or Silent()
+    load = shard.batches if shard is not None else batches
     device = torch.device(cfg.device)
     per_epoch = num_batches(data.train, cfg.batch_size)
     for epoch in range(start_epoch, cfg.epochs):
@@ -139,7 +153,7 @@ def train_loop(
         bad_step = torch.full((), -1, dtype=torch.long, device=device)
         seen = 0
         lr = cfg.lr
-        for i, (x, y) in enumerate(batches(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch)):
+        for i, (x, y) in enumerate(load(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch)):
             lr = learning_rate(cfg.schedule, cfg.lr, cfg.epochs, epoch, i / per_epoch)
             set_lr(optimizer, lr)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -157,12 +171,17 @@ def train_loop(
                 bad_step.copy_(torch.where((bad_step < 0) & ~torch.isfinite(detached), step, bad_step))
             seen += len(y)
             if step % DIVERGENCE_CHECK_EVERY == 0 or i in checked_steps:
-                _check_divergence(bad_step, lr)
+                _check_divergence(bad_step, lr, shard)
             if after_step is not None:
                 after_step(epoch, i, step)
             reporter.batch_done()
-        _check_divergence(bad_step, lr)
+        _check_divergence(bad_step, lr, shard)
         check_weights_finite(model, step, lr)  # the last step's update can overflow with a finite loss
+        if shard is not None:
+            count = torch.tensor(float(seen), dtype=torch.float64, device=device)
+            totals = torch.stack([loss_sum, correct.double(), count])
+            shard.sum_(totals)
+            loss_sum, correct, seen = totals[0], totals[1], int(totals[2])
         stats = EpochStats(
             epoch=epoch + 1,
             step=step,
@@ -177,7 +196,13 @@ def train_loop(
     return step
 
 
-def _check_divergence(bad_step: torch.Tensor, lr: float) -> None:
+def _check_divergence(bad_step: torch.Tensor, lr: float, shard: DataShard | None = None) -> None:
+    if shard is not None:
+        # Every rank must stop together, at the earliest bad step any of them saw.
+        never = torch.iinfo(torch.long).max
+        earliest = torch.where(bad_step < 0, never, bad_step)
+        shard.min_(earliest)
+        bad_step = torch.where(earliest == never, -1, earliest)
     first = int(bad_step)
     if first >= 0:
         raise Diverged(f"training diverged: the loss became NaN or Inf at step {first} (lr {lr:g}); try a smaller --lr")

@@ -1,0 +1,171 @@
+"""torchrun with 2 CPU processes on gloo over loopback, against the single-process commands."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import flat_trainable, write_synthetic_folder
+from twa_cli.basis import _read_flat, load_basis, orthogonalize, save_basis
+from twa_cli.basis_shards import load_basis_columns, shard_path
+from twa_cli.checkpoints import list_folder, load_tensors, make_metadata, save_tensors
+from twa_cli.data import batches, load_data
+from twa_cli.distributed import Group
+from twa_cli.errors import TwaError
+from twa_cli.models import build_model
+from twa_cli.subspace_training import SubspaceConfig, _sync_batchnorm, train_subspace
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD),
+               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "twa_cli", *map(str, args)]
+    proc = subprocess.run(command, capture_output=True, text=True,
+                          env={**os.environ, "NO_COLOR": "1", "OMP_NUM_THREADS": "1"})
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun twa {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+def _group(rank: int, world: int = WORLD) -> Group:
+    return Group(rank=rank, world=world, backend="gloo", device="cpu")
+
+
+# --------------------------------------------------------------------------------------- in one process
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_together_see_exactly_the_single_process_batches(world):
+    data = load_data({"name": "digits"}).train
+    groups = [_group(r, world) for r in range(world)]
+    streams = [g.batches(data, 64, shuffle=True, seed=3, epoch=1) for g in groups]
+    count = 0
+    for (x, y), *parts in zip(batches(data, 64, shuffle=True, seed=3, epoch=1), *streams):
+        assert torch.equal(torch.cat([px for px, _ in parts]), x) and torch.equal(torch.cat([py for _, py in parts]), y)
+        # a rank's mean loss counts by its share of the batch: weight = world * share, so they sum to world
+        assert sum(g.weight for g in groups) == pytest.approx(world)
+        count += 1
+    assert count == -(-len(data) // 64)
+
+
+def test_a_last_batch_smaller_than_the_world_gives_the_empty_rank_a_sample_that_counts_for_nothing():
+    data = torch.utils.data.TensorDataset(torch.arange(5.0)[:, None], torch.arange(5))
+    group = _group(2, world=3)
+    # batches of 4 and 1: rank 2 has 1 of the first (weight 3 * 1/4) and none of the second
+    assert [(len(y), group.weight) for _, y in group.batches(data, 4)] == [(1, 0.75), (1, 0.0)]
+
+
+def test_columns_split_the_parameter_vector_without_gaps():
+    for dim in (10, 11, 26_122):
+        spans = [_group(r, 3).columns(dim) for r in range(3)]
+        assert spans[0][0] == 0 and spans[-1][1] == dim
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+        assert max(hi - lo for lo, hi in spans) == -(-dim // 3)
+
+
+def test_reading_a_column_range_reads_the_same_numbers_as_the_whole_vector(mlp_run):
+    ckpt = list_folder(mlp_run)[-1]
+    basis = orthogonalize([ckpt], hashes=False)
+    whole = torch.empty(basis.dim)
+    _read_flat(ckpt.path, basis.layout, whole)
+    for lo, hi in ((0, 7), (5, 70), (100, 8_300), (8_300, basis.dim)):  # cuts through the middle of rows
+        part = torch.empty(hi - lo)
+        _read_flat(ckpt.path, basis.layout, part, (lo, hi))
+        assert torch.equal(part, whole[lo:hi])
+
+
+def test_columns_of_a_whole_basis_file_are_its_slice(tmp_path):
+    w = torch.randn(4, 1_000, dtype=torch.float64)
+    ckpts = list_folder(write_synthetic_folder(tmp_path / "c", w)[0].parent)
+    basis = orthogonalize(ckpts, hashes=False)
+    save_basis(basis, tmp_path / "b.safetensors")
+    part = load_basis_columns(tmp_path / "b.safetensors", (300, 650))
+    assert torch.equal(part.vectors, basis.vectors[:, 300:650]) and torch.equal(part.coords, basis.coords)
+
+
+def test_sync_batchnorm_on_gloo_is_refused_with_a_reason():
+    model = build_model({"name": "small-cnn", "kwargs": {"num_classes": 10, "in_channels": 1}})
+    with pytest.raises(TwaError, match="SyncBatchNorm runs on GPUs only"):
+        _sync_batchnorm(model, SubspaceConfig(sync_bn=True), _group(0))
+    assert _sync_batchnorm(model, SubspaceConfig(), _group(0)) is False  # the default on gloo: off, with a warning
+
+
+# --------------------------------------------------------------------------------------- under torchrun
+
+
+@pytest.fixture(scope="module")
+def sharded_basis(mlp_run, tmp_path_factory):
+    index = tmp_path_factory.mktemp("sharded") / "basis.safetensors"
+    summary = json.loads(torchrun("orthogonalize", mlp_run, "-o", index, "--json").stdout)
+    return index, summary
+
+
+@pytest.mark.slow
+def test_sharded_orthogonalize_spans_the_same_subspace_with_half_the_basis_per_rank(mlp_run, sharded_basis):
+    index, summary = sharded_basis
+    single = orthogonalize(list_folder(mlp_run), hashes=False)
+    gathered = load_basis(index)  # a single process reads every shard back
+    p1, p2 = single.vectors.double(), gathered.vectors.double()
+    assert gathered.rank == single.rank == summary["rank"]
+    # |P1^T P1 - P2^T P2|_F = sqrt(2) |P2 - (P2 P1^T) P1|_F for orthonormal rows, without a D x D matrix
+    assert 2**0.5 * float((p2 - (p2 @ p1.t()) @ p1).norm()) < 1e-5
+    assert torch.allclose(gathered.coords, single.coords, atol=1e-5)
+    whole = single.rank * single.dim * 4
+    assert [s["rank"] for s in summary["shards"]] == [0, 1]
+    for s in summary["shards"]:
+        assert abs(s["bytes"] - whole / WORLD) <= single.rank * 4  # half, up to one column of padding
+        assert shard_path(index, s["rank"], WORLD).exists()
+
+
+@pytest.mark.slow
+def test_distributed_train_subspace_equals_single_process(mlp_run, sharded_basis, tmp_path):
+    index, _ = sharded_basis
+    # A start off the span: its off-span part is split over the ranks too, and shrinks by weight decay alone.
+    last = list_folder(mlp_run)[-1].path
+    start = {k: v + 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1))
+             for k, v in load_tensors(last).items()}
+    init = save_tensors(tmp_path / "start.safetensors", start, make_metadata("checkpoint"))
+    args = ["--epochs", "2", "--lr", "0.1", "--batch-size", "64", "--weight-decay", "1e-2", "--init", init]
+    summary = json.loads(torchrun("train-subspace", index, "-o", tmp_path / "dist", *args, "--json").stdout)
+    single_basis = tmp_path / "single-basis.safetensors"
+    save_basis(orthogonalize(list_folder(mlp_run)), single_basis)
+    single = train_subspace(single_basis, tmp_path / "single",
+                            SubspaceConfig(epochs=2, lr=0.1, batch_size=64, weight_decay=1e-2, init=str(init)))
+    scales = [json.loads((tmp_path / d / "coefficients.json").read_text())["offspan_scale"] for d in ("dist", "single")]
+    assert scales[0] is not None and scales[0] == pytest.approx(scales[1], rel=1e-9) and scales[0] < 1.0
+
+    w_dist, w_single = load_tensors(tmp_path / "dist" / "twa.safetensors"), load_tensors(single.result)
+    assert w_dist.keys() == w_single.keys()
+    assert max(float((w_dist[k] - w_single[k]).abs().max()) for k in w_single) < 1e-5
+    alpha_dist, alpha_single = torch.tensor(summary["coefficients"]), torch.tensor(single.coefficients)
+    # The coefficients of nearly collinear checkpoints are large and of both signs: compared relative to them.
+    assert float((alpha_dist - alpha_single).abs().max()) < 1e-5 * max(1.0, float(alpha_single.abs().max()))
+    assert summary["test"]["accuracy"] == pytest.approx(single.test.accuracy, abs=1e-9)
+    names = [n for n, _ in load_basis(single_basis).layout]
+    dim = flat_trainable(single.result, names).numel()
+    for s in summary["shards"]:  # each rank's resident basis: its half of the columns, padded to equal halves
+        assert s["bytes"] == len(single.coefficients) * -(-dim // WORLD) * 4
+
+
+@pytest.mark.slow
+def test_small_cnn_distributed_accuracy_is_within_one_point_of_one_process(cnn_run, tmp_path):
+    args = ["--epochs", "1", "--lr", "0.5", "--batch-size", "64", "--no-eval-every-epoch"]
+    proc = torchrun("train-subspace", cnn_run, "-o", tmp_path / "dist", *args, "--json")
+    assert "SyncBatchNorm" in proc.stderr  # said once, by rank 0
+    assert proc.stderr.count("SyncBatchNorm") == 1
+    dist = json.loads(proc.stdout)
+    single = train_subspace(cnn_run, tmp_path / "single",
+                            SubspaceConfig(epochs=1, lr=0.5, batch_size=64, eval_every_epoch=False))
+    assert abs(dist["test"]["accuracy"] - single.test.accuracy) <= 1.0
+    assert load_basis(tmp_path / "dist" / "basis.safetensors").rank == len(single.coefficients)
