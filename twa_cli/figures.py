@@ -24,11 +24,17 @@ WIDE = (12.5, 4.8)  # two panels side by side
 SGD_COLOR, SWA_COLOR, TWA_COLOR = "#1f77b4", "#2ca02c", "#d62728"
 
 
-def _figure(size: tuple[float, float] = SIZE) -> Any:
+def require_matplotlib() -> None:
     try:
-        from matplotlib.figure import Figure
+        import matplotlib  # noqa: F401
     except ImportError as exc:
         raise TwaError("twa plot needs matplotlib: pip install 'twa-cli[plot]'") from exc
+
+
+def _figure(size: tuple[float, float] = SIZE) -> Any:
+    require_matplotlib()
+    from matplotlib.figure import Figure
+
     return Figure(figsize=size, dpi=DPI, layout="constrained")
 
 

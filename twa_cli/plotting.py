@@ -120,6 +120,7 @@ def plot(srcs: list[str | Path], out: str | Path, opts: PlotOptions | None = Non
          progress: Callable[[int, int], None] | None = None) -> PlotResult:
     """Draw every picture the inputs allow into `out`; returns what was drawn and what was not, and why."""
     opts = opts or PlotOptions()
+    figures.require_matplotlib()
     if opts.fmt not in figures.FORMATS:
         raise TwaError(f"--format must be one of {', '.join(figures.FORMATS)} (got '{opts.fmt}')")
     paths = [Path(s) for s in srcs]
