@@ -81,7 +81,7 @@ def coefficients_figure(alphas: Sequence[float], steps: Sequence[int | None], ep
 def _steps_per_epoch(steps: Sequence[int | None], epochs: Sequence[float | None]) -> float | None:
     """The run's steps per epoch when every checkpoint agrees on it (a step axis with epochs on top)."""
     ratios = [s / e for s, e in zip(steps, epochs) if s is not None and e]
-    if not ratios or max(ratios) - min(ratios) > 1e-6 * max(ratios):
+    if not ratios or max(ratios) - min(ratios) > 1e-4 * max(ratios):  # epochs are stored to 6 digits
         return None
     return ratios[0]
 
@@ -125,7 +125,10 @@ def trajectory_figure(traj: Trajectory, path: Path, fmt: str = "png", surface: A
         levels = np.geomspace(values.min(), values.max() * 1.0001, 15)
         filled = ax.contourf(xs, ys, values, levels=levels, norm=LogNorm(), cmap=cmap)
         ax.contour(xs, ys, values, levels=levels, colors="white", linewidths=0.3, alpha=0.5)
-        fig.colorbar(filled, ax=ax, label=label)
+        bar = fig.colorbar(filled, ax=ax, label=label)
+        ticks = levels[::2]  # labelled at the contour levels: a log axis may hold no power of ten
+        bar.set_ticks(ticks, labels=[f"{t:.3g}" for t in ticks])
+        bar.minorticks_off()
         _draw_trajectory(fig, ax, traj, colorbar=False, on_surface=True)
     left.set_title("training loss")
     right.set_title("test error")
