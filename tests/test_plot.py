@@ -61,6 +61,9 @@ def test_pca_of_basis_coordinates_matches_numpy_on_the_weights(tmp_path):
     expected = (twa.numpy() - w.numpy().mean(axis=0)) @ vt[:2].T * signs
     np.testing.assert_allclose(pca.project(coords).numpy(), expected, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(pca.project(basis.center_coords()).numpy(), [0.0, 0.0], atol=1e-9)
+    offset = twa.numpy() - w.numpy().mean(axis=0)
+    in_plane = np.linalg.norm(offset @ vt[:2].T) / np.linalg.norm(offset)
+    assert pca.plane_fraction(coords) == pytest.approx(in_plane, rel=1e-4)
     # a point off the span says how far off it is
     off = twa + 0.5 * torch.randn(500, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     _, residual = coordinates_of(basis, {"w": off.float()})
@@ -146,6 +149,12 @@ def test_a_sample_folder_alone_gives_trajectory_spectrum_and_accuracy(cnn_run, t
     assert "5 checkpoints" in drawn["trajectory"].what
     assert drawn["trajectory"].path.read_bytes().startswith(b"%PDF")
     assert {s.split(":")[0] for s in result.skipped} == {"coefficients", "epochs-used"}
+
+
+def test_the_epoch_axis_needs_a_steady_number_of_steps_per_epoch():
+    assert figures._steps_per_epoch([0, 6, 11, 17], [0.0, 0.545455, 1.0, 1.54545]) == pytest.approx(11.0, rel=1e-4)
+    assert figures._steps_per_epoch([0, 6, 11], [0.0, 1.0, 1.0]) is None  # a restarted count: no single scale
+    assert figures._steps_per_epoch([0, 5], [0.0, None]) is None
 
 
 def test_benchmark_json_feeds_the_epochs_used_picture(tmp_path):

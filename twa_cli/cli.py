@@ -383,7 +383,7 @@ def plot(
     quiet: Quiet = False,
 ) -> None:
     """Pictures of a run: averaging coefficients, trajectory with SWA and TWA, accuracy per epoch, variance
-    spectrum, accuracy against epochs of checkpoints used. Needs matplotlib (pip install 'twa-cli[plot]')."""
+    spectrum, accuracy against epochs of checkpoints used. Needs matplotlib (pip install 'twa-cli\\[plot]')."""
     from twa_cli.plotting import PlotOptions
     from twa_cli.plotting import plot as run
 

@@ -140,9 +140,12 @@ def trajectory_figure(traj: Trajectory, path: Path, fmt: str = "png", surface: A
 
 
 def _legend_below(fig: Any, ax: Any) -> None:
-    """The legend under the axes, where it cannot cover a point."""
+    """The legend under the axes, where it cannot cover a point; in two rows when one would not fit."""
     handles, labels = ax.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False, fontsize="small")
+    width_chars = fig.get_figwidth() * 13  # characters of the small font a row holds, about
+    one_row = sum(len(label) + 6 for label in labels) <= width_chars
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels) if one_row else (len(labels) + 1) // 2,
+               frameon=False, fontsize="small")
 
 
 def _trajectory_title(traj: Trajectory) -> str:
@@ -172,6 +175,7 @@ def _draw_trajectory(fig: Any, ax: Any, traj: Trajectory, *, colorbar: bool = Tr
     ax.set_xlabel(f"direction 1 ({100 * traj.shares[0]:.1f}% of variance), weight-space distance")
     ax.set_ylabel(f"direction 2 ({100 * traj.shares[1]:.1f}%), distance")
     if not on_surface:
+        ax.margins(0.06)  # room for the markers at the edges
         ax.grid(alpha=0.25)
 
 
@@ -199,7 +203,7 @@ def accuracy_figure(sgd: list[dict[str, Any]], twa: list[dict[str, Any]], twa_st
                     fontsize="small", color="0.3")
     ax.set_xlabel("epoch" + (" (TWA's epochs counted after the last checkpoint it averages)" if twa else ""))
     ax.set_ylabel("accuracy (%)")
-    ax.set_title("Accuracy per epoch" + (" (TWA: train accuracy measured during the epoch)" if twa else ""),
+    ax.set_title("Accuracy per epoch (train: running average during the epoch; test: at its end)",
                  fontsize="medium")
     _legend_below(fig, ax)
     ax.grid(alpha=0.25)

@@ -40,6 +40,12 @@ class Pca:
         cumulative = torch.cumsum(self.shares, 0)
         return int((cumulative < fraction - 1e-12).sum()) + 1
 
+    def plane_fraction(self, coords: torch.Tensor) -> float:
+        """How much of a point's distance from the mean lies in the plane of the first two directions (0..1)."""
+        offset = coords.to(torch.float64) - self.mean
+        norm = float(offset.norm())
+        return float((offset @ self.directions[:, :2]).norm()) / norm if norm > 0 else 1.0
+
     def project(self, coords: torch.Tensor) -> torch.Tensor:
         """(k,) or (k, p) coordinates of points of the span -> their positions on the first two directions."""
         coords = coords.to(torch.float64)

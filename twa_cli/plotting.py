@@ -88,7 +88,8 @@ def classify(srcs: list[Path]) -> Inputs:
             elif list(src.glob("*.safetensors")) or (src / METRICS_FILE).exists():
                 _set_once(found, "sample_dir", src)
             else:
-                raise TwaError(f"{src}: neither a train-subspace output (no {COEFFICIENTS_FILE}) nor a checkpoint folder")
+                raise TwaError(f"{src}: neither a train-subspace output (no {COEFFICIENTS_FILE}) "
+                               "nor a checkpoint folder")
         elif src.suffix == ".json":
             obj = _read_json(src)
             if isinstance(obj, dict) and isinstance(obj.get("results"), list):
@@ -104,7 +105,8 @@ def classify(srcs: list[Path]) -> Inputs:
             elif kind == "twa" and (src.parent / COEFFICIENTS_FILE).exists():
                 _set_once(found, "twa_dir", src.parent)
             else:
-                raise TwaError(f"{src}: a single '{kind}' file; pass its folder, a basis file or a train-subspace output")
+                raise TwaError(f"{src}: a single '{kind}' file; pass its folder, a basis file "
+                               "or a train-subspace output")
         else:
             raise TwaError(f"{src}: not a folder, .safetensors or .json file that twa plot reads")
     return found
@@ -265,8 +267,11 @@ def _draw_trajectory(basis: Basis, pca: Pca, origin: str, inputs: Inputs, opts: 
     if inputs.twa_dir is not None and (inputs.twa_dir / TWA_FILE).exists():
         coords, residual = coordinates_of(basis, load_tensors(inputs.twa_dir / TWA_FILE))
         twa_point = pca.project(coords)
+        in_plane = pca.plane_fraction(coords)
+        label = f"TWA ({100 * in_plane:.0f}% of its distance from SWA lies in this plane)"
+        note = f" ({100 * in_plane:.0f}% of its distance from SWA in the plane)"
         if residual > OFF_SPAN:
-            label = f"TWA (projected: {100 * residual:.1f}% of it lies off the span)"
+            label = f"TWA, projected: {100 * residual:.1f}% of it lies off the span"
             note = f"; TWA lies {100 * residual:.1f}% off the span of these checkpoints, its projection is shown"
     epochs = [s.get("epoch") for s in basis.sources]
     traj = figures.Trajectory(
@@ -286,11 +291,13 @@ def _draw_trajectory(basis: Basis, pca: Pca, origin: str, inputs: Inputs, opts: 
                                data=opts.data, device=opts.device, progress=progress)
     figures.trajectory_figure(traj, path, opts.fmt, surface)
     what = (f"{len(pca.points)} checkpoints ({origin}) on their first two principal directions, "
-            f"{100 * pca.plane_share:.1f}% of the variance; SWA at the origin" + (", TWA marked" if twa_point is not None else ""))
+            f"{100 * pca.plane_share:.1f}% of the variance; SWA at the origin")
+    if twa_point is not None:
+        what += ", TWA marked" + note
     if surface is not None:
         what += (f"; training loss and test error on a {opts.resolution}x{opts.resolution} grid, "
                  f"{surface.batches} batches per point")
-    return what + note
+    return what
 
 
 def _draw_spectrum(pca: Pca, basis: Basis, origin: str, path: Path, fmt: str) -> str:
@@ -325,8 +332,9 @@ def _draw_epochs_used(inputs: Inputs, path: Path, fmt: str) -> str:
         if len(series["SGD"]) == 1:
             del series["SGD"]  # one SGD result: it is the reference line, not a curve
     figures.epochs_used_figure(series, reference, path, fmt, reference_epochs)
-    counts = ", ".join(f"{name} at {len(points)} point{'s' if len(points) > 1 else ''}" for name, points in series.items())
-    return f"test accuracy against epochs of checkpoints used: {counts}" + (f"; {reference[0]} as a line" if reference else "")
+    counts = ", ".join(f"{name} at {len(pts)} point{'s' if len(pts) > 1 else ''}" for name, pts in series.items())
+    line = f"; {reference[0]} as a line" if reference else ""
+    return f"test accuracy against epochs of checkpoints used: {counts}{line}"
 
 
 def _series(rows: list[tuple[str, float, float]]) -> dict[str, list[figures.SeriesPoint]]:
@@ -348,7 +356,8 @@ def _benchmark_rows(src: Path) -> tuple[list[tuple[str, float, float]], tuple[st
         ref = obj.get("reference")
         reference = (str(ref.get("label", "SGD final")), float(ref["accuracy"])) if ref else None
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise TwaError(f"{src}: each point needs method, epochs and accuracy; reference needs accuracy ({exc})") from exc
+        raise TwaError(f"{src}: each point needs method, epochs and accuracy; "
+                       f"the reference needs an accuracy ({exc})") from exc
     return rows, reference
 
 
