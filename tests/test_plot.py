@@ -157,6 +157,12 @@ def test_the_epoch_axis_needs_a_steady_number_of_steps_per_epoch():
     assert figures._steps_per_epoch([0, 5], [0.0, None]) is None
 
 
+def test_too_few_checkpoints_skip_the_trajectory_but_not_the_rest(cnn_run, tmp_path):
+    result = plot([cnn_run], tmp_path / "pics", PlotOptions(end=2))
+    assert [d.name for d in result.drawn] == ["accuracy"]
+    assert "trajectory and spectrum: a PCA of the trajectory needs at least 3 checkpoints (got 2)" in result.skipped
+
+
 def test_benchmark_json_feeds_the_epochs_used_picture(tmp_path):
     rows = [{"method": "TWA", "epochs": e, "accuracy": a + seed} for e, a in ((5, 60.0), (10, 64.0), (20, 67.0))
             for seed in (0, 1, 2)]

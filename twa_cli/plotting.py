@@ -155,15 +155,21 @@ def _plans(inputs: Inputs, opts: PlotOptions, result: PlotResult,
         result.skipped.append("coefficients: needs a train-subspace output folder")
 
     basis, origin = _find_basis(inputs, coefficients, opts)
-    if basis is not None and basis.coords.shape[1] >= 3:
-        pca = pca_of_basis(basis)
+    pca, why = None, "needs a basis file, or readable checkpoints"
+    if basis is not None:
+        try:
+            pca = pca_of_basis(basis)
+        except TwaError as exc:  # too few checkpoints, or all on a line: the other pictures still come
+            why = str(exc)
+    if basis is not None and pca is not None:
+        if opts.surface and ((opts.model or basis.arch) is None or (opts.data or basis.data) is None):
+            raise TwaError("--surface: the checkpoints name no architecture or data set; pass --model and --data")
         plans.append(("trajectory", lambda p: _draw_trajectory(basis, pca, origin, inputs, opts, p, progress)))
         plans.append(("spectrum", lambda p: _draw_spectrum(pca, basis, origin, p, opts.fmt)))
     else:
-        why = "fewer than 3 checkpoints" if basis is not None else "needs a basis file, or readable checkpoints"
         result.skipped.append(f"trajectory and spectrum: {why}")
-    if opts.surface and basis is None:
-        result.skipped.append("--surface: no trajectory plane to draw it on")
+        if opts.surface:
+            result.skipped.append("--surface: no trajectory plane to draw it on")
 
     sgd_rows, twa_rows, sgd_source = _metrics(inputs, coefficients)
     if sgd_rows or twa_rows:
