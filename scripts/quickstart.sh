@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install twa and run the whole pipeline on the bundled digits data (no download), in about a minute on 2 CPU cores.
-#   sample -> swa -> orthogonalize -> train-subspace -> eval
+#   sample -> swa -> orthogonalize -> train-subspace -> eval (-> plot, when matplotlib is installed)
 # The head-stage experiment of the paper in miniature: regular SGD for 12 epochs; SWA and TWA over the
 # checkpoints of the first 6 epochs only; then all three are scored side by side.
 set -euo pipefail
@@ -19,3 +19,9 @@ twa train-subspace "$OUT/basis.safetensors" -o "$OUT/twa" --epochs 5 --lr 1
 last=$(ls "$OUT"/ckpts/ckpt-*.safetensors | sort | tail -n 1)
 twa eval "$last" "$OUT/swa.safetensors" "$OUT/twa/twa.safetensors" --split both \
   --label "SGD, 12 epochs" --label "SWA, epochs 0-6" --label "TWA, epochs 0-6 + 5"
+if python -c "import matplotlib" 2>/dev/null; then
+  twa eval "$last" "$OUT/swa.safetensors" "$OUT/twa/twa.safetensors" --json --quiet > "$OUT/eval.json"
+  twa plot "$OUT/twa" "$OUT/eval.json" -o "$OUT/plots" --surface
+else
+  echo "pictures: pip install 'twa-cli[plot]' and run this script again" >&2
+fi

@@ -444,6 +444,57 @@ def _numel(shape: Any) -> int:
     return n
 
 
+class ImageFormat(str, Enum):
+    png = "png"
+    svg = "svg"
+    pdf = "pdf"
+
+
+SURFACE = "Loss surface (--surface)"
+
+
+@app.command()
+def plot(
+    srcs: Annotated[list[Path], typer.Argument(metavar="SRC...", help="A train-subspace output folder, a sample folder, a basis file, `twa eval --json` output or a benchmark JSON (several combine).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the pictures into (created).", rich_help_panel=OUTPUT)],
+    fmt: Annotated[ImageFormat, typer.Option("--format", help="Image format.", rich_help_panel=OUTPUT)] = ImageFormat.png,
+    surface: Annotated[bool, typer.Option("--surface", help="Draw the training loss and test error over the trajectory's plane (needs the data).", rich_help_panel=SURFACE)] = False,
+    resolution: Annotated[int, typer.Option(help="Grid points along each axis of the surface.", min=2, rich_help_panel=SURFACE)] = 11,
+    surface_batches: Annotated[int, typer.Option(help="Batches per grid point for BatchNorm statistics, training loss and test error.", min=1, rich_help_panel=SURFACE)] = 4,
+    batch_size: Annotated[int, typer.Option(help="Batch size of the surface.", min=1, rich_help_panel=SURFACE)] = 128,
+    start: Start = 0,
+    end: End = None,
+    every: Every = 1,
+    model: ModelOpt = None,
+    data: DataOpt = None,
+    data_dir: DataDir = None,
+    device: DeviceOpt = Device.auto,
+    force: Force = False,
+    json_out: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Pictures of a run: averaging coefficients, trajectory with SWA and TWA, accuracy per epoch, variance
+    spectrum, accuracy against epochs of checkpoints used. Needs matplotlib (pip install 'twa-cli\\[plot]')."""
+    from twa_cli.plotting import PlotOptions
+    from twa_cli.plotting import plot as run
+
+    _setup(json_out, quiet)
+    data_spec = _data(data, data_dir, False)
+    opts = PlotOptions(fmt=fmt.value, surface=surface, resolution=resolution, surface_batches=surface_batches,
+                       batch_size=batch_size, start=start, end=end, every=every, data=data_spec,
+                       model=_model(model, data_spec, None) if model else None, device=_device(device), force=force)
+    with ui.file_progress("loss surface") as progress:
+        result = run(srcs, output, opts, progress=progress)
+    if json_out:
+        ui.emit_json({"drawn": [{"name": d.name, "path": str(d.path), "what": d.what} for d in result.drawn],
+                      "skipped": result.skipped})
+        return
+    for drawn in result.drawn:
+        ui.info(f"wrote {drawn.path}: {drawn.what}")
+    for reason in result.skipped:
+        ui.info(f"not drawn: {reason}")
+
+
 # Entry point --------------------------------------------------------------------------------------------
 
 
