@@ -21,10 +21,13 @@ log = logging.getLogger("twa")
 
 
 def mean_of(
-    ckpts: list[Checkpoint], skip: Collection[str] = (), progress: Callable[[int, int], None] | None = None
+    ckpts: list[Checkpoint],
+    skip: Collection[str] = (),
+    progress: Callable[[int, int], None] | None = None,
+    compute_dtype: torch.dtype = torch.float64,
 ) -> dict[str, torch.Tensor]:
-    """The arithmetic mean of every floating tensor (summed in fp64, returned in its own dtype); integer
-    tensors (BatchNorm's batch counters) are taken from the last checkpoint. Memory of one model."""
+    """The arithmetic mean of every floating tensor (summed in `compute_dtype`, returned in its own dtype);
+    integer tensors (BatchNorm's batch counters) are taken from the last checkpoint. Memory of one model."""
     sums: dict[str, torch.Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
     for done, ckpt in enumerate(ckpts, 1):
@@ -42,7 +45,7 @@ def mean_of(
                     if name in sums:
                         sums[name] += t
                     else:
-                        sums[name] = t.to(torch.float64)
+                        sums[name] = t.to(compute_dtype)
                 else:
                     sums[name] = t.clone()
         if progress is not None:
@@ -70,13 +73,19 @@ def swa(
     evaluate_test: bool = True,
     device: str = "cpu",
     progress: Callable[[int, int], None] | None = None,
+    compute_dtype: torch.dtype = torch.float64,
+    dtype: torch.dtype | None = None,
+    max_shard_size: int | None = None,
 ) -> SwaResult:
-    """Average the checkpoints uniformly, recompute BatchNorm statistics, and write the result to `out`."""
+    """Average the checkpoints uniformly, recompute BatchNorm statistics, and write the result to `out`.
+
+    Sums run in `compute_dtype`; floating tensors are written in `dtype`, or each in its own dtype when None
+    (an fp16 or bf16 checkpoint stays fp16 or bf16). Above `max_shard_size` bytes the result is sharded."""
     if not ckpts:
         raise TwaError("no checkpoints to average")
     check_compatible(ckpts)
     out = Path(out)
-    average = mean_of(ckpts, progress=progress)
+    average = mean_of(ckpts, progress=progress, compute_dtype=compute_dtype)
     arch = model or ckpts[0].arch
     data_spec = data or ckpts[0].data
     bn, test, trainable = "none", None, ckpts[0].trainable
@@ -104,6 +113,9 @@ def swa(
         "average", arch=arch, data=data_spec, trainable=trainable, command="swa",
         sources=[str(c.path.resolve()) for c in ckpts], coefficients=[1.0 / len(ckpts)] * len(ckpts),
         step=str(ckpts[-1].step) if ckpts[-1].step is not None else None, bn=bn,
+        compute_dtype=str(compute_dtype).removeprefix("torch."), dtype=str(dtype).removeprefix("torch.") if dtype else "same as input",
     )
-    save_tensors(out, average, meta)
-    return SwaResult(out, len(ckpts), bn, test)
+    if dtype is not None:
+        average = {k: v.to(dtype) if v.is_floating_point() else v for k, v in average.items()}
+    written = save_tensors(out, average, meta, max_shard_size=max_shard_size)
+    return SwaResult(written, len(ckpts), bn, test)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -377,6 +378,12 @@ def _one_model(files: list[Path]) -> bool:
 
 
 def _torch_load(path: Path) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's notes on pickle protocols; the errors matter
+        return _torch_load_checked(path)
+
+
+def _torch_load_checked(path: Path) -> Any:
     try:
         try:
             return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
