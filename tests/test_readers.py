@@ -33,7 +33,7 @@ def test_hf_trainer_folder_lists_checkpoint_folders_by_step_and_skips_the_final_
     assert [c.step for c in ckpts] == [500, 1000, 1500]
     assert [c.epoch for c in ckpts] == [0.5, 1.5, 2.5]
     assert json.loads(ckpts[1].meta["metrics"])["eval_accuracy"] == 0.9
-    assert ckpts[0].format == "hf sharded safetensors"
+    assert ckpts[0].format == "hf sharded"
     for ckpt, state in zip(ckpts, states):
         assert_same(load_tensors(ckpt.path), state)
     assert check_compatible(ckpts)["0.weight"] == (3, 4)

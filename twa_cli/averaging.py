@@ -25,9 +25,11 @@ def mean_of(
     skip: Collection[str] = (),
     progress: Callable[[int, int], None] | None = None,
     compute_dtype: torch.dtype = torch.float64,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The arithmetic mean of every floating tensor (summed in `compute_dtype`, returned in its own dtype);
-    integer tensors (BatchNorm's batch counters) are taken from the last checkpoint. Memory of one model."""
+    """The arithmetic mean of every floating tensor (summed in `compute_dtype`, returned in `dtype` or else its
+    own dtype); integer tensors (BatchNorm's batch counters) are taken from the last checkpoint. Memory of one
+    model."""
     sums: dict[str, torch.Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
     for done, ckpt in enumerate(ckpts, 1):
@@ -51,7 +53,7 @@ def mean_of(
         if progress is not None:
             progress(done, len(ckpts))
     n = len(ckpts)
-    return {k: (v / n).to(dtypes[k]) if v.is_floating_point() else v for k, v in sums.items()}
+    return {k: (v / n).to(dtype or dtypes[k]) if v.is_floating_point() else v for k, v in sums.items()}
 
 
 @dataclass
@@ -85,7 +87,7 @@ def swa(
         raise TwaError("no checkpoints to average")
     check_compatible(ckpts)
     out = Path(out)
-    average = mean_of(ckpts, progress=progress, compute_dtype=compute_dtype)
+    average = mean_of(ckpts, progress=progress, compute_dtype=compute_dtype, dtype=dtype)
     arch = model or ckpts[0].arch
     data_spec = data or ckpts[0].data
     bn, test, trainable = "none", None, ckpts[0].trainable
@@ -115,7 +117,7 @@ def swa(
         step=str(ckpts[-1].step) if ckpts[-1].step is not None else None, bn=bn,
         compute_dtype=str(compute_dtype).removeprefix("torch."), dtype=str(dtype).removeprefix("torch.") if dtype else "same as input",
     )
-    if dtype is not None:
+    if dtype is not None:  # after BatchNorm recomputation the model's fp32 state comes back
         average = {k: v.to(dtype) if v.is_floating_point() else v for k, v in average.items()}
     written = save_tensors(out, average, meta, max_shard_size=max_shard_size)
     return SwaResult(written, len(ckpts), bn, test)

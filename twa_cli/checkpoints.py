@@ -15,8 +15,9 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,9 +91,31 @@ def _json_field(ckpt: Checkpoint, key: str) -> Any:
         raise TwaError(f"{ckpt.path}: metadata field '{key}' is not valid JSON ({exc.msg})") from exc
 
 
+# The command and resolved options of the running CLI invocation, recorded in every file it writes.
+_INVOCATION: ContextVar[dict[str, Any] | None] = ContextVar("twa_invocation", default=None)
+
+
+@contextmanager
+def recording(command: str, options: Mapping[str, Any]) -> Iterator[None]:
+    """Within the block, every file written records `{"command": ..., "options": ...}` as `invocation`."""
+    token = _INVOCATION.set({"command": command, "options": dict(options)})
+    try:
+        yield
+    finally:
+        _INVOCATION.reset(token)
+
+
+def start_recording(command: str, options: Mapping[str, Any]) -> Callable[[], None]:
+    """`recording` for a CLI command that runs to the end of the process; returns the function that stops it."""
+    token = _INVOCATION.set({"command": command, "options": dict(options)})
+    return lambda: _INVOCATION.reset(token)
+
+
 def make_metadata(kind: str, **fields: Any) -> dict[str, str]:
     """Metadata for a file the tool writes: strings stay strings, everything else becomes JSON."""
     meta = {"format": FORMAT, "kind": kind}
+    if _INVOCATION.get() is not None and "invocation" not in fields:
+        fields["invocation"] = _INVOCATION.get()
     for key, value in fields.items():
         if value is None:
             continue

@@ -1,7 +1,7 @@
 """Terminal output: the only module that imports rich.
 
 Summaries go to stdout, everything else (logs, warnings, progress) to stderr. Progress bars and colour only
-when stderr is a terminal and NO_COLOR is unset, so CI logs get plain lines.
+when both stdout and stderr are terminals and NO_COLOR is unset, so CI logs and pipes get plain lines.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from twa_cli.training import EpochStats
 
 
 def _plain() -> bool:
-    return bool(os.environ.get("NO_COLOR")) or not sys.stderr.isatty()
+    return bool(os.environ.get("NO_COLOR")) or not sys.stderr.isatty() or not sys.stdout.isatty()
 
 
 out = Console(no_color=bool(os.environ.get("NO_COLOR")), highlight=False, soft_wrap=True)

@@ -202,7 +202,7 @@ class ShardedReader(Reader):
         self._shard_of = {new: index.parent / weight_map[old] for new, old in self._names.items()}
         self._open: dict[Path, Reader] = {}
         first = next(iter(self._shard_of.values()), None)
-        self.format = "sharded " + ("safetensors" if first is None or first.suffix == SAFETENSORS else "torch")
+        self.format = "sharded" if first is None or first.suffix == SAFETENSORS else "sharded torch"
         for shard in set(self._shard_of.values()):
             if not shard.exists():
                 raise TwaError(f"{index}: names shard {shard.name}, which is missing")
@@ -261,7 +261,7 @@ class HFFolderReader(Reader):
         if weights is None:
             raise TwaError(f"{folder}: no model.safetensors, pytorch_model.bin or shard index in this folder")
         self.inner = open_reader(weights, strip_prefix)
-        self.format = "hf " + self.inner.format
+        self.format = "hf" if self.inner.format == "safetensors" else "hf " + self.inner.format
 
     def keys(self) -> list[str]:
         return self.inner.keys()
