@@ -53,12 +53,23 @@ class Split(str, Enum):
     both = "both"
 
 
+def _complete_model(incomplete: str) -> list[str]:
+    from twa_cli.models import MODELS
+
+    return [name for name in [*MODELS, "torchvision:"] if name.startswith(incomplete)]
+
+
+def _complete_data(incomplete: str) -> list[str]:
+    names = ["digits", "cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder"]
+    return [name for name in names if name.startswith(incomplete)]
+
+
 # Options shared by several commands ---------------------------------------------------------------------
 Start = Annotated[int, typer.Option(help="First checkpoint to use, by position in the ordered folder.", rich_help_panel=SELECT)]
 End = Annotated[Optional[int], typer.Option(help="Stop before this position (exclusive); default: the end.", rich_help_panel=SELECT)]
 Every = Annotated[int, typer.Option(help="Use every k-th checkpoint.", min=1, rich_help_panel=SELECT)]
-ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Architecture, when the checkpoints' metadata names none: a registry name, torchvision:<name> or package.module:callable.", rich_help_panel=DATA)]
-DataOpt = Annotated[Optional[str], typer.Option("--data", help="Data set (default: the one recorded in the checkpoints): digits, cifar10, cifar100, mnist, fashion-mnist, imagefolder or package.module:callable.", rich_help_panel=DATA)]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", autocompletion=_complete_model, help="Architecture, when the checkpoints' metadata names none: a registry name, torchvision:<name> or package.module:callable.", rich_help_panel=DATA)]
+DataOpt = Annotated[Optional[str], typer.Option("--data", autocompletion=_complete_data, help="Data set (default: the one recorded in the checkpoints): digits, cifar10, cifar100, mnist, fashion-mnist, imagefolder or package.module:callable.", rich_help_panel=DATA)]
 DataDir = Annotated[Optional[Path], typer.Option(help="Folder of the data set (torchvision sets, imagefolder).", rich_help_panel=DATA)]
 Download = Annotated[bool, typer.Option("--download", help="Let torchvision download the data set into --data-dir.", rich_help_panel=DATA)]
 DeviceOpt = Annotated[Device, typer.Option(help="Where to compute: auto picks cuda when available.")]
@@ -270,8 +281,8 @@ def _subspace_plan(src: Path, cfg: Any) -> Any:
 def sample(
     ctx: typer.Context,
     out: Annotated[Path, typer.Argument(help="Folder to write the checkpoints into (created).")],
-    model: Annotated[str, typer.Option(help="Architecture: small-cnn, resnet20, mlp, vgg16-bn, preact-resnet164, resnet18, resnet50, torchvision:<name> or package.module:callable.", rich_help_panel=DATA)] = "small-cnn",
-    data: Annotated[str, typer.Option(help="Data set: digits (bundled), cifar10, cifar100, mnist, fashion-mnist, imagefolder or package.module:callable.", rich_help_panel=DATA)] = "digits",
+    model: Annotated[str, typer.Option(autocompletion=_complete_model, help="Architecture: small-cnn, resnet20, mlp, vgg16-bn, preact-resnet164, resnet18, resnet50, torchvision:<name> or package.module:callable.", rich_help_panel=DATA)] = "small-cnn",
+    data: Annotated[str, typer.Option(autocompletion=_complete_data, help="Data set: digits (bundled), cifar10, cifar100, mnist, fashion-mnist, imagefolder or package.module:callable.", rich_help_panel=DATA)] = "digits",
     data_dir: DataDir = None,
     download: Download = False,
     epochs: Annotated[int, typer.Option(help="Epochs of regular training.", min=1, rich_help_panel=TRAIN)] = 40,

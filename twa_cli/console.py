@@ -26,7 +26,9 @@ def _plain() -> bool:
     return bool(os.environ.get("NO_COLOR")) or not sys.stderr.isatty() or not sys.stdout.isatty()
 
 
-out = Console(no_color=bool(os.environ.get("NO_COLOR")), highlight=False, soft_wrap=True)
+# Piped tables (`twa inspect | grep`) get room for file names instead of rich's 80 columns.
+_PIPE_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
+out = Console(no_color=bool(os.environ.get("NO_COLOR")), highlight=False, soft_wrap=True, width=_PIPE_WIDTH)
 err = Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")), highlight=False, soft_wrap=True)
 
 
