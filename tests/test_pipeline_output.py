@@ -122,3 +122,20 @@ def test_shell_completion_of_commands_flags_and_model_names():
     assert complete("twa ins", 1) == ["inspect"]
     assert "--max-shard-size" in complete("twa swa --max", 2)
     assert complete("twa swa x --model resnet2", 4) == ["resnet20"]
+
+
+def test_train_subspace_on_lightning_checkpoints_and_repeating_it_from_the_result(cnn_run, tmp_path, run):
+    folder = tmp_path / "lightning"
+    folder.mkdir()
+    for i, ckpt in enumerate(list_folder(cnn_run)[-4:]):
+        state = {f"model.{k}": v for k, v in load_tensors(ckpt.path).items()}
+        torch.save({"epoch": i, "global_step": 10 * i, "state_dict": state}, folder / f"epoch={i}-step={10 * i}.ckpt")
+    first = json.loads(run("train-subspace", folder, "-o", tmp_path / "a", "--model", "small-cnn", "--data", "digits",
+                           "--epochs", "1", "--lr", "0.5", "--batch-size", "64", "--bn-batches", "2",
+                           "--no-eval-every-epoch", "--json").stdout)
+    assert len(first["coefficients"]) == 4
+    again = json.loads(run("train-subspace", "--config-from", tmp_path / "a" / "twa.safetensors",
+                           "-o", tmp_path / "b", "--json").stdout)
+    assert again["coefficients"] == pytest.approx(first["coefficients"], abs=1e-6)
+    options = read_checkpoint(tmp_path / "b" / "twa.safetensors").json_field("invocation")["options"]
+    assert options["epochs"] == 1 and options["model"] == "small-cnn" and options["output"] == str(tmp_path / "b")
