@@ -215,6 +215,8 @@ def test_sharded_result_with_max_shard_size(tmp_path, run):
         assert torch.allclose(got[k].double(), v, atol=1e-6), k
     listed = json.loads(run("inspect", tmp_path / "avg", "--json").stdout)
     assert listed["entries"][0]["format"] == "hf sharded"
+    assert json.loads((tmp_path / "avg" / "config.json").read_text()) == {"model_type": "tiny"}
+    assert not (tmp_path / "avg" / "trainer_state.json").exists()
 
 
 def test_real_architecture_from_pt_files_recomputes_batchnorm(cnn_run, tmp_path, run):

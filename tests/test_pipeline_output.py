@@ -95,13 +95,11 @@ def test_dry_run_of_orthogonalize_and_train_subspace(cnn_run, tmp_path, run):
     assert "peak RAM" in human.stdout and "would read" in human.stderr
 
 
-def test_exit_codes(tmp_path):
-    def code(*args):
-        return subprocess.run([sys.executable, "-m", "twa_cli", *map(str, args)], capture_output=True, text=True,
-                              env={**os.environ, "NO_COLOR": "1"}).returncode
-
-    assert code("inspect", tmp_path / "missing") == 1  # a problem with the inputs
-    assert code("swa") == 2 and code("inspect", tmp_path, "--every", "0") == 2 and code("nonsense") == 2  # usage
+def test_exit_codes(tmp_path, run):
+    assert run("inspect", tmp_path / "missing", check=False).returncode == 1  # a problem with the inputs
+    for usage in (["swa"], ["inspect", tmp_path, "--every", "0"], ["nonsense"], ["swa", tmp_path, "-o", "x",
+                                                                               "--dtype", "float8"]):
+        assert run(*usage, check=False).returncode == 2, usage
 
 
 def test_version_and_plain_output_without_a_terminal(tmp_path):
@@ -114,10 +112,12 @@ def test_version_and_plain_output_without_a_terminal(tmp_path):
     assert "checkpoint-2.pth.tar" in listed.stdout
 
 
-def test_shell_completion_of_commands_flags_and_model_names():
+def test_shell_completion_of_commands_flags_and_model_names(run, monkeypatch):
     def complete(words, cword):
-        env = {**os.environ, "_TWA_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(cword)}
-        return subprocess.run([sys.executable, "-m", "twa_cli"], capture_output=True, text=True, env=env).stdout.split()
+        monkeypatch.setenv("_TWA_COMPLETE", "complete_bash")
+        monkeypatch.setenv("COMP_WORDS", words)
+        monkeypatch.setenv("COMP_CWORD", str(cword))
+        return run(check=False).stdout.split()
 
     assert complete("twa ins", 1) == ["inspect"]
     assert "--max-shard-size" in complete("twa swa --max", 2)

@@ -328,6 +328,25 @@ def save_tensors(
     return index
 
 
+def copy_model_files(source: Path, folder: Path) -> list[Path]:
+    """Beside weights written in Hugging Face's layout, the configuration and tokenizer files of the Hugging Face
+    checkpoint folder they came from, so `from_pretrained(folder)` loads them; training state is not copied."""
+    if not source.is_dir() or not folder.is_dir():
+        return []
+    copied = []
+    for src in sorted(source.iterdir()):
+        if (src.is_file() and src.suffix in (".json", ".txt", ".model") and src.name != "trainer_state.json"
+                and not src.name.endswith(readers.INDEX_SUFFIX) and not (folder / src.name).exists()):
+            copied.append(write_bytes(folder / src.name, src.read_bytes()))
+    return copied
+
+
+def write_bytes(path: Path, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return path
+
+
 def split_shards(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
     """Tensor names grouped in order into shards of at most `max_bytes` (a larger tensor gets a shard alone),
     the way Hugging Face splits a model."""

@@ -377,6 +377,10 @@ def swa(
         result = run(selected, output, model=arch, data=data_spec, bn_update=bn_update, bn_batches=bn_batches,
                      device=_device(device), progress=progress, compute_dtype=_dtype(compute_dtype.value),
                      dtype=out_dtype, max_shard_size=shard_bytes)
+    if result.path.parent == output:  # a folder in Hugging Face's layout
+        from twa_cli.checkpoints import copy_model_files
+
+        copy_model_files(selected[-1].path, output)
     summary = {"output": str(result.path), "checkpoints": result.count, "batchnorm": result.bn,
                "sources": [str(c.path) for c in selected],
                "test": asdict(result.test) if result.test else None}
