@@ -33,8 +33,9 @@ def tiny_state(seed: int, dtype: torch.dtype = torch.float32) -> State:
 
 def hf_trainer_folder(root: Path, steps: tuple[int, ...] = (100, 200, 300), dtype: torch.dtype = torch.float32,
                       shards: int = 2) -> list[State]:
-    """`Trainer(output_dir=root)`: checkpoint-N/ with a sharded model, an index, trainer_state.json and the
-    optimizer/scheduler/rng files, plus the final model saved beside them."""
+    """`Trainer(output_dir=root)`: checkpoint-N/ with a sharded model and its index (`shards=0`: one
+    model.safetensors), trainer_state.json and the optimizer/scheduler/rng files, plus the final model saved
+    beside them."""
     states = []
     log_history = []
     for i, step in enumerate(steps):
@@ -43,16 +44,19 @@ def hf_trainer_folder(root: Path, steps: tuple[int, ...] = (100, 200, 300), dtyp
         folder = root / f"checkpoint-{step}"
         folder.mkdir(parents=True)
         names = list(state)
-        per = -(-len(names) // shards)
+        per = -(-len(names) // max(shards, 1))
         weight_map = {}
+        if shards == 0:  # an unsharded model.safetensors
+            save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
         for s in range(shards):
             shard = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
             part = {k: state[k] for k in names[s * per:(s + 1) * per]}
             save_file(part, str(folder / shard), metadata={"format": "pt"})
             weight_map.update({k: shard for k in part})
         total = sum(t.numel() * t.element_size() for t in state.values())
-        (folder / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+        if shards:
+            (folder / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
         (folder / "config.json").write_text(json.dumps({"model_type": "tiny"}))
         log_history += [{"epoch": i + 0.5, "step": step, "loss": 1.0 / (i + 1)},
                         {"epoch": i + 0.5, "step": step, "eval_accuracy": [0.7, 0.9, 0.8][i % 3], "eval_loss": 0.5}]

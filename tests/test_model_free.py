@@ -176,6 +176,7 @@ def fairseq_average_plain(paths):
 
 LAYOUTS = {
     "hf-trainer": lambda root: hf_trainer_folder(root),
+    "hf-trainer-unsharded": lambda root: hf_trainer_folder(root, shards=0),
     "lightning": lambda root: lightning_folder(root),
     "timm": lambda root: timm_folder(root),
     "timm-ema-only": lambda root: timm_folder(root, ema_only=True),

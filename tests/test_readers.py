@@ -3,6 +3,7 @@ import pickle
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from layouts import fairseq_folder, hf_trainer_folder, lightning_folder, plain_folder, timm_folder, tiny_state
 from twa_cli.checkpoints import (
@@ -171,3 +172,16 @@ def test_unknown_suffix_is_one_line(tmp_path):
     (tmp_path / "w.npz").write_bytes(b"")
     with pytest.raises(TwaError, match="not a checkpoint the tool reads"):
         open_reader(tmp_path / "w.npz")
+
+
+def test_legacy_torch_format_and_peft_adapter_folders(tmp_path):
+    torch.save(tiny_state(1), tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    assert_same(load_tensors(tmp_path / "old.pt"), tiny_state(1))
+    run = tmp_path / "lora"
+    for step in (10, 20):
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+        save_file({"base_model.model.q.lora_A.weight": torch.full((2, 4), float(step))},
+                  str(run / f"checkpoint-{step}" / "adapter_model.safetensors"))
+    ckpts = list_folder(run)
+    assert [c.step for c in ckpts] == [10, 20]
+    assert float(load_tensors(ckpts[1].path)["base_model.model.q.lora_A.weight"][0, 0]) == 20.0

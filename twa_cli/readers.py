@@ -38,8 +38,9 @@ WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "sta
 AUTO_PREFIXES = ("module.", "model.", "_orig_mod.")
 # Files in a training folder that hold no model weights.
 NOT_WEIGHTS = re.compile(r"^(optimizer|scheduler|scaler|training_args|rng_state.*)\.(pt|pth|bin)$")
+# Full models first; a PEFT checkpoint holds only its adapter, which is averaged like any other weights.
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                   "pytorch_model.bin.index.json")
+                   "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
 SHARD = re.compile(r"^(.*)-\d{5}-of-\d{5}\.(safetensors|bin)$")
 
 TORCH_TO_ST = {
