@@ -269,7 +269,7 @@ def _subspace_plan(src: Path, cfg: Any) -> Any:
 
     if is_basis_file(src):
         return plan_train_subspace_basis(read_checkpoint(src), device=cfg.device)
-    selected = _selected(src, cfg.start, cfg.end, cfg.every)
+    selected = _selected(src, cfg.start, cfg.end, cfg.every, cfg.selection(), cfg.strip_prefix)
     return plan_train_subspace(selected, trainable=_trainable(cfg.model, selected[0]), device=cfg.device,
                                basis_given=False)
 
@@ -462,6 +462,12 @@ def train_subspace(
     start: Start = 0,
     end: End = None,
     every: Every = 1,
+    start_step: StartStep = None,
+    end_step: EndStep = None,
+    every_step: EveryStep = None,
+    top: Top = None,
+    by: By = None,
+    strip_prefix: StripPrefix = None,
     tol: Annotated[float, typer.Option(help="When SRC is a folder: near-duplicate tolerance of the orthogonalization.", rich_help_panel=SELECT)] = 1e-6,
     model: ModelOpt = None,
     data: DataOpt = None,
@@ -490,7 +496,8 @@ def train_subspace(
         epochs=epochs, lr=lr, schedule=schedule.value, momentum=momentum, weight_decay=weight_decay,
         batch_size=batch_size, init=init, seed=seed, device=_device(device), bn_update=bn_update,
         bn_batches=bn_batches, eval_every_epoch=eval_every_epoch, start=start, end=end, every=every, tol=tol,
-        data=data_spec, model=_model(model, data_spec, None) if model else None,
+        data=data_spec, model=_model(model, data_spec, None) if model else None, start_step=start_step,
+        end_step=end_step, every_step=every_step, top=top, by=by, strip_prefix=strip_prefix,
     )
     out = output or default_output(src)
     if dry_run:

@@ -17,7 +17,6 @@ from twa_cli.checkpoints import (
     load_tensors,
     make_metadata,
     save_tensors,
-    select,
     write_json,
     write_text,
 )
@@ -25,6 +24,7 @@ from twa_cli.data import load_data
 from twa_cli.errors import TwaError
 from twa_cli.evaluation import Score, evaluate
 from twa_cli.models import build_model, load_weights
+from twa_cli.selection import Selection, select_checkpoints
 from twa_cli.subspace import FlatParameters, SubspaceSGD
 from twa_cli.training import (
     EpochStats,
@@ -65,6 +65,17 @@ class SubspaceConfig:
     tol: float = 1e-6
     data: dict[str, Any] | None = None
     model: dict[str, Any] | None = None
+    # Selection by step or metric, and the tensor-name prefix to strip (see twa_cli.selection, twa_cli.readers).
+    start_step: int | None = None
+    end_step: int | None = None
+    every_step: int | None = None
+    top: int | None = None
+    by: str | None = None
+    strip_prefix: str | None = None
+
+    def selection(self) -> Selection:
+        return Selection(self.start, self.end, self.every, self.start_step, self.end_step, self.every_step,
+                         self.top, self.by)
 
 
 @dataclass
@@ -88,7 +99,7 @@ def resolve_basis(src: Path, cfg: SubspaceConfig, progress=None) -> tuple[Basis,
     """A basis file is loaded; a checkpoint folder is orthogonalized first. Returns (basis, made_here)."""
     if is_basis_file(src):
         return load_basis(src), False
-    ckpts = select(list_folder(src), cfg.start, cfg.end, cfg.every)
+    ckpts = select_checkpoints(list_folder(src, cfg.strip_prefix), cfg.selection())
     return orthogonalize(ckpts, tol=cfg.tol, model=cfg.model, progress=progress), True
 
 
