@@ -103,41 +103,15 @@ class OutDtype(str, Enum):
 
 def _load_config(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
     """Eager: fills the command's defaults from the file before any other option is read, so flags win."""
-    if value is None or ctx.resilient_parsing:
-        return value
-    from twa_cli.config import load_config_file, options_for
+    from twa_cli.config import apply_config_file
 
-    options = options_for(ctx.command.name or "", load_config_file(value), _spellings(ctx), _commands(ctx), str(value))
-    ctx.default_map = {**(ctx.default_map or {}), **options}
-    return value
+    return value if value is None or ctx.resilient_parsing else apply_config_file(ctx, value)
 
 
 def _load_recorded(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
-    if value is None or ctx.resilient_parsing:
-        return value
-    from twa_cli.config import NOT_RECORDED, recorded_options
+    from twa_cli.config import apply_recorded
 
-    _, options = recorded_options(value)
-    known = {p.name for p in ctx.command.params}
-    ctx.default_map = {**(ctx.default_map or {}),
-                       **{k: v for k, v in options.items() if k in known and k not in NOT_RECORDED}}
-    return value
-
-
-def _spellings(ctx: typer.Context) -> dict[str, str]:
-    names: dict[str, str] = {}
-    for p in ctx.command.params:
-        if p.name is None:
-            continue
-        names[p.name] = p.name
-        for opt in p.opts:
-            names[opt.lstrip("-").replace("-", "_")] = p.name
-    return names
-
-
-def _commands(ctx: typer.Context) -> list[str]:
-    group = ctx.parent.command if ctx.parent is not None else None
-    return list(getattr(group, "commands", {}) or [])
+    return value if value is None or ctx.resilient_parsing else apply_recorded(ctx, value)
 
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Read options from a YAML or TOML file (flags given here override it; a [command] section overrides shared keys).", is_eager=True, callback=_load_config, rich_help_panel=OUTPUT)]

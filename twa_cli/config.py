@@ -89,6 +89,37 @@ def resolved(params: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _jsonable(v) for k, v in params.items() if k not in NOT_RECORDED}
 
 
+def apply_config_file(ctx: Any, path: Path) -> Path:
+    """Make a config file's options the defaults of the command being parsed (a click context): flags given on
+    the command line are read after, and win."""
+    group = ctx.parent.command if ctx.parent is not None else None
+    commands = list(getattr(group, "commands", {}) or [])
+    options = options_for(ctx.command.name or "", load_config_file(path), _option_names(ctx), commands, str(path))
+    ctx.default_map = {**(ctx.default_map or {}), **options}
+    return path
+
+
+def apply_recorded(ctx: Any, path: Path) -> Path:
+    """The same with the options recorded in a result file, those the command knows."""
+    _, options = recorded_options(path)
+    known = {p.name for p in ctx.command.params}
+    ctx.default_map = {**(ctx.default_map or {}),
+                       **{k: v for k, v in options.items() if k in known and k not in NOT_RECORDED}}
+    return path
+
+
+def _option_names(ctx: Any) -> dict[str, str]:
+    """Every spelling of every option (`batch-size`, `batch_size`, `json` for --json) -> parameter name."""
+    names: dict[str, str] = {}
+    for p in ctx.command.params:
+        if p.name is None:
+            continue
+        names[p.name] = p.name
+        for opt in p.opts:
+            names[_spelling(opt)] = p.name
+    return names
+
+
 def _spelling(key: str) -> str:
     return str(key).lstrip("-").replace("-", "_")
 
