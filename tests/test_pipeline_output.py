@@ -132,10 +132,13 @@ def test_train_subspace_on_lightning_checkpoints_and_repeating_it_from_the_resul
         torch.save({"epoch": i, "global_step": 10 * i, "state_dict": state}, folder / f"epoch={i}-step={10 * i}.ckpt")
     first = json.loads(run("train-subspace", folder, "-o", tmp_path / "a", "--model", "small-cnn", "--data", "digits",
                            "--epochs", "1", "--lr", "0.5", "--batch-size", "64", "--bn-batches", "2",
-                           "--no-eval-every-epoch", "--json").stdout)
+                           "--no-eval-every-epoch", "--dtype", "bfloat16", "--json").stdout)
     assert len(first["coefficients"]) == 4
     again = json.loads(run("train-subspace", "--config-from", tmp_path / "a" / "twa.safetensors",
                            "-o", tmp_path / "b", "--json").stdout)
     assert again["coefficients"] == pytest.approx(first["coefficients"], abs=1e-6)
     options = read_checkpoint(tmp_path / "b" / "twa.safetensors").json_field("invocation")["options"]
     assert options["epochs"] == 1 and options["model"] == "small-cnn" and options["output"] == str(tmp_path / "b")
+    assert options["dtype"] == "bfloat16"
+    written = load_tensors(tmp_path / "b" / "twa.safetensors")
+    assert {v.dtype for v in written.values() if v.is_floating_point()} == {torch.bfloat16}

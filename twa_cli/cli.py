@@ -443,6 +443,7 @@ def train_subspace(
     by: By = None,
     strip_prefix: StripPrefix = None,
     tol: Annotated[float, typer.Option(help="When SRC is a folder: near-duplicate tolerance of the orthogonalization.", rich_help_panel=SELECT)] = 1e-6,
+    dtype: Annotated[OutDtype, typer.Option(help="Precision of the written result (training runs in fp32).", rich_help_panel=OUTPUT)] = OutDtype.same,
     model: ModelOpt = None,
     data: DataOpt = None,
     data_dir: DataDir = None,
@@ -472,6 +473,7 @@ def train_subspace(
         bn_batches=bn_batches, eval_every_epoch=eval_every_epoch, start=start, end=end, every=every, tol=tol,
         data=data_spec, model=_model(model, data_spec, None) if model else None, start_step=start_step,
         end_step=end_step, every_step=every_step, top=top, by=by, strip_prefix=strip_prefix,
+        dtype=None if dtype is OutDtype.same else dtype.value,
     )
     out = output or default_output(src)
     if dry_run:

@@ -72,6 +72,7 @@ class SubspaceConfig:
     top: int | None = None
     by: str | None = None
     strip_prefix: str | None = None
+    dtype: str | None = None  # precision of the written result (None: the model's own, fp32)
 
     def selection(self) -> Selection:
         return Selection(self.start, self.end, self.every, self.start_step, self.end_step, self.every_step,
@@ -184,7 +185,10 @@ def train_subspace(
         command="train-subspace", sources=[s["path"] for s in basis.sources], coefficients=coefficients,
         step=str(history[-1]["step"] if history else 0), epoch=str(cfg.epochs),
     )
-    result = save_tensors(out / RESULT_FILE, model.state_dict(), meta)
+    state = model.state_dict()
+    if cfg.dtype is not None:
+        state = {k: v.to(getattr(torch, cfg.dtype)) if v.is_floating_point() else v for k, v in state.items()}
+    result = save_tensors(out / RESULT_FILE, state, meta)
     state_path.unlink(missing_ok=True)
     return SubspaceResult(out, result, coefficients, test, history, basis.dropped)
 
