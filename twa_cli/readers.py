@@ -29,7 +29,7 @@ from safetensors import safe_open
 
 from twa_cli.errors import TwaError
 
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pth.tar", ".tar")
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pth.tar")
 SAFETENSORS = ".safetensors"
 INDEX_SUFFIX = ".index.json"
 # Wrappers around a state dict, in the order they are tried. Like timm's averaging script (without --use-ema),
@@ -120,8 +120,11 @@ class SafetensorsReader(Reader):
             self._handle.__enter__()
         except Exception as exc:  # safetensors raises its own error types for every kind of damage
             raise TwaError(f"{path}: not a readable safetensors file ({_short(exc)})") from exc
-        raw = list(self._handle.keys())
-        self._names = _strip_map(raw, strip_prefix, auto=False, where=path)
+        try:
+            self._names = _strip_map(list(self._handle.keys()), strip_prefix, auto=False, where=path)
+        except TwaError:
+            self.close()
+            raise
 
     def keys(self) -> list[str]:
         return list(self._names)
@@ -391,7 +394,7 @@ def _torch_load_checked(path: Path) -> Any:
         except RuntimeError as exc:
             if "mmap" not in str(exc) and "zip" not in str(exc):
                 raise
-            return torch.load(str(path), map_location="cpu", weights_only=True)  # the pre-1.6 format
+            return torch.load(str(path), map_location="cpu", weights_only=True)  # the pre-1.6 format, no mmap
     except pickle.UnpicklingError as exc:
         raise TwaError(
             f"{path}: holds pickled Python objects beyond tensors, which the tool does not load (it would run "
