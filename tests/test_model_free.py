@@ -218,6 +218,12 @@ def test_sharded_result_with_max_shard_size(tmp_path, run):
     assert listed["entries"][0]["format"] == "hf sharded"
     assert json.loads((tmp_path / "avg" / "config.json").read_text()) == {"model_type": "tiny"}
     assert not (tmp_path / "avg" / "trainer_state.json").exists()
+    again = run("swa", tmp_path / "run", "-o", tmp_path / "avg", "--max-shard-size", "100B", check=False)
+    assert again.returncode == 1 and "already exists" in again.stderr
+    run("swa", tmp_path / "run", "-o", tmp_path / "one.safetensors", "--max-shard-size", "100B")
+    assert (tmp_path / "one.safetensors.index.json").exists() and not (tmp_path / "one.safetensors").exists()
+    refused = run("swa", tmp_path / "run", "-o", tmp_path / "one.safetensors", check=False)
+    assert refused.returncode == 1 and "one.safetensors.index.json: already exists" in refused.stderr
 
 
 def test_real_architecture_from_pt_files_recomputes_batchnorm(cnn_run, tmp_path, run):

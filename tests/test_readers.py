@@ -14,7 +14,7 @@ from twa_cli.checkpoints import (
     open_tensors,
     parse_size,
     read_checkpoint,
-    save_tensors,
+    save_checkpoint,
     sha256_file,
 )
 from twa_cli.errors import TwaError
@@ -139,7 +139,7 @@ def test_training_side_files_and_damaged_files(tmp_path):
 def test_sharded_writer_round_trips_and_reads_back_lazily(tmp_path):
     state = tiny_state(3)
     meta = make_metadata("average", command="swa", sources=["a", "b"], coefficients=[0.5, 0.5])
-    written = save_tensors(tmp_path / "avg.safetensors", state, meta, max_shard_size=60)
+    written = save_checkpoint(tmp_path / "avg.safetensors", state, meta, max_shard_size=60)
     assert written.name == "avg.safetensors.index.json"
     shards = sorted(p.name for p in tmp_path.glob("avg-*.safetensors"))
     assert len(shards) > 2 and shards[0] == f"avg-00001-of-{len(shards):05d}.safetensors"
@@ -150,12 +150,12 @@ def test_sharded_writer_round_trips_and_reads_back_lazily(tmp_path):
     assert json.loads(written.read_text())["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in state.values())
     assert len(sha256_file(written)) == 64
     # a smaller result written over it (--force) leaves no stale shards behind
-    single = save_tensors(tmp_path / "avg.safetensors", state, meta, max_shard_size=10**9)
+    single = save_checkpoint(tmp_path / "avg.safetensors", state, meta, max_shard_size=10**9)
     assert single.name == "avg.safetensors" and not list(tmp_path.glob("avg-*")) and not written.exists()
 
 
 def test_writer_to_a_folder_uses_hugging_face_names(tmp_path):
-    written = save_tensors(tmp_path / "out", tiny_state(0), {}, max_shard_size=100)
+    written = save_checkpoint(tmp_path / "out", tiny_state(0), {}, max_shard_size=100)
     assert written == tmp_path / "out" / "model.safetensors.index.json"
     assert (tmp_path / "out" / "model-00001-of-00003.safetensors").exists() or len(list((tmp_path / "out").glob("model-*"))) > 1
     assert_same(load_tensors(tmp_path / "out"), tiny_state(0))

@@ -11,7 +11,14 @@ from typing import Any
 import torch
 
 from twa_cli.batchnorm import has_batchnorm, recalibrate_bn
-from twa_cli.checkpoints import Checkpoint, check_compatible, check_finite, make_metadata, open_tensors, save_tensors
+from twa_cli.checkpoints import (
+    Checkpoint,
+    check_compatible,
+    check_finite,
+    make_metadata,
+    open_tensors,
+    save_checkpoint,
+)
 from twa_cli.data import load_data
 from twa_cli.errors import TwaError
 from twa_cli.evaluation import Score, evaluate
@@ -119,5 +126,5 @@ def swa(
     )
     if dtype is not None:  # after BatchNorm recomputation the model's fp32 state comes back
         average = {k: v.to(dtype) if v.is_floating_point() else v for k, v in average.items()}
-    written = save_tensors(out, average, meta, max_shard_size=max_shard_size)
+    written = save_checkpoint(out, average, meta, max_shard_size=max_shard_size)
     return SwaResult(written, len(ckpts), bn, test)

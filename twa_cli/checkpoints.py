@@ -261,9 +261,8 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 def check_output(path: Path, force: bool, inputs: Iterable[Path] = ()) -> None:
     """Refuse to overwrite a result without --force, and never write into an input folder."""
-    for existing in (path, path.with_name(path.name + readers.INDEX_SUFFIX)):
-        if existing.exists() and not force:
-            raise TwaError(f"{existing}: already exists (pass --force to overwrite it)")
+    if path.exists() and not force:
+        raise TwaError(f"{path}: already exists (pass --force to overwrite it)")
     target = path.resolve().parent
     for src in inputs:
         src = Path(src).resolve()
@@ -286,46 +285,62 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
-def save_tensors(
+def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
+    """Write a safetensors file atomically (callers check overwriting with `check_output`)."""
+    path = Path(path)
+    # safetensors refuses views sharing storage (our flat parameter buffer), so each tensor gets its own.
+    owned = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(owned, str(tmp), metadata=dict(metadata))
+    return path
+
+
+def save_checkpoint(
     path: str | Path,
     tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str],
     max_shard_size: int | None = None,
 ) -> Path:
-    """Write a checkpoint atomically (callers check overwriting with `check_output`); returns what to read back.
+    """Write a result, sharded when it is large; returns the path to read it back from.
 
     `path` ending in `.safetensors` is one file, or, when the tensors exceed `max_shard_size` bytes, shards
     `NAME-0000k-of-0000n.safetensors` beside an index `NAME.safetensors.index.json` (returned). Any other
     `path` is a folder in Hugging Face's layout: `model.safetensors`, or `model-0000k-of-0000n.safetensors`
     with `model.safetensors.index.json`. Every shard carries the metadata; the index is written last."""
     path = Path(path)
-    # safetensors refuses views sharing storage (our flat parameter buffer), so each tensor gets its own.
-    owned = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     if path.name.endswith(readers.INDEX_SUFFIX):
         path = path.with_name(path.name[: -len(readers.INDEX_SUFFIX)])
     if not path.name.endswith(SUFFIX):
         path.mkdir(parents=True, exist_ok=True)
         path = path / "model.safetensors"
-    shards = split_shards(owned, max_shard_size) if max_shard_size is not None else [list(owned)]
+    shards = split_shards(tensors, max_shard_size) if max_shard_size is not None else [list(tensors)]
     stem = path.name[: -len(SUFFIX)]
     index = path.with_name(path.name + readers.INDEX_SUFFIX)
     if len(shards) == 1:
-        with atomic_path(path) as tmp:
-            save_file(owned, str(tmp), metadata=dict(metadata))
+        save_tensors(path, tensors, metadata)
         _remove_stale(path.parent, stem, keep=set())
         index.unlink(missing_ok=True)
         return path
     names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}{SUFFIX}" for i in range(len(shards))]
     weight_map = {}
     for name, keys in zip(names, shards):
-        with atomic_path(path.parent / name) as tmp:
-            save_file({k: owned[k] for k in keys}, str(tmp), metadata=dict(metadata))
+        save_tensors(path.parent / name, {k: tensors[k] for k in keys}, metadata)
         weight_map.update({k: name for k in keys})
-    total = sum(t.numel() * t.element_size() for t in owned.values())
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
     write_json(index, {"metadata": {"total_size": total, **dict(metadata)}, "weight_map": weight_map})
     _remove_stale(path.parent, stem, keep=set(names))
     path.unlink(missing_ok=True)
     return index
+
+
+def check_result_output(path: Path, force: bool, inputs: Iterable[Path] = ()) -> None:
+    """`check_output` for a result that may be sharded: its index counts as the result too."""
+    check_output(path, force, inputs)
+    index = path.with_name(path.name + readers.INDEX_SUFFIX)
+    folder_index = path / "model.safetensors.index.json"
+    for existing in (index, folder_index):
+        if existing.exists() and not force:
+            raise TwaError(f"{existing}: already exists (pass --force to overwrite it)")
 
 
 def copy_model_files(source: Path, folder: Path) -> list[Path]:

@@ -330,10 +330,10 @@ def swa(
     Reads .safetensors, Hugging Face checkpoint-* folders (sharded too), and .pt/.pth/.bin/.ckpt/.pth.tar state
     dicts. With no architecture known every floating tensor is averaged, as timm's and fairseq's scripts do."""
     from twa_cli.averaging import swa as run
-    from twa_cli.checkpoints import check_output, parse_size
+    from twa_cli.checkpoints import check_result_output, parse_size
 
     _setup(json_out, quiet, ctx)
-    check_output(output, force, inputs=[ckpts])
+    check_result_output(output, force, inputs=[ckpts])
     selection = _selection(start, end, every, start_step, end_step, every_step, top, by)
     selected = _selected(ckpts, start, end, every, selection, strip_prefix)
     shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
