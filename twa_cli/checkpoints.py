@@ -206,8 +206,8 @@ def list_folder(folder: str | Path, strip_prefix: str | None = None) -> list[Che
     paths.sort(key=lambda p: _natural_key(p.name))
     ckpts = [c for c in (read_checkpoint(p, strip_prefix) for p in paths) if c.kind not in OTHER_KINDS]
     if not ckpts:
-        raise TwaError(f"{folder}: no checkpoints in this folder (.safetensors, .pt, .pth, .bin, .ckpt, .pth.tar, "
-                       f"or Hugging Face checkpoint-* folders)")
+        raise TwaError(f"{folder}: no .safetensors checkpoints in this folder (nor .pt, .pth, .bin, .ckpt, .pth.tar "
+                       f"files or Hugging Face checkpoint-* folders)")
     if all(c.step is not None for c in ckpts):
         ckpts.sort(key=lambda c: c.step)  # stable: equal steps keep filename order
     return ckpts

@@ -263,7 +263,8 @@ class HFFolderReader(Reader):
         super().__init__(folder)
         weights = hf_weights(folder)
         if weights is None:
-            raise TwaError(f"{folder}: no model.safetensors, pytorch_model.bin or shard index in this folder")
+            raise TwaError(f"{folder}: a folder, not a readable safetensors file nor a Hugging Face model folder "
+                           f"(no model.safetensors, pytorch_model.bin or shard index in it)")
         self.inner = open_reader(weights, strip_prefix)
         self.format = "hf" if self.inner.format == "safetensors" else "hf " + self.inner.format
 
