@@ -11,7 +11,14 @@ from typing import Any
 import torch
 
 from twa_cli.batchnorm import has_batchnorm, recalibrate_bn
-from twa_cli.checkpoints import Checkpoint, check_compatible, check_finite, make_metadata, open_tensors, save_tensors
+from twa_cli.checkpoints import (
+    Checkpoint,
+    check_compatible,
+    check_finite,
+    make_metadata,
+    open_tensors,
+    save_checkpoint,
+)
 from twa_cli.data import load_data
 from twa_cli.errors import TwaError
 from twa_cli.evaluation import Score, evaluate
@@ -21,10 +28,15 @@ log = logging.getLogger("twa")
 
 
 def mean_of(
-    ckpts: list[Checkpoint], skip: Collection[str] = (), progress: Callable[[int, int], None] | None = None
+    ckpts: list[Checkpoint],
+    skip: Collection[str] = (),
+    progress: Callable[[int, int], None] | None = None,
+    compute_dtype: torch.dtype = torch.float64,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The arithmetic mean of every floating tensor (summed in fp64, returned in its own dtype); integer
-    tensors (BatchNorm's batch counters) are taken from the last checkpoint. Memory of one model."""
+    """The arithmetic mean of every floating tensor (summed in `compute_dtype`, returned in `dtype` or else its
+    own dtype); integer tensors (BatchNorm's batch counters) are taken from the last checkpoint. Memory of one
+    model."""
     sums: dict[str, torch.Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
     for done, ckpt in enumerate(ckpts, 1):
@@ -42,13 +54,13 @@ def mean_of(
                     if name in sums:
                         sums[name] += t
                     else:
-                        sums[name] = t.to(torch.float64)
+                        sums[name] = t.to(compute_dtype)
                 else:
                     sums[name] = t.clone()
         if progress is not None:
             progress(done, len(ckpts))
     n = len(ckpts)
-    return {k: (v / n).to(dtypes[k]) if v.is_floating_point() else v for k, v in sums.items()}
+    return {k: (v / n).to(dtype or dtypes[k]) if v.is_floating_point() else v for k, v in sums.items()}
 
 
 @dataclass
@@ -70,8 +82,14 @@ def swa(
     evaluate_test: bool = True,
     device: str = "cpu",
     progress: Callable[[int, int], None] | None = None,
+    compute_dtype: torch.dtype = torch.float64,
+    dtype: torch.dtype | None = None,
+    max_shard_size: int | None = None,
 ) -> SwaResult:
-    """Average the checkpoints uniformly, recompute BatchNorm statistics, and write the result to `out`."""
+    """Average the checkpoints uniformly, recompute BatchNorm statistics, and write the result to `out`.
+
+    Sums run in `compute_dtype`; floating tensors are written in `dtype`, or each in its own dtype when None
+    (an fp16 or bf16 checkpoint stays fp16 or bf16). Above `max_shard_size` bytes the result is sharded."""
     if not ckpts:
         raise TwaError("no checkpoints to average")
     shapes = check_compatible(ckpts)
@@ -82,7 +100,7 @@ def swa(
     if arch is not None:  # before the long pass over the files: a model that does not fit fails at once
         net = build_model(arch)
         check_fits(net, shapes, str(ckpts[0].path))
-    average = mean_of(ckpts, progress=progress)
+    average = mean_of(ckpts, progress=progress, compute_dtype=compute_dtype, dtype=dtype)
     bn, test, trainable = "none", None, ckpts[0].trainable
     if net is not None:
         load_weights(net, average, "the average")
@@ -107,6 +125,9 @@ def swa(
         "average", arch=arch, data=data_spec, trainable=trainable, command="swa",
         sources=[str(c.path.resolve()) for c in ckpts], coefficients=[1.0 / len(ckpts)] * len(ckpts),
         step=str(ckpts[-1].step) if ckpts[-1].step is not None else None, bn=bn,
+        compute_dtype=str(compute_dtype).removeprefix("torch."), dtype=str(dtype).removeprefix("torch.") if dtype else "same as input",
     )
-    save_tensors(out, average, meta)
-    return SwaResult(out, len(ckpts), bn, test)
+    if dtype is not None:  # after BatchNorm recomputation the model's fp32 state comes back
+        average = {k: v.to(dtype) if v.is_floating_point() else v for k, v in average.items()}
+    written = save_checkpoint(out, average, meta, max_shard_size=max_shard_size)
+    return SwaResult(written, len(ckpts), bn, test)

@@ -66,12 +66,23 @@ class Split(str, Enum):
     both = "both"
 
 
+def _complete_model(incomplete: str) -> list[str]:
+    from twa_cli.models import MODELS
+
+    return [name for name in [*MODELS, "torchvision:"] if name.startswith(incomplete)]
+
+
+def _complete_data(incomplete: str) -> list[str]:
+    names = ["digits", "cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder"]
+    return [name for name in names if name.startswith(incomplete)]
+
+
 # Options shared by several commands ---------------------------------------------------------------------
 Start = Annotated[int, typer.Option(help="First checkpoint to use, by position in the ordered folder.", rich_help_panel=SELECT)]
 End = Annotated[Optional[int], typer.Option(help="Stop before this position (exclusive); default: the end.", rich_help_panel=SELECT)]
 Every = Annotated[int, typer.Option(help="Use every k-th checkpoint.", min=1, rich_help_panel=SELECT)]
-ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Architecture, when the checkpoints' metadata names none: a registry name, torchvision:<name> or package.module:callable.", rich_help_panel=DATA)]
-DataOpt = Annotated[Optional[str], typer.Option("--data", help="Data set (default: the one recorded in the checkpoints): digits, cifar10, cifar100, mnist, fashion-mnist, imagefolder or package.module:callable.", rich_help_panel=DATA)]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", autocompletion=_complete_model, help="Architecture, when the checkpoints' metadata names none: a registry name, torchvision:<name> or package.module:callable.", rich_help_panel=DATA)]
+DataOpt = Annotated[Optional[str], typer.Option("--data", autocompletion=_complete_data, help="Data set (default: the one recorded in the checkpoints): digits, cifar10, cifar100, mnist, fashion-mnist, imagefolder or package.module:callable.", rich_help_panel=DATA)]
 DataDir = Annotated[Optional[Path], typer.Option(help="Folder of the data set (torchvision sets, imagefolder).", rich_help_panel=DATA)]
 Download = Annotated[bool, typer.Option("--download", help="Let torchvision download the data set into --data-dir.", rich_help_panel=DATA)]
 DeviceOpt = Annotated[Device, typer.Option(help="Where to compute: auto picks cuda when available.")]
@@ -82,6 +93,43 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors (a
 BnBatches = Annotated[Optional[int], typer.Option(help="Recompute BatchNorm statistics on at most this many batches (default: the whole training set).", min=1)]
 ValSplit = Annotated[float, typer.Option(help="Hold out this fraction of the training images as a validation split (the same images in every command).", min=0.0, max=0.9, rich_help_panel=DATA)]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from the end of its last completed epoch.", rich_help_panel=TRAIN)]
+StartStep = Annotated[Optional[int], typer.Option(help="Use only checkpoints saved at this step or later (runs that save every K steps).", rich_help_panel=SELECT)]
+EndStep = Annotated[Optional[int], typer.Option(help="Use only checkpoints saved before this step (exclusive).", rich_help_panel=SELECT)]
+EveryStep = Annotated[Optional[int], typer.Option(help="Use only checkpoints whose step is a multiple of this.", min=1, rich_help_panel=SELECT)]
+Top = Annotated[Optional[int], typer.Option(help="Keep the best N of the selected checkpoints by --by (as timm's avg_checkpoints -n).", min=1, rich_help_panel=SELECT)]
+By = Annotated[Optional[str], typer.Option(help="Metric that ranks checkpoints for --top: a metadata field (timm's metric), a trainer_state.json entry (eval_loss), a name=value in the file name, or a column of the folder's metrics.jsonl (test_acc). Losses and errors are minimized, others maximized; min:NAME or max:NAME says which.", rich_help_panel=SELECT)]
+StripPrefix = Annotated[Optional[str], typer.Option(help="Strip this prefix from tensor names (default: module. or model. when every key of a .pt/.ckpt file has it).", rich_help_panel=SELECT)]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Print what would be read and the memory and disk the command needs, then exit.", rich_help_panel=OUTPUT)]
+MaxShardSize = Annotated[Optional[str], typer.Option(help="Split the result into shards of at most this size (5GB, 500MB) with an index, as Hugging Face does.", rich_help_panel=OUTPUT)]
+
+
+class ComputeDtype(str, Enum):
+    float64 = "float64"
+    float32 = "float32"
+
+
+class OutDtype(str, Enum):
+    same = "same"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+def _load_config(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
+    """Eager: fills the command's defaults from the file before any other option is read, so flags win."""
+    from twa_cli.config import apply_config_file
+
+    return value if value is None or ctx.resilient_parsing else apply_config_file(ctx, value)
+
+
+def _load_recorded(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
+    from twa_cli.config import apply_recorded
+
+    return value if value is None or ctx.resilient_parsing else apply_recorded(ctx, value)
+
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Read options from a YAML or TOML file (flags given here override it; a [command] section overrides shared keys).", is_eager=True, callback=_load_config, rich_help_panel=OUTPUT)]
+ConfigFrom = Annotated[Optional[Path], typer.Option("--config-from", help="Repeat the options recorded in a result file this tool wrote (flags given here override them).", is_eager=True, callback=_load_recorded, rich_help_panel=OUTPUT)]
 
 
 def _version(value: bool) -> None:
@@ -98,13 +146,56 @@ def _root(
     """Trainable Weight Averaging (Li et al., ICLR 2023): sample checkpoints, build their subspace, train inside it."""
 
 
-def _setup(json_out: bool, quiet: bool) -> None:
+def _setup(json_out: bool, quiet: bool, ctx: typer.Context | None = None) -> None:
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 speaks; the others print only errors
         quiet = True
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     ui.settings.json = json_out
     ui.settings.quiet = quiet or json_out
     ui.setup_logging(quiet)
+    if ctx is not None:
+        _record(ctx)
+
+
+def _record(ctx: typer.Context) -> None:
+    """Every file this command writes records the command and its resolved options."""
+    from twa_cli.checkpoints import start_recording
+    from twa_cli.config import resolved
+
+    if ctx.command.name:
+        ctx.call_on_close(start_recording(ctx.command.name, resolved(ctx.params)))
+
+
+def _selection(start: int, end: int | None, every: int, start_step: int | None = None, end_step: int | None = None,
+               every_step: int | None = None, top: int | None = None, by: str | None = None) -> Any:
+    from twa_cli.selection import Selection
+
+    return Selection(start, end, every, start_step, end_step, every_step, top, by)
+
+
+def _dtype(name: str) -> Any:
+    import torch
+
+    return getattr(torch, name)
+
+
+def _show_plan(plan: Any, json_out: bool) -> None:
+    from twa_cli.inspect import human_bytes
+
+    if json_out:
+        ui.emit_json({"dry_run": True, **plan.to_dict()})
+        return
+    ui.table(f"{plan.command} --dry-run", ["", "estimate"], [
+        ["checkpoints read", f"{len(plan.reads)} ({human_bytes(plan.read_bytes)})"],
+        ["parameters", f"{plan.parameters:,}"],
+        ["peak RAM", human_bytes(plan.peak_ram_bytes)],
+        ["GPU memory", human_bytes(plan.gpu_bytes) if plan.gpu_bytes else "-"],
+        ["disk written", human_bytes(plan.disk_bytes)],
+    ])
+    for path in plan.reads:
+        ui.info(f"would read {path}")
+    for note in plan.notes:
+        ui.info(f"note: {note}")
 
 
 def _device(device: Device) -> str:
@@ -144,10 +235,34 @@ def _model(name: str | None, data: dict[str, Any] | None, ckpt_data: dict[str, A
     return model_spec(name, info.num_classes, info.in_channels, info.image_size)
 
 
-def _selected(ckpts_path: Path, start: int, end: int | None, every: int) -> list[Any]:
-    from twa_cli.checkpoints import list_folder, select
+def _selected(ckpts_path: Path, start: int, end: int | None, every: int, selection: Any = None,
+              strip_prefix: str | None = None) -> list[Any]:
+    from twa_cli.checkpoints import list_folder
+    from twa_cli.selection import select_checkpoints
 
-    return select(list_folder(ckpts_path), start, end, every)
+    return select_checkpoints(list_folder(ckpts_path, strip_prefix), selection or _selection(start, end, every))
+
+
+def _trainable(arch: dict[str, Any] | None, ckpt: Any) -> list[str] | None:
+    if ckpt.trainable is not None:
+        return ckpt.trainable
+    if (arch or ckpt.arch) is None:
+        return None
+    from twa_cli.models import build_model, trainable_names
+
+    return trainable_names(build_model(arch or ckpt.arch))
+
+
+def _subspace_plan(src: Path, cfg: Any) -> Any:
+    from twa_cli.basis import is_basis_file
+    from twa_cli.checkpoints import read_checkpoint
+    from twa_cli.estimates import plan_train_subspace, plan_train_subspace_basis
+
+    if is_basis_file(src):
+        return plan_train_subspace_basis(read_checkpoint(src), device=cfg.device)
+    selected = _selected(src, cfg.start, cfg.end, cfg.every, cfg.selection(), cfg.strip_prefix)
+    return plan_train_subspace(selected, trainable=_trainable(cfg.model, selected[0]), device=cfg.device,
+                               basis_given=False)
 
 
 # Commands -----------------------------------------------------------------------------------------------
@@ -155,9 +270,10 @@ def _selected(ckpts_path: Path, start: int, end: int | None, every: int) -> list
 
 @app.command()
 def sample(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Argument(help="Folder to write the checkpoints into (created).")],
-    model: Annotated[str, typer.Option(help="Architecture: small-cnn, resnet20, mlp, vgg16-bn, preact-resnet164, resnet18, resnet50, torchvision:<name> or package.module:callable.", rich_help_panel=DATA)] = "small-cnn",
-    data: Annotated[str, typer.Option(help="Data set: digits (bundled), cifar10, cifar100, mnist, fashion-mnist, imagefolder or package.module:callable.", rich_help_panel=DATA)] = "digits",
+    model: Annotated[str, typer.Option(autocompletion=_complete_model, help="Architecture: small-cnn, resnet20, mlp, vgg16-bn, preact-resnet164, resnet18, resnet50, torchvision:<name> or package.module:callable.", rich_help_panel=DATA)] = "small-cnn",
+    data: Annotated[str, typer.Option(autocompletion=_complete_data, help="Data set: digits (bundled), cifar10, cifar100, mnist, fashion-mnist, imagefolder or package.module:callable.", rich_help_panel=DATA)] = "digits",
     data_dir: DataDir = None,
     download: Download = False,
     epochs: Annotated[int, typer.Option(help="Epochs of regular training.", min=1, rich_help_panel=TRAIN)] = 40,
@@ -175,12 +291,14 @@ def sample(
     force: Force = False,
     json_out: Json = False,
     quiet: Quiet = False,
+    config: ConfigOpt = None,
+    config_from: ConfigFrom = None,
 ) -> None:
     """Train with regular SGD (Appendix A.2) and save the checkpoints TWA averages."""
     from twa_cli.sampling import SampleConfig
     from twa_cli.sampling import sample as run
 
-    _setup(json_out, quiet)
+    _setup(json_out, quiet, ctx)
     cfg = SampleConfig(model, _data(data, data_dir, download, val_split), epochs, lr, schedule.value, momentum,
                        weight_decay, batch_size, per_epoch, seed, _device(device), str(init) if init else None)
     with _interruptible(out), ui.training_progress("sample") as reporter:
@@ -197,11 +315,18 @@ def sample(
 
 @app.command()
 def swa(
+    ctx: typer.Context,
     ckpts: Annotated[Path, typer.Argument(help="Checkpoint folder (or one file).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Result file (.safetensors).", rich_help_panel=OUTPUT)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Result: a .safetensors file, or a folder (written in Hugging Face's layout).", rich_help_panel=OUTPUT)],
     start: Start = 0,
     end: End = None,
     every: Every = 1,
+    start_step: StartStep = None,
+    end_step: EndStep = None,
+    every_step: EveryStep = None,
+    top: Top = None,
+    by: By = None,
+    strip_prefix: StripPrefix = None,
     model: ModelOpt = None,
     data: DataOpt = None,
     data_dir: DataDir = None,
@@ -210,27 +335,52 @@ def swa(
     bn_batches: BnBatches = None,
     greedy: Annotated[bool, typer.Option("--greedy", help="Greedy soup: add a checkpoint only if held-out accuracy (on --val-split) does not drop.")] = False,
     val_split: ValSplit = 0.0,
+    compute_dtype: Annotated[ComputeDtype, typer.Option(help="Precision the sums are accumulated in.")] = ComputeDtype.float64,
+    dtype: Annotated[OutDtype, typer.Option(help="Precision of the written average: same keeps each tensor's own (fp16/bf16 checkpoints stay fp16/bf16).", rich_help_panel=OUTPUT)] = OutDtype.same,
+    max_shard_size: MaxShardSize = None,
     device: DeviceOpt = Device.auto,
+    dry_run: DryRun = False,
     force: Force = False,
     json_out: Json = False,
     quiet: Quiet = False,
+    config: ConfigOpt = None,
+    config_from: ConfigFrom = None,
 ) -> None:
-    """Uniform average of the selected checkpoints (SWA), BatchNorm recomputed; or the greedy soup."""
-    from twa_cli.averaging import swa as run
-    from twa_cli.checkpoints import check_output
+    """Uniform average of the selected checkpoints (SWA), BatchNorm recomputed; or the greedy soup.
 
-    _setup(json_out, quiet)
-    check_output(output, force, inputs=[ckpts])
-    selected = _selected(ckpts, start, end, every)
+    Reads .safetensors, Hugging Face checkpoint-* folders (sharded too), and .pt/.pth/.bin/.ckpt/.pth.tar state
+    dicts. With no architecture known every floating tensor is averaged, as timm's and fairseq's scripts do."""
+    from twa_cli.averaging import swa as run
+    from twa_cli.checkpoints import check_result_output, parse_size
+
+    _setup(json_out, quiet, ctx)
+    check_result_output(output, force, inputs=[ckpts])
+    selection = _selection(start, end, every, start_step, end_step, every_step, top, by)
+    selected = _selected(ckpts, start, end, every, selection, strip_prefix)
+    shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
+    out_dtype = None if dtype is OutDtype.same else _dtype(dtype.value)
     data_spec = _data(data, data_dir, download, val_split)
     arch = _model(model, data_spec, selected[0].data)
+    if dry_run:
+        from twa_cli.estimates import plan_swa
+
+        known = (arch or selected[0].arch) is not None and (data_spec or selected[0].data) is not None
+        _show_plan(plan_swa(selected, compute_dtype=_dtype(compute_dtype.value), dtype=out_dtype,
+                            model_known=known, device=_device(device)), json_out)
+        return
     if greedy:
         _greedy(selected, output, arch, data_spec, val_split, _device(device), json_out)
         return
     with ui.file_progress("averaging") as progress:
         result = run(selected, output, model=arch, data=data_spec, bn_update=bn_update, bn_batches=bn_batches,
-                     device=_device(device), progress=progress)
+                     device=_device(device), progress=progress, compute_dtype=_dtype(compute_dtype.value),
+                     dtype=out_dtype, max_shard_size=shard_bytes)
+    if result.path.parent == output:  # a folder in Hugging Face's layout
+        from twa_cli.checkpoints import copy_model_files
+
+        copy_model_files(selected[-1].path, output)
     summary = {"output": str(result.path), "checkpoints": result.count, "batchnorm": result.bn,
+               "sources": [str(c.path) for c in selected],
                "test": asdict(result.test) if result.test else None}
     if json_out:
         ui.emit_json(summary)
@@ -262,19 +412,29 @@ def _greedy(selected: list[Any], output: Path, arch: dict[str, Any] | None, data
 
 @app.command()
 def orthogonalize(
+    ctx: typer.Context,
     ckpts: Annotated[Path, typer.Argument(help="Checkpoint folder.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Basis file (.safetensors).", rich_help_panel=OUTPUT)],
     start: Start = 0,
     end: End = None,
     every: Every = 1,
+    start_step: StartStep = None,
+    end_step: EndStep = None,
+    every_step: EveryStep = None,
+    top: Top = None,
+    by: By = None,
+    strip_prefix: StripPrefix = None,
     tol: Annotated[float, typer.Option(help="Drop a checkpoint whose residual is below this fraction of its norm (a near-duplicate).")] = 1e-6,
     dtype: Annotated[str, typer.Option(help="Storage precision of the basis: float32, bfloat16 or float16.")] = "float32",
     model: ModelOpt = None,
     data: DataOpt = None,
     data_dir: DataDir = None,
+    dry_run: DryRun = False,
     force: Force = False,
     json_out: Json = False,
     quiet: Quiet = False,
+    config: ConfigOpt = None,
+    config_from: ConfigFrom = None,
 ) -> None:
     """Build an orthonormal basis of the span of the selected checkpoints (streamed, numerically robust)."""
     from twa_cli.basis import orthogonalize as run
@@ -283,11 +443,17 @@ def orthogonalize(
 
     from twa_cli.distributed import init_group
 
-    _setup(json_out, quiet)
+    _setup(json_out, quiet, ctx)
     group = init_group("cpu")  # under torchrun: each rank builds its columns of the basis
     check_output(output, force, inputs=[ckpts])
-    selected = _selected(ckpts, start, end, every)
+    selection = _selection(start, end, every, start_step, end_step, every_step, top, by)
+    selected = _selected(ckpts, start, end, every, selection, strip_prefix)
     arch = _model(model, _data(data, data_dir, False), selected[0].data)
+    if dry_run:
+        from twa_cli.estimates import plan_orthogonalize
+
+        _show_plan(plan_orthogonalize(selected, dtype=dtype, trainable=_trainable(arch, selected[0])), json_out)
+        return
     shards: list[dict[str, Any]] = []
     with ui.file_progress("orthogonalizing") as progress:
         if group is None:
@@ -319,6 +485,7 @@ def orthogonalize(
 
 @app.command("train-subspace")
 def train_subspace(
+    ctx: typer.Context,
     src: Annotated[Path, typer.Argument(help="A basis file from `twa orthogonalize`, or a checkpoint folder (orthogonalized first).")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder (default: a new folder beside SRC, named SRC-twa).", rich_help_panel=OUTPUT)] = None,
     epochs: Annotated[int, typer.Option(help="Epochs of subspace training.", min=1, rich_help_panel=TRAIN)] = 10,
@@ -331,7 +498,14 @@ def train_subspace(
     start: Start = 0,
     end: End = None,
     every: Every = 1,
+    start_step: StartStep = None,
+    end_step: EndStep = None,
+    every_step: EveryStep = None,
+    top: Top = None,
+    by: By = None,
+    strip_prefix: StripPrefix = None,
     tol: Annotated[float, typer.Option(help="When SRC is a folder: near-duplicate tolerance of the orthogonalization.", rich_help_panel=SELECT)] = 1e-6,
+    dtype: Annotated[OutDtype, typer.Option(help="Precision of the written result (training runs in fp32).", rich_help_panel=OUTPUT)] = OutDtype.same,
     model: ModelOpt = None,
     data: DataOpt = None,
     data_dir: DataDir = None,
@@ -347,16 +521,19 @@ def train_subspace(
     sync_bn: Annotated[Optional[bool], typer.Option("--sync-bn/--no-sync-bn", help="Under torchrun: synchronize BatchNorm over the ranks' parts of each batch (default: on with GPUs; PyTorch cannot on CPU).")] = None,
     seed: Seed = 0,
     device: DeviceOpt = Device.auto,
+    dry_run: DryRun = False,
     resume: Resume = False,
     force: Force = False,
     json_out: Json = False,
     quiet: Quiet = False,
+    config: ConfigOpt = None,
+    config_from: ConfigFrom = None,
 ) -> None:
     """Train inside the span of the checkpoints (Algorithm 1) and write the learned average."""
     from twa_cli.subspace_training import SubspaceConfig, default_output
     from twa_cli.subspace_training import train_subspace as run
 
-    _setup(json_out, quiet)
+    _setup(json_out, quiet, ctx)
     data_spec = _data(data, data_dir, download)
     cfg = SubspaceConfig(
         epochs=epochs, lr=lr, schedule=schedule.value, momentum=momentum, weight_decay=weight_decay,
@@ -364,8 +541,13 @@ def train_subspace(
         bn_batches=bn_batches, eval_every_epoch=eval_every_epoch, start=start, end=end, every=every, tol=tol,
         fit_on=fit_on.value, val_split=val_split, granularity=granularity.value, group_size=group_size, affine=affine,
         data=data_spec, model=_model(model, data_spec, None) if model else None, sync_bn=sync_bn,
+        start_step=start_step, end_step=end_step, every_step=every_step, top=top, by=by, strip_prefix=strip_prefix,
+        dtype=None if dtype is OutDtype.same else dtype.value,
     )
     out = output or default_output(src)
+    if dry_run:
+        _show_plan(_subspace_plan(src, cfg), json_out)
+        return
     with _interruptible(out), ui.training_progress("twa") as reporter:
         result = run(src, out, cfg, force=force, resume=resume, reporter=reporter)
     summary = {
@@ -493,6 +675,48 @@ def plot(
         ui.info(f"wrote {drawn.path}: {drawn.what}")
     for reason in result.skipped:
         ui.info(f"not drawn: {reason}")
+
+
+@app.command("inspect")
+def inspect_(
+    ckpts: Annotated[Path, typer.Argument(help="Checkpoint folder, file, shard index or Hugging Face checkpoint folder.")],
+    start: Start = 0,
+    end: End = None,
+    every: Every = 1,
+    start_step: StartStep = None,
+    end_step: EndStep = None,
+    every_step: EveryStep = None,
+    top: Top = None,
+    by: By = None,
+    strip_prefix: StripPrefix = None,
+    json_out: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """The checkpoints the tool sees, in the order it uses them, which ones the selection flags pick, and
+    whether they fit together (same tensor names and shapes). Exit 1 when the selected ones do not."""
+    from twa_cli.inspect import human_bytes, inspect_checkpoints
+
+    _setup(json_out, quiet)
+    report = inspect_checkpoints(ckpts, _selection(start, end, every, start_step, end_step, every_step, top, by),
+                                 strip_prefix)
+    if json_out:
+        ui.emit_json(report.to_dict())
+    else:
+        columns = ["#", "checkpoint", "format", "step", "epoch", "params", "dtype", "size", "use"]
+        if report.metric:
+            columns.append(report.metric)
+        rows = []
+        for e in report.entries:
+            row = [e.index, Path(e.path).name, e.format, e.step, e.epoch, f"{e.parameters:,}", e.dtype,
+                   human_bytes(e.file_bytes), "yes" if e.selected else ""]
+            rows.append(row + ([e.metric] if report.metric else []))
+        ui.table(f"{ckpts}", columns, rows)
+        ui.info(f"{len(report.selected)} of {len(report.entries)} selected; "
+                + ("compatible (same tensor names and shapes)" if report.compatible else f"NOT compatible: {report.problem}"))
+        for note in report.notes:
+            ui.info(f"note: {note}")
+    if not report.compatible:
+        raise typer.Exit(1)
 
 
 # Entry point --------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Terminal output: the only module that imports rich.
 
 Summaries go to stdout, everything else (logs, warnings, progress) to stderr. Progress bars and colour only
-when stderr is a terminal and NO_COLOR is unset, so CI logs get plain lines.
+when both stdout and stderr are terminals and NO_COLOR is unset, so CI logs and pipes get plain lines.
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ from twa_cli.training import EpochStats
 
 
 def _plain() -> bool:
-    return bool(os.environ.get("NO_COLOR")) or not sys.stderr.isatty()
+    return bool(os.environ.get("NO_COLOR")) or not sys.stderr.isatty() or not sys.stdout.isatty()
 
 
-out = Console(no_color=bool(os.environ.get("NO_COLOR")), highlight=False, soft_wrap=True)
+# Piped tables (`twa inspect | grep`) get room for file names instead of rich's 80 columns.
+_PIPE_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
+out = Console(no_color=bool(os.environ.get("NO_COLOR")), highlight=False, soft_wrap=True, width=_PIPE_WIDTH)
 err = Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")), highlight=False, soft_wrap=True)
 
 

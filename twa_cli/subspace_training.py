@@ -21,7 +21,6 @@ from twa_cli.checkpoints import (
     make_metadata,
     read_checkpoint,
     save_tensors,
-    select,
     write_json,
     write_text,
 )
@@ -30,6 +29,7 @@ from twa_cli.distributed import ColumnShardedSGD, Group, init_group
 from twa_cli.errors import TwaError
 from twa_cli.evaluation import Score, evaluate
 from twa_cli.models import build_model, check_fits, load_weights
+from twa_cli.selection import Selection, select_checkpoints
 from twa_cli.subspace import FlatParameters, SubspaceSGD
 from twa_cli.variants import build_variant
 from twa_cli.training import (
@@ -83,6 +83,18 @@ class SubspaceConfig:
     model: dict[str, Any] | None = None
     # Under torchrun: SyncBatchNorm during training (None: on under nccl, off under gloo, where torch lacks it).
     sync_bn: bool | None = None
+    # Selection by step or metric, and the tensor-name prefix to strip (see twa_cli.selection, twa_cli.readers).
+    start_step: int | None = None
+    end_step: int | None = None
+    every_step: int | None = None
+    top: int | None = None
+    by: str | None = None
+    strip_prefix: str | None = None
+    dtype: str | None = None  # precision of the written result (None: the model's own, fp32)
+
+    def selection(self) -> Selection:
+        return Selection(self.start, self.end, self.every, self.start_step, self.end_step, self.every_step,
+                         self.top, self.by)
 
 
 @dataclass
@@ -114,11 +126,11 @@ def resolve_basis(src: Path, cfg: SubspaceConfig, progress=None, group: Group | 
             layout = read_checkpoint(src).json_field("layout") or []
             dim = sum(math.prod(shape) for _, shape in layout)
             return load_basis_columns(src, group.columns(dim)), False
-        ckpts = select(list_folder(src), cfg.start, cfg.end, cfg.every)
+        ckpts = select_checkpoints(list_folder(src, cfg.strip_prefix), cfg.selection())
         return orthogonalize_columns(ckpts, group, tol=cfg.tol, model=cfg.model, progress=progress)[0], True
     if is_basis_file(src):
         return load_basis(src), False
-    ckpts = select(list_folder(src), cfg.start, cfg.end, cfg.every)
+    ckpts = select_checkpoints(list_folder(src, cfg.strip_prefix), cfg.selection())
     return orthogonalize(ckpts, tol=cfg.tol, model=cfg.model, progress=progress), True
 
 
@@ -259,7 +271,10 @@ def train_subspace(
             command="train-subspace", sources=[s["path"] for s in basis.sources], coefficients=coefficients,
             step=str(history[-1]["step"] if history else 0), epoch=str(cfg.epochs),
         )
-        save_tensors(result, model.state_dict(), meta)
+        state = model.state_dict()
+        if cfg.dtype is not None:
+            state = {k: v.to(getattr(torch, cfg.dtype)) if v.is_floating_point() else v for k, v in state.items()}
+        save_tensors(result, state, meta)
         state_path.unlink(missing_ok=True)
     if group is not None:
         group.barrier()  # no rank returns before the result is on disk
