@@ -142,7 +142,7 @@ def _read_range(handle: Any, name: str, shape: tuple[int, ...], a: int, b: int) 
         return handle.get_tensor(name).reshape(-1)[a:b]
     row = size // shape[0]
     first, last = a // row, -(-b // row)
-    rows = handle.get_slice(name)[first:last].reshape(-1)
+    rows = handle.read_slice(name, slice(first, last)).reshape(-1)
     return rows[a - first * row : b - first * row]
 
 

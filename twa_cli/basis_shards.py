@@ -101,7 +101,7 @@ def load_basis_columns(path: str | Path, columns: tuple[int, int] | None = None)
         vectors = _read_shards(path, ckpt.json_field("shards"), dim, lo, hi, tensors["coords"].shape[0])
     else:
         with open_tensors(path) as handle:
-            vectors = handle.get_slice("basis")[:, lo:hi]
+            vectors = handle.read_slice("basis", slice(None), slice(lo, hi))
     return Basis(
         vectors=vectors,
         coords=tensors["coords"],
@@ -132,7 +132,7 @@ def _read_shards(index: Path, shards: list[dict[str, Any]], dim: int, lo: int, h
         if not file.exists():
             raise TwaError(f"{index}: its shard {file.name} is missing")
         with open_tensors(file) as handle:
-            piece = handle.get_slice("basis")[:, a2 - a : b2 - a]
+            piece = handle.read_slice("basis", slice(None), slice(a2 - a, b2 - a))
         if out is None:
             out = torch.empty(rank, hi - lo, dtype=piece.dtype)
         out[:, a2 - lo : b2 - lo] = piece

@@ -15,6 +15,8 @@ safetensors handle calls (`get_tensor`, `get_slice(name).get_shape()/.get_dtype(
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import json
 import pickle
 import re
@@ -64,7 +66,7 @@ class _Slice:
         return TORCH_TO_ST.get(self._dtype, str(self._dtype))
 
 
-class Reader:
+class Reader(ABC):
     """One checkpoint, whatever its format; tensors are read only when asked for."""
 
     format = "unknown"
@@ -72,17 +74,25 @@ class Reader:
     def __init__(self, path: Path):
         self.path = path
 
+    @abstractmethod
     def keys(self) -> list[str]:
-        raise NotImplementedError
+        """The tensor names (prefix stripped)."""
 
+    @abstractmethod
     def shape(self, name: str) -> tuple[int, ...]:
-        raise NotImplementedError
+        """A tensor's shape, from the header alone."""
 
+    @abstractmethod
     def dtype(self, name: str) -> torch.dtype:
-        raise NotImplementedError
+        """A tensor's dtype, from the header alone."""
 
+    @abstractmethod
     def get(self, name: str) -> torch.Tensor:
-        raise NotImplementedError
+        """A whole tensor."""
+
+    def read_slice(self, name: str, *index: slice) -> torch.Tensor:
+        """tensor[index] (formats that can read part of a tensor read only that part)."""
+        return self.get(name)[index]
 
     def metadata(self) -> dict[str, str]:
         return {}
@@ -142,6 +152,14 @@ class SafetensorsReader(Reader):
         raw = self._raw(name)
         try:
             return self._handle.get_tensor(raw)
+        except Exception as exc:
+            raise TwaError(f"{self.path}: cannot read tensor '{name}'; is the file truncated? ({_short(exc)})") from exc
+
+    def read_slice(self, name: str, *index: slice) -> torch.Tensor:
+        try:
+            return self._handle.get_slice(self._raw(name))[index]
+        except TwaError:
+            raise
         except Exception as exc:
             raise TwaError(f"{self.path}: cannot read tensor '{name}'; is the file truncated? ({_short(exc)})") from exc
 
