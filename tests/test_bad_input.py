@@ -20,7 +20,7 @@ import torch
 
 from conftest import run_twa, snapshot
 from twa_cli.basis import orthogonalize, save_basis
-from twa_cli.checkpoints import list_folder, load_tensors, make_metadata, read_checkpoint, save_tensors
+from twa_cli.checkpoints import list_folder, load_tensors, read_checkpoint, save_tensors
 from twa_cli.models import MLP
 
 

@@ -11,7 +11,7 @@ import torch
 from layouts import hf_trainer_folder, timm_folder
 from test_model_free import run  # noqa: F401  (fixture)
 from twa_cli.checkpoints import list_folder, load_tensors, read_checkpoint
-from twa_cli.config import load_config_file, options_for
+from twa_cli.config import options_for
 from twa_cli.errors import TwaError
 
 

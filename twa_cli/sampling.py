@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,6 @@ from twa_cli.checkpoints import (
     make_metadata,
     read_checkpoint,
     save_tensors,
-    write_text,
 )
 from twa_cli.data import load_data, num_batches
 from twa_cli.errors import TwaError
@@ -31,6 +29,7 @@ from twa_cli.training import (
     save_train_state,
     strip_prefix,
     train_loop,
+    write_metrics,
     with_prefix,
 )
 
@@ -122,6 +121,7 @@ def sample(
     start_epoch, step = 0, 0
     if resume:
         tensors, start_epoch, step, history = load_train_state(state_path, config)
+        write_metrics(out / METRICS_FILE, history)
         load_weights(model, strip_prefix("model", tensors), str(state_path))
         params = dict(model.named_parameters())
         for name, buf in strip_prefix("momentum", tensors).items():
@@ -140,7 +140,7 @@ def sample(
         history.append(stats.to_dict())
         tensors = with_prefix("model", model.state_dict()) | with_prefix("momentum", _optimizer_tensors(model, optimizer))
         save_train_state(state_path, tensors, stats, history, config)
-        write_text(out / METRICS_FILE, "".join(json.dumps(h) + "\n" for h in history))
+        write_metrics(out / METRICS_FILE, history)
 
     loop = LoopConfig(cfg.epochs, cfg.lr, cfg.schedule, cfg.batch_size, cfg.seed, cfg.device)
     try:

@@ -22,13 +22,12 @@ from twa_cli.checkpoints import (
     read_checkpoint,
     save_tensors,
     write_json,
-    write_text,
 )
 from twa_cli.data import load_data
 from twa_cli.distributed import ColumnShardedSGD, Group, init_group
 from twa_cli.errors import TwaError
 from twa_cli.evaluation import Score, evaluate
-from twa_cli.models import build_model, check_fits, load_weights
+from twa_cli.models import build_model, check_fits
 from twa_cli.selection import Selection, select_checkpoints
 from twa_cli.subspace import FlatParameters, SubspaceSGD
 from twa_cli.variants import build_variant
@@ -42,6 +41,7 @@ from twa_cli.training import (
     strip_prefix,
     divergence_advice,
     train_loop,
+    write_metrics,
     with_prefix,
 )
 
@@ -228,6 +228,8 @@ def train_subspace(
     start_epoch = step = 0
     if resume:
         tensors, start_epoch, step, history = load_train_state(state_path, config)
+        if lead:
+            write_metrics(out / METRICS_FILE, history)
         saved = strip_prefix("model", tensors)
         check_fits(model, {k: tuple(v.shape) for k, v in saved.items()}, str(state_path))
         for name, value in model.state_dict().items():
@@ -248,7 +250,7 @@ def train_subspace(
         if lead:
             tensors = with_prefix("model", model.state_dict()) | with_prefix("optim", optimizer.state_tensors())
             save_train_state(state_path, tensors, stats, history, config)
-            write_text(out / METRICS_FILE, "".join(json.dumps(h) + "\n" for h in history))
+            write_metrics(out / METRICS_FILE, history)
 
     loop = LoopConfig(cfg.epochs, cfg.lr, cfg.schedule, cfg.batch_size, cfg.seed, device)
     try:

@@ -8,6 +8,7 @@ end of an epoch replays exactly the batches an uninterrupted run would have seen
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Collection, Iterator
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from twa_cli.checkpoints import load_tensors, make_metadata, read_checkpoint, save_tensors
+from twa_cli.checkpoints import load_tensors, make_metadata, read_checkpoint, save_tensors, write_text
 from twa_cli.data import Datasets, batches, num_batches
 from twa_cli.errors import TwaError
 
@@ -238,6 +239,12 @@ def save_train_state(
     tensors["rng.torch"] = torch.get_rng_state()
     info = {"epochs_done": stats.epoch, "step": stats.step, "history": history, "config": config}
     save_tensors(path, tensors, make_metadata("train-state", state=info))
+
+
+def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    """The per-epoch figures as JSON lines, rewritten whole (atomically) after each epoch and on resuming,
+    so the file always matches the saved state, and a temporary left by a killed write is cleared."""
+    write_text(path, "".join(json.dumps(h) + "\n" for h in history))
 
 
 # Options a resumed run may change: how long it runs, where, and the learning rate (to recover from divergence).
