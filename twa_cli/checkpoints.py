@@ -228,11 +228,21 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
     """Write a safetensors file atomically (callers check overwriting with `check_output`)."""
     path = Path(path)
-    # safetensors refuses views sharing storage (our flat parameter buffer), so each tensor gets its own.
-    owned = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    owned = {k: _owned(v, tensors.values()) for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(owned, str(tmp), metadata=dict(metadata))
     return path
+
+
+def _owned(tensor: torch.Tensor, others: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The tensor itself when safetensors can write it as it is, else a copy: safetensors refuses views
+    sharing storage (our flat parameter buffer). A large basis is written without a second copy in memory."""
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return tensor.to("cpu").contiguous().clone()
+    storage = tensor.untyped_storage().data_ptr()
+    shared = sum(1 for t in others if t.device.type == "cpu" and t.untyped_storage().data_ptr() == storage)
+    return tensor.clone() if shared > 1 else tensor
 
 
 def write_text(path: str | Path, text: str) -> Path:

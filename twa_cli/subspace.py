@@ -68,6 +68,7 @@ class SubspaceSGD(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
         self.flat = flat
         self.basis = basis
+        self.projection = Projection(basis, flat.params.dtype)
         device = flat.params.device
         self.coords = coords.to(device=device, dtype=torch.float32).clone()
         self.momentum = torch.zeros_like(self.coords)
@@ -82,7 +83,7 @@ class SubspaceSGD(torch.optim.Optimizer):
         group = self.param_groups[0]
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
         # c = P g   (the gradient in subspace coordinates; P^T c is the projected gradient of eq. 7)
-        _matvec(self.basis, self.flat.grads, self._grad_coords)
+        self.projection.coords_of(self.flat.grads, self._grad_coords)
         # eq. 8 in coordinates: m <- mu m + (c + wd a);  a <- a - lr m
         self.momentum.mul_(mu).add_(self._grad_coords).add_(self.coords, alpha=wd)
         self.coords.add_(self.momentum, alpha=-lr)
@@ -98,7 +99,7 @@ class SubspaceSGD(torch.optim.Optimizer):
     @torch.no_grad()
     def _write_params(self) -> None:
         """w = P^T a (+ s r), written straight into the parameter buffer."""
-        _matvec_t(self.basis, self.coords, self.flat.params)
+        self.projection.point_of(self.coords, self.flat.params)
         if self.offspan is not None:
             self.flat.params.add_(self.offspan, alpha=self.offspan_scale)
 
@@ -119,11 +120,44 @@ def _params_of(flat: FlatParameters) -> list[torch.Tensor]:
     return [flat.params]
 
 
-def _matvec(basis: torch.Tensor, vector: torch.Tensor, out: torch.Tensor) -> None:
-    """out = basis @ vector."""
-    torch.mv(basis, vector, out=out)
+class Projection:
+    """c = P g and w = P^T a for a basis P (k x D) that may be stored in half precision.
 
+    An fp32 basis is used by torch.mv directly. A bf16/fp16 basis is widened one slab of columns at a time
+    into a preallocated fp32 scratch (cache-sized on CPU), so the products accumulate in fp32, the basis is
+    read at half the bytes, and a step allocates nothing.
+    """
 
-def _matvec_t(basis: torch.Tensor, coords: torch.Tensor, out: torch.Tensor) -> None:
-    """out = basis.T @ coords."""
-    torch.mv(basis.t(), coords, out=out)
+    def __init__(self, basis: torch.Tensor, dtype: torch.dtype):
+        self.basis = basis
+        self.dtype = dtype
+        k, dim = basis.shape
+        self.widen = basis.dtype != dtype
+        budget = (1 << 20) if basis.device.type == "cpu" else (1 << 26)
+        self.step = max(1024, budget // (4 * max(k, 1))) if self.widen else dim
+        self.scratch = torch.empty(k, min(self.step, dim) if self.widen else 0, dtype=dtype, device=basis.device)
+
+    def coords_of(self, vector: torch.Tensor, out: torch.Tensor) -> None:
+        """out = P vector."""
+        if not self.widen:
+            torch.mv(self.basis, vector, out=out)
+            return
+        out.zero_()
+        for s, slab in self._slabs():
+            out.addmv_(slab, vector[s : s + slab.shape[1]])
+
+    def point_of(self, coords: torch.Tensor, out: torch.Tensor) -> None:
+        """out = P^T coords."""
+        if not self.widen:
+            torch.mv(self.basis.t(), coords, out=out)
+            return
+        for s, slab in self._slabs():
+            torch.mv(slab.t(), coords, out=out[s : s + slab.shape[1]])
+
+    def _slabs(self):
+        dim = self.basis.shape[1]
+        for s in range(0, dim, self.step):
+            width = min(self.step, dim - s)
+            slab = self.scratch[:, :width]
+            slab.copy_(self.basis[:, s : s + width])
+            yield s, slab
