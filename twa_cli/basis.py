@@ -26,6 +26,7 @@ from twa_cli.checkpoints import (
     check_finite,
     load_tensors,
     make_metadata,
+    map_tensor,
     open_tensors,
     read_checkpoint,
     save_tensors,
@@ -73,6 +74,10 @@ class Basis:
         which splits a weight evenly between identical checkpoints.
         """
         return torch.linalg.pinv(self.coords) @ coords.to(torch.float64).cpu()
+
+    def coords_of(self, vector: torch.Tensor) -> torch.Tensor:
+        """vectors @ vector in fp64, chunk by chunk (no fp64 copy of the basis)."""
+        return _inner_products(self.vectors, vector.reshape(1, -1), exact=True)[:, 0]
 
     def point(self, coords: torch.Tensor) -> torch.Tensor:
         return combine(self.vectors, coords).float()
@@ -348,9 +353,14 @@ def load_basis(path: str | Path) -> Basis:
     ckpt = read_checkpoint(path)
     if ckpt.kind != "basis":
         raise TwaError(f"{path}: not a basis file (made by `twa orthogonalize`)")
-    tensors = load_tensors(path)
+    with open_tensors(Path(path)) as handle:
+        small = [k for k in handle.keys() if k != "basis"]
+    tensors = load_tensors(path, small)
     layout = [(name, tuple(shape)) for name, shape in ckpt.json_field("layout")]
-    vectors = tensors["basis"]
+    # Mapped, not read: training uses the file's pages in place, so the basis is never held twice.
+    vectors = map_tensor(path, "basis")
+    for i, row in enumerate(vectors):  # row by row: a whole-basis isfinite would allocate a quarter of it
+        check_finite(row, f"{path}: basis row {i}")
     if vectors.shape[1] != sum(_numel(s) for _, s in layout):
         raise TwaError(f"{path}: the basis has {vectors.shape[1]} columns but its layout describes a different size")
     return Basis(

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from twa_cli.basis import Basis, is_basis_file, load_basis, orthogonalize, save_basis
+from twa_cli.basis import DTYPES, Basis, combine, is_basis_file, load_basis, orthogonalize, save_basis
 from twa_cli.batchnorm import recalibrate_bn
 from twa_cli.checkpoints import (
     check_output,
@@ -63,6 +63,7 @@ class SubspaceConfig:
     end: int | None = None
     every: int = 1
     tol: float = 1e-6
+    dtype: str | None = None  # precision of the basis in the projection; None: as stored (float32 from a folder)
     data: dict[str, Any] | None = None
     model: dict[str, Any] | None = None
 
@@ -86,10 +87,13 @@ def default_output(src: Path) -> Path:
 
 def resolve_basis(src: Path, cfg: SubspaceConfig, progress=None) -> tuple[Basis, bool]:
     """A basis file is loaded; a checkpoint folder is orthogonalized first. Returns (basis, made_here)."""
+    if cfg.dtype is not None and cfg.dtype not in DTYPES:
+        raise TwaError(f"--dtype must be one of {', '.join(DTYPES)} (got '{cfg.dtype}')")
     if is_basis_file(src):
         return load_basis(src), False
     ckpts = select(list_folder(src), cfg.start, cfg.end, cfg.every)
-    return orthogonalize(ckpts, tol=cfg.tol, model=cfg.model, progress=progress), True
+    basis = orthogonalize(ckpts, tol=cfg.tol, dtype=cfg.dtype or "float32", model=cfg.model, progress=progress)
+    return basis, True
 
 
 def train_subspace(
@@ -132,7 +136,10 @@ def train_subspace(
     _load_start(model, basis, init_tensors)
     model.to(cfg.device)
     flat = FlatParameters(model, [name for name, _ in basis.layout])
-    vectors = basis.vectors.to(device=cfg.device, dtype=flat.params.dtype)
+    # Kept in its stored precision (a half-precision basis is widened slab by slab inside the projection);
+    # on the CPU a mapped basis file is used in place.
+    stored = DTYPES[cfg.dtype] if cfg.dtype is not None else basis.vectors.dtype
+    vectors = basis.vectors.to(device=cfg.device, dtype=stored)
     optimizer = SubspaceSGD(
         flat, vectors, start_coords, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
         offspan=None if offspan is None else offspan.to(cfg.device),
@@ -192,8 +199,8 @@ def _starting_point(basis: Basis, init: str) -> tuple[torch.Tensor, torch.Tensor
     if missing:
         raise TwaError(f"--init {init}: has no tensor '{missing[0]}' of the basis")
     w0 = torch.cat([tensors[n].reshape(-1).double() for n, _ in basis.layout])
-    coords = basis.vectors.double() @ w0
-    residual = w0 - basis.vectors.t().double() @ coords
+    coords = basis.coords_of(w0)
+    residual = w0 - combine(basis.vectors, coords)
     # A start inside the span up to rounding (any source checkpoint) is snapped onto it.
     offspan = residual.float() if float(residual.norm()) > 1e-6 * float(w0.norm()) else None
     return coords, offspan, tensors
