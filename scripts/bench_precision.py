@@ -2,7 +2,7 @@
 """Basis precision benchmark: the same head-stage TWA run with the basis in float32, bfloat16 and float16.
 
 Samples a head stage (the first epochs of a run, constant learning rate), orthogonalizes it once in fp32, then
-trains in the subspace from that basis with each --dtype (the projection accumulating in fp32) and prints the
+trains in the subspace from that basis with each --basis-dtype (the projection accumulating in fp32) and prints the
 test accuracy and loss of each, and their difference from float32. Same seed, same batches for every dtype.
 
     PYTHONPATH=$PWD python scripts/bench_precision.py                       # small-cnn on digits (CPU-size)
@@ -48,7 +48,7 @@ def main() -> None:
               f"lr {args.twa_lr}, seed {args.seed}")
         rows = []
         for dtype in ("float32", "bfloat16", "float16"):
-            cfg = SubspaceConfig(epochs=args.twa_epochs, lr=args.twa_lr, dtype=dtype, seed=args.seed,
+            cfg = SubspaceConfig(epochs=args.twa_epochs, lr=args.twa_lr, basis_dtype=dtype, seed=args.seed,
                                  eval_every_epoch=False)
             started = time.perf_counter()
             result = train_subspace(basis_path, root / f"twa-{dtype}", cfg)

@@ -88,7 +88,7 @@ def test_truncated_basis_file_is_a_one_line_error(tmp_path):
 
 
 def test_train_subspace_with_a_bfloat16_basis(mlp_run, tmp_path):
-    cfg = SubspaceConfig(epochs=1, lr=0.5, batch_size=64, dtype="bfloat16", eval_every_epoch=False)
+    cfg = SubspaceConfig(epochs=1, lr=0.5, batch_size=64, basis_dtype="bfloat16", eval_every_epoch=False)
     result = train_subspace(mlp_run, tmp_path / "twa", cfg)
     basis = load_basis(tmp_path / "twa" / "basis.safetensors")
     assert basis.vectors.dtype == torch.bfloat16

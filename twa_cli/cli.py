@@ -270,7 +270,7 @@ def train_subspace(
     end: End = None,
     every: Every = 1,
     tol: Annotated[float, typer.Option(help="When SRC is a folder: near-duplicate tolerance of the orthogonalization.", rich_help_panel=SELECT)] = 1e-6,
-    dtype: Annotated[Optional[str], typer.Option(help="Precision of the basis in the projection: float32, bfloat16 or float16 (accumulating in fp32; default: as stored).", rich_help_panel=TRAIN)] = None,
+    basis_dtype: Annotated[Optional[str], typer.Option(help="Precision of the basis in the projection: float32, bfloat16 or float16 (accumulating in fp32; default: as stored).", rich_help_panel=TRAIN)] = None,
     model: ModelOpt = None,
     data: DataOpt = None,
     data_dir: DataDir = None,
@@ -295,7 +295,7 @@ def train_subspace(
         epochs=epochs, lr=lr, schedule=schedule.value, momentum=momentum, weight_decay=weight_decay,
         batch_size=batch_size, init=init, seed=seed, device=_device(device), bn_update=bn_update,
         bn_batches=bn_batches, eval_every_epoch=eval_every_epoch, start=start, end=end, every=every, tol=tol,
-        dtype=dtype, data=data_spec, model=_model(model, data_spec, None) if model else None,
+        basis_dtype=basis_dtype, data=data_spec, model=_model(model, data_spec, None) if model else None,
     )
     out = output or default_output(src)
     with _interruptible(out), ui.training_progress("twa") as reporter:

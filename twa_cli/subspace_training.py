@@ -63,7 +63,7 @@ class SubspaceConfig:
     end: int | None = None
     every: int = 1
     tol: float = 1e-6
-    dtype: str | None = None  # precision of the basis in the projection; None: as stored (float32 from a folder)
+    basis_dtype: str | None = None  # precision of the basis in the projection; None: as stored (fp32 from a folder)
     data: dict[str, Any] | None = None
     model: dict[str, Any] | None = None
 
@@ -87,12 +87,12 @@ def default_output(src: Path) -> Path:
 
 def resolve_basis(src: Path, cfg: SubspaceConfig, progress=None) -> tuple[Basis, bool]:
     """A basis file is loaded; a checkpoint folder is orthogonalized first. Returns (basis, made_here)."""
-    if cfg.dtype is not None and cfg.dtype not in DTYPES:
-        raise TwaError(f"--dtype must be one of {', '.join(DTYPES)} (got '{cfg.dtype}')")
+    if cfg.basis_dtype is not None and cfg.basis_dtype not in DTYPES:
+        raise TwaError(f"--basis-dtype must be one of {', '.join(DTYPES)} (got '{cfg.basis_dtype}')")
     if is_basis_file(src):
         return load_basis(src), False
     ckpts = select(list_folder(src), cfg.start, cfg.end, cfg.every)
-    basis = orthogonalize(ckpts, tol=cfg.tol, dtype=cfg.dtype or "float32", model=cfg.model, progress=progress)
+    basis = orthogonalize(ckpts, tol=cfg.tol, dtype=cfg.basis_dtype or "float32", model=cfg.model, progress=progress)
     return basis, True
 
 
@@ -138,7 +138,7 @@ def train_subspace(
     flat = FlatParameters(model, [name for name, _ in basis.layout])
     # Kept in its stored precision (a half-precision basis is widened slab by slab inside the projection);
     # on the CPU a mapped basis file is used in place.
-    stored = DTYPES[cfg.dtype] if cfg.dtype is not None else basis.vectors.dtype
+    stored = DTYPES[cfg.basis_dtype] if cfg.basis_dtype is not None else basis.vectors.dtype
     vectors = basis.vectors.to(device=cfg.device, dtype=stored)
     optimizer = SubspaceSGD(
         flat, vectors, start_coords, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
