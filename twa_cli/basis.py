@@ -137,7 +137,11 @@ def _chunk(rows: int) -> int:
     return max(4096, CHUNK_BYTES // (8 * max(rows, 1)))
 
 
-def _project_out(q: torch.Tensor, x: torch.Tensor, coords: torch.Tensor) -> None:
+# Sums a tensor of partial inner products in place across the ranks holding other columns of the basis.
+Reduce = Callable[[torch.Tensor], None]
+
+
+def _project_out(q: torch.Tensor, x: torch.Tensor, coords: torch.Tensor, reduce: Reduce | None = None) -> None:
     """x <- x - q.T (q x.T), twice; the removed components are added to coords (k, b).
 
     The first pass only has to remove the bulk, so it runs as fp32 GEMMs; the second pass decides the
@@ -149,6 +153,8 @@ def _project_out(q: torch.Tensor, x: torch.Tensor, coords: torch.Tensor) -> None
         return
     for exact in (False, True):
         c = _inner_products(q, x, exact)
+        if reduce is not None:
+            reduce(c)
         x.addmm_(c.t().to(x.dtype), q, alpha=-1.0)
         coords += c
 
@@ -174,7 +180,7 @@ def _inner_products(q: torch.Tensor, x: torch.Tensor, exact: bool) -> torch.Tens
     return out
 
 
-def _norms(x: torch.Tensor) -> torch.Tensor:
+def _norms(x: torch.Tensor, reduce: Reduce | None = None) -> torch.Tensor:
     """Euclidean norm of each row of x, accumulated in fp64 chunk by chunk over D."""
     out = torch.zeros(x.shape[0], dtype=torch.float64)
     step = _chunk(x.shape[0])
@@ -184,6 +190,8 @@ def _norms(x: torch.Tensor) -> torch.Tensor:
         xc = x64[:, :width]
         xc.copy_(x[:, s : s + width])
         out += (xc * xc).sum(dim=1)
+    if reduce is not None:
+        reduce(out)
     return out.sqrt()
 
 
@@ -306,10 +314,12 @@ def combine(vectors: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def orthogonality_error(vectors: torch.Tensor) -> float:
+def orthogonality_error(vectors: torch.Tensor, reduce: Reduce | None = None) -> float:
     """max |P P^T - I|, with fp64 accumulation."""
     k = vectors.shape[0]
     gram = _inner_products(vectors, vectors, exact=True)
+    if reduce is not None:
+        reduce(gram)
     return float((gram - torch.eye(k, dtype=torch.float64)).abs().max()) if k else 0.0
 
 
