@@ -26,6 +26,7 @@ from twa_cli.checkpoints import (
     check_finite,
     load_tensors,
     make_metadata,
+    map_tensor,
     open_tensors,
     read_checkpoint,
     save_tensors,
@@ -38,7 +39,6 @@ from twa_cli.models import build_model, check_fits, trainable_names
 log = logging.getLogger("twa")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CHUNK = 1 << 20  # elements of the parameter vector handled at once in fp64
 
 
 @dataclass
@@ -75,8 +75,12 @@ class Basis:
         """
         return torch.linalg.pinv(self.coords) @ coords.to(torch.float64).cpu()
 
+    def coords_of(self, vector: torch.Tensor) -> torch.Tensor:
+        """vectors @ vector in fp64, chunk by chunk (no fp64 copy of the basis)."""
+        return _inner_products(self.vectors, vector.reshape(1, -1), exact=True)[:, 0]
+
     def point(self, coords: torch.Tensor) -> torch.Tensor:
-        return self.vectors.t().to(torch.float32) @ coords.to(torch.float32)
+        return combine(self.vectors, coords).float()
 
     def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
         out, offset = {}, 0
@@ -146,29 +150,67 @@ def _read_range(handle: Any, name: str, shape: tuple[int, ...], a: int, b: int) 
     return rows[a - first * row : b - first * row]
 
 
+# Columns of the parameter vector handled at once when widening to fp64: small enough that the fp64 copies
+# stay in cache and cost no memory worth counting next to the basis.
+CHUNK_BYTES = 1 << 22
+
+
+def _chunk(rows: int) -> int:
+    return max(4096, CHUNK_BYTES // (8 * max(rows, 1)))
+
+
 Reduce = Callable[[torch.Tensor], None]  # sums a tensor in place over the ranks that each hold some columns
 
 
 def _project_out(q: torch.Tensor, x: torch.Tensor, coords: torch.Tensor, reduce: Reduce | None = None) -> None:
-    """x <- x - q.T (q x.T), twice, with fp64 inner products; the removed components are added to coords (k, b)."""
+    """x <- x - q.T (q x.T), twice; the removed components are added to coords (k, b).
+
+    The first pass only has to remove the bulk, so it runs as fp32 GEMMs; the second pass decides the
+    orthogonality, so its inner products are formed in fp64 (both passes sum the chunks over D in fp64).
+    The updates are fp32 GEMMs in place: their rounding is noise of the size of x's own fp32 rounding,
+    random with respect to q. Together with `_norms`, this is the only place that reduces over D.
+    """
     if q.shape[0] == 0:
         return
-    dim = x.shape[1]
-    for _ in range(2):
-        c = torch.zeros(q.shape[0], x.shape[0], dtype=torch.float64)
-        for s in range(0, dim, CHUNK):
-            c += q[:, s : s + CHUNK].double() @ x[:, s : s + CHUNK].double().t()
+    for exact in (False, True):
+        c = _inner_products(q, x, exact)
         if reduce is not None:
             reduce(c)
-        for s in range(0, dim, CHUNK):
-            x[:, s : s + CHUNK] -= (c.t() @ q[:, s : s + CHUNK].double()).to(x.dtype)
+        x.addmm_(c.t().to(x.dtype), q, alpha=-1.0)
         coords += c
 
 
+def _inner_products(q: torch.Tensor, x: torch.Tensor, exact: bool) -> torch.Tensor:
+    """q x.T (k, b) in fp64, summed chunk by chunk over D; `exact` also multiplies in fp64."""
+    dim = x.shape[1]
+    out = torch.zeros(q.shape[0], x.shape[0], dtype=torch.float64)
+    if not exact:
+        step = 1 << 16
+        for s in range(0, dim, step):
+            out += (q[:, s : s + step] @ x[:, s : s + step].t()).double()
+        return out
+    step = _chunk(q.shape[0] + x.shape[0])
+    q64 = torch.empty(q.shape[0], step, dtype=torch.float64)
+    x64 = torch.empty(x.shape[0], step, dtype=torch.float64)
+    for s in range(0, dim, step):
+        width = min(step, dim - s)
+        qc, xc = q64[:, :width], x64[:, :width]
+        qc.copy_(q[:, s : s + width])
+        xc.copy_(x[:, s : s + width])
+        out.addmm_(qc, xc.t())
+    return out
+
+
 def _norms(x: torch.Tensor, reduce: Reduce | None = None) -> torch.Tensor:
+    """Euclidean norm of each row of x, accumulated in fp64 chunk by chunk over D."""
     out = torch.zeros(x.shape[0], dtype=torch.float64)
-    for s in range(0, x.shape[1], CHUNK):
-        out += x[:, s : s + CHUNK].double().pow(2).sum(dim=1)
+    step = _chunk(x.shape[0])
+    x64 = torch.empty(x.shape[0], step, dtype=torch.float64)
+    for s in range(0, x.shape[1], step):
+        width = min(step, x.shape[1] - s)
+        xc = x64[:, :width]
+        xc.copy_(x[:, s : s + width])
+        out += (xc * xc).sum(dim=1)
     if reduce is not None:
         reduce(out)
     return out.sqrt()
@@ -193,7 +235,8 @@ def orthogonalize(
 ) -> Basis:
     """Build an orthonormal basis of span{w_i} from checkpoint files, streaming them block by block.
 
-    Peak memory is the basis (n x D fp32) plus one block of checkpoints (at most a quarter of the basis).
+    Peak memory is the fp32 basis (n x D) plus one block of checkpoints (an eighth of it) and one model: the
+    stacked checkpoints are never held. A half-precision basis is converted in place at the end.
     `names` restricts the subspace to some tensors (layer-wise TWA builds one basis per group of tensors).
     With `columns` (lo, hi) only those entries of the parameter vector are read and returned, and `reduce`
     sums the inner products over the ranks holding the other columns (`twa_cli.basis_shards`).
@@ -207,7 +250,7 @@ def orthogonalize(
     layout = [(name, shapes[name]) for name in names]
     dim = sum(_numel(s) for _, s in layout)
     n = len(ckpts)
-    block = block or max(1, min(32, n // 4))
+    block = block or max(1, min(32, n // 8))
     lo, hi = columns if columns is not None else (0, dim)
     q = torch.empty(n, hi - lo, dtype=torch.float32)
     coords = torch.zeros(n, n, dtype=torch.float64)
@@ -239,7 +282,7 @@ def orthogonalize(
                     ckpts[i].path, relative, tol,
                 )
                 continue
-            q[k] = row[0] / residual
+            torch.div(row[0], residual, out=q[k])
             coords[k, i] = residual
             k += 1
         if progress is not None:
@@ -248,7 +291,7 @@ def orthogonalize(
     if k == 0:
         raise TwaError(f"{ckpts[0].path.parent}: the selected checkpoints are all zero on the trained tensors; "
                        "they span no direction")
-    vectors = q[:k].clone() if k < n else q
+    vectors = q[:k]  # a view: copying would hold the basis twice
     del q
     basis = Basis(
         vectors=vectors,
@@ -262,9 +305,23 @@ def orthogonalize(
     )
     basis.errors["orthogonality"] = orthogonality_error(basis.vectors, reduce)
     if dtype != "float32":
-        basis.vectors = basis.vectors.to(DTYPES[dtype])
+        basis.vectors = _narrow_in_place(basis.vectors, DTYPES[dtype])
         basis.errors["orthogonality_stored"] = orthogonality_error(basis.vectors, reduce)
     return basis
+
+
+def _narrow_in_place(vectors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The rows converted to a 2-byte dtype inside the fp32 tensor's own memory, row by row.
+
+    Row i is written at half the offset it is read from, so it never overwrites a row not yet converted.
+    """
+    k, dim = vectors.shape
+    out = torch.empty(0, dtype=dtype).set_(vectors.untyped_storage(), 0, (k, dim))
+    row = torch.empty(dim, dtype=dtype)
+    for i in range(k):
+        row.copy_(vectors[i])
+        out[i].copy_(row)
+    return out
 
 
 def _source(ckpt: Checkpoint, with_hash: bool) -> dict[str, Any]:
@@ -274,13 +331,25 @@ def _source(ckpt: Checkpoint, with_hash: bool) -> dict[str, Any]:
     return src
 
 
+def combine(vectors: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """vectors.T @ coefficients in fp64, chunk by chunk over D (no fp64 copy of the basis)."""
+    k, dim = vectors.shape
+    coefficients = coefficients.to(torch.float64).cpu()
+    out = torch.empty(dim, dtype=torch.float64)
+    step = _chunk(k)
+    scratch = torch.empty(k, step, dtype=torch.float64)
+    for s in range(0, dim, step):
+        width = min(step, dim - s)
+        chunk = scratch[:, :width]
+        chunk.copy_(vectors[:, s : s + width])
+        torch.mv(chunk.t(), coefficients, out=out[s : s + width])
+    return out
+
+
 def orthogonality_error(vectors: torch.Tensor, reduce: Reduce | None = None) -> float:
     """max |P P^T - I|, with fp64 accumulation."""
-    k, dim = vectors.shape
-    gram = torch.zeros(k, k, dtype=torch.float64)
-    for s in range(0, dim, CHUNK):
-        chunk = vectors[:, s : s + CHUNK].double()
-        gram += chunk @ chunk.t()
+    k = vectors.shape[0]
+    gram = _inner_products(vectors, vectors, exact=True)
     if reduce is not None:
         reduce(gram)
     return float((gram - torch.eye(k, dtype=torch.float64)).abs().max()) if k else 0.0
@@ -292,7 +361,7 @@ def reconstruction_errors(basis: Basis, ckpts: list[Checkpoint]) -> list[float]:
     out = []
     for i, ckpt in enumerate(ckpts):
         _read_flat(ckpt.path, basis.layout, flat)
-        rebuilt = basis.vectors.t().double() @ basis.coords[:, i]
+        rebuilt = combine(basis.vectors, basis.coords[:, i])
         out.append(float((flat.double() - rebuilt).norm() / flat.double().norm()))
     return out
 
@@ -331,16 +400,22 @@ def load_basis(path: str | Path) -> Basis:
         from twa_cli.basis_shards import load_basis_columns
 
         return load_basis_columns(path)
-    tensors = load_tensors(path)
+    with open_tensors(Path(path)) as handle:
+        small = [k for k in handle.keys() if k != "basis"]
+    tensors = load_tensors(path, small)
     try:
         layout = [(str(name), tuple(int(n) for n in shape)) for name, shape in ckpt.json_field("layout")]
-        vectors, coords = tensors["basis"], tensors["coords"]
+        coords = tensors["coords"]
+        # Mapped, not read: training uses the file's pages in place, so the basis is never held twice.
+        vectors = map_tensor(path, "basis")
     except (KeyError, TypeError, ValueError) as exc:
         raise TwaError(f"{path}: a damaged basis file (no valid layout, basis or coords)") from exc
     if vectors.dim() != 2 or vectors.shape[1] != sum(_numel(s) for _, s in layout):
         raise TwaError(f"{path}: the basis has shape {list(vectors.shape)} but its layout describes a different size")
     if coords.dim() != 2 or coords.shape[0] != vectors.shape[0]:
         raise TwaError(f"{path}: coords of shape {list(coords.shape)} do not match {vectors.shape[0]} basis vectors")
+    for i, row in enumerate(vectors):  # row by row: a whole-basis isfinite would allocate a quarter of it
+        check_finite(row, f"{path}: basis row {i}")
     return Basis(
         vectors=vectors,
         coords=coords,

@@ -14,6 +14,7 @@ import ctypes
 import glob
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
 import torch
 
 from twa_cli import readers
@@ -192,6 +194,40 @@ def load_tensors(path: str | Path, names: Iterable[str] | None = None) -> dict[s
     for name, tensor in tensors.items():
         check_finite(tensor, f"{path}: tensor '{name}'")
     return tensors
+
+
+# safetensors dtype names -> (numpy dtype of the same width to map the bytes with, torch dtype to view them as)
+_MAPPABLE = {
+    "F32": ("<f4", torch.float32), "F64": ("<f8", torch.float64),
+    "F16": ("<i2", torch.float16), "BF16": ("<i2", torch.bfloat16),
+}
+
+
+def map_tensor(path: str | Path, name: str) -> torch.Tensor:
+    """One tensor of a safetensors file, memory-mapped (copy-on-write) rather than read: its pages come from
+    the page cache as they are first touched, with no second copy in memory.
+
+    The file is 8 bytes of little-endian header length, a JSON header giving each tensor's dtype, shape and
+    byte range (after the header), then the data.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(length))
+        entry = header[name]
+        begin, end = entry["data_offsets"]
+        np_dtype, dtype = _MAPPABLE[entry["dtype"]]
+    except (OSError, ValueError, KeyError, struct.error) as exc:
+        raise TwaError(f"{path}: cannot map tensor '{name}' ({_short(exc)})") from exc
+    shape = tuple(entry["shape"])
+    count = (end - begin) // np.dtype(np_dtype).itemsize
+    if count != math.prod(shape) or path.stat().st_size < 8 + length + end:
+        raise TwaError(f"{path}: tensor '{name}' does not fit the file; is it truncated?")
+    if count == 0:
+        return torch.empty(shape, dtype=dtype)
+    array = np.memmap(path, dtype=np_dtype, mode="c", offset=8 + length + begin, shape=(count,))
+    return torch.from_numpy(array).view(dtype).view(shape)
 
 
 def check_finite(tensor: torch.Tensor, what: str) -> None:

@@ -506,6 +506,7 @@ def train_subspace(
     strip_prefix: StripPrefix = None,
     tol: Annotated[float, typer.Option(help="When SRC is a folder: near-duplicate tolerance of the orthogonalization.", rich_help_panel=SELECT)] = 1e-6,
     dtype: Annotated[OutDtype, typer.Option(help="Precision of the written result (training runs in fp32).", rich_help_panel=OUTPUT)] = OutDtype.same,
+    basis_dtype: Annotated[Optional[str], typer.Option(help="Precision of the basis in the projection: float32, bfloat16 or float16 (accumulating in fp32; default: as stored).", rich_help_panel=TRAIN)] = None,
     model: ModelOpt = None,
     data: DataOpt = None,
     data_dir: DataDir = None,
@@ -542,7 +543,7 @@ def train_subspace(
         fit_on=fit_on.value, val_split=val_split, granularity=granularity.value, group_size=group_size, affine=affine,
         data=data_spec, model=_model(model, data_spec, None) if model else None, sync_bn=sync_bn,
         start_step=start_step, end_step=end_step, every_step=every_step, top=top, by=by, strip_prefix=strip_prefix,
-        dtype=None if dtype is OutDtype.same else dtype.value,
+        dtype=None if dtype is OutDtype.same else dtype.value, basis_dtype=basis_dtype,
     )
     out = output or default_output(src)
     if dry_run:

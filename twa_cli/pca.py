@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from twa_cli.basis import CHUNK, Basis
+from twa_cli.basis import Basis
 from twa_cli.errors import TwaError
 
 
@@ -88,9 +88,7 @@ def coordinates_of(basis: Basis, tensors: dict[str, torch.Tensor]) -> tuple[torc
     if missing:
         raise TwaError(f"has no tensor '{missing[0]}' of the basis")
     w = torch.cat([tensors[name].reshape(-1).to(torch.float32) for name, _ in basis.layout])
-    coords = torch.zeros(basis.rank, dtype=torch.float64)
-    for s in range(0, basis.dim, CHUNK):  # fp64 a slice at a time: the basis may be large
-        coords += basis.vectors[:, s : s + CHUNK].double() @ w[s : s + CHUNK].double()
+    coords = basis.coords_of(w)  # fp64 a slice at a time: the basis may be large
     norm2 = float(w.double().pow(2).sum())
     # w = in-span part + residual, orthogonal: |residual|^2 = |w|^2 - |coords|^2
     residual = max(norm2 - float(coords.pow(2).sum()), 0.0) ** 0.5 / max(norm2 ** 0.5, 1e-300)

@@ -75,6 +75,7 @@ class SubspaceSGD(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
         self.flat = flat
         self.basis = basis
+        self.projection = Projection(basis, flat.params.dtype)
         device = flat.params.device
         self.coords = coords.to(device=device, dtype=torch.float32).clone()
         self.momentum = torch.zeros_like(self.coords)
@@ -116,11 +117,11 @@ class SubspaceSGD(torch.optim.Optimizer):
 
     def _project(self, vector: torch.Tensor, out: torch.Tensor) -> None:
         """out = P vector (subclasses with a structured basis override this and `_expand`)."""
-        _matvec(self.basis, vector, out)
+        self.projection.coords_of(vector, out)
 
     def _expand(self, coords: torch.Tensor, out: torch.Tensor) -> None:
         """out = P^T coords."""
-        _matvec_t(self.basis, coords, out)
+        self.projection.point_of(coords, out)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = {"coords": self.coords, "momentum": self.momentum}
@@ -139,11 +140,44 @@ def _params_of(flat: FlatParameters) -> list[torch.Tensor]:
     return [flat.params]
 
 
-def _matvec(basis: torch.Tensor, vector: torch.Tensor, out: torch.Tensor) -> None:
-    """out = basis @ vector."""
-    torch.mv(basis, vector, out=out)
+class Projection:
+    """c = P g and w = P^T a for a basis P (k x D) that may be stored in half precision.
 
+    An fp32 basis is used by torch.mv directly. A bf16/fp16 basis is widened one slab of columns at a time
+    into a preallocated fp32 scratch (cache-sized on CPU), so the products accumulate in fp32, the basis is
+    read at half the bytes, and a step allocates nothing.
+    """
 
-def _matvec_t(basis: torch.Tensor, coords: torch.Tensor, out: torch.Tensor) -> None:
-    """out = basis.T @ coords."""
-    torch.mv(basis.t(), coords, out=out)
+    def __init__(self, basis: torch.Tensor, dtype: torch.dtype):
+        self.basis = basis
+        self.dtype = dtype
+        k, dim = basis.shape
+        self.widen = basis.dtype != dtype
+        budget = (1 << 20) if basis.device.type == "cpu" else (1 << 26)
+        self.step = max(1024, budget // (4 * max(k, 1))) if self.widen else dim
+        self.scratch = torch.empty(k, min(self.step, dim) if self.widen else 0, dtype=dtype, device=basis.device)
+
+    def coords_of(self, vector: torch.Tensor, out: torch.Tensor) -> None:
+        """out = P vector."""
+        if not self.widen:
+            torch.mv(self.basis, vector, out=out)
+            return
+        out.zero_()
+        for s, slab in self._slabs():
+            out.addmv_(slab, vector[s : s + slab.shape[1]])
+
+    def point_of(self, coords: torch.Tensor, out: torch.Tensor) -> None:
+        """out = P^T coords."""
+        if not self.widen:
+            torch.mv(self.basis.t(), coords, out=out)
+            return
+        for s, slab in self._slabs():
+            torch.mv(slab.t(), coords, out=out[s : s + slab.shape[1]])
+
+    def _slabs(self):
+        dim = self.basis.shape[1]
+        for s in range(0, dim, self.step):
+            width = min(self.step, dim - s)
+            slab = self.scratch[:, :width]
+            slab.copy_(self.basis[:, s : s + width])
+            yield s, slab

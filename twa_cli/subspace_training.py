@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from twa_cli.basis import Basis, is_basis_file, load_basis, orthogonalize, save_basis
+from twa_cli.basis import DTYPES, Basis, combine, is_basis_file, load_basis, orthogonalize, save_basis
 from twa_cli.basis_shards import load_basis_columns, orthogonalize_columns, save_sharded, shard_report
 from twa_cli.batchnorm import has_batchnorm, recalibrate_bn
 from twa_cli.checkpoints import (
@@ -79,6 +79,7 @@ class SubspaceConfig:
     granularity: str = "model"  # model | layer
     group_size: int = 1
     affine: bool = False
+    basis_dtype: str | None = None  # precision of the basis in the projection; None: as stored (fp32 from a folder)
     data: dict[str, Any] | None = None
     model: dict[str, Any] | None = None
     # Under torchrun: SyncBatchNorm during training (None: on under nccl, off under gloo, where torch lacks it).
@@ -121,6 +122,8 @@ def resolve_basis(src: Path, cfg: SubspaceConfig, progress=None, group: Group | 
 
     Under torchrun the basis holds only this rank's columns (`group.columns(D)`).
     """
+    if cfg.basis_dtype is not None and cfg.basis_dtype not in DTYPES:
+        raise TwaError(f"--basis-dtype must be one of {', '.join(DTYPES)} (got '{cfg.basis_dtype}')")
     if group is not None:
         if is_basis_file(src):
             layout = read_checkpoint(src).json_field("layout") or []
@@ -131,7 +134,8 @@ def resolve_basis(src: Path, cfg: SubspaceConfig, progress=None, group: Group | 
     if is_basis_file(src):
         return load_basis(src), False
     ckpts = select_checkpoints(list_folder(src, cfg.strip_prefix), cfg.selection())
-    return orthogonalize(ckpts, tol=cfg.tol, model=cfg.model, progress=progress), True
+    basis = orthogonalize(ckpts, tol=cfg.tol, dtype=cfg.basis_dtype or "float32", model=cfg.model, progress=progress)
+    return basis, True
 
 
 def train_subspace(
@@ -200,6 +204,9 @@ def train_subspace(
     def report(coords: torch.Tensor) -> dict[str, Any]:
         return {"coefficients": [float(a) for a in basis.coefficients(coords)]}
 
+    # The basis keeps its stored precision (a half-precision one is widened slab by slab inside the projection);
+    # on the CPU a mapped basis file is used in place.
+    stored = DTYPES[cfg.basis_dtype] if cfg.basis_dtype is not None else basis.vectors.dtype
     if group is None:
         flat = FlatParameters(model, names)
         if variant:
@@ -208,14 +215,14 @@ def train_subspace(
                 group_size=cfg.group_size, tol=cfg.tol, hyper=hyper,
             )
         else:
-            vectors = basis.vectors.to(device=device, dtype=flat.params.dtype)
+            vectors = basis.vectors.to(device=device, dtype=stored)
             optimizer = SubspaceSGD(
                 flat, vectors, start_coords, offspan=None if offspan is None else offspan.to(device), **hyper
             )
     else:
         flat = FlatParameters(model, names, multiple_of=group.world)
         width = flat.params.numel() // group.world
-        shard = _padded(basis.vectors, width).to(device=device, dtype=flat.params.dtype)
+        shard = _padded(basis.vectors, width).to(device=device, dtype=stored)
         basis.vectors = shard[:, : basis.vectors.shape[1]]  # one copy of the columns, not two
         optimizer = ColumnShardedSGD(
             flat, shard, start_coords, group, offspan=None if offspan is None else _padded(offspan[None], width)[0].to(device),
@@ -351,10 +358,10 @@ def _starting_point(
     w0 = torch.cat([tensors[n].reshape(-1).double() for n, _ in basis.layout])
     if columns is not None:
         w0 = w0[columns[0] : columns[1]]
-    coords = basis.vectors.double() @ w0
+    coords = basis.coords_of(w0)
     if group is not None:
         group.sum_(coords)
-    residual = w0 - basis.vectors.t().double() @ coords
+    residual = w0 - combine(basis.vectors, coords)
     squares = torch.stack([residual.pow(2).sum(), w0.pow(2).sum()])
     if group is not None:
         group.sum_(squares)

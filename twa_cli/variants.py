@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from twa_cli.basis import CHUNK, Basis, orthogonalize
+from twa_cli.basis import Basis, orthogonalize
 from twa_cli.checkpoints import Checkpoint
 from twa_cli.errors import TwaError
 from twa_cli.subspace import FlatParameters, SubspaceSGD
@@ -39,9 +39,10 @@ def affine_basis(basis: Basis, tol: float = 1e-7) -> tuple[Basis, torch.Tensor]:
     rank = int((s > tol * s[0]).sum())
     u = u[:, :rank]  # (k, r), orthonormal columns
     vectors = torch.empty(rank, basis.dim, dtype=torch.float32)
-    for start in range(0, basis.dim, CHUNK):
-        chunk = basis.vectors[:, start : start + CHUNK].double()
-        vectors[:, start : start + CHUNK] = (u.t() @ chunk).float()
+    step = 1 << 16  # fp64 a slice of columns at a time: the basis may be large
+    for start in range(0, basis.dim, step):
+        chunk = basis.vectors[:, start : start + step].double()
+        vectors[:, start : start + step] = (u.t() @ chunk).float()
     directions = Basis(
         vectors=vectors, coords=u.t() @ delta, layout=basis.layout, buffers=basis.buffers, sources=basis.sources,
         dropped=basis.dropped, arch=basis.arch, data=basis.data, errors=dict(basis.errors),
@@ -96,7 +97,7 @@ class LayerwiseSGD(SubspaceSGD):
             p0, c0 = p0 + d, c0 + k
         if p0 != flat.params.numel():
             raise TwaError("the layer-wise bases do not cover every trainable parameter")
-        super().__init__(flat, torch.empty(0), coords, **kwargs)
+        super().__init__(flat, torch.empty(0, 0), coords, **kwargs)
 
     def _project(self, vector: torch.Tensor, out: torch.Tensor) -> None:
         for b in self.blocks:
