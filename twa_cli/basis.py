@@ -165,15 +165,17 @@ Reduce = Callable[[torch.Tensor], None]  # sums a tensor in place over the ranks
 def _project_out(q: torch.Tensor, x: torch.Tensor, coords: torch.Tensor, reduce: Reduce | None = None) -> None:
     """x <- x - q.T (q x.T), twice; the removed components are added to coords (k, b).
 
-    The first pass only has to remove the bulk, so it runs as fp32 GEMMs; the second pass decides the
-    orthogonality, so its inner products are formed in fp64 (both passes sum the chunks over D in fp64).
-    The updates are fp32 GEMMs in place: their rounding is noise of the size of x's own fp32 rounding,
-    random with respect to q. Together with `_norms`, this is the only place that reduces over D.
+    Both passes form their inner products in fp64 from cache-sized fp64 copies. An fp32 first pass would be
+    as orthogonal, but its rounding moves the residual of a nearly dependent checkpoint by ~1e-7 of the
+    checkpoint's norm, differently for each summation order, so bases made with different shardings
+    (torchrun) or thread counts would differ by that over the residual's size (1e-4 measured on a small MLP's
+    checkpoints, tests/test_distributed.py); in fp64 they agree within the 1e-5 that test asserts. The updates are fp32 GEMMs in place: their rounding is noise of the size of x's own fp32
+    rounding, random with respect to q. Together with `_norms`, this is the only place that reduces over D.
     """
     if q.shape[0] == 0:
         return
-    for exact in (False, True):
-        c = _inner_products(q, x, exact)
+    for _ in range(2):
+        c = _inner_products(q, x, exact=True)
         if reduce is not None:
             reduce(c)
         x.addmm_(c.t().to(x.dtype), q, alpha=-1.0)
