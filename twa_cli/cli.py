@@ -150,6 +150,8 @@ def sample(
     weight_decay: Annotated[float, typer.Option(help="Weight decay.", rich_help_panel=TRAIN)] = 1e-4,
     batch_size: Annotated[int, typer.Option(help="Batch size.", min=1, rich_help_panel=TRAIN)] = 128,
     per_epoch: Annotated[int, typer.Option(help="Checkpoints saved per epoch, evenly spaced (plus the initial weights).", min=1, rich_help_panel=TRAIN)] = 1,
+    init: Annotated[Optional[str], typer.Option(help="Start from this checkpoint file (weights and BatchNorm statistics; momentum from zero), e.g. to sample a tail stage.", rich_help_panel=TRAIN)] = None,
+    eval_every_epoch: Annotated[bool, typer.Option("--eval-every-epoch/--no-eval-every-epoch", help="Test accuracy after each epoch.")] = True,
     seed: Seed = 0,
     device: DeviceOpt = Device.auto,
     resume: Resume = False,
@@ -163,7 +165,7 @@ def sample(
 
     _setup(json_out, quiet)
     cfg = SampleConfig(model, _data(data, data_dir, download), epochs, lr, schedule.value, momentum, weight_decay,
-                       batch_size, per_epoch, seed, _device(device))
+                       batch_size, per_epoch, seed, _device(device), init, eval_every_epoch)
     with _interruptible(out), ui.training_progress("sample") as reporter:
         result = run(out, cfg, resume=resume, force=force, reporter=reporter)
     last = result.history[-1] if result.history else {}

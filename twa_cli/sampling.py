@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from twa_cli.checkpoints import (
+    load_tensors,
     make_metadata,
     read_checkpoint,
     save_tensors,
@@ -18,7 +19,7 @@ from twa_cli.checkpoints import (
 from twa_cli.data import load_data, num_batches
 from twa_cli.errors import TwaError
 from twa_cli.evaluation import evaluate
-from twa_cli.models import build_model, model_spec, trainable_names
+from twa_cli.models import build_model, load_weights, model_spec, trainable_names
 from twa_cli.training import (
     EpochStats,
     LoopConfig,
@@ -47,6 +48,10 @@ class SampleConfig:
     per_epoch: int = 1
     seed: int = 0
     device: str = "cpu"
+    # A checkpoint to start from (weights and BatchNorm statistics; momentum starts at zero), as the tail
+    # stage continues a run from one of its checkpoints; None: a fresh initialization from the seed.
+    init: str | None = None
+    eval_every_epoch: bool = True
 
 
 @dataclass
@@ -90,7 +95,10 @@ def sample(
     torch.manual_seed(cfg.seed)
     data = load_data(cfg.data)
     arch = model_spec(cfg.model, data.num_classes, data.in_channels, data.image_size)
-    model = build_model(arch).to(cfg.device)
+    model = build_model(arch)
+    if cfg.init is not None and not resume:
+        load_weights(model, _start_tensors(cfg.init), cfg.init)
+    model.to(cfg.device)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
@@ -124,8 +132,9 @@ def sample(
             save_sample(global_step, epoch + (index + 1) / per_epoch_batches)
 
     def after_epoch(stats: EpochStats) -> None:
-        test = evaluate(model, data.test, device=cfg.device)
-        stats.extra.update(test_loss=test.loss, test_acc=test.accuracy)
+        if cfg.eval_every_epoch:
+            test = evaluate(model, data.test, device=cfg.device)
+            stats.extra.update(test_loss=test.loss, test_acc=test.accuracy)
         history.append(stats.to_dict())
         tensors = with_prefix("model", model.state_dict()) | with_prefix("momentum", _optimizer_tensors(model, optimizer))
         save_train_state(state_path, tensors, stats, history, config)
@@ -137,6 +146,12 @@ def sample(
         after_step=after_step, after_epoch=after_epoch, reporter=reporter,
     )
     return SampleResult(out, sorted(out.glob("ckpt-*.safetensors")), history)
+
+
+def _start_tensors(path: str) -> dict[str, torch.Tensor]:
+    if not Path(path).is_file():
+        raise TwaError(f"--init {path}: no such checkpoint file")
+    return load_tensors(path)
 
 
 def _clear_previous_run(out: Path) -> None:
