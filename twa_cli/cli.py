@@ -279,6 +279,7 @@ def train_subspace(
     bn_update: Annotated[bool, typer.Option("--bn-update/--no-bn-update", help="Recompute BatchNorm statistics after training.")] = True,
     bn_batches: BnBatches = None,
     eval_every_epoch: Annotated[bool, typer.Option("--eval-every-epoch/--no-eval-every-epoch", help="Test accuracy after each epoch (BatchNorm recomputed first).")] = True,
+    lr_check: Annotated[bool, typer.Option("--lr-check/--no-lr-check", help="Measure the span's sharpness first and lower an --lr too large to be stable in it (with a warning).")] = True,
     seed: Seed = 0,
     device: DeviceOpt = Device.auto,
     resume: Resume = False,
@@ -295,7 +296,7 @@ def train_subspace(
     cfg = SubspaceConfig(
         epochs=epochs, lr=lr, schedule=schedule.value, momentum=momentum, weight_decay=weight_decay,
         batch_size=batch_size, init=init, seed=seed, device=_device(device), bn_update=bn_update,
-        bn_batches=bn_batches, eval_every_epoch=eval_every_epoch, start=start, end=end, every=every, tol=tol,
+        bn_batches=bn_batches, eval_every_epoch=eval_every_epoch, lr_check=lr_check, start=start, end=end, every=every, tol=tol,
         data=data_spec, model=_model(model, data_spec, None) if model else None,
     )
     out = output or default_output(src)
@@ -305,6 +306,7 @@ def train_subspace(
         "output": str(result.out), "checkpoint": str(result.result), "coefficients": result.coefficients,
         "coefficient_sum": sum(result.coefficients), "dropped": result.dropped,
         "test": asdict(result.test) if result.test else None,
+        "lr_check": result.lr_check.to_dict() if result.lr_check else None,
     }
     if json_out:
         ui.emit_json(summary)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +23,11 @@ from twa_cli.checkpoints import (
     write_json,
     write_text,
 )
-from twa_cli.data import load_data
+from twa_cli.data import Datasets, batches, load_data
 from twa_cli.errors import TwaError
 from twa_cli.evaluation import Score, evaluate
 from twa_cli.models import build_model, load_weights
+from twa_cli.sharpness import LrCheck, check_lr, subspace_sharpness
 from twa_cli.subspace import FlatParameters, SubspaceSGD
 from twa_cli.training import (
     EpochStats,
@@ -42,6 +45,12 @@ COEFFICIENTS_FILE = "coefficients.json"
 METRICS_FILE = "metrics.jsonl"
 BASIS_FILE = "basis.safetensors"
 STATE_FILE = "train-state.safetensors"
+LR_CHECK_FILE = "lr-check.json"
+# The sharpness is measured on a few batches of their own order (not the first epoch's).
+SHARPNESS_BATCHES = 2
+SHARPNESS_EPOCH = 1_000_000
+
+log = logging.getLogger("twa")
 
 
 @dataclass
@@ -58,6 +67,7 @@ class SubspaceConfig:
     bn_update: bool = True
     bn_batches: int | None = None
     eval_every_epoch: bool = True
+    lr_check: bool = True  # lower an unstable lr for this span (see sharpness.py)
     # Used only when SRC is a checkpoint folder (orthogonalized first).
     start: int = 0
     end: int | None = None
@@ -75,6 +85,7 @@ class SubspaceResult:
     test: Score | None
     history: list[dict[str, Any]] = field(default_factory=list)
     dropped: list[dict[str, Any]] = field(default_factory=list)
+    lr_check: LrCheck | None = None
 
 
 def default_output(src: Path) -> Path:
@@ -145,6 +156,8 @@ def train_subspace(
         for name, value in model.state_dict().items():
             value.copy_(tensors[f"model.{name}"])  # in place: the parameters are views of the flat buffer
         optimizer.load_state_tensors(strip_prefix("optim", tensors))
+    check = _check_lr(model, flat, vectors, data, cfg, out / LR_CHECK_FILE, resume) if cfg.lr_check else None
+    lr = check.used if check is not None else cfg.lr
 
     def after_epoch(stats: EpochStats) -> None:
         if cfg.eval_every_epoch:
@@ -158,7 +171,7 @@ def train_subspace(
         save_train_state(state_path, tensors, stats, history, config)
         write_text(out / METRICS_FILE, "".join(json.dumps(h) + "\n" for h in history))
 
-    loop = LoopConfig(cfg.epochs, cfg.lr, cfg.schedule, cfg.batch_size, cfg.seed, cfg.device)
+    loop = LoopConfig(cfg.epochs, lr, cfg.schedule, cfg.batch_size, cfg.seed, cfg.device)
     train_loop(model, optimizer, data, loop, start_epoch=start_epoch, step=step, after_epoch=after_epoch,
                reporter=reporter)
 
@@ -175,7 +188,29 @@ def train_subspace(
     )
     result = save_tensors(out / RESULT_FILE, model.state_dict(), meta)
     state_path.unlink(missing_ok=True)
-    return SubspaceResult(out, result, coefficients, test, history, basis.dropped)
+    return SubspaceResult(out, result, coefficients, test, history, basis.dropped, check)
+
+
+def _check_lr(
+    model: torch.nn.Module, flat: FlatParameters, vectors: torch.Tensor, data: Datasets, cfg: SubspaceConfig,
+    path: Path, resume: bool,
+) -> LrCheck:
+    """Measure the span's sharpness at the start (once: a resumed run reads what the first part decided)."""
+    if resume and path.exists():
+        return LrCheck(**json.loads(path.read_text()))
+    params = dict(model.named_parameters())
+    sample = list(islice(batches(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=SHARPNESS_EPOCH),
+                         SHARPNESS_BATCHES))
+    sharpness = subspace_sharpness(model, [params[n] for n in flat.names], vectors, sample, device=cfg.device)
+    check = check_lr(cfg.lr, cfg.momentum, sharpness)
+    write_json(path, check.to_dict())
+    if check.used < check.requested:
+        log.warning(
+            "--lr %g is too large for this span (its sharpest direction has curvature %.3g; steps above %.3g "
+            "diverge along it): training at lr %.3g instead (--no-lr-check keeps %g)",
+            check.requested, sharpness, check.limit, check.used, check.requested,
+        )
+    return check
 
 
 def _starting_point(basis: Basis, init: str) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor] | None]:
