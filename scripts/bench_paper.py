@@ -77,6 +77,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tail-epochs", type=int, help="default: E/4, from the checkpoint of epoch 3E/4")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads (on a busy shared CPU one is fastest)")
+    p.add_argument("--lr-check", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the head-stage TWA with train-subspace's sharpness check (the paper-default "
+                        "stages always run at the fixed --twa-lr)")
+    p.add_argument("--only", nargs="+", help="run only the stages whose names contain one of these words (e.g. "
+                   "lrcheck, tail), beside another process running the rest; both write one results file")
     p.add_argument("--quick", action="store_true", help="smoke run: 30 images per class, 8 epochs, 1 seed")
     p.add_argument("--report", action="store_true", help="only print the tables of the results so far")
     args = p.parse_args(argv)
@@ -207,25 +212,46 @@ class Bench:
         self.results_path = args.results or self.work / "results.json"
         self.results: dict[str, Any] = json.loads(self.results_path.read_text()) if self.results_path.exists() else {}
         self.results["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        self.results["command"] = "python scripts/bench_paper.py " + " ".join(sys.argv[1:])
+        command = "python scripts/bench_paper.py " + " ".join(sys.argv[1:])
+        self.results.pop("command", None)
+        if command not in self.results.setdefault("commands", []):
+            self.results["commands"].append(command)
         self.sets: EvalSets | None = None
         self.data_dir: Path | None = None
 
-    def save(self) -> None:
-        tmp = self.results_path.with_suffix(".tmp")
+    def save(self, seed: int | None = None, name: str | None = None) -> None:
+        """Write the results; a stage's result is merged into what is on disk, so that two processes running
+        different stages of one benchmark (see --only) keep each other's results."""
+        on_disk = json.loads(self.results_path.read_text()) if self.results_path.exists() else {}
+        if seed is not None and name is not None:
+            on_disk.setdefault("seeds", {}).setdefault(str(seed), {})[name] = self.results["seeds"][str(seed)][name]
+        for key, value in self.results.items():
+            if key == "commands":
+                on_disk[key] = on_disk.get(key, []) + [c for c in value if c not in on_disk.get(key, [])]
+            elif key != "seeds":
+                on_disk[key] = value
+        for s, stages in self.results.get("seeds", {}).items():
+            on_disk.setdefault("seeds", {}).setdefault(s, {}).update(stages)
+        self.results = on_disk
+        tmp = self.results_path.with_suffix(f".{id(self)}.tmp")
         tmp.write_text(json.dumps(self.results, indent=1) + "\n")
         tmp.replace(self.results_path)
 
     def stage(self, seed: int, name: str, fn) -> dict[str, Any]:
         """Run a stage once: its result (with its wall time) is stored and reused by later runs."""
+        if self.results_path.exists():  # another process may have finished it meanwhile
+            done = json.loads(self.results_path.read_text()).get("seeds", {}).get(str(seed), {})
+            self.results.setdefault("seeds", {}).setdefault(str(seed), {}).update(done)
         runs = self.results.setdefault("seeds", {}).setdefault(str(seed), {})
         if name in runs:
             return runs[name]
+        if self.args.only and not any(part in name for part in self.args.only):
+            return {}
         started = time.perf_counter()
         out = fn()
         out["seconds"] = time.perf_counter() - started
         runs[name] = out
-        self.save()
+        self.save(seed, name)
         print(f"seed {seed} {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in out.items() if isinstance(v, float)),
               flush=True)
         return out
@@ -268,13 +294,18 @@ class Bench:
             chosen = self.head_ckpts(regular, epoch, 1)
             self.stage(seed, f"head-twa-e{epoch}", lambda c=chosen, e=epoch: self.twa_stage(c, folder / f"head-twa-e{e}", "center", 1e-5, seed, score_as, f"head-twa-e{e}", full_scores=False))
 
+        if a.lr_check:
+            for d in a.densities:
+                chosen = self.head_ckpts(regular, a.head, d)
+                self.stage(seed, f"head-twa-d{d}-lrcheck", lambda c=chosen, d=d: self.twa_stage(c, folder / f"head-twa-d{d}-lrcheck", "center", 1e-5, seed, score_as, f"head-twa-d{d}-lrcheck", lr_check=True))
+
         start = self.epoch_ckpt(regular, a.tail_start)
         for lr in a.tail_lrs:
             tail = folder / f"tail-lr{lr:g}"
             self.stage(seed, f"tail-sgd-lr{lr:g}", lambda t=tail, lr=lr: self.tail_run(t, start, lr, seed, score_as))
-            ckpts = select(list_folder(tail), 1)  # the tail's own checkpoints, not the starting one
-            self.stage(seed, f"tail-swa-lr{lr:g}", lambda c=ckpts, lr=lr: self.swa_stage(c, folder / f"tail-swa-lr{lr:g}.safetensors", score_as, f"tail-swa-lr{lr:g}"))
-            self.stage(seed, f"tail-twa-lr{lr:g}", lambda c=ckpts, lr=lr: self.twa_stage(c, folder / f"tail-twa-lr{lr:g}", "last", 5e-5, seed, score_as, f"tail-twa-lr{lr:g}"))
+            # The tail's own checkpoints, not the starting one.
+            self.stage(seed, f"tail-swa-lr{lr:g}", lambda t=tail, lr=lr: self.swa_stage(select(list_folder(t), 1), folder / f"tail-swa-lr{lr:g}.safetensors", score_as, f"tail-swa-lr{lr:g}"))
+            self.stage(seed, f"tail-twa-lr{lr:g}", lambda t=tail, lr=lr: self.twa_stage(select(list_folder(t), 1), folder / f"tail-twa-lr{lr:g}", "last", 5e-5, seed, score_as, f"tail-twa-lr{lr:g}"))
 
     def epoch_ckpt(self, run: Path, epoch: int) -> Path:
         return list_folder(run)[epoch * self.args.per_epoch].path
@@ -291,7 +322,7 @@ class Bench:
         return result
 
     def twa_stage(self, ckpts: list, out: Path, init: str, wd: float, seed: int, score_as, name: str,
-                  full_scores: bool = True, per_epoch_eval: bool = False) -> dict[str, Any]:
+                  full_scores: bool = True, per_epoch_eval: bool = False, lr_check: bool = False) -> dict[str, Any]:
         a = self.args
         stage_dir = out.parent / f".{out.name}-ckpts"  # the selection, linked, as `twa train-subspace` reads a folder
         shutil.rmtree(stage_dir, ignore_errors=True)
@@ -299,11 +330,13 @@ class Bench:
         for c in ckpts:
             (stage_dir / c.path.name).symlink_to(c.path.resolve())
         cfg = SubspaceConfig(epochs=a.twa_epochs, lr=a.twa_lr, weight_decay=wd, batch_size=a.batch_size, init=init,
-                             seed=seed, device=a.device, eval_every_epoch=per_epoch_eval)
+                             seed=seed, device=a.device, eval_every_epoch=per_epoch_eval, lr_check=lr_check)
         result = train_subspace(stage_dir, out, cfg, force=True)
         scores = score_as(result.result, name) if full_scores else {"test": result.test.accuracy}
         scores.update(checkpoints=len(ckpts), rank=len(result.coefficients) - len(result.dropped),
                       history=result.history, coefficient_sum=float(sum(result.coefficients)))
+        if result.lr_check is not None:
+            scores["lr_check"] = result.lr_check.to_dict()
         return scores
 
     def tail_run(self, tail: Path, start: Path, lr: float, seed: int, score_as) -> dict[str, Any]:
@@ -392,6 +425,29 @@ def report(results: dict[str, Any], work: Path) -> list[str]:
     lines.append(f"| {e} (SGD final) | {mean_sd(col('sgd', 'test'))} | |")
     lines.append("")
 
+    first = f"head-twa-d{cfg['densities'][0]}"
+    hist = [r[first].get("history", []) for r in runs if first in r]
+    if hist and all("test_acc" in h for h in hist[0]):
+        lines += [f"TWA per-epoch test accuracy ({first}, BatchNorm recomputed before each figure): "
+                  + "; ".join(f"epoch {h['epoch']}: " + mean_sd([hs[i]["test_acc"] for hs in hist])
+                              for i, h in enumerate(hist[0])), ""]
+
+    if any(f"head-twa-d{d}-lrcheck" in r for r in runs for d in cfg["densities"]):
+        lines += ["### Head-stage TWA with the sharpness check (train-subspace --lr-check)", "",
+                  f"| checkpoints per epoch | sharpness | stable lr limit | lr used | test acc % (lr {cfg['twa_lr']:g}) | "
+                  f"test acc % (checked) | held-out acc % (lr {cfg['twa_lr']:g}) | held-out acc % (checked) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for d in cfg["densities"]:
+            name = f"head-twa-d{d}-lrcheck"
+            checks = [r[name]["lr_check"] for r in runs if name in r]
+            if not checks:
+                continue
+            lines.append(f"| {d} | {mean_sd([c['sharpness'] for c in checks])} | {mean_sd([c['limit'] for c in checks])} "
+                         f"| {mean_sd([c['used'] for c in checks])} | {mean_sd(col(f'head-twa-d{d}', 'test'))} | "
+                         f"{mean_sd(col(name, 'test'))} | {mean_sd(col(f'head-twa-d{d}', 'heldout'))} | "
+                         f"{mean_sd(col(name, 'heldout'))} |")
+        lines.append("")
+
     lines += ["### Tail stage (Table 1)", ""] + header
     for lr in cfg["tail_lrs"]:
         t = f"lr{lr:g}"
@@ -404,6 +460,7 @@ def report(results: dict[str, Any], work: Path) -> list[str]:
               "| A | B | test | held-out | both (test + held-out) |", "|---|---|---|---|---|"]
     pairs = [("sgd", f"head-twa-d{d}") for d in cfg["densities"]]
     pairs += [(f"head-swa-d{d}", f"head-twa-d{d}") for d in cfg["densities"]]
+    pairs += [(f"head-twa-d{d}", f"head-twa-d{d}-lrcheck") for d in cfg["densities"]]
     pairs += [(f"tail-swa-lr{lr:g}", f"tail-twa-lr{lr:g}") for lr in cfg["tail_lrs"]]
     diffs: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
     for a, b in pairs:
