@@ -84,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "lrcheck, tail), beside another process running the rest; both write one results file")
     p.add_argument("--quick", action="store_true", help="smoke run: 30 images per class, 8 epochs, 1 seed")
     p.add_argument("--report", action="store_true", help="only print the tables of the results so far")
+    p.add_argument("--time-models", nargs="+", metavar="MODEL", help="only time training steps of these networks "
+                   "on the subset, interleaved, and print seconds per epoch side by side")
     args = p.parse_args(argv)
     if args.quick:
         args.train_per_class, args.heldout_per_class, args.test_per_class = 30, 20, 20
@@ -262,91 +264,137 @@ class Bench:
 
     def run_seed(self, seed: int) -> None:
         a = self.args
-        folder = self.work / f"seed{seed}"
-        regular = folder / "regular"
-        masks = folder / "masks"
-        masks.mkdir(parents=True, exist_ok=True)
-
-        def score_as(path: Path, name: str, names: tuple[str, ...] = ("test", "heldout", "train")) -> dict[str, float]:
-            return score(path, self.sets, a.device, masks / f"{name}.pt", names)
-
-        def regular_run() -> dict[str, Any]:
-            cfg = SampleConfig(model=a.model, data=data_spec("imagefolder", self.data_dir), epochs=a.epochs, lr=a.lr,
-                               weight_decay=a.weight_decay, batch_size=a.batch_size, per_epoch=a.per_epoch,
-                               seed=seed, device=a.device, eval_every_epoch=False)
-            resume = (regular / "train-state.safetensors").exists()
-            result = sample(regular, cfg, resume=resume, force=not resume)
-            out = score_as(self.epoch_ckpt(regular, a.epochs), "sgd")
-            out["history"] = result.history
-            return out
-
-        self.stage(seed, "sgd", regular_run)
-        for epoch in sorted(set(a.figure3)):
-            self.stage(seed, f"sgd@{epoch}", lambda e=epoch: score_as(self.epoch_ckpt(regular, e), f"sgd@{e}", ("test",)))
+        run = SeedRun(self, seed)
+        self.stage(seed, "sgd", run.regular_run)
+        for e in a.figure3:
+            self.stage(seed, f"sgd@{e}", lambda e=e: run.score(run.epoch_ckpt(e), f"sgd@{e}", ("test",)))
 
         for d in a.densities:
-            chosen = self.head_ckpts(regular, a.head, d)
-            self.stage(seed, f"head-swa-d{d}", lambda c=chosen, d=d: self.swa_stage(c, folder / f"head-swa-d{d}.safetensors", score_as, f"head-swa-d{d}"))
-            self.stage(seed, f"head-twa-d{d}", lambda c=chosen, d=d: self.twa_stage(c, folder / f"head-twa-d{d}", "center", 1e-5, seed, score_as, f"head-twa-d{d}", per_epoch_eval=d == a.densities[0]))
-        for epoch in a.figure3:
-            if epoch == a.head and 1 in a.densities:
-                continue
-            chosen = self.head_ckpts(regular, epoch, 1)
-            self.stage(seed, f"head-twa-e{epoch}", lambda c=chosen, e=epoch: self.twa_stage(c, folder / f"head-twa-e{e}", "center", 1e-5, seed, score_as, f"head-twa-e{e}", full_scores=False))
-
+            head = run.head_ckpts(a.head, d)
+            self.stage(seed, f"head-swa-d{d}", lambda h=head, d=d: run.swa(f"head-swa-d{d}", h))
+            self.stage(seed, f"head-twa-d{d}", lambda h=head, d=d: run.twa(
+                f"head-twa-d{d}", h, "center", 1e-5, per_epoch_eval=d == a.densities[0]))
+        for e in a.figure3:
+            if e != a.head or 1 not in a.densities:
+                head = run.head_ckpts(e, 1)
+                self.stage(seed, f"head-twa-e{e}", lambda h=head, e=e: run.twa(
+                    f"head-twa-e{e}", h, "center", 1e-5, full_scores=False))
         if a.lr_check:
             for d in a.densities:
-                chosen = self.head_ckpts(regular, a.head, d)
-                self.stage(seed, f"head-twa-d{d}-lrcheck", lambda c=chosen, d=d: self.twa_stage(c, folder / f"head-twa-d{d}-lrcheck", "center", 1e-5, seed, score_as, f"head-twa-d{d}-lrcheck", lr_check=True))
+                head = run.head_ckpts(a.head, d)
+                self.stage(seed, f"head-twa-d{d}-lrcheck", lambda h=head, d=d: run.twa(
+                    f"head-twa-d{d}-lrcheck", h, "center", 1e-5, lr_check=True))
 
-        start = self.epoch_ckpt(regular, a.tail_start)
         for lr in a.tail_lrs:
-            tail = folder / f"tail-lr{lr:g}"
-            self.stage(seed, f"tail-sgd-lr{lr:g}", lambda t=tail, lr=lr: self.tail_run(t, start, lr, seed, score_as))
-            # The tail's own checkpoints, not the starting one.
-            self.stage(seed, f"tail-swa-lr{lr:g}", lambda t=tail, lr=lr: self.swa_stage(select(list_folder(t), 1), folder / f"tail-swa-lr{lr:g}.safetensors", score_as, f"tail-swa-lr{lr:g}"))
-            self.stage(seed, f"tail-twa-lr{lr:g}", lambda t=tail, lr=lr: self.twa_stage(select(list_folder(t), 1), folder / f"tail-twa-lr{lr:g}", "last", 5e-5, seed, score_as, f"tail-twa-lr{lr:g}"))
+            t = f"lr{lr:g}"
+            self.stage(seed, f"tail-sgd-{t}", lambda lr=lr: run.tail_run(lr))
+            self.stage(seed, f"tail-swa-{t}", lambda lr=lr, t=t: run.swa(f"tail-swa-{t}", run.tail_ckpts(lr)))
+            self.stage(seed, f"tail-twa-{t}", lambda lr=lr, t=t: run.twa(
+                f"tail-twa-{t}", run.tail_ckpts(lr), "last", 5e-5))
 
-    def epoch_ckpt(self, run: Path, epoch: int) -> Path:
-        return list_folder(run)[epoch * self.args.per_epoch].path
 
-    def head_ckpts(self, run: Path, epochs: int, density: int) -> list:
+class SeedRun:
+    """The stages of one seed; each writes its outputs under CACHE/<tag>/seed<N>/ under the stage's name."""
+
+    def __init__(self, bench: Bench, seed: int):
+        self.args, self.sets, self.data_dir, self.seed = bench.args, bench.sets, bench.data_dir, seed
+        self.folder = bench.work / f"seed{seed}"
+        self.regular = self.folder / "regular"
+        self.masks = self.folder / "masks"
+        self.masks.mkdir(parents=True, exist_ok=True)
+
+    def score(self, path: Path, name: str, names: tuple[str, ...] = ("test", "heldout", "train")) -> dict[str, Any]:
+        return score(path, self.sets, self.args.device, self.masks / f"{name}.pt", names)
+
+    def sample_config(self, **kw: Any) -> SampleConfig:
+        a = self.args
+        return SampleConfig(model=a.model, data=data_spec("imagefolder", self.data_dir), weight_decay=a.weight_decay,
+                            batch_size=a.batch_size, device=a.device, eval_every_epoch=False, **kw)
+
+    def regular_run(self) -> dict[str, Any]:
+        a = self.args
+        cfg = self.sample_config(epochs=a.epochs, lr=a.lr, per_epoch=a.per_epoch, seed=self.seed)
+        result = _sample_resumable(self.regular, cfg)
+        out = self.score(self.epoch_ckpt(a.epochs), "sgd")
+        out["history"] = result.history
+        return out
+
+    def epoch_ckpt(self, epoch: int) -> Path:
+        return list_folder(self.regular)[epoch * self.args.per_epoch].path
+
+    def head_ckpts(self, epochs: int, density: int) -> list:
         """The initial weights and `density` checkpoints per epoch of the first `epochs` epochs."""
         p = self.args.per_epoch
-        return select(list_folder(run), 0, epochs * p + 1, p // density)
+        return select(list_folder(self.regular), 0, epochs * p + 1, p // density)
 
-    def swa_stage(self, ckpts: list, out: Path, score_as, name: str) -> dict[str, Any]:
+    def tail_run(self, lr: float) -> dict[str, Any]:
+        a = self.args
+        cfg = self.sample_config(epochs=a.tail_epochs, lr=lr, schedule="constant", per_epoch=1, seed=self.seed + 1000,
+                                 init=str(self.epoch_ckpt(a.tail_start)))
+        _sample_resumable(self.folder / f"tail-lr{lr:g}", cfg)
+        return self.score(self.tail_ckpts(lr)[-1].path, f"tail-sgd-lr{lr:g}")
+
+    def tail_ckpts(self, lr: float) -> list:
+        return select(list_folder(self.folder / f"tail-lr{lr:g}"), 1)  # the tail's own, not its starting point
+
+    def swa(self, name: str, ckpts: list) -> dict[str, Any]:
+        out = self.folder / f"{name}.safetensors"
         swa(ckpts, out, evaluate_test=False, device=self.args.device)
-        result = score_as(out, name)
+        result = self.score(out, name)
         result["checkpoints"] = len(ckpts)
         return result
 
-    def twa_stage(self, ckpts: list, out: Path, init: str, wd: float, seed: int, score_as, name: str,
-                  full_scores: bool = True, per_epoch_eval: bool = False, lr_check: bool = False) -> dict[str, Any]:
+    def twa(self, name: str, ckpts: list, init: str, wd: float, *, full_scores: bool = True,
+            per_epoch_eval: bool = False, lr_check: bool = False) -> dict[str, Any]:
         a = self.args
-        stage_dir = out.parent / f".{out.name}-ckpts"  # the selection, linked, as `twa train-subspace` reads a folder
-        shutil.rmtree(stage_dir, ignore_errors=True)
-        stage_dir.mkdir(parents=True)
+        out = self.folder / name
+        selection = self.folder / f".{name}-ckpts"  # the chosen checkpoints, linked: train-subspace reads a folder
+        shutil.rmtree(selection, ignore_errors=True)
+        selection.mkdir(parents=True)
         for c in ckpts:
-            (stage_dir / c.path.name).symlink_to(c.path.resolve())
+            (selection / c.path.name).symlink_to(c.path.resolve())
         cfg = SubspaceConfig(epochs=a.twa_epochs, lr=a.twa_lr, weight_decay=wd, batch_size=a.batch_size, init=init,
-                             seed=seed, device=a.device, eval_every_epoch=per_epoch_eval, lr_check=lr_check)
-        result = train_subspace(stage_dir, out, cfg, force=True)
-        scores = score_as(result.result, name) if full_scores else {"test": result.test.accuracy}
+                             seed=self.seed, device=a.device, eval_every_epoch=per_epoch_eval, lr_check=lr_check)
+        result = train_subspace(selection, out, cfg, force=True)
+        scores = self.score(result.result, name) if full_scores else {"test": result.test.accuracy}
         scores.update(checkpoints=len(ckpts), rank=len(result.coefficients) - len(result.dropped),
                       history=result.history, coefficient_sum=float(sum(result.coefficients)))
         if result.lr_check is not None:
             scores["lr_check"] = result.lr_check.to_dict()
         return scores
 
-    def tail_run(self, tail: Path, start: Path, lr: float, seed: int, score_as) -> dict[str, Any]:
-        a = self.args
-        cfg = SampleConfig(model=a.model, data=data_spec("imagefolder", self.data_dir), epochs=a.tail_epochs, lr=lr,
-                           schedule="constant", weight_decay=a.weight_decay, batch_size=a.batch_size, per_epoch=1,
-                           seed=seed + 1000, device=a.device, init=str(start), eval_every_epoch=False)
-        resume = (tail / "train-state.safetensors").exists()
-        sample(tail, cfg, resume=resume, force=not resume)
-        return score_as(list_folder(tail)[-1].path, f"tail-sgd-lr{lr:g}")
+
+def _sample_resumable(out: Path, cfg: SampleConfig):
+    resume = (out / "train-state.safetensors").exists()
+    return sample(out, cfg, resume=resume, force=not resume)
+
+
+def time_models(names: list[str], data_dir: Path, batch_size: int, rounds: int = 3, steps: int = 3) -> list[str]:
+    """Seconds per training epoch of each network, measured in alternating rounds on one busy machine."""
+    import torch.nn.functional as F
+
+    from twa_cli.models import model_spec
+
+    data = load_data(data_spec("imagefolder", data_dir))
+    per_epoch = -(-len(data.train) // batch_size)
+    nets = {n: build_model(model_spec(n, data.num_classes, data.in_channels, data.image_size)) for n in names}
+    opts = {n: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for n, m in nets.items()}
+    spent = {n: 0.0 for n in names}
+    for _ in range(rounds):
+        for n, net in nets.items():
+            source = batches(data.train, batch_size, shuffle=True)
+            started = time.perf_counter()
+            for _, (x, y) in zip(range(steps), source):
+                opts[n].zero_grad()
+                F.cross_entropy(net(x), y).backward()
+                opts[n].step()
+            spent[n] += time.perf_counter() - started
+    base = spent[names[0]]
+    lines = ["| network | parameters | seconds per epoch | relative |", "|---|---|---|---|"]
+    for n in names:
+        params = sum(p.numel() for p in nets[n].parameters())
+        lines.append(f"| {n} | {params:,} | {spent[n] / (rounds * steps) * per_epoch:.1f} | {spent[n] / base:.2f} |")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -434,7 +482,8 @@ def report(results: dict[str, Any], work: Path) -> list[str]:
 
     if any(f"head-twa-d{d}-lrcheck" in r for r in runs for d in cfg["densities"]):
         lines += ["### Head-stage TWA with the sharpness check (train-subspace --lr-check)", "",
-                  f"| checkpoints per epoch | sharpness | stable lr limit | lr used | test acc % (lr {cfg['twa_lr']:g}) | "
+                  f"| checkpoints per epoch | sharpness | stable lr limit | lr used "
+                  f"| test acc % (lr {cfg['twa_lr']:g}) | "
                   f"test acc % (checked) | held-out acc % (lr {cfg['twa_lr']:g}) | held-out acc % (checked) |",
                   "|---|---|---|---|---|---|---|---|"]
         for d in cfg["densities"]:
@@ -442,7 +491,8 @@ def report(results: dict[str, Any], work: Path) -> list[str]:
             checks = [r[name]["lr_check"] for r in runs if name in r]
             if not checks:
                 continue
-            lines.append(f"| {d} | {mean_sd([c['sharpness'] for c in checks])} | {mean_sd([c['limit'] for c in checks])} "
+            lines.append(f"| {d} | {mean_sd([c['sharpness'] for c in checks])} "
+                         f"| {mean_sd([c['limit'] for c in checks])} "
                          f"| {mean_sd([c['used'] for c in checks])} | {mean_sd(col(f'head-twa-d{d}', 'test'))} | "
                          f"{mean_sd(col(name, 'test'))} | {mean_sd(col(f'head-twa-d{d}', 'heldout'))} | "
                          f"{mean_sd(col(name, 'heldout'))} |")
@@ -521,6 +571,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     bench = Bench(args)
+    if args.time_models:
+        data_dir, _ = build_folders(args, bench.work)
+        print("\n".join(time_models(args.time_models, data_dir, args.batch_size)))
+        return 0
     if not args.report:
         print(f"working in {bench.work}; results in {bench.results_path}", flush=True)
         started = time.perf_counter()
