@@ -284,6 +284,11 @@ class Bench:
                 head = run.head_ckpts(a.head, d)
                 self.stage(seed, f"head-twa-d{d}-lrcheck", lambda h=head, d=d: run.twa(
                     f"head-twa-d{d}-lrcheck", h, "center", 1e-5, lr_check=True))
+            for e in a.figure3:
+                if e != a.head or 1 not in a.densities:
+                    head = run.head_ckpts(e, 1)
+                    self.stage(seed, f"head-twa-e{e}-lrcheck", lambda h=head, e=e: run.twa(
+                        f"head-twa-e{e}-lrcheck", h, "center", 1e-5, full_scores=False, lr_check=True))
 
         for lr in a.tail_lrs:
             t = f"lr{lr:g}"
@@ -466,11 +471,14 @@ def report(results: dict[str, Any], work: Path) -> list[str]:
     lines.append("")
 
     lines += ["### Figure 3: TWA over the first epochs (test acc %)", "",
-              "| epochs of checkpoints | SGD at that epoch | TWA (+%d epochs) |" % twa_e, "|---|---|---|"]
+              f"| epochs of checkpoints | SGD at that epoch | TWA (+{twa_e} epochs, lr {cfg['twa_lr']:g}) "
+              "| TWA with --lr-check | lr used |", "|---|---|---|---|---|"]
     for epoch in cfg["figure3"]:
         twa_name = "head-twa-d1" if epoch == head and 1 in cfg["densities"] else f"head-twa-e{epoch}"
-        lines.append(f"| {epoch} | {mean_sd(col(f'sgd@{epoch}', 'test'))} | {mean_sd(col(twa_name, 'test'))} |")
-    lines.append(f"| {e} (SGD final) | {mean_sd(col('sgd', 'test'))} | |")
+        used = [r[f"{twa_name}-lrcheck"]["lr_check"]["used"] for r in runs if f"{twa_name}-lrcheck" in r]
+        lines.append(f"| {epoch} | {mean_sd(col(f'sgd@{epoch}', 'test'))} | {mean_sd(col(twa_name, 'test'))} "
+                     f"| {mean_sd(col(f'{twa_name}-lrcheck', 'test'))} | {mean_sd(used)} |")
+    lines.append(f"| {e} (SGD final) | {mean_sd(col('sgd', 'test'))} | | | |")
     lines.append("")
 
     first = f"head-twa-d{cfg['densities'][0]}"
