@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -80,8 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr-check", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the head-stage TWA with train-subspace's sharpness check (the paper-default "
                         "stages always run at the fixed --twa-lr)")
-    p.add_argument("--only", nargs="+", help="run only the stages whose names contain one of these words (e.g. "
-                   "lrcheck, tail), beside another process running the rest; both write one results file")
+    p.add_argument("--only", nargs="+", metavar="REGEX", help="run only the stages whose names match one of these "
+                   "(re.search: lrcheck, ^tail-, ^sgd$), e.g. beside another process running the rest (both write "
+                   "one results file) or to run fewer stages for extra seeds")
     p.add_argument("--quick", action="store_true", help="smoke run: 30 images per class, 8 epochs, 1 seed")
     p.add_argument("--report", action="store_true", help="only print the tables of the results so far")
     p.add_argument("--time-models", nargs="+", metavar="MODEL", help="only time training steps of these networks "
@@ -247,7 +249,7 @@ class Bench:
         runs = self.results.setdefault("seeds", {}).setdefault(str(seed), {})
         if name in runs:
             return runs[name]
-        if self.args.only and not any(part in name for part in self.args.only):
+        if self.args.only and not any(re.search(pattern, name) for pattern in self.args.only):
             return {}
         started = time.perf_counter()
         out = fn()
@@ -405,7 +407,7 @@ def time_models(names: list[str], data_dir: Path, batch_size: int, rounds: int =
 # ---------------------------------------------------------------------------------------------- report
 
 
-def mean_sd(values: list[float]) -> str:
+def mean_sd_of(values: list[float]) -> str:
     if not values:
         return "-"
     m = float(np.mean(values))
@@ -428,6 +430,10 @@ def pooled_masks(work: Path, seeds: list[str], name: str) -> dict[str, torch.Ten
 
 
 def compare(work: Path, seeds: list[str], a: str, b: str) -> dict[str, dict[str, float]] | None:
+    """Paired differences over the seeds that have both models."""
+    seeds = [s for s in seeds if all((work / f"seed{s}" / "masks" / f"{m}.pt").exists() for m in (a, b))]
+    if not seeds:
+        return None
     ma, mb = pooled_masks(work, seeds, a), pooled_masks(work, seeds, b)
     if ma is None or mb is None:
         return None
@@ -454,6 +460,11 @@ def report(results: dict[str, Any], work: Path) -> list[str]:
 
     def col(name: str, key: str) -> list[float]:
         return [r[name][key] for r in runs if name in r and key in r[name]]
+
+    def mean_sd(values: list[float]) -> str:
+        """Mean (± standard deviation over seeds), marked when not every seed has the figure."""
+        text = mean_sd_of(values)
+        return text if len(values) in (0, len(runs)) else f"{text} ({len(values)} of {len(runs)} seeds)"
 
     def row(label: str, name: str, epochs: str) -> str:
         return (f"| {label} | {epochs} | {mean_sd(col(name, 'test'))} | {mean_sd(col(name, 'heldout'))} | "
@@ -515,7 +526,7 @@ def report(results: dict[str, Any], work: Path) -> list[str]:
     lines.append("")
 
     lines += ["### Paired differences (B - A, points ± standard error, McNemar p), pooled over seeds", "",
-              "| A | B | test | held-out | both (test + held-out) |", "|---|---|---|---|---|"]
+              "| A | B | test | held-out | both (test + held-out) | images |", "|---|---|---|---|---|---|"]
     pairs = [("sgd", f"head-twa-d{d}") for d in cfg["densities"]]
     pairs += [(f"head-swa-d{d}", f"head-twa-d{d}") for d in cfg["densities"]]
     pairs += [(f"head-twa-d{d}", f"head-twa-d{d}-lrcheck") for d in cfg["densities"]]
@@ -525,7 +536,8 @@ def report(results: dict[str, Any], work: Path) -> list[str]:
         d = compare(work, seeds, a, b)
         if d is not None:
             diffs[(a, b)] = d
-            lines.append(f"| {a} | {b} | {fmt_diff(d['test'])} | {fmt_diff(d['heldout'])} | {fmt_diff(d['all'])} |")
+            lines.append(f"| {a} | {b} | {fmt_diff(d['test'])} | {fmt_diff(d['heldout'])} | {fmt_diff(d['all'])} "
+                         f"| {d['all']['n']:,} |")
     lines.append("")
 
     lines += ["### Targets (judged on test + held-out images together, pooled over seeds)", ""]
