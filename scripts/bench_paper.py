@@ -84,7 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", nargs="+", metavar="REGEX", help="run only the stages whose names match one of these "
                    "(re.search: lrcheck, ^tail-, ^sgd$), e.g. beside another process running the rest (both write "
                    "one results file) or to run fewer stages for extra seeds")
-    p.add_argument("--quick", action="store_true", help="smoke run: 30 images per class, 8 epochs, 1 seed")
+    p.add_argument("--quick", action="store_true", help="smoke run: 30 training, 20 test and 20 held-out images per "
+                   "class, 8 epochs, 2 TWA epochs, Figure 3 at 2 and 4 epochs, 1 seed")
     p.add_argument("--report", action="store_true", help="only print the tables of the results so far")
     p.add_argument("--time-models", nargs="+", metavar="MODEL", help="only time training steps of these networks "
                    "on the subset, interleaved, and print seconds per epoch side by side")
@@ -92,6 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.train_per_class, args.heldout_per_class, args.test_per_class = 30, 20, 20
         args.seeds, args.epochs, args.twa_epochs, args.batch_size = [0], 8, 2, 32
+        args.figure3 = args.figure3 or [2, 4]
     e = args.epochs
     args.head = e // 2
     args.tail_start = (3 * e) // 4
