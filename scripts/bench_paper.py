@@ -556,8 +556,12 @@ def report(results: dict[str, Any], work: Path) -> list[str]:
 def targets(cfg: dict[str, Any], diffs, col) -> list[str]:
     lines = []
 
-    def verdict(ok: bool | None) -> str:
-        return "not measured" if ok is None else ("MET" if ok else "NOT MET")
+    def verdict(ok: bool | None, d: dict[str, float] | None = None) -> str:
+        if ok is None:
+            return "not measured"
+        noisy = d is not None and d["p"] > 0.05
+        note = f" (the difference is within the noise, p = {d['p']:.2g})" if noisy else ""
+        return ("MET" if ok else "NOT MET") + note
 
     d1 = f"head-twa-d{min(cfg['densities'])}" if 1 not in cfg["densities"] else "head-twa-d1"
     s1 = d1.replace("twa", "swa")
@@ -567,17 +571,18 @@ def targets(cfg: dict[str, Any], diffs, col) -> list[str]:
     if vs_sgd is not None:
         ok = vs_sgd["all"]["diff"] >= -0.1
         lines.append(f"- Head: TWA ({cfg['head']}+{cfg['twa_epochs']} epochs, {saved:.0%} of the epochs saved) within "
-                     f"0.1 points of SGD at {cfg['epochs']}: {fmt_diff(vs_sgd['all'])} -> {verdict(ok)}")
+                     f"0.1 points of SGD at {cfg['epochs']}: {fmt_diff(vs_sgd['all'])} -> {verdict(ok, vs_sgd['all'])}")
     else:
         lines.append("- Head: TWA vs SGD: not measured")
     if vs_swa is not None:
         lines.append(f"- Head: TWA beats SWA over the same checkpoints: {fmt_diff(vs_swa['all'])} -> "
-                     f"{verdict(vs_swa['all']['diff'] > 0)}")
+                     f"{verdict(vs_swa['all']['diff'] > 0, vs_swa['all'])}")
     for lr, rule, word in ((cfg["tail_lrs"][0], lambda x: x >= 0, "at least matches"),
                            (cfg["tail_lrs"][-1], lambda x: x > 0, "beats")):
         d = diffs.get((f"tail-swa-lr{lr:g}", f"tail-twa-lr{lr:g}"))
         text = fmt_diff(d["all"]) if d else "-"
-        lines.append(f"- Tail, lr {lr:g}: TWA {word} SWA: {text} -> {verdict(rule(d['all']['diff']) if d else None)}")
+        ok = rule(d["all"]["diff"]) if d else None
+        lines.append(f"- Tail, lr {lr:g}: TWA {word} SWA: {text} -> {verdict(ok, d['all'] if d else None)}")
     gap_sgd, gap_twa = col("sgd", "gap"), col(d1, "gap")
     if gap_sgd and gap_twa:
         ok = float(np.mean(gap_twa)) <= float(np.mean(gap_sgd))
