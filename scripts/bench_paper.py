@@ -7,7 +7,7 @@ the training images the subset leaves out (a second held-out set); each differen
 with its paired noise (McNemar). Results are written to JSON after every stage, and a rerun with the same
 options skips the stages already done, so an interrupted run resumes where it stopped.
 
-    python scripts/bench_paper.py --quick                 # smoke run, tiny subset, about a minute
+    python scripts/bench_paper.py --quick                 # smoke run on a tiny subset (3 minutes on a busy CPU)
     nohup python scripts/bench_paper.py > .cache/bench.log 2>&1 &   # the full protocol (hours on 2 CPU cores)
     python scripts/bench_paper.py --report                # print the tables of the results so far
 
