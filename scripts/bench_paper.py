@@ -463,6 +463,9 @@ def report(results: dict[str, Any], work: Path) -> list[str]:
     def col(name: str, key: str) -> list[float]:
         return [r[name][key] for r in runs if name in r and key in r[name]]
 
+    def same(name: str, other: str, key: str) -> list[float]:  # `name` over the seeds that also have `other`
+        return [r[name][key] for r in runs if name in r and other in r and key in r[name]]
+
     def mean_sd(values: list[float]) -> str:
         """Mean (± standard deviation over seeds), marked when not every seed has the figure."""
         text = mean_sd_of(values)
@@ -514,8 +517,9 @@ def report(results: dict[str, Any], work: Path) -> list[str]:
                 continue
             lines.append(f"| {d} | {mean_sd([c['sharpness'] for c in checks])} "
                          f"| {mean_sd([c['limit'] for c in checks])} "
-                         f"| {mean_sd([c['used'] for c in checks])} | {mean_sd(col(f'head-twa-d{d}', 'test'))} | "
-                         f"{mean_sd(col(name, 'test'))} | {mean_sd(col(f'head-twa-d{d}', 'heldout'))} | "
+                         f"| {mean_sd([c['used'] for c in checks])} "
+                         f"| {mean_sd(same(f'head-twa-d{d}', name, 'test'))} | "
+                         f"{mean_sd(col(name, 'test'))} | {mean_sd(same(f'head-twa-d{d}', name, 'heldout'))} | "
                          f"{mean_sd(col(name, 'heldout'))} |")
         lines.append("")
 
