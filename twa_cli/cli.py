@@ -285,6 +285,7 @@ def sample(
     per_epoch: Annotated[int, typer.Option(help="Checkpoints saved per epoch, evenly spaced (plus the initial weights).", min=1, rich_help_panel=TRAIN)] = 1,
     init: Annotated[Optional[Path], typer.Option(help="Start from the weights of this checkpoint (fine-tuning), not at random.", rich_help_panel=TRAIN)] = None,
     val_split: ValSplit = 0.0,
+    eval_every_epoch: Annotated[bool, typer.Option("--eval-every-epoch/--no-eval-every-epoch", help="Test accuracy after each epoch.")] = True,
     seed: Seed = 0,
     device: DeviceOpt = Device.auto,
     resume: Resume = False,
@@ -300,7 +301,8 @@ def sample(
 
     _setup(json_out, quiet, ctx)
     cfg = SampleConfig(model, _data(data, data_dir, download, val_split), epochs, lr, schedule.value, momentum,
-                       weight_decay, batch_size, per_epoch, seed, _device(device), str(init) if init else None)
+                       weight_decay, batch_size, per_epoch, seed, _device(device), str(init) if init else None,
+                       eval_every_epoch)
     with _interruptible(out), ui.training_progress("sample") as reporter:
         result = run(out, cfg, resume=resume, force=force, reporter=reporter)
     last = result.history[-1] if result.history else {}
@@ -520,6 +522,7 @@ def train_subspace(
     group_size: Annotated[int, typer.Option(help="With --granularity layer: tensors per group.", min=1, rich_help_panel=VARIANTS)] = 1,
     affine: Annotated[bool, typer.Option("--affine", help="Train in the affine hull of the checkpoints: coefficients sum to exactly 1.", rich_help_panel=VARIANTS)] = False,
     sync_bn: Annotated[Optional[bool], typer.Option("--sync-bn/--no-sync-bn", help="Under torchrun: synchronize BatchNorm over the ranks' parts of each batch (default: on with GPUs; PyTorch cannot on CPU).")] = None,
+    lr_check: Annotated[bool, typer.Option("--lr-check/--no-lr-check", help="Measure the span's sharpness first and lower an --lr too large to be stable in it (with a warning).")] = True,
     seed: Seed = 0,
     device: DeviceOpt = Device.auto,
     dry_run: DryRun = False,
@@ -539,7 +542,7 @@ def train_subspace(
     cfg = SubspaceConfig(
         epochs=epochs, lr=lr, schedule=schedule.value, momentum=momentum, weight_decay=weight_decay,
         batch_size=batch_size, init=init, seed=seed, device=_device(device), bn_update=bn_update,
-        bn_batches=bn_batches, eval_every_epoch=eval_every_epoch, start=start, end=end, every=every, tol=tol,
+        bn_batches=bn_batches, eval_every_epoch=eval_every_epoch, lr_check=lr_check, start=start, end=end, every=every, tol=tol,
         fit_on=fit_on.value, val_split=val_split, granularity=granularity.value, group_size=group_size, affine=affine,
         data=data_spec, model=_model(model, data_spec, None) if model else None, sync_bn=sync_bn,
         start_step=start_step, end_step=end_step, every_step=every_step, top=top, by=by, strip_prefix=strip_prefix,
@@ -556,6 +559,7 @@ def train_subspace(
         "layers": result.layers,
         "coefficient_sum": sum(result.coefficients), "dropped": result.dropped,
         "test": asdict(result.test) if result.test else None, "shards": result.shards,
+        "lr_check": result.lr_check.to_dict() if result.lr_check else None,
     }
     if json_out:
         ui.emit_json(summary)

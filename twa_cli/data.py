@@ -161,21 +161,90 @@ def _image_folder(data_dir: str | None) -> Datasets:
     with Image.open(probe.samples[0][0]) as img:
         width = img.size[0]
         channels = len(img.getbands())
-    if width <= 64:  # CIFAR-like: the standard pad-and-crop plus flip
+    if width <= 64:  # CIFAR-like: decoded once into memory, augmented per batch
         mean, std = _MEANS["cifar10"] if channels == 3 else ((0.5,), (0.5,))
-        plain = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
-        augment = T.Compose([T.RandomCrop(width, padding=width // 8), T.RandomHorizontalFlip(), plain])
-        test_tf, size = plain, width
-    else:  # ImageNet-like: as in the PyTorch ImageNet example
-        mean, std = _MEANS["imagenet"]
-        norm = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
-        augment = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), norm])
-        plain = test_tf = T.Compose([T.Resize(256), T.CenterCrop(224), norm])
-        size = 224
+        images, labels = decoded_folder(train_dir)
+        test_images, test_labels = decoded_folder(test_dir)
+        train = ImageTensors(images, labels, mean, std, augment=True)
+        train_eval = ImageTensors(images, labels, mean, std)
+        test = ImageTensors(test_images, test_labels, mean, std)
+        return Datasets(train, train_eval, test, len(probe.classes), channels, width)
+    # ImageNet-like: as in the PyTorch ImageNet example
+    mean, std = _MEANS["imagenet"]
+    norm = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+    augment = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), norm])
+    plain = T.Compose([T.Resize(256), T.CenterCrop(224), norm])
     train = tvd.ImageFolder(str(train_dir), transform=augment)
     train_eval = tvd.ImageFolder(str(train_dir), transform=plain)
-    test = tvd.ImageFolder(str(test_dir), transform=test_tf)
-    return Datasets(train, train_eval, test, len(train.classes), channels, size)
+    test = tvd.ImageFolder(str(test_dir), transform=plain)
+    return Datasets(train, train_eval, test, len(train.classes), channels, 224)
+
+
+class ImageTensors(Dataset):
+    """Small images held in memory as uint8 (N, C, H, W), normalized (and augmented) a whole batch at a time.
+
+    The augmentation is the standard CIFAR one: a random crop of the image padded by 1/8 of its width, then a
+    random horizontal flip. It draws from torch's global generator, which the training loop reseeds at every
+    epoch, so a run's augmentation depends only on (seed, epoch).
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean, std, *, augment: bool = False):
+        self.images = images
+        self.targets = labels
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.batch(torch.tensor([index]))
+        return x[0], y[0]
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[index]
+        if self.augment:
+            x = random_crop_flip(x, self.images.shape[-1] // 8)
+        return (x.float().div_(255.0) - self.mean) / self.std, self.targets[index]
+
+
+def random_crop_flip(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """A random crop (zero padding `pad`) and a random horizontal flip per image of a (B, C, H, W) batch."""
+    b, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b, 1, 1))
+    dx = torch.randint(0, 2 * pad + 1, (b, 1, 1))
+    flip = torch.rand(b, 1, 1) < 0.5
+    cols = torch.arange(w).view(1, 1, w)
+    cols = torch.where(flip, w - 1 - cols, cols)
+    rows = dy + torch.arange(h).view(1, h, 1)
+    out = padded[torch.arange(b).view(b, 1, 1), :, rows, dx + cols]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+_DECODED: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def decoded_folder(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images of a class-folder tree as uint8 (N, C, H, W) plus labels, decoded once per process."""
+    from PIL import Image
+    from torchvision import datasets as tvd
+
+    key = (str(folder.resolve()), folder.stat().st_mtime_ns)
+    if key not in _DECODED:
+        samples = tvd.ImageFolder(str(folder)).samples
+        arrays = []
+        for path, _ in samples:
+            with Image.open(path) as img:
+                arrays.append(np.asarray(img))
+        sizes = {a.shape for a in arrays}
+        if len(sizes) > 1:
+            raise TwaError(f"{folder}: images of different sizes {sorted(sizes)[:2]}; resize them to one size")
+        stacked = torch.from_numpy(np.stack(arrays))
+        images = stacked.unsqueeze(1) if stacked.dim() == 3 else stacked.permute(0, 3, 1, 2)
+        _DECODED[key] = (images.contiguous(), torch.tensor([label for _, label in samples], dtype=torch.long))
+    return _DECODED[key]
 
 
 def _user_data(name: str, data_dir: str | None) -> Datasets:
@@ -224,6 +293,11 @@ def batches(
     """Mini-batches of a data set; in-memory tensors are sliced directly, without per-sample collation."""
     n = len(dataset)  # type: ignore[arg-type]
     order = torch.randperm(n, generator=epoch_generator(seed, epoch)) if shuffle else None
+    if isinstance(dataset, ImageTensors):
+        idx = order if order is not None else torch.arange(n)
+        for i in range(0, n, batch_size):
+            yield dataset.batch(idx[i : i + batch_size])
+        return
     if isinstance(dataset, TensorDataset):
         x, y = dataset.tensors[:2]
         idx = order if order is not None else torch.arange(n)

@@ -50,7 +50,10 @@ class SampleConfig:
     per_epoch: int = 1
     seed: int = 0
     device: str = "cpu"
-    init: str | None = None  # start from these weights (fine-tuning a pre-trained model) instead of at random
+    # A checkpoint to start from (weights and BatchNorm statistics; momentum starts at zero), as the tail
+    # stage continues a run from one of its checkpoints; None: a fresh initialization from the seed.
+    init: str | None = None
+    eval_every_epoch: bool = True
 
 
 @dataclass
@@ -95,8 +98,8 @@ def sample(
     data = load_data(cfg.data)
     arch = model_spec(cfg.model, data.num_classes, data.in_channels, data.image_size)
     model = build_model(arch)
-    if cfg.init is not None:
-        load_weights(model, load_tensors(cfg.init), cfg.init)
+    if cfg.init is not None and not resume:
+        load_weights(model, _start_tensors(cfg.init), cfg.init)
     model.to(cfg.device)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
@@ -135,8 +138,9 @@ def sample(
             save_sample(global_step, epoch + (index + 1) / per_epoch_batches)
 
     def after_epoch(stats: EpochStats) -> None:
-        test = evaluate(model, data.test, device=cfg.device)
-        stats.extra.update(test_loss=test.loss, test_acc=test.accuracy)
+        if cfg.eval_every_epoch:
+            test = evaluate(model, data.test, device=cfg.device)
+            stats.extra.update(test_loss=test.loss, test_acc=test.accuracy)
         history.append(stats.to_dict())
         tensors = with_prefix("model", model.state_dict()) | with_prefix("momentum", _optimizer_tensors(model, optimizer))
         save_train_state(state_path, tensors, stats, history, config)
@@ -151,6 +155,12 @@ def sample(
     except Diverged as exc:
         raise Diverged(f"{exc}; {divergence_advice(state_path)}") from exc
     return SampleResult(out, sorted(out.glob("ckpt-*.safetensors")), history)
+
+
+def _start_tensors(path: str) -> dict[str, torch.Tensor]:
+    if not Path(path).is_file():
+        raise TwaError(f"--init {path}: no such checkpoint file")
+    return load_tensors(path)
 
 
 def _clear_previous_run(out: Path) -> None:

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field, replace
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,13 @@ from twa_cli.checkpoints import (
     save_tensors,
     write_json,
 )
-from twa_cli.data import load_data
+from twa_cli.data import Datasets, batches, load_data
 from twa_cli.distributed import ColumnShardedSGD, Group, init_group
 from twa_cli.errors import TwaError
 from twa_cli.evaluation import Score, evaluate
 from twa_cli.models import build_model, check_fits
 from twa_cli.selection import Selection, select_checkpoints
+from twa_cli.sharpness import LrCheck, check_lr, subspace_sharpness
 from twa_cli.subspace import FlatParameters, SubspaceSGD
 from twa_cli.variants import build_variant
 from twa_cli.training import (
@@ -52,6 +54,12 @@ COEFFICIENTS_FILE = "coefficients.json"
 METRICS_FILE = "metrics.jsonl"
 BASIS_FILE = "basis.safetensors"
 STATE_FILE = "train-state.safetensors"
+LR_CHECK_FILE = "lr-check.json"
+# The sharpness is measured on a few batches of their own order (not the first epoch's).
+SHARPNESS_BATCHES = 2
+SHARPNESS_EPOCH = 1_000_000
+
+log = logging.getLogger("twa")
 
 
 @dataclass
@@ -68,6 +76,7 @@ class SubspaceConfig:
     bn_update: bool = True
     bn_batches: int | None = None
     eval_every_epoch: bool = True
+    lr_check: bool = True  # lower an unstable lr for this span (see sharpness.py)
     # Used only when SRC is a checkpoint folder (orthogonalized first).
     start: int = 0
     end: int | None = None
@@ -108,6 +117,7 @@ class SubspaceResult:
     dropped: list[dict[str, Any]] = field(default_factory=list)
     layers: list[dict[str, Any]] | None = None  # layer-wise coefficients (then `coefficients` is empty)
     shards: list[dict[str, Any]] = field(default_factory=list)  # what each rank held of the basis, under torchrun
+    lr_check: LrCheck | None = None
 
 
 def default_output(src: Path) -> Path:
@@ -245,6 +255,15 @@ def train_subspace(
         if not {"coords", "momentum", "offspan"} <= set(optim):
             raise TwaError(f"{state_path}: not a subspace training state (no optimizer coordinates)")
         optimizer.load_state_tensors(optim)
+    check = None
+    if cfg.lr_check:
+        if group is None and cfg.granularity == "model":
+            # For --affine the span's sharpness bounds the hull's: the check stays on the safe side.
+            check = _check_lr(model, flat, basis.vectors, fit_data, cfg, out / LR_CHECK_FILE, resume)
+        else:
+            log.info("--lr-check: not measured for %s; training at --lr %g",
+                     "layer-wise coefficients" if group is None else "a run under torchrun", cfg.lr)
+    lr = check.used if check is not None else cfg.lr
 
     def after_epoch(stats: EpochStats) -> None:
         if cfg.eval_every_epoch:
@@ -259,7 +278,7 @@ def train_subspace(
             save_train_state(state_path, tensors, stats, history, config)
             write_metrics(out / METRICS_FILE, history)
 
-    loop = LoopConfig(cfg.epochs, cfg.lr, cfg.schedule, cfg.batch_size, cfg.seed, device)
+    loop = LoopConfig(cfg.epochs, lr, cfg.schedule, cfg.batch_size, cfg.seed, device)
     try:
         train_loop(model, optimizer, fit_data, loop, start_epoch=start_epoch, step=step, after_epoch=after_epoch,
                    reporter=reporter, shard=group)
@@ -288,7 +307,29 @@ def train_subspace(
     if group is not None:
         group.barrier()  # no rank returns before the result is on disk
     return SubspaceResult(out, result, coefficients, test, history, basis.dropped, layers=reported.get("layers"),
-                          shards=shards)
+                          shards=shards, lr_check=check)
+
+
+def _check_lr(
+    model: torch.nn.Module, flat: FlatParameters, vectors: torch.Tensor, data: Datasets, cfg: SubspaceConfig,
+    path: Path, resume: bool,
+) -> LrCheck:
+    """Measure the span's sharpness at the start (once: a resumed run reads what the first part decided)."""
+    if resume and path.exists():
+        return LrCheck(**json.loads(path.read_text()))
+    params = dict(model.named_parameters())
+    sample = list(islice(batches(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=SHARPNESS_EPOCH),
+                         SHARPNESS_BATCHES))
+    sharpness = subspace_sharpness(model, [params[n] for n in flat.names], vectors, sample, device=cfg.device)
+    check = check_lr(cfg.lr, cfg.momentum, sharpness)
+    write_json(path, check.to_dict())
+    if check.used < check.requested:
+        log.warning(
+            "--lr %g is too large for this span (its sharpest direction has curvature %.3g; steps above %.3g "
+            "diverge along it): training at lr %.3g instead (--no-lr-check keeps %g)",
+            check.requested, sharpness, check.limit, check.used, check.requested,
+        )
+    return check
 
 
 def check_basis_fits(model: torch.nn.Module, basis: Basis, source: str) -> None:

@@ -1,0 +1,58 @@
+"""The sharpness check: the subspace curvature it measures, the lr it picks, and train-subspace using it."""
+
+import json
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from twa_cli.data import batches, data_spec, load_data
+from twa_cli.models import build_model
+from twa_cli.sharpness import MARGIN, check_lr, subspace_sharpness
+from twa_cli.subspace_training import SubspaceConfig, train_subspace
+
+MLP = {"name": "mlp", "kwargs": {"num_classes": 10, "in_channels": 1, "image_size": 8, "hidden": 16, "depth": 1}}
+
+
+def test_sharpness_is_the_top_eigenvalue_of_the_projected_hessian():
+    torch.manual_seed(0)
+    model = build_model(MLP)
+    params = list(model.parameters())
+    dim = sum(p.numel() for p in params)
+    basis = torch.linalg.qr(torch.randn(dim, 6))[0].t().contiguous()
+    data = [next(batches(load_data(data_spec("digits")).train, 64))]
+    x, y = data[0]
+    shapes = [p.shape for p in params]
+
+    def loss_of(flat: torch.Tensor) -> torch.Tensor:
+        chunks, offset = [], 0
+        for s in shapes:
+            chunks.append(flat[offset : offset + s.numel()].view(s))
+            offset += s.numel()
+        w1, b1, w2, b2 = chunks
+        return F.cross_entropy(F.linear(torch.relu(F.linear(x.flatten(1), w1, b1)), w2, b2), y)
+
+    w = torch.cat([p.detach().reshape(-1) for p in params])
+    exact = torch.autograd.functional.hessian(lambda a: loss_of(w + basis.t() @ a), torch.zeros(6))
+    top = float(torch.linalg.eigvalsh(exact).max())
+    measured = subspace_sharpness(model, params, basis, data, iters=60)
+    assert abs(measured - top) < 1e-3 * abs(top)
+
+
+def test_lr_is_lowered_only_above_half_the_stability_limit():
+    kept = check_lr(2.0, 0.9, sharpness=0.5)  # limit 7.6
+    assert kept.used == 2.0 and abs(kept.limit - 7.6) < 1e-12
+    lowered = check_lr(2.0, 0.9, sharpness=2.0)  # limit 1.9
+    assert abs(lowered.used - MARGIN * 1.9) < 1e-12
+    assert check_lr(2.0, 0.9, sharpness=0.0).used == 2.0  # flat span: nothing to limit
+
+
+def test_train_subspace_trains_at_the_checked_lr_and_says_so(mlp_run, tmp_path, caplog):
+    cfg = SubspaceConfig(epochs=1, lr=50.0, batch_size=64, eval_every_epoch=False)
+    with caplog.at_level(logging.WARNING, logger="twa"):
+        result = train_subspace(mlp_run, tmp_path / "twa", cfg)
+    saved = json.loads((tmp_path / "twa" / "lr-check.json").read_text())
+    assert result.lr_check is not None and saved == result.lr_check.to_dict()
+    assert saved["requested"] == 50.0 and saved["used"] < 50.0
+    assert result.history[0]["lr"] <= saved["used"]  # the loop ran at the lowered lr
+    assert "too large for this span" in caplog.text
