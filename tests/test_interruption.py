@@ -224,7 +224,8 @@ def test_divergence_keeps_the_last_good_state_and_resume_recovers(tmp_path: Path
 def test_train_subspace_divergence_writes_no_result(tmp_path: Path, mlp_run: Path):
     basis = save_basis(orthogonalize(list_folder(mlp_run)), tmp_path / "basis.safetensors")
     out = tmp_path / "twa"
-    code, _, err = run_twa("train-subspace", basis, "-o", out, "--epochs", "2", "--lr", "1e9", "--device", "cpu")
+    code, _, err = run_twa("train-subspace", basis, "-o", out, "--epochs", "2", "--lr", "1e9", "--no-lr-check",
+                           "--device", "cpu")
     assert code == 1 and "Traceback" not in err
     assert "diverged" in err and "no result was written" in err
     assert not (out / "twa.safetensors").exists() and not (out / "coefficients.json").exists()

@@ -767,6 +767,12 @@ def main() -> None:
         previous = signal.signal(signal.SIGINT, _interrupt)
     try:
         app(args=argv, prog_name="twa")
+    except SystemExit as exc:
+        if exc.code in (0, None):  # under torchrun: no rank tears the process group down while another still works
+            from twa_cli.distributed import finish
+
+            finish()
+        raise
     except TwaError as exc:
         if debug:
             raise

@@ -50,7 +50,6 @@ def setup_logging(quiet: bool) -> None:
         handler = RichHandler(console=err, show_time=False, show_path=False, markup=False)
     logger.addHandler(handler)
     logger.setLevel(logging.ERROR if quiet else logging.INFO)
-    logger.propagate = False
 
 
 def info(message: str) -> None:

@@ -154,6 +154,14 @@ def _shutdown() -> None:
         dist.destroy_process_group()
 
 
+def finish() -> None:
+    """After a command succeeded on every rank: wait for all of them, then leave the group. Without the barrier a
+    rank that tears its connections down first can make gloo abort a peer still closing its own."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 # ---------------------------------------------------------------------------------------------- optimizer
 
 

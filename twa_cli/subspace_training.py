@@ -259,7 +259,8 @@ def train_subspace(
     if cfg.lr_check:
         if group is None and cfg.granularity == "model":
             # For --affine the span's sharpness bounds the hull's: the check stays on the safe side.
-            check = _check_lr(model, flat, basis.vectors, fit_data, cfg, out / LR_CHECK_FILE, resume)
+            vectors = basis.vectors if basis.vectors.dtype == torch.float32 else basis.vectors.float()
+            check = _check_lr(model, flat, vectors, fit_data, cfg, out / LR_CHECK_FILE, resume)
         else:
             log.info("--lr-check: not measured for %s; training at --lr %g",
                      "layer-wise coefficients" if group is None else "a run under torchrun", cfg.lr)
