@@ -47,7 +47,13 @@ from twa_cli.sampling import SampleConfig, sample  # noqa: E402
 from twa_cli.subspace_training import SubspaceConfig, train_subspace  # noqa: E402
 
 DEFAULT_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10" / "cifar10-jpg.tar.gz"
-SETS = ("test", "heldout")  # the two held-out sets every model is scored on; "train" gives the gap
+SETS = ("test", "heldout")
+# train-subspace's variants (twa_cli/variants.py), each measured against plain TWA on the same checkpoints.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "fitval": {"fit_on": "val", "val_split": 0.1},
+    "layer": {"granularity": "layer"},
+    "affine": {"affine": True},
+}  # the two held-out sets every model is scored on; "train" gives the gap
 
 
 # ---------------------------------------------------------------------------------------------- options
@@ -78,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tail-epochs", type=int, help="default: E/4, from the checkpoint of epoch 3E/4")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads (on a busy shared CPU one is fastest)")
+    p.add_argument("--variants", action="store_true", help="also train-subspace's variants (--fit-on val, "
+                   "--granularity layer, --affine) on the head (first density) and every tail, against plain TWA")
     p.add_argument("--lr-check", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the head-stage TWA with train-subspace's sharpness check (the paper-default "
                         "stages always run at the fixed --twa-lr)")
@@ -301,6 +309,16 @@ class Bench:
             self.stage(seed, f"tail-twa-{t}", lambda lr=lr, t=t: run.twa(
                 f"tail-twa-{t}", run.tail_ckpts(lr), "last", 5e-5))
 
+        if a.variants:  # the same checkpoints and settings as plain TWA, one option changed
+            head = run.head_ckpts(a.head, a.densities[0])
+            for v, options in VARIANTS.items():
+                name = f"head-twa-d{a.densities[0]}-{v}"
+                self.stage(seed, name, lambda n=name, o=options: run.twa(n, head, "center", 1e-5, variant=o))
+                for lr in a.tail_lrs:
+                    name = f"tail-twa-lr{lr:g}-{v}"
+                    self.stage(seed, name, lambda n=name, lr=lr, o=options: run.twa(
+                        n, run.tail_ckpts(lr), "last", 5e-5, variant=o))
+
 
 class SeedRun:
     """The stages of one seed; each writes its outputs under CACHE/<tag>/seed<N>/ under the stage's name."""
@@ -354,7 +372,8 @@ class SeedRun:
         return result
 
     def twa(self, name: str, ckpts: list, init: str, wd: float, *, full_scores: bool = True,
-            per_epoch_eval: bool = False, lr_check: bool = False) -> dict[str, Any]:
+            per_epoch_eval: bool = False, lr_check: bool = False,
+            variant: dict[str, Any] | None = None) -> dict[str, Any]:
         a = self.args
         out = self.folder / name
         selection = self.folder / f".{name}-ckpts"  # the chosen checkpoints, linked: train-subspace reads a folder
@@ -363,10 +382,11 @@ class SeedRun:
         for c in ckpts:
             (selection / c.path.name).symlink_to(c.path.resolve())
         cfg = SubspaceConfig(epochs=a.twa_epochs, lr=a.twa_lr, weight_decay=wd, batch_size=a.batch_size, init=init,
-                             seed=self.seed, device=a.device, eval_every_epoch=per_epoch_eval, lr_check=lr_check)
+                             seed=self.seed, device=a.device, eval_every_epoch=per_epoch_eval, lr_check=lr_check,
+                             **(variant or {}))
         result = train_subspace(selection, out, cfg, force=True)
         scores = self.score(result.result, name) if full_scores else {"test": result.test.accuracy}
-        scores.update(checkpoints=len(ckpts), rank=len(result.coefficients) - len(result.dropped),
+        scores.update(checkpoints=len(ckpts), rank=len(ckpts) - len(result.dropped),
                       history=result.history, coefficient_sum=float(sum(result.coefficients)))
         if result.lr_check is not None:
             scores["lr_check"] = result.lr_check.to_dict()
@@ -545,6 +565,20 @@ def report(results: dict[str, Any], work: Path) -> list[str]:
             lines.append(f"| {a} | {b} | {fmt_diff(d['test'])} | {fmt_diff(d['heldout'])} | {fmt_diff(d['all'])} "
                          f"| {d['all']['n']:,} |")
     lines.append("")
+
+    if any(k.endswith("-affine") for r in runs for k in r):
+        lines += ["### Variants of train-subspace against plain TWA (same checkpoints and settings)", "",
+                  "| stage | variant | test acc % | held-out acc % | gap | seconds | B - A on test + held-out |",
+                  "|---|---|---|---|---|---|---|"]
+        stages = [f"head-twa-d{cfg['densities'][0]}"] + [f"tail-twa-lr{lr:g}" for lr in cfg["tail_lrs"]]
+        for stage in stages:
+            for v in ("", *VARIANTS):
+                name = f"{stage}-{v}" if v else stage
+                d = compare(work, seeds, stage, name) if v else None
+                lines.append(f"| {stage} | {v or 'plain'} | {mean_sd(col(name, 'test'))} | "
+                             f"{mean_sd(col(name, 'heldout'))} | {mean_sd(col(name, 'gap'))} | "
+                             f"{mean_sd(col(name, 'seconds'))} | {fmt_diff(d['all']) if d else ''} |")
+        lines.append("")
 
     lines += ["### Targets (judged on test + held-out images together, pooled over seeds)", ""]
     lines += targets(cfg, diffs, col)

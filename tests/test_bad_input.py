@@ -86,6 +86,16 @@ def _existing(root: Path, run: Path) -> Path:
     return path
 
 
+def _pickled_objects(root: Path, run: Path) -> Path:
+    """A .pt file whose loading needs an arbitrary Python object (as a pickled training script's args are)."""
+    import argparse
+
+    folder = root / "pickled"
+    folder.mkdir()
+    torch.save({"state_dict": load_tensors(_first(run)), "args": argparse.Namespace(lr=0.1)}, folder / "ckpt.pt")
+    return folder
+
+
 # name -> builder(root, mlp run) returning a path; each case formats its command with these.
 INPUTS: dict[str, Callable[[Path, Path], Path]] = {
     "run": lambda root, run: _copy_run(run, root / "run"),
@@ -97,6 +107,7 @@ INPUTS: dict[str, Callable[[Path, Path], Path]] = {
     "wide": _other_architecture,
     "basis": _basis,
     "existing": _existing,
+    "pickled": _pickled_objects,
 }
 
 
@@ -112,6 +123,7 @@ def case(id: str, command: str, *expect: str) -> Case:
 
 
 CASES = [
+    case("pickled-objects", "swa {pickled} -o {out}/avg.safetensors", "{pickled}/ckpt.pt", "pickled Python objects"),
     case("empty-folder", "swa {empty} -o {out}/avg.safetensors", "{empty}", "no .safetensors checkpoints"),
     case("missing-folder", "orthogonalize {root}/nope -o {out}/b.safetensors", "{root}/nope", "no such file"),
     case("missing-file", "eval {root}/nope.safetensors", "{root}/nope.safetensors", "no such file"),
