@@ -12,6 +12,8 @@ beside the basis, to be recomputed after training anyway.
 
 from __future__ import annotations
 
+import math
+
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -85,17 +87,11 @@ class Basis:
     def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
         out, offset = {}, 0
         for name, shape in self.layout:
-            size = _numel(shape)
+            size = math.prod(shape)
             out[name] = vector[offset : offset + size].view(shape)
             offset += size
         return out
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def subspace_tensors(ckpt: Checkpoint, shapes: dict[str, tuple[int, ...]], model: dict[str, Any] | None) -> list[str]:
@@ -127,7 +123,7 @@ def _read_flat(
     offset = 0
     with open_tensors(path) as handle:
         for name, shape in layout:
-            size = _numel(shape)
+            size = math.prod(shape)
             a, b = max(lo, offset), min(hi, offset + size)
             if a < b:
                 try:
@@ -141,7 +137,7 @@ def _read_flat(
 
 def _read_range(handle: Any, name: str, shape: tuple[int, ...], a: int, b: int) -> torch.Tensor:
     """Entries [a, b) of a tensor flattened, reading only the rows that hold them."""
-    size = _numel(shape)
+    size = math.prod(shape)
     if (a, b) == (0, size) or len(shape) == 0:
         return handle.get_tensor(name).reshape(-1)[a:b]
     row = size // shape[0]
@@ -250,7 +246,7 @@ def orthogonalize(
     shapes = check_compatible(ckpts)
     names = names or subspace_tensors(ckpts[0], shapes, model)
     layout = [(name, shapes[name]) for name in names]
-    dim = sum(_numel(s) for _, s in layout)
+    dim = sum(math.prod(s) for _, s in layout)
     n = len(ckpts)
     block = block or max(1, min(32, n // 8))
     lo, hi = columns if columns is not None else (0, dim)
@@ -412,7 +408,7 @@ def load_basis(path: str | Path) -> Basis:
         vectors = map_tensor(path, "basis")
     except (KeyError, TypeError, ValueError) as exc:
         raise TwaError(f"{path}: a damaged basis file (no valid layout, basis or coords)") from exc
-    if vectors.dim() != 2 or vectors.shape[1] != sum(_numel(s) for _, s in layout):
+    if vectors.dim() != 2 or vectors.shape[1] != sum(math.prod(s) for _, s in layout):
         raise TwaError(f"{path}: the basis has shape {list(vectors.shape)} but its layout describes a different size")
     if coords.dim() != 2 or coords.shape[0] != vectors.shape[0]:
         raise TwaError(f"{path}: coords of shape {list(coords.shape)} do not match {vectors.shape[0]} basis vectors")

@@ -9,12 +9,14 @@ another world size reads its own slices.
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from twa_cli.basis import Basis, _numel, orthogonalize, save_basis, subspace_tensors
+from twa_cli.basis import Basis, orthogonalize, save_basis, subspace_tensors
 from twa_cli.checkpoints import (
     Checkpoint,
     check_compatible,
@@ -31,7 +33,7 @@ from twa_cli.errors import TwaError
 def parameter_count(ckpts: list[Checkpoint], model: dict[str, Any] | None) -> int:
     """D, the length of the trainable parameter vector, from the files' headers."""
     shapes = check_compatible(ckpts)
-    return sum(_numel(shapes[name]) for name in subspace_tensors(ckpts[0], shapes, model))
+    return sum(math.prod(shapes[name]) for name in subspace_tensors(ckpts[0], shapes, model))
 
 
 def orthogonalize_columns(
@@ -94,7 +96,7 @@ def load_basis_columns(path: str | Path, columns: tuple[int, int] | None = None)
     if is_shard(ckpt):
         raise TwaError(f"{path}: one shard of a basis; pass its index file {path.with_name(ckpt.meta['shard_of'])}")
     layout = [(name, tuple(shape)) for name, shape in ckpt.json_field("layout")]
-    dim = sum(_numel(shape) for _, shape in layout)
+    dim = sum(math.prod(shape) for _, shape in layout)
     lo, hi = columns if columns is not None else (0, dim)
     tensors = load_tensors(path, [k for k in _keys(path) if k != "basis"])
     if "shards" in ckpt.meta:

@@ -6,6 +6,8 @@ Exit codes: 0 success, 1 a problem with the inputs (one line on stderr; --debug 
 
 from __future__ import annotations
 
+import math
+
 import os
 import signal
 import sys
@@ -474,7 +476,7 @@ def orthogonalize(
 
         save_sharded(basis, columns, output, group, force=force)
         shards = shard_report(basis.vectors, columns, group)
-    dim = sum(_numel(shape) for _, shape in basis.layout)
+    dim = sum(math.prod(shape) for _, shape in basis.layout)
     summary = {"output": str(output), "checkpoints": len(selected), "rank": basis.rank, "dimension": dim,
                "dropped": basis.dropped, "errors": basis.errors, "shards": shards}
     if json_out:
@@ -623,12 +625,6 @@ def _print_shards(shards: list[dict[str, Any]], whole: int | None) -> None:
         ui.info(f"rank {s['rank']}: columns {lo:,}:{hi:,} of the basis, {s['bytes'] / 2**20:.2f} MiB "
                 f"({100 * s['bytes'] / max(total, 1):.1f}% of {total / 2**20:.2f} MiB)")
 
-
-def _numel(shape: Any) -> int:
-    n = 1
-    for size in shape:
-        n *= int(size)
-    return n
 
 
 class ImageFormat(str, Enum):

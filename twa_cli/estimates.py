@@ -7,6 +7,8 @@ notes. Files are memory-mapped, so the pages of a checkpoint being read are the 
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -50,7 +52,7 @@ def _layout(ckpt: Checkpoint, trainable: list[str] | None) -> _Layout:
         floating = other = largest = floating_bytes = train = 0
         names = set(trainable) if trainable is not None else None
         for k in reader.keys():
-            dtype, n = reader.dtype(k), _numel(reader.shape(k))
+            dtype, n = reader.dtype(k), math.prod(reader.shape(k))
             size = n * _itemsize(dtype)
             largest = max(largest, size)
             if dtype.is_floating_point:
@@ -117,7 +119,7 @@ def plan_train_subspace_basis(basis: Checkpoint, *, device: str) -> Plan:
     """Training from a basis file: the basis, the model with its flat buffers, the n coordinates."""
     with basis.open() as reader:
         rank, dim = reader.shape("basis")
-        buffers = sum(_numel(reader.shape(k)) * 4 for k in reader.keys() if k.startswith("buffer."))
+        buffers = sum(math.prod(reader.shape(k)) * 4 for k in reader.keys() if k.startswith("buffer."))
         file_bytes = reader.nbytes()
     model = dim * 4 + buffers
     basis_bytes = rank * dim * 4
@@ -126,12 +128,6 @@ def plan_train_subspace_basis(basis: Checkpoint, *, device: str) -> Plan:
     return Plan("train-subspace", [str(basis.path)], file_bytes, peak, gpu, 2 * model + rank * 8 * 4, dim,
                 ["plus the training data and the activations of one batch"])
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _itemsize(dtype: torch.dtype) -> int:

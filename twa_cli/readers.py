@@ -15,6 +15,8 @@ safetensors handle calls (`get_tensor`, `get_slice(name).get_shape()/.get_dtype(
 
 from __future__ import annotations
 
+import math
+
 from abc import ABC, abstractmethod
 
 import json
@@ -101,10 +103,10 @@ class Reader(ABC):
         return None
 
     def numel(self) -> int:
-        return sum(_numel(self.shape(k)) for k in self.keys())
+        return sum(math.prod(self.shape(k)) for k in self.keys())
 
     def nbytes(self) -> int:
-        return sum(_numel(self.shape(k)) * _itemsize(self.dtype(k)) for k in self.keys())
+        return sum(math.prod(self.shape(k)) * _itemsize(self.dtype(k)) for k in self.keys())
 
     # safetensors-handle compatibility
     def get_tensor(self, name: str) -> torch.Tensor:
@@ -509,12 +511,6 @@ def _strip_map(names: list[str], prefix: str | None, *, auto: bool, where: Path)
         raise TwaError(f"{where}: stripping '{prefix}' makes two tensor names equal; choose another --strip-prefix")
     return out
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _itemsize(dtype: torch.dtype) -> int:
