@@ -414,6 +414,14 @@ def load_basis(path: str | Path) -> Basis:
         raise TwaError(f"{path}: coords of shape {list(coords.shape)} do not match {vectors.shape[0]} basis vectors")
     for i, row in enumerate(vectors):  # row by row: a whole-basis isfinite would allocate a quarter of it
         check_finite(row, f"{path}: basis row {i}")
+    return basis_from_file(ckpt, vectors, coords, layout, tensors)
+
+
+def basis_from_file(
+    ckpt: Checkpoint, vectors: torch.Tensor, coords: torch.Tensor, layout: list[tuple[str, tuple[int, ...]]],
+    tensors: dict[str, torch.Tensor],
+) -> Basis:
+    """A Basis from a basis file's metadata and tensors (whole, or some columns of a sharded one)."""
     return Basis(
         vectors=vectors,
         coords=coords,

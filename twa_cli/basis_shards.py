@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from twa_cli.basis import Basis, orthogonalize, save_basis, subspace_tensors
+from twa_cli.basis import Basis, basis_from_file, orthogonalize, save_basis, subspace_tensors
 from twa_cli.checkpoints import (
     Checkpoint,
     check_compatible,
@@ -104,17 +104,7 @@ def load_basis_columns(path: str | Path, columns: tuple[int, int] | None = None)
     else:
         with open_tensors(path) as handle:
             vectors = handle.read_slice("basis", slice(None), slice(lo, hi))
-    return Basis(
-        vectors=vectors,
-        coords=tensors["coords"],
-        layout=layout,
-        buffers={k[7:]: v for k, v in tensors.items() if k.startswith("buffer.")},
-        sources=ckpt.json_field("sources") or [],
-        dropped=ckpt.json_field("dropped") or [],
-        arch=ckpt.arch,
-        data=ckpt.data,
-        errors=ckpt.json_field("errors") or {},
-    )
+    return basis_from_file(ckpt, vectors, tensors["coords"], layout, tensors)
 
 
 def _keys(path: Path) -> list[str]:
