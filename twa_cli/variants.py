@@ -72,8 +72,9 @@ def layer_groups(layout: list[tuple[str, tuple[int, ...]]], group_size: int = 1)
 
 
 def layerwise_bases(ckpts: list[Checkpoint], groups: list[list[str]], *, tol: float = 1e-6) -> list[Basis]:
-    """One basis per group of tensors (each group's span is orthogonalized on its own)."""
-    return [orthogonalize(ckpts, tol=tol, names=group, hashes=(i == 0), warn=False) for i, group in enumerate(groups)]
+    """One basis per group of tensors (each group's span is orthogonalized on its own). The sources and their
+    hashes are the global basis's; hashing every file again per group would only reread them."""
+    return [orthogonalize(ckpts, tol=tol, names=group, hashes=False, warn=False) for group in groups]
 
 
 @dataclass
