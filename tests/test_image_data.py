@@ -82,3 +82,38 @@ def test_a_run_on_an_image_folder_is_reproducible(tmp_path):
 
     a, b = load_tensors(first), load_tensors(second)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_batchnorm_statistics_are_recomputed_from_the_augmented_images(tmp_path):
+    """SWA (and every other recalibration) normalizes as training did: over augmented images, reproducibly,
+    without moving the random stream a training run draws its augmentation from."""
+    from twa_cli.averaging import swa
+    from twa_cli.batchnorm import recalibrate_bn
+    from twa_cli.checkpoints import list_folder, load_tensors
+    from twa_cli.models import build_model
+
+    spec = data_spec("imagefolder", _folder(tmp_path / "imgs"))
+    cfg = SampleConfig(model="small-cnn", data=spec, epochs=2, lr=0.05, batch_size=8, per_epoch=1)
+    ckpts = list_folder(sample(tmp_path / "run", cfg).out)
+    result = tmp_path / "swa.safetensors"
+    swa(ckpts, result)
+    averaged = load_tensors(result)
+    data = load_data(spec)
+    net = build_model(ckpts[0].arch)
+    net.load_state_dict(averaged)
+
+    def statistics(view) -> dict[str, torch.Tensor]:
+        recalibrate_bn(net, view, batch_size=5)
+        return {k: v.clone() for k, v in net.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+
+    stream = torch.get_rng_state()
+    augmented = statistics(data.train)
+    assert torch.equal(torch.get_rng_state(), stream)
+    assert all(torch.equal(v, statistics(data.train)[k]) for k, v in augmented.items())
+    plain = statistics(data.train_eval)
+    assert any(not torch.allclose(v, plain[k]) for k, v in augmented.items())
+    swa_stats = {k: v for k, v in averaged.items() if k in augmented}
+    net.load_state_dict(averaged)
+    recalibrate_bn(net, data.train)
+    recomputed = {k: v for k, v in net.state_dict().items() if k in augmented}
+    assert all(torch.equal(swa_stats[k], recomputed[k]) for k in augmented)

@@ -111,7 +111,7 @@ def swa(
             datasets = load_data(data_spec)
             net.to(device)
             if bn_update and has_batchnorm(net):
-                recalibrate_bn(net, datasets.train_eval, max_batches=bn_batches, device=device)
+                recalibrate_bn(net, datasets.train, max_batches=bn_batches, device=device)
                 bn = "recomputed"
                 average = {k: v.to("cpu") for k, v in net.state_dict().items()}
             if evaluate_test:

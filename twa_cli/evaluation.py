@@ -90,7 +90,7 @@ def evaluate_checkpoint(
     load_weights(net, load_tensors(path), str(path))
     net.to(device)
     if bn_update:
-        recalibrate_bn(net, datasets.train_eval, max_batches=bn_batches, device=device)
+        recalibrate_bn(net, datasets.train, max_batches=bn_batches, device=device)
     test = evaluate(net, datasets.test, batch_size=batch_size, device=device) if split in ("test", "both") else None
     train = (
         evaluate(net, datasets.train_eval, batch_size=batch_size, device=device) if split in ("train", "both") else None

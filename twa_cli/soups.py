@@ -38,7 +38,7 @@ class SoupResult:
 def _score(net: torch.nn.Module, state: dict[str, torch.Tensor], data: Datasets, device: str, recalibrate: bool) -> float:
     net.load_state_dict(state)
     if recalibrate:
-        recalibrate_bn(net, data.train_eval, device=device)
+        recalibrate_bn(net, data.train, device=device)
     return evaluate(net, data.val_eval, device=device).accuracy  # type: ignore[arg-type]
 
 
@@ -91,7 +91,7 @@ def greedy_soup(
     soup = mean_of([ckpts[i] for i in chosen])
     load_weights(net, soup, "the soup")
     if bn:
-        recalibrate_bn(net, datasets.train_eval, device=device)
+        recalibrate_bn(net, datasets.train, device=device)
     val = evaluate(net, datasets.val_eval, device=device).accuracy  # type: ignore[arg-type]
     test = evaluate(net, datasets.test, device=device)
     coefficients = [1.0 / len(chosen) if i in chosen else 0.0 for i in range(len(ckpts))]

@@ -270,7 +270,7 @@ def train_subspace(
         if cfg.eval_every_epoch:
             # Figures measured after recalibration: running statistics go stale when the weights move fast.
             if cfg.bn_update:
-                recalibrate_bn(model, data.train_eval, max_batches=cfg.bn_batches, device=device, loader=recal_loader)
+                recalibrate_bn(model, data.train, max_batches=cfg.bn_batches, device=device, loader=recal_loader)
             test = evaluate(model, data.test, device=device)
             stats.extra.update(test_loss=test.loss, test_acc=test.accuracy)
         history.append(stats.to_dict())
@@ -287,7 +287,7 @@ def train_subspace(
         raise Diverged(f"{exc}; no result was written; {divergence_advice(state_path)}") from exc
 
     if cfg.bn_update:
-        recalibrate_bn(model, data.train_eval, max_batches=cfg.bn_batches, device=device, loader=recal_loader)
+        recalibrate_bn(model, data.train, max_batches=cfg.bn_batches, device=device, loader=recal_loader)
     test = evaluate(model, data.test, device=device)
     reported = report(optimizer.coords.detach().cpu())
     coefficients = reported.get("coefficients", [])
