@@ -21,7 +21,9 @@ import typer
 
 from twa_cli import __version__
 from twa_cli import console as ui
+from twa_cli.data import KNOWN
 from twa_cli.errors import TwaError
+from twa_cli.training import SCHEDULES
 
 app = typer.Typer(
     name="twa",
@@ -39,33 +41,19 @@ OUTPUT = "Output"
 VARIANTS = "Variants"
 
 
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
+def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
+    """A str Enum whose members are `values` (typer shows and checks them as the option's choices)."""
+    return Enum(name, {v: v for v in values}, type=str)
 
 
-class Schedule(str, Enum):
-    step = "step"
-    linear = "linear"
-    constant = "constant"
-    cosine = "cosine"
-
-
-class FitOn(str, Enum):
-    train = "train"
-    val = "val"
-
-
-class Granularity(str, Enum):
-    model = "model"
-    layer = "layer"
-
-
-class Split(str, Enum):
-    test = "test"
-    train = "train"
-    both = "both"
+Device = _choices("Device", ("auto", "cpu", "cuda"))
+Schedule = _choices("Schedule", SCHEDULES)
+FitOn = _choices("FitOn", ("train", "val"))
+Granularity = _choices("Granularity", ("model", "layer"))
+Split = _choices("Split", ("test", "train", "both"))
+ComputeDtype = _choices("ComputeDtype", ("float64", "float32"))
+OutDtype = _choices("OutDtype", ("same", "float32", "bfloat16", "float16"))
+ImageFormat = _choices("ImageFormat", ("png", "svg", "pdf"))
 
 
 def _complete_model(incomplete: str) -> list[str]:
@@ -75,8 +63,7 @@ def _complete_model(incomplete: str) -> list[str]:
 
 
 def _complete_data(incomplete: str) -> list[str]:
-    names = ["digits", "cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder"]
-    return [name for name in names if name.startswith(incomplete)]
+    return [name for name in KNOWN if name.startswith(incomplete)]
 
 
 # Options shared by several commands ---------------------------------------------------------------------
@@ -103,18 +90,6 @@ By = Annotated[Optional[str], typer.Option(help="Metric that ranks checkpoints f
 StripPrefix = Annotated[Optional[str], typer.Option(help="Strip this prefix from tensor names (default: module. or model. when every key of a .pt/.ckpt file has it).", rich_help_panel=SELECT)]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print what would be read and the memory and disk the command needs, then exit.", rich_help_panel=OUTPUT)]
 MaxShardSize = Annotated[Optional[str], typer.Option(help="Split the result into shards of at most this size (5GB, 500MB) with an index, as Hugging Face does.", rich_help_panel=OUTPUT)]
-
-
-class ComputeDtype(str, Enum):
-    float64 = "float64"
-    float32 = "float32"
-
-
-class OutDtype(str, Enum):
-    same = "same"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
 
 
 def _load_config(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
@@ -625,12 +600,6 @@ def _print_shards(shards: list[dict[str, Any]], whole: int | None) -> None:
         ui.info(f"rank {s['rank']}: columns {lo:,}:{hi:,} of the basis, {s['bytes'] / 2**20:.2f} MiB "
                 f"({100 * s['bytes'] / max(total, 1):.1f}% of {total / 2**20:.2f} MiB)")
 
-
-
-class ImageFormat(str, Enum):
-    png = "png"
-    svg = "svg"
-    pdf = "pdf"
 
 
 SURFACE = "Loss surface (--surface)"
