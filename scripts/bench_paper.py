@@ -383,11 +383,11 @@ class Bench:
 
 
 class SeedRun:
-    """The stages of one seed; each writes its outputs under CACHE/<tag>/seed<N>/ under the stage's name."""
+    """The stages of one seed; each writes its outputs under CACHE/<tag>/seed<N>/ (or `folder`) under the stage's name."""
 
-    def __init__(self, bench: Bench, seed: int):
+    def __init__(self, bench: Bench, seed: int, folder: Path | None = None):
         self.args, self.sets, self.data_dir, self.seed = bench.args, bench.sets, bench.data_dir, seed
-        self.folder = bench.work / f"seed{seed}"
+        self.folder = folder or bench.work / f"seed{seed}"
         self.val_split = 0.0
         self.regular = self.folder / "regular"
         self.masks = self.folder / "masks"
@@ -462,11 +462,7 @@ class TuneRun(SeedRun):
     """The tuning run: a regular run on the training subset minus a validation split, scored on that split only."""
 
     def __init__(self, bench: Bench):
-        super().__init__(bench, TUNE_SEED)
-        self.folder = bench.work / "tune"
-        self.masks = self.folder / "masks"
-        self.masks.mkdir(parents=True, exist_ok=True)
-        self.regular = self.folder / "regular"
+        super().__init__(bench, TUNE_SEED, bench.work / "tune")
         self.val_split = TUNE_SPLIT
         self.val = load_data(data_spec("imagefolder", self.data_dir, val_split=TUNE_SPLIT)).val_eval
 
