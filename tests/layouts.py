@@ -131,4 +131,5 @@ def fairseq_folder(root: Path, count: int = 3) -> list[State]:
 
 def arithmetic_mean(states: list[State]) -> State:
     """Reference: the mean of each floating tensor in fp64."""
-    return {k: torch.stack([s[k].double() for s in states]).mean(0) for k in states[0] if states[0][k].is_floating_point()}
+    return {k: torch.stack([s[k].double() for s in states]).mean(0)
+            for k in states[0] if states[0][k].is_floating_point()}

@@ -17,11 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import snapshot
 
-from conftest import run_twa, snapshot
-from twa_cli.basis import orthogonalize, save_basis
-from twa_cli.checkpoints import list_folder, load_tensors, read_checkpoint, save_tensors
-from twa_cli.models import MLP
+from twa_cli.core.basis import orthogonalize
+from twa_cli.core.basis_files import save_basis
+from twa_cli.io.checkpoints import list_folder, load_tensors, read_checkpoint
+from twa_cli.io.safetensors import save_tensors
+from twa_cli.tasks.models import MLP
 
 
 def _copy_run(src: Path, dst: Path) -> Path:
@@ -77,7 +79,8 @@ def _mixed(root: Path, run: Path) -> Path:
 
 
 def _basis(root: Path, run: Path) -> Path:
-    return save_basis(orthogonalize(list_folder(run), hashes=False), root / "basis.safetensors")
+    ckpts = list_folder(run)
+    return save_basis(orthogonalize(ckpts, names=ckpts[0].trainable, hashes=False), root / "basis.safetensors")
 
 
 def _existing(root: Path, run: Path) -> Path:
@@ -87,12 +90,70 @@ def _existing(root: Path, run: Path) -> Path:
 
 
 def _pickled_objects(root: Path, run: Path) -> Path:
-    """A .pt file whose loading needs an arbitrary Python object (as a pickled training script's args are)."""
-    import argparse
+    """A .pt file whose loading needs an arbitrary Python object (a class the loader does not allow)."""
+    from pathlib import PurePosixPath
 
     folder = root / "pickled"
     folder.mkdir()
-    torch.save({"state_dict": load_tensors(_first(run)), "args": argparse.Namespace(lr=0.1)}, folder / "ckpt.pt")
+    torch.save({"state_dict": load_tensors(_first(run)), "where": PurePosixPath("/data")}, folder / "ckpt.pt")
+    return folder
+
+
+def _text_pt(root: Path, run: Path) -> Path:
+    folder = root / "textpt"
+    folder.mkdir()
+    (folder / "notes.pt").write_text("this is not a checkpoint\n" * 20)
+    return folder
+
+
+def _int_tensor(root: Path, run: Path) -> Path:
+    """Three checkpoints where one stores a weight as int64."""
+    folder = _copy_run(run, root / "intweight")
+    victim = _first(folder)
+    tensors = load_tensors(victim)
+    tensors["net.3.weight"] = tensors["net.3.weight"].round().long()
+    save_tensors(victim, tensors, read_checkpoint(victim).meta)
+    return folder
+
+
+def _binary_config(root: Path, run: Path) -> Path:
+    path = root / "binary.yaml"
+    path.write_bytes(bytes(range(256)) * 4)
+    return path
+
+
+def _null_config(root: Path, run: Path) -> Path:
+    path = root / "null.yaml"
+    path.write_text("epochs: null\nmodel: mlp\n")
+    return path
+
+
+def _image_folders(root: Path, run: Path) -> Path:
+    """An image folder whose val/ has a class train/ lacks, and one with a truncated JPEG."""
+    from PIL import Image
+
+    layouts = (("imgs", {"train": ("a", "b"), "val": ("a", "c")}), ("badjpeg", {"train": ("a",), "val": ("a",)}))
+    for name, classes in layouts:
+        for split, names in classes.items():
+            for c in names:
+                folder = root / name / split / c
+                folder.mkdir(parents=True)
+                for i in range(2):
+                    Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(folder / f"{i}.png")
+    jpeg = root / "badjpeg" / "train" / "a" / "2.jpg"
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(jpeg)
+    jpeg.write_bytes(jpeg.read_bytes()[:40])
+    return root / "imgs"
+
+
+def _index_escape(root: Path, run: Path) -> Path:
+    """A Hugging Face index whose weight_map points outside its folder."""
+    import json
+
+    folder = root / "escape"
+    folder.mkdir()
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "../secret.safetensors"}}))
+    save_tensors(root / "secret.safetensors", {"w": torch.zeros(2)}, {})
     return folder
 
 
@@ -108,6 +169,12 @@ INPUTS: dict[str, Callable[[Path, Path], Path]] = {
     "basis": _basis,
     "existing": _existing,
     "pickled": _pickled_objects,
+    "textpt": _text_pt,
+    "intweight": _int_tensor,
+    "binaryconfig": _binary_config,
+    "nullconfig": _null_config,
+    "imgs": _image_folders,
+    "escape": _index_escape,
 }
 
 
@@ -177,6 +244,31 @@ CASES = [
     case("resume-nothing", "sample {out}/new --resume", "nothing to resume"),
     case("resume-changed", "sample {run} --model mlp --resume --batch-size 32 --lr 0.05 --epochs 3",
          "--batch-size was 64", "now 32"),
+    # Damaged and hostile input (issue 16, items 7-10)
+    case("text-pt-inspect", "inspect {textpt}", "{textpt}/notes.pt", "not a readable PyTorch checkpoint"),
+    case("text-pt-swa", "swa {textpt} -o {out}/avg.safetensors", "{textpt}/notes.pt"),
+    case("int-weight", "swa {intweight} -o {out}/avg.safetensors", "'net.3.weight'", "int64", "float32"),
+    case("negative-lr", "sample {out}/new --model mlp --lr -1", "--lr", "-1"),
+    case("nan-lr", "sample {out}/new --model mlp --lr nan", "--lr", "nan"),
+    case("negative-momentum", "sample {out}/new --model mlp --momentum -1", "--momentum"),
+    case("negative-weight-decay", "sample {out}/new --model mlp --weight-decay -1", "--weight-decay"),
+    case("huge-seed", "sample {out}/new --model mlp --seed 99999999999999999999", "--seed"),
+    case("binary-config", "sample {out}/new --config {binaryconfig}", "{binaryconfig}", "not a text file"),
+    case("null-config", "sample {out}/new --config {nullconfig}", "{nullconfig}", "'epochs'", "null"),
+    case("val-class-missing", "sample {out}/new --model mlp --data imagefolder --data-dir {imgs}", "val/c",
+         "train"),
+    case("truncated-jpeg", "sample {out}/new --model mlp --data imagefolder --data-dir {root}/badjpeg", "2.jpg",
+         "not a readable image"),
+    case("train-negative-lr", "train-subspace {basis} -o {out}/t --lr -1", "--lr"),
+    case("train-nan-lr", "train-subspace {basis} -o {out}/t --lr nan", "--lr"),
+    case("train-negative-momentum", "train-subspace {basis} -o {out}/t --momentum -1", "--momentum"),
+    case("index-escape", "swa {escape} -o {out}/avg.safetensors", "{escape}/model.safetensors.index.json",
+         "../secret.safetensors"),
+    case("index-escape-inspect", "inspect {escape}", "../secret.safetensors"),
+    case("tol-negative", "orthogonalize {run} -o {out}/b.safetensors --tol -1", "--tol"),
+    case("tol-nan", "orthogonalize {run} -o {out}/b.safetensors --tol nan", "--tol"),
+    case("user-callable-raises", "sample {out}/new --model os:getcwd --data digits", "--model os:getcwd"),
+    case("data-callable-raises", "sample {out}/new --model mlp --data json:loads", "--data json:loads"),
 ]
 
 
@@ -210,18 +302,18 @@ def _check_rejected(code: int, stderr: str, expect: list[str], before: dict, aft
 
 
 @pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_one_line_exit_1_and_writes_nothing(c: Case, inputs: dict[str, str], tmp_path: Path):
+def test_bad_input_is_one_line_exit_1_and_writes_nothing(c: Case, inputs: dict[str, str], tmp_path: Path, twa):
     root = tmp_path
     before = snapshot(root)
-    code, _, stderr = run_twa(*shlex.split(c.command.format(**inputs)))
-    _check_rejected(code, stderr, [e.format(**inputs) for e in c.expect], before, snapshot(root))
+    result = twa(*shlex.split(c.command.format(**inputs)), check=False)
+    _check_rejected(result.returncode, result.stderr, [e.format(**inputs) for e in c.expect], before, snapshot(root))
 
 
-def test_debug_shows_the_traceback(inputs: dict[str, str]):
+def test_debug_shows_the_traceback(inputs: dict[str, str], twa):
     from twa_cli.errors import TwaError
 
-    with pytest.raises(TwaError, match="no .safetensors checkpoints"):
-        run_twa("swa", inputs["empty"], "-o", f"{inputs['out']}/a.safetensors", "--debug")
+    with pytest.raises(TwaError, match=r"no \.safetensors checkpoints"):
+        twa("swa", inputs["empty"], "-o", f"{inputs['out']}/a.safetensors", "--debug")
 
 
 @pytest.mark.parametrize("c", [c for c in CASES if c.id in ("truncated",)],
@@ -233,36 +325,39 @@ def test_the_installed_command_prints_no_traceback(c: Case, inputs: dict[str, st
     _check_rejected(proc.returncode, proc.stderr, [e.format(**inputs) for e in c.expect], before, snapshot(tmp_path))
 
 
-def test_a_failing_write_is_one_line_and_leaves_nothing(inputs: dict[str, str], tmp_path: Path, monkeypatch):
-    """The system refusing a write (here a full disk, at the end of it) is reported like bad input."""
+def test_a_failing_write_is_one_line_naming_the_output_and_leaves_nothing(inputs: dict[str, str], tmp_path: Path,
+                                                                          monkeypatch, twa):
+    """The system refusing a write (here a full disk, with an error that names no file, as a write to an unnamed
+    temporary file raises) is reported like bad input, naming the output."""
     import errno
 
-    from twa_cli import checkpoints
+    from twa_cli.io import atomic
 
     def full_disk(fd: int) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device", f"{inputs['out']}/avg.safetensors")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoints.os, "fsync", full_disk)
+    monkeypatch.setattr(atomic.os, "fsync", full_disk)
     before = snapshot(tmp_path)
-    code, _, stderr = run_twa("swa", inputs["run"], "-o", f"{inputs['out']}/avg.safetensors")
-    _check_rejected(code, stderr, ["avg.safetensors", "No space left on device"], before, snapshot(tmp_path))
+    result = twa("swa", inputs["run"], "-o", f"{inputs['out']}/avg.safetensors", check=False)
+    _check_rejected(result.returncode, result.stderr, [f"{inputs['out']}/avg.safetensors", "No space left on device"],
+                    before, snapshot(tmp_path))
 
 
-def test_ctrl_c_anywhere_exits_130_and_restores_the_handler(inputs: dict[str, str], monkeypatch):
+def test_ctrl_c_anywhere_exits_130_and_restores_the_handler(inputs: dict[str, str], monkeypatch, twa):
     import os
     import signal
 
-    from twa_cli import averaging
+    from twa_cli.commands import swa
 
-    real_mean_of = averaging.mean_of
+    real_mean_of = swa.mean_of
 
     def interrupted_mean_of(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of averaging
         return real_mean_of(*args, **kwargs)
 
-    monkeypatch.setattr(averaging, "mean_of", interrupted_mean_of)
+    monkeypatch.setattr(swa, "mean_of", interrupted_mean_of)
     handler = signal.getsignal(signal.SIGINT)
-    code, _, stderr = run_twa("swa", inputs["run"], "-o", f"{inputs['out']}/avg.safetensors")
-    assert code == 130 and stderr.strip() == "error: interrupted"
+    result = twa("swa", inputs["run"], "-o", f"{inputs['out']}/avg.safetensors", check=False)
+    assert result.returncode == 130 and result.stderr.strip() == "error: interrupted"
     assert signal.getsignal(signal.SIGINT) is handler
     assert not Path(inputs["out"], "avg.safetensors").exists()

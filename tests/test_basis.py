@@ -1,13 +1,14 @@
 import torch
+from helpers import flat_trainable, trajectory, write_synthetic_folder
 
-from conftest import flat_trainable, trajectory, write_synthetic_folder
-from twa_cli.basis import load_basis, orthogonality_error, orthogonalize, reconstruction_errors, save_basis
-from twa_cli.checkpoints import list_folder
+from twa_cli.core.basis import orthogonality_error, orthogonalize, reconstruction_errors
+from twa_cli.core.basis_files import load_basis, save_basis
+from twa_cli.io.checkpoints import list_folder
 
 
 def test_basis_of_real_checkpoints_is_orthonormal_and_spans_them(cnn_run):
     ckpts = list_folder(cnn_run)
-    basis = orthogonalize(ckpts)
+    basis = orthogonalize(ckpts, names=ckpts[0].trainable)  # the trainable tensors the checkpoints record
     assert basis.rank == len(ckpts)
     gram = basis.vectors.double() @ basis.vectors.double().t()
     assert torch.allclose(gram, torch.eye(basis.rank, dtype=torch.float64), atol=1e-6)
@@ -59,13 +60,14 @@ def test_rank_deficient_input_keeps_the_span(tmp_path):
 
 
 def test_basis_file_round_trip(cnn_run, tmp_path):
-    basis = orthogonalize(list_folder(cnn_run))
+    ckpts = list_folder(cnn_run)
+    basis = orthogonalize(ckpts, names=ckpts[0].trainable)
     path = save_basis(basis, tmp_path / "basis.safetensors")
     loaded = load_basis(path)
     assert torch.equal(loaded.vectors, basis.vectors)
     assert torch.equal(loaded.coords, basis.coords)
     assert loaded.layout == basis.layout
-    assert loaded.arch == basis.arch
+    assert loaded.recorded == basis.recorded
     assert set(loaded.buffers) == set(basis.buffers)
     assert len(loaded.sources) == basis.coords.shape[1]
-    assert all(len(s["sha256"]) == 64 for s in loaded.sources)
+    assert all(len(s.sha256) == 64 for s in loaded.sources)

@@ -1,23 +1,13 @@
 import json
-import os
-import subprocess
-import sys
+import shutil
 
 import pytest
 
-from twa_cli.checkpoints import list_folder, read_checkpoint
-
-
-def twa(*args, cwd=None, check=True):
-    proc = subprocess.run([sys.executable, "-m", "twa_cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, "NO_COLOR": "1"})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"twa {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
-    return proc
+from twa_cli.io.checkpoints import list_folder, read_checkpoint
 
 
 @pytest.mark.slow
-def test_pipeline_end_to_end_on_digits(tmp_path):
+def test_pipeline_end_to_end_on_digits(tmp_path, twa):
     ckpts = tmp_path / "ckpts"
     twa("sample", ckpts, "--model", "small-cnn", "--data", "digits", "--epochs", "3", "--batch-size", "64",
         "--lr", "0.05")
@@ -31,8 +21,8 @@ def test_pipeline_end_to_end_on_digits(tmp_path):
     basis = json.loads(twa("orthogonalize", ckpts, "-o", tmp_path / "basis.safetensors", "--json").stdout)
     assert basis["rank"] == 4 and basis["errors"]["orthogonality"] < 1e-6
 
-    proc = twa("train-subspace", tmp_path / "basis.safetensors", "--epochs", "2", "--lr", "0.5", "--json")
-    summary = json.loads(proc.stdout)
+    summary = json.loads(twa("train-subspace", tmp_path / "basis.safetensors", "--epochs", "2", "--lr", "0.5",
+                             "--json").stdout)
     out = tmp_path / "basis-twa"
     assert summary["output"] == str(out)
     assert len(summary["coefficients"]) == 4
@@ -43,9 +33,7 @@ def test_pipeline_end_to_end_on_digits(tmp_path):
     assert scored["gap"] == pytest.approx(scored["train"]["accuracy"] - scored["test"]["accuracy"])
 
 
-def test_train_subspace_on_a_folder_writes_beside_it(cnn_run, tmp_path):
-    import shutil
-
+def test_train_subspace_on_a_folder_writes_beside_it(cnn_run, tmp_path, twa):
     ckpts = tmp_path / "run"
     shutil.copytree(cnn_run, ckpts)
     proc = twa("train-subspace", ckpts, "--epochs", "1", "--lr", "0.5", "--batch-size", "64")
@@ -59,7 +47,7 @@ def test_train_subspace_on_a_folder_writes_beside_it(cnn_run, tmp_path):
     assert again.returncode == 1 and "already exists" in again.stderr and "Traceback" not in again.stderr
 
 
-def test_help_and_version():
+def test_help_and_version(twa):
     assert "twa" in twa("--version").stdout
-    for command in ("sample", "swa", "orthogonalize", "train-subspace", "eval"):
+    for command in ("sample", "swa", "orthogonalize", "train-subspace", "eval", "plot", "inspect"):
         assert "Usage" in twa(command, "--help").stdout

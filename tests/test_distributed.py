@@ -5,19 +5,22 @@ import os
 import socket
 import subprocess
 import sys
+from itertools import pairwise
 
 import pytest
 import torch
+from helpers import flat_trainable, write_synthetic_folder
 
-from conftest import flat_trainable, write_synthetic_folder
-from twa_cli.basis import _read_flat, load_basis, orthogonalize, save_basis
-from twa_cli.basis_shards import load_basis_columns, shard_path
-from twa_cli.checkpoints import list_folder, load_tensors, make_metadata, save_tensors
-from twa_cli.data import batches, load_data
-from twa_cli.distributed import Group
+from twa_cli.commands.train_subspace import SubspaceConfig, train_subspace
+from twa_cli.core.basis import orthogonalize, read_flat
+from twa_cli.core.basis_files import load_basis, save_basis, shard_path
+from twa_cli.core.batching import batches
+from twa_cli.core.placement import ColumnShards
 from twa_cli.errors import TwaError
-from twa_cli.models import build_model
-from twa_cli.subspace_training import SubspaceConfig, _sync_batchnorm, train_subspace
+from twa_cli.io.checkpoints import list_folder, load_tensors, make_metadata
+from twa_cli.io.safetensors import save_tensors
+from twa_cli.tasks.models import build_model
+from twa_cli.tasks.resolve import TaskRequest, resolve_task
 
 WORLD = 2
 
@@ -38,8 +41,14 @@ def torchrun(*args):
     return proc
 
 
-def _group(rank: int, world: int = WORLD) -> Group:
-    return Group(rank=rank, world=world, backend="gloo", device="cpu")
+def _group(rank: int, world: int = WORLD) -> ColumnShards:
+    return ColumnShards(rank=rank, world=world, backend="gloo", device="cpu")
+
+
+def _basis(run, path=None):
+    ckpts = list_folder(run)
+    basis = orthogonalize(ckpts, names=ckpts[0].trainable, hashes=path is not None)
+    return save_basis(basis, path) if path is not None else basis
 
 
 # --------------------------------------------------------------------------------------- in one process
@@ -47,41 +56,44 @@ def _group(rank: int, world: int = WORLD) -> Group:
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_together_see_exactly_the_single_process_batches(world):
-    data = load_data({"name": "digits"}).train
+    task = resolve_task(TaskRequest(model="mlp", data="digits"))
+    data = task.dataset("train", augment=True)
     groups = [_group(r, world) for r in range(world)]
-    streams = [g.batches(data, 64, shuffle=True, seed=3, epoch=1) for g in groups]
+    streams = [batches(task, data, 64, shuffle=True, seed=3, epoch=1, parts=g) for g in groups]
     count = 0
-    for (x, y), *parts in zip(batches(data, 64, shuffle=True, seed=3, epoch=1), *streams):
-        assert torch.equal(torch.cat([px for px, _ in parts]), x) and torch.equal(torch.cat([py for _, py in parts]), y)
+    for ((x, y), _), *parts in zip(batches(task, data, 64, shuffle=True, seed=3, epoch=1), *streams, strict=True):
+        assert torch.equal(torch.cat([b[0] for b, _ in parts]), x)
+        assert torch.equal(torch.cat([b[1] for b, _ in parts]), y)
         # a rank's mean loss counts by its share of the batch: weight = world * share, so they sum to world
-        assert sum(g.weight for g in groups) == pytest.approx(world)
+        assert sum(w for _, w in parts) == pytest.approx(world)
         count += 1
     assert count == -(-len(data) // 64)
 
 
 def test_a_last_batch_smaller_than_the_world_gives_the_empty_rank_a_sample_that_counts_for_nothing():
+    task = resolve_task(TaskRequest(model="mlp", data="digits"))
     data = torch.utils.data.TensorDataset(torch.arange(5.0)[:, None], torch.arange(5))
     group = _group(2, world=3)
     # batches of 4 and 1: rank 2 has 1 of the first (weight 3 * 1/4) and none of the second
-    assert [(len(y), group.weight) for _, y in group.batches(data, 4)] == [(1, 0.75), (1, 0.0)]
+    assert [(len(b[1]), w) for b, w in batches(task, data, 4, parts=group)] == [(1, 0.75), (1, 0.0)]
 
 
 def test_columns_split_the_parameter_vector_without_gaps():
     for dim in (10, 11, 26_122):
         spans = [_group(r, 3).columns(dim) for r in range(3)]
         assert spans[0][0] == 0 and spans[-1][1] == dim
-        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+        assert all(a[1] == b[0] for a, b in pairwise(spans))
         assert max(hi - lo for lo, hi in spans) == -(-dim // 3)
 
 
 def test_reading_a_column_range_reads_the_same_numbers_as_the_whole_vector(mlp_run):
     ckpt = list_folder(mlp_run)[-1]
-    basis = orthogonalize([ckpt], hashes=False)
+    basis = orthogonalize([ckpt], names=ckpt.trainable, hashes=False)
     whole = torch.empty(basis.dim)
-    _read_flat(ckpt.path, basis.layout, whole)
+    read_flat(ckpt, basis.layout, whole)
     for lo, hi in ((0, 7), (5, 70), (100, 8_300), (8_300, basis.dim)):  # cuts through the middle of rows
         part = torch.empty(hi - lo)
-        _read_flat(ckpt.path, basis.layout, part, (lo, hi))
+        read_flat(ckpt, basis.layout, part, (lo, hi))
         assert torch.equal(part, whole[lo:hi])
 
 
@@ -90,15 +102,15 @@ def test_columns_of_a_whole_basis_file_are_its_slice(tmp_path):
     ckpts = list_folder(write_synthetic_folder(tmp_path / "c", w)[0].parent)
     basis = orthogonalize(ckpts, hashes=False)
     save_basis(basis, tmp_path / "b.safetensors")
-    part = load_basis_columns(tmp_path / "b.safetensors", (300, 650))
+    part = load_basis(tmp_path / "b.safetensors", (300, 650))
     assert torch.equal(part.vectors, basis.vectors[:, 300:650]) and torch.equal(part.coords, basis.coords)
 
 
 def test_sync_batchnorm_on_gloo_is_refused_with_a_reason():
     model = build_model({"name": "small-cnn", "kwargs": {"num_classes": 10, "in_channels": 1}})
     with pytest.raises(TwaError, match="SyncBatchNorm runs on GPUs only"):
-        _sync_batchnorm(model, SubspaceConfig(sync_bn=True), _group(0))
-    assert _sync_batchnorm(model, SubspaceConfig(), _group(0)) is False  # the default on gloo: off, with a warning
+        _group(0).sync_batchnorm(model, True)
+    assert _group(0).sync_batchnorm(model, None) is False  # the default on gloo: off, with a warning
 
 
 # --------------------------------------------------------------------------------------- under torchrun
@@ -114,7 +126,7 @@ def sharded_basis(mlp_run, tmp_path_factory):
 @pytest.mark.slow
 def test_sharded_orthogonalize_spans_the_same_subspace_with_half_the_basis_per_rank(mlp_run, sharded_basis):
     index, summary = sharded_basis
-    single = orthogonalize(list_folder(mlp_run), hashes=False)
+    single = _basis(mlp_run)
     gathered = load_basis(index)  # a single process reads every shard back
     p1, p2 = single.vectors.double(), gathered.vectors.double()
     assert gathered.rank == single.rank == summary["rank"]
@@ -138,10 +150,9 @@ def test_distributed_train_subspace_equals_single_process(mlp_run, sharded_basis
     init = save_tensors(tmp_path / "start.safetensors", start, make_metadata("checkpoint"))
     args = ["--epochs", "2", "--lr", "0.1", "--batch-size", "64", "--weight-decay", "1e-2", "--init", init]
     summary = json.loads(torchrun("train-subspace", index, "-o", tmp_path / "dist", *args, "--json").stdout)
-    single_basis = tmp_path / "single-basis.safetensors"
-    save_basis(orthogonalize(list_folder(mlp_run)), single_basis)
-    single = train_subspace(single_basis, tmp_path / "single",
-                            SubspaceConfig(epochs=2, lr=0.1, batch_size=64, weight_decay=1e-2, init=str(init)))
+    single_basis = _basis(mlp_run, tmp_path / "single-basis.safetensors")
+    single = train_subspace(single_basis, tmp_path / "single", SubspaceConfig(
+        epochs=2, lr=0.1, batch_size=64, weight_decay=1e-2, init=str(init), device="cpu"))
     scales = [json.loads((tmp_path / d / "coefficients.json").read_text())["offspan_scale"] for d in ("dist", "single")]
     assert scales[0] is not None and scales[0] == pytest.approx(scales[1], rel=1e-9) and scales[0] < 1.0
 
@@ -166,6 +177,18 @@ def test_small_cnn_distributed_accuracy_is_within_one_point_of_one_process(cnn_r
     assert proc.stderr.count("SyncBatchNorm") == 1
     dist = json.loads(proc.stdout)
     single = train_subspace(cnn_run, tmp_path / "single",
-                            SubspaceConfig(epochs=1, lr=0.5, batch_size=64, eval_every_epoch=False))
+                            SubspaceConfig(epochs=1, lr=0.5, batch_size=64, eval_every_epoch=False, device="cpu"))
     assert abs(dist["test"]["accuracy"] - single.test.accuracy) <= 1.0
     assert load_basis(tmp_path / "dist" / "basis.safetensors").rank == len(single.coefficients)
+
+
+@pytest.mark.slow
+def test_default_flags_give_the_same_coefficients_in_one_process_and_under_torchrun(mlp_run, sharded_basis, tmp_path):
+    """With every default, the lr check included (it runs under torchrun too, through the same projection)."""
+    index, _ = sharded_basis
+    dist = json.loads(torchrun("train-subspace", index, "-o", tmp_path / "dist", "--epochs", "2", "--json").stdout)
+    single = train_subspace(index, tmp_path / "single", SubspaceConfig(epochs=2, device="cpu"))
+    checks = [json.loads((tmp_path / d / "lr-check.json").read_text()) for d in ("dist", "single")]
+    assert checks[0]["used"] == pytest.approx(checks[1]["used"], rel=1e-5) and checks[1]["used"] < 2.0
+    alpha_dist, alpha_single = torch.tensor(dist["coefficients"]), torch.tensor(single.coefficients)
+    assert float((alpha_dist - alpha_single).abs().max()) < 1e-5 * max(1.0, float(alpha_single.abs().max()))

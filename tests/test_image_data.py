@@ -7,9 +7,15 @@ import pytest
 import torch
 from PIL import Image
 
-from twa_cli.data import ImageTensors, batches, data_spec, load_data, random_crop_flip
+from twa_cli.commands.common import task_of
+from twa_cli.commands.sample import SampleConfig, sample
+from twa_cli.commands.swa import SwaRequest, swa
+from twa_cli.core.batching import batches, plain_batches
+from twa_cli.core.batchnorm import recalibrate_bn, recalibrate_on
 from twa_cli.errors import TwaError
-from twa_cli.sampling import SampleConfig, sample
+from twa_cli.io.checkpoints import list_folder, load_tensors
+from twa_cli.tasks.images import ImageTensors, data_spec, load_data, random_crop_flip
+from twa_cli.tasks.resolve import TaskRequest, resolve_task
 
 
 def _folder(root: Path, per_class: int = 6, size: int = 8, classes=("cat", "dog", "frog")) -> Path:
@@ -24,6 +30,10 @@ def _folder(root: Path, per_class: int = 6, size: int = 8, classes=("cat", "dog"
     return root
 
 
+def _request(root: Path) -> TaskRequest:
+    return TaskRequest(model="small-cnn", data="imagefolder", data_dir=str(root))
+
+
 def test_images_load_once_as_torchvision_would_decode_them(tmp_path):
     from torchvision import datasets as tvd
     from torchvision import transforms as T
@@ -34,7 +44,7 @@ def test_images_load_once_as_torchvision_would_decode_them(tmp_path):
     assert (len(data.train), data.num_classes, data.in_channels, data.image_size) == (18, 3, 3, 8)
     mean, std = data.test.mean.flatten().tolist(), data.test.std.flatten().tolist()
     reference = tvd.ImageFolder(str(root / "test"), transform=T.Compose([T.ToTensor(), T.Normalize(mean, std)]))
-    x, y = next(batches(data.test, 100))
+    x, y = next(plain_batches(resolve_task(_request(root)), data.test, 100))
     assert torch.equal(y, torch.tensor([label for _, label in reference.samples]))
     assert torch.allclose(x, torch.stack([reference[i][0] for i in range(len(reference))]), atol=1e-5)
 
@@ -46,24 +56,27 @@ def test_every_augmented_image_is_a_padded_crop_or_its_mirror():
     padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
     seen = set()
     for b in range(len(x)):
-        matches = [(dy, dx, flip) for dy in range(3) for dx in range(3) for flip in (False, True)
-                   if torch.equal(out[b], (lambda c: c.flip(-1) if flip else c)(padded[b, :, dy:dy + 8, dx:dx + 8]))]
+        crops = {(dy, dx): padded[b, :, dy:dy + 8, dx:dx + 8] for dy in range(3) for dx in range(3)}
+        matches = [(dy, dx, flip) for (dy, dx), crop in crops.items() for flip in (False, True)
+                   if torch.equal(out[b], crop.flip(-1) if flip else crop)]
         assert matches, f"image {b} is no crop of its padded original"
         seen.update(matches)
     assert len({m[:2] for m in seen}) == 9 and {m[2] for m in seen} == {False, True}  # all offsets, both flips
 
 
 def test_augmentation_depends_only_on_the_global_seed(tmp_path):
-    data = load_data(data_spec("imagefolder", _folder(tmp_path / "imgs")))
+    root = _folder(tmp_path / "imgs")
+    data = load_data(data_spec("imagefolder", root))
+    task = resolve_task(_request(root))
 
     def epoch(seed: int) -> torch.Tensor:
         torch.manual_seed(seed)
-        return torch.cat([x for x, _ in batches(data.train, 4, shuffle=True, seed=0, epoch=1)])
+        return torch.cat([x for (x, _), _ in batches(task, data.train, 4, shuffle=True, seed=0, epoch=1)])
 
     assert torch.equal(epoch(5), epoch(5))
     assert not torch.equal(epoch(5), epoch(6))
-    plain = torch.cat([x for x, _ in batches(data.train_eval, 4)])
-    assert torch.equal(plain, torch.cat([x for x, _ in batches(data.train_eval, 4)]))
+    plain = torch.cat([x for x, _ in plain_batches(task, data.train_eval, 4)])
+    assert torch.equal(plain, torch.cat([x for x, _ in plain_batches(task, data.train_eval, 4)]))
 
 
 def test_mixed_image_sizes_are_refused(tmp_path):
@@ -74,11 +87,9 @@ def test_mixed_image_sizes_are_refused(tmp_path):
 
 
 def test_a_run_on_an_image_folder_is_reproducible(tmp_path):
-    spec = data_spec("imagefolder", _folder(tmp_path / "imgs"))
-    cfg = SampleConfig(model="small-cnn", data=spec, epochs=2, lr=0.05, batch_size=8, per_epoch=1)
+    cfg = SampleConfig(task=_request(_folder(tmp_path / "imgs")), epochs=2, lr=0.05, batch_size=8, per_epoch=1)
     first = sample(tmp_path / "a", cfg).checkpoints[-1]
     second = sample(tmp_path / "b", cfg).checkpoints[-1]
-    from twa_cli.checkpoints import load_tensors
 
     a, b = load_tensors(first), load_tensors(second)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -87,33 +98,31 @@ def test_a_run_on_an_image_folder_is_reproducible(tmp_path):
 def test_batchnorm_statistics_are_recomputed_from_the_augmented_images(tmp_path):
     """SWA (and every other recalibration) normalizes as training did: over augmented images, reproducibly,
     without moving the random stream a training run draws its augmentation from."""
-    from twa_cli.averaging import swa
-    from twa_cli.batchnorm import recalibrate_bn
-    from twa_cli.checkpoints import list_folder, load_tensors
-    from twa_cli.models import build_model
-
-    spec = data_spec("imagefolder", _folder(tmp_path / "imgs"))
-    cfg = SampleConfig(model="small-cnn", data=spec, epochs=2, lr=0.05, batch_size=8, per_epoch=1)
-    ckpts = list_folder(sample(tmp_path / "run", cfg).out)
+    cfg = SampleConfig(task=_request(_folder(tmp_path / "imgs")), epochs=2, lr=0.05, batch_size=8, per_epoch=1)
+    run = sample(tmp_path / "run", cfg).out
+    ckpts = list_folder(run)
     result = tmp_path / "swa.safetensors"
-    swa(ckpts, result)
+    swa(run, result, SwaRequest(device="cpu"))
     averaged = load_tensors(result)
-    data = load_data(spec)
-    net = build_model(ckpts[0].arch)
+    task = task_of(TaskRequest(), ckpts[0])  # the model and data the checkpoints record
+    net = task.build_model()
     net.load_state_dict(averaged)
 
-    def statistics(view) -> dict[str, torch.Tensor]:
-        recalibrate_bn(net, view, batch_size=5)
+    def statistics(augmented: bool) -> dict[str, torch.Tensor]:
+        if augmented:
+            recalibrate_bn(net, task, batch_size=5)
+        else:
+            recalibrate_on(net, task, plain_batches(task, task.dataset("train", augment=False), 5))
         return {k: v.clone() for k, v in net.state_dict().items() if k.endswith(("running_mean", "running_var"))}
 
     stream = torch.get_rng_state()
-    augmented = statistics(data.train)
+    augmented = statistics(augmented=True)
     assert torch.equal(torch.get_rng_state(), stream)
-    assert all(torch.equal(v, statistics(data.train)[k]) for k, v in augmented.items())
-    plain = statistics(data.train_eval)
+    assert all(torch.equal(v, statistics(augmented=True)[k]) for k, v in augmented.items())
+    plain = statistics(augmented=False)
     assert any(not torch.allclose(v, plain[k]) for k, v in augmented.items())
     swa_stats = {k: v for k, v in averaged.items() if k in augmented}
     net.load_state_dict(averaged)
-    recalibrate_bn(net, data.train)
+    recalibrate_bn(net, task)
     recomputed = {k: v for k, v in net.state_dict().items() if k in augmented}
     assert all(torch.equal(swa_stats[k], recomputed[k]) for k in augmented)

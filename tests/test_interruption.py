@@ -18,13 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_twa
-from twa_cli import checkpoints
-from twa_cli.basis import orthogonalize, save_basis
-from twa_cli.checkpoints import list_folder, load_tensors, read_checkpoint
-from twa_cli.data import data_spec
-from twa_cli.sampling import SampleConfig, sample
-from twa_cli.subspace_training import SubspaceConfig, train_subspace
+from twa_cli.commands.sample import SampleConfig, sample
+from twa_cli.commands.train_subspace import SubspaceConfig, train_subspace
+from twa_cli.core.basis import orthogonalize
+from twa_cli.core.basis_files import save_basis
+from twa_cli.io import atomic
+from twa_cli.io.checkpoints import list_folder, load_tensors, read_checkpoint
+from twa_cli.io.safetensors import save_tensors
+from twa_cli.tasks.resolve import TaskRequest
 
 STATE = "train-state.safetensors"
 
@@ -64,9 +65,9 @@ def _kill(proc: subprocess.Popen, sig: int) -> tuple[int, str]:
     return proc.returncode, err
 
 
-def _finish(*args: object) -> None:
-    code, _, err = run_twa(*args)
-    assert code == 0, err
+def _basis(run: Path, path: Path) -> Path:
+    ckpts = list_folder(run)
+    return save_basis(orthogonalize(ckpts, names=ckpts[0].trainable), path)
 
 
 def _same_weights(a: Path, b: Path) -> None:
@@ -93,7 +94,7 @@ def _no_temporaries(folder: Path) -> None:
     assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]
 
 
-def test_sample_killed_mid_epoch_resumes_bit_for_bit(tmp_path: Path, one_thread):
+def test_sample_killed_mid_epoch_resumes_bit_for_bit(tmp_path: Path, one_thread, twa):
     args = ["--model", "mlp", "--data", "digits", "--epochs", "3", "--batch-size", "8", "--per-epoch", "3",
             "--lr", "0.05", "--seed", "3", "--device", "cpu"]
     killed = tmp_path / "killed"
@@ -103,11 +104,11 @@ def test_sample_killed_mid_epoch_resumes_bit_for_bit(tmp_path: Path, one_thread)
     code, _ = _kill(proc, signal.SIGKILL)
     assert code == -signal.SIGKILL
     assert _epochs_done(killed / STATE) < 3, "killed after the last epoch: nothing left to resume"
-    _finish("sample", killed, *args, "--resume")
+    twa("sample", killed, *args, "--resume")
     _no_temporaries(killed)  # a temporary a kill can leave (between naming and renaming) is cleared on resuming
 
     reference = tmp_path / "reference"
-    sample(reference, SampleConfig(model="mlp", data=data_spec("digits"), epochs=3, lr=0.05, batch_size=8,
+    sample(reference, SampleConfig(TaskRequest(model="mlp", data="digits"), epochs=3, lr=0.05, batch_size=8,
                                    per_epoch=3, seed=3, device="cpu"))
     names = sorted(p.name for p in reference.glob("ckpt-*.safetensors"))
     assert names == sorted(p.name for p in killed.glob("ckpt-*.safetensors")) and len(names) == 10
@@ -116,8 +117,8 @@ def test_sample_killed_mid_epoch_resumes_bit_for_bit(tmp_path: Path, one_thread)
     _same_weights(killed / STATE, reference / STATE)
 
 
-def test_train_subspace_interrupted_twice_resumes_bit_for_bit(tmp_path: Path, mlp_run: Path, one_thread):
-    basis = save_basis(orthogonalize(list_folder(mlp_run)), tmp_path / "basis.safetensors")
+def test_train_subspace_interrupted_twice_resumes_bit_for_bit(tmp_path: Path, mlp_run: Path, one_thread, twa):
+    basis = _basis(mlp_run, tmp_path / "basis.safetensors")
     out = tmp_path / "twa"
     args = ["-o", out, "--epochs", "3", "--batch-size", "8", "--lr", "0.5", "--device", "cpu"]
 
@@ -135,7 +136,7 @@ def test_train_subspace_interrupted_twice_resumes_bit_for_bit(tmp_path: Path, ml
     code, _ = _kill(proc, signal.SIGKILL)
     assert code == -signal.SIGKILL
     assert not (out / "twa.safetensors").exists()
-    _finish("train-subspace", basis, *args, "--resume")
+    twa("train-subspace", basis, *args, "--resume")
     _no_temporaries(out)
 
     reference = tmp_path / "reference"
@@ -145,27 +146,29 @@ def test_train_subspace_interrupted_twice_resumes_bit_for_bit(tmp_path: Path, ml
     assert not (out / STATE).exists()  # a finished run leaves no state behind
 
 
-def test_interrupt_in_the_first_epoch_says_there_is_nothing_to_resume(tmp_path: Path, monkeypatch):
-    from twa_cli import sampling
+def test_interrupt_in_the_first_epoch_says_there_is_nothing_to_resume(tmp_path: Path, monkeypatch, twa):
+    from twa_cli.commands import sample as sampling
 
     def ctrl_c_before_the_first_save(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(1)  # the handler runs as soon as the signal is delivered
 
     monkeypatch.setattr(sampling, "save_train_state", ctrl_c_before_the_first_save)
-    code, _, err = run_twa("sample", tmp_path / "run", "--model", "mlp", "--epochs", "2", "--device", "cpu")
-    assert code == 130
-    assert "before anything could be resumed" in err and "Traceback" not in err
-    assert not (tmp_path / "run" / STATE).exists()
+    result = twa("sample", tmp_path / "run", "--model", "mlp", "--epochs", "2", "--device", "cpu", check=False)
+    assert result.returncode == 130
+    assert "before anything could be resumed" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # nothing to resume: the run's folder is gone, a rerun needs no --force
 
 
 _WRITER = """
 import sys, torch
-import twa_cli.checkpoints as ck
-ck._UNNAMED_TEMPS = sys.argv[2] == "unnamed"
+import twa_cli.io.atomic as atomic
+from twa_cli.io.safetensors import save_tensors
+if sys.argv[2] == "named":
+    atomic._open_unnamed = lambda folder: -1
 big = {"w": torch.arange(8_000_000, dtype=torch.float32)}
 for i in range(10_000):
-    ck.save_tensors(sys.argv[1] + "/model.safetensors", big, {"i": str(i)})
+    save_tensors(sys.argv[1] + "/model.safetensors", big, {"i": str(i)})
     print(i, flush=True)
 """
 
@@ -184,48 +187,49 @@ def test_a_write_killed_midway_leaves_no_partial_file(tmp_path: Path, temps: str
     if temps == "unnamed":
         _no_temporaries(tmp_path)
     # Named temporaries (systems without unnamed files) are cleared by the next write of the same file.
-    monkeypatch.setattr(checkpoints, "_UNNAMED_TEMPS", temps == "unnamed")
-    checkpoints.save_tensors(target, {"w": torch.zeros(3)}, {})
+    if temps == "named":
+        monkeypatch.setattr(atomic, "_open_unnamed", lambda folder: -1)
+    save_tensors(target, {"w": torch.zeros(3)}, {})
     _no_temporaries(tmp_path)
     assert torch.equal(load_tensors(target)["w"], torch.zeros(3))
 
 
-def test_sample_divergence_in_the_first_epoch_saves_nothing_diverged(tmp_path: Path):
+def test_sample_divergence_in_the_first_epoch_keeps_nothing(tmp_path: Path, twa):
     out = tmp_path / "run"
-    code, _, err = run_twa("sample", out, "--model", "mlp", "--epochs", "2", "--batch-size", "64", "--lr", "1e4",
-                           "--per-epoch", "4", "--device", "cpu")
-    assert code == 1 and "Traceback" not in err
-    assert "diverged" in err and "at step" in err and "smaller --lr" in err and "nothing to resume" in err
-    assert not (out / STATE).exists()
-    for path in out.glob("*.safetensors"):  # only the initial weights, never a NaN sample
-        assert all(torch.isfinite(t).all() for t in load_tensors(path).values())
+    result = twa("sample", out, "--model", "mlp", "--epochs", "2", "--batch-size", "64", "--lr", "1e4",
+                 "--per-epoch", "4", "--device", "cpu", check=False)
+    err = result.stderr
+    assert result.returncode == 1 and "Traceback" not in err
+    assert "diverged" in err and "at step" in err and "smaller --lr" in err and "nothing was kept" in err
+    assert not out.exists()  # a failure removes what it wrote: no resumable state, so no folder
 
 
-def test_divergence_keeps_the_last_good_state_and_resume_recovers(tmp_path: Path):
+def test_divergence_keeps_the_last_good_state_and_resume_recovers(tmp_path: Path, twa):
     out = tmp_path / "run"
     common = ["--model", "mlp", "--batch-size", "64", "--per-epoch", "2", "--device", "cpu"]
-    assert run_twa("sample", out, *common, "--epochs", "1", "--lr", "0.05")[0] == 0
+    twa("sample", out, *common, "--epochs", "1", "--lr", "0.05")
     good = (out / STATE).read_bytes()
     before = {p.name for p in out.iterdir()}
 
-    code, _, err = run_twa("sample", out, *common, "--epochs", "3", "--lr", "1e4", "--resume")
-    assert code == 1, err
+    result = twa("sample", out, *common, "--epochs", "3", "--lr", "1e4", "--resume", check=False)
+    err = result.stderr
+    assert result.returncode == 1, err
     assert "diverged" in err and "epoch 1" in err and "--resume" in err
     assert (out / STATE).read_bytes() == good  # the last good state, untouched
     assert {p.name for p in out.iterdir()} <= before | {p.name for p in out.glob("ckpt-*.safetensors")}
     for path in out.glob("ckpt-*.safetensors"):
         assert all(torch.isfinite(t).all() for t in load_tensors(path).values()), path
 
-    code, _, err = run_twa("sample", out, *common, "--epochs", "2", "--lr", "0.01", "--resume")
-    assert code == 0, err
+    twa("sample", out, *common, "--epochs", "2", "--lr", "0.01", "--resume")
     assert _epochs_done(out / STATE) == 2
 
 
-def test_train_subspace_divergence_writes_no_result(tmp_path: Path, mlp_run: Path):
-    basis = save_basis(orthogonalize(list_folder(mlp_run)), tmp_path / "basis.safetensors")
+def test_train_subspace_divergence_writes_no_result(tmp_path: Path, mlp_run: Path, twa):
+    basis = _basis(mlp_run, tmp_path / "basis.safetensors")
     out = tmp_path / "twa"
-    code, _, err = run_twa("train-subspace", basis, "-o", out, "--epochs", "2", "--lr", "1e9", "--no-lr-check",
-                           "--device", "cpu")
-    assert code == 1 and "Traceback" not in err
-    assert "diverged" in err and "no result was written" in err
-    assert not (out / "twa.safetensors").exists() and not (out / "coefficients.json").exists()
+    result = twa("train-subspace", basis, "-o", out, "--epochs", "2", "--lr", "1e9", "--no-lr-check",
+                 "--device", "cpu", check=False)
+    err = result.stderr
+    assert result.returncode == 1 and "Traceback" not in err
+    assert "diverged" in err and "no result was written" in err and "nothing was kept" in err
+    assert not out.exists()  # no epoch completed: nothing to resume, so nothing left behind

@@ -6,10 +6,12 @@
 
 import collections
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-
 from layouts import (
     arithmetic_mean,
     fairseq_folder,
@@ -18,10 +20,9 @@ from layouts import (
     plain_folder,
     timm_folder,
 )
-from test_cli import twa
-from twa_cli import cli
-from twa_cli.averaging import swa
-from twa_cli.checkpoints import list_folder, load_tensors, read_checkpoint
+
+from twa_cli.commands.swa import SwaRequest, swa
+from twa_cli.io.checkpoints import list_folder, load_tensors, read_checkpoint
 
 
 def timm_load_state_dict(path, use_ema=False):
@@ -37,7 +38,7 @@ def timm_load_state_dict(path, use_ema=False):
         elif "model" in checkpoint:
             key = "model"
     state = checkpoint[key] if key else checkpoint
-    return {(k[7:] if k.startswith("module.") else k): v for k, v in state.items()}
+    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def timm_average(paths, use_ema=False):
@@ -71,8 +72,8 @@ def fairseq_average(inputs):
         if params_keys is None:
             params_keys = model_params_keys
         elif params_keys != model_params_keys:
-            raise KeyError("For checkpoint {}, expected list of params: {}, but found: {}".format(
-                fpath, params_keys, model_params_keys))
+            raise KeyError(f"For checkpoint {fpath}, expected list of params: {params_keys}, "
+                           f"but found: {model_params_keys}")
         for k in params_keys:
             p = model_params[k]
             if isinstance(p, torch.HalfTensor):
@@ -91,32 +92,6 @@ def fairseq_average(inputs):
     return averaged_params
 
 
-class Run:
-    def __init__(self, returncode, stdout, stderr):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-@pytest.fixture
-def run(capsys, monkeypatch):
-    """`twa ARGS` in this process (no interpreter start-up), with its exit code, stdout and stderr."""
-    monkeypatch.setenv("NO_COLOR", "1")
-
-    def invoke(*args, check=True):
-        monkeypatch.setattr("sys.argv", ["twa", *map(str, args)])
-        capsys.readouterr()
-        try:
-            cli.main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        captured = capsys.readouterr()
-        if check and code != 0:
-            raise AssertionError(f"twa {' '.join(map(str, args))} failed ({code}):\n{captured.err}")
-        return Run(code, captured.out, captured.err)
-
-    return invoke
-
-
 def floating(state):
     return {k: v for k, v in state.items() if v.is_floating_point()}
 
@@ -124,7 +99,7 @@ def floating(state):
 def test_model_free_swa_equals_timm_avg_checkpoints_bit_for_bit(tmp_path):
     timm_folder(tmp_path / "timm")
     ckpts = list_folder(tmp_path / "timm")
-    result = swa(ckpts, tmp_path / "avg.safetensors")
+    result = swa(tmp_path / "timm", tmp_path / "avg.safetensors")
     assert result.bn == "averaged"
     ours = load_tensors(result.path)
     theirs = timm_average([c.path for c in ckpts])
@@ -140,11 +115,11 @@ def test_model_free_swa_equals_fairseq_average_checkpoints(tmp_path):
     ckpts = list_folder(tmp_path / "fs")
     theirs = fairseq_average([c.path for c in ckpts])
     # fairseq sums in fp32: the same accumulation gives the same bits
-    same = load_tensors(swa(ckpts, tmp_path / "a32.safetensors", compute_dtype=torch.float32).path)
+    same = load_tensors(swa(tmp_path / "fs", tmp_path / "a32.safetensors", SwaRequest(compute_dtype="float32")).path)
     for k, v in floating(same).items():
         assert torch.equal(v, theirs[k]), k
     # the default fp64 sum differs from fairseq's only by fp32 rounding
-    exact = load_tensors(swa(ckpts, tmp_path / "a64.safetensors").path)
+    exact = load_tensors(swa(tmp_path / "fs", tmp_path / "a64.safetensors").path)
     for k, v in floating(exact).items():
         assert torch.allclose(v, theirs[k], rtol=4 * torch.finfo(torch.float32).eps, atol=1e-7), k
 
@@ -152,11 +127,11 @@ def test_model_free_swa_equals_fairseq_average_checkpoints(tmp_path):
 def test_fp16_checkpoints_are_averaged_in_higher_precision_and_written_in_fp16(tmp_path):
     states = plain_folder(tmp_path / "half", count=5, dtype=torch.float16)
     ckpts = list_folder(tmp_path / "half")
-    ours = load_tensors(swa(ckpts, tmp_path / "avg.safetensors").path)
+    ours = load_tensors(swa(tmp_path / "half", tmp_path / "avg.safetensors").path)
     expected = arithmetic_mean(states)
     for k, v in expected.items():
         assert ours[k].dtype == torch.float16 and torch.equal(ours[k], v.to(torch.float16)), k
-    as32 = load_tensors(swa(ckpts, tmp_path / "avg32.safetensors", dtype=torch.float32).path)
+    as32 = load_tensors(swa(tmp_path / "half", tmp_path / "avg32.safetensors", SwaRequest(dtype="float32")).path)
     fairseq = fairseq_average_plain([c.path for c in ckpts])
     for k, v in expected.items():
         assert as32[k].dtype == torch.float32 and torch.allclose(as32[k].double(), v, atol=1e-6), k
@@ -186,13 +161,14 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_cli_averages_and_lists_each_layout_with_no_flags(tmp_path, layout, run):
+def test_cli_averages_and_lists_each_layout_with_no_flags(tmp_path, layout, twa):
     states = LAYOUTS[layout](tmp_path / "run")
-    listed = run("inspect", tmp_path / "run", "--json")
+    listed = twa("inspect", tmp_path / "run", "--json")
     report = json.loads(listed.stdout)  # nothing but the JSON on stdout
     assert report["compatible"] and report["selected"] == len(states) == len(report["entries"])
-    assert all(e["parameters"] == 36 for e in report["entries"])
-    proc = run("swa", tmp_path / "run", "-o", tmp_path / "avg.safetensors", "--json")
+    # 29 parameters and 7 buffer elements (BatchNorm statistics and its counter), 36 in all
+    assert all(e["parameters"] + e["buffers"] == 36 and e["buffers"] == 7 for e in report["entries"])
+    proc = twa("swa", tmp_path / "run", "-o", tmp_path / "avg.safetensors", "--json")
     summary = json.loads(proc.stdout)
     assert summary["batchnorm"] == "averaged" and summary["checkpoints"] == len(states)
     assert "BatchNorm statistics were averaged, not recomputed" in proc.stderr
@@ -205,81 +181,89 @@ def test_cli_averages_and_lists_each_layout_with_no_flags(tmp_path, layout, run)
     assert meta.json_field("invocation")["options"]["ckpts"] == str(tmp_path / "run")
 
 
-def test_sharded_result_with_max_shard_size(tmp_path, run):
+def test_sharded_result_with_max_shard_size(tmp_path, twa):
     states = hf_trainer_folder(tmp_path / "run")
-    out = json.loads(run("swa", tmp_path / "run", "-o", tmp_path / "avg", "--max-shard-size", "100B",
+    out = json.loads(twa("swa", tmp_path / "run", "-o", tmp_path / "avg", "--max-shard-size", "100B",
                          "--json").stdout)["output"]
-    assert out == str(tmp_path / "avg" / "model.safetensors.index.json")
+    # a folder output is reported as the folder (write_result returns the path to read it back from)
+    assert out == str(tmp_path / "avg") and (tmp_path / "avg" / "model.safetensors.index.json").exists()
     assert len(list((tmp_path / "avg").glob("model-*-of-*.safetensors"))) > 1
     got = load_tensors(tmp_path / "avg")
     for k, v in arithmetic_mean(states).items():
         assert torch.allclose(got[k].double(), v, atol=1e-6), k
-    listed = json.loads(run("inspect", tmp_path / "avg", "--json").stdout)
+    listed = json.loads(twa("inspect", tmp_path / "avg", "--json").stdout)
     assert listed["entries"][0]["format"] == "hf sharded"
     assert json.loads((tmp_path / "avg" / "config.json").read_text()) == {"model_type": "tiny"}
     assert not (tmp_path / "avg" / "trainer_state.json").exists()
-    again = run("swa", tmp_path / "run", "-o", tmp_path / "avg", "--max-shard-size", "100B", check=False)
+    again = twa("swa", tmp_path / "run", "-o", tmp_path / "avg", "--max-shard-size", "100B", check=False)
     assert again.returncode == 1 and "already exists" in again.stderr
-    run("swa", tmp_path / "run", "-o", tmp_path / "one.safetensors", "--max-shard-size", "100B")
+    twa("swa", tmp_path / "run", "-o", tmp_path / "one.safetensors", "--max-shard-size", "100B")
     assert (tmp_path / "one.safetensors.index.json").exists() and not (tmp_path / "one.safetensors").exists()
-    refused = run("swa", tmp_path / "run", "-o", tmp_path / "one.safetensors", check=False)
+    refused = twa("swa", tmp_path / "run", "-o", tmp_path / "one.safetensors", check=False)
     assert refused.returncode == 1 and "one.safetensors.index.json: already exists" in refused.stderr
 
 
-def test_real_architecture_from_pt_files_recomputes_batchnorm(cnn_run, tmp_path, run):
+def test_real_architecture_from_pt_files_recomputes_batchnorm(cnn_run, tmp_path, twa):
     folder = tmp_path / "pt"
     folder.mkdir()
     for i, ckpt in enumerate(list_folder(cnn_run)[-3:]):
         torch.save({"model": {f"module.{k}": v for k, v in load_tensors(ckpt.path).items()}, "epoch": i},
                    folder / f"epoch_{i}.pth")
-    summary = json.loads(run("swa", folder, "-o", tmp_path / "avg.safetensors", "--model", "small-cnn",
+    summary = json.loads(twa("swa", folder, "-o", tmp_path / "avg.safetensors", "--model", "small-cnn",
                              "--data", "digits", "--bn-batches", "2", "--json").stdout)
     assert summary["batchnorm"] == "recomputed" and summary["test"]["accuracy"] > 20
 
 
-def test_top_n_by_metric_and_step_selection(tmp_path, run):
+def test_top_n_by_metric_and_step_selection(tmp_path, twa):
     states = hf_trainer_folder(tmp_path / "run", steps=(100, 200, 300))
-    best = json.loads(run("inspect", tmp_path / "run", "--top", "2", "--by", "eval_accuracy", "--json").stdout)
+    best = json.loads(twa("inspect", tmp_path / "run", "--top", "2", "--by", "eval_accuracy", "--json").stdout)
     assert [e["selected"] for e in best["entries"]] == [False, True, True]
     assert [e["metric"] for e in best["entries"]] == [0.7, 0.9, 0.8]
-    run("swa", tmp_path / "run", "-o", tmp_path / "top.safetensors", "--top", "2", "--by", "eval_accuracy")
+    twa("swa", tmp_path / "run", "-o", tmp_path / "top.safetensors", "--top", "2", "--by", "eval_accuracy")
     got = load_tensors(tmp_path / "top.safetensors")
     assert torch.allclose(got["0.weight"].double(), arithmetic_mean(states[1:])["0.weight"], atol=1e-6)
-    steps = json.loads(run("inspect", tmp_path / "run", "--start-step", "150", "--end-step", "300", "--json").stdout)
+    steps = json.loads(twa("inspect", tmp_path / "run", "--start-step", "150", "--end-step", "300", "--json").stdout)
     assert [e["selected"] for e in steps["entries"]] == [False, True, False]
     timm_folder(tmp_path / "timm")  # metrics 71.5, 74.0, 73.0 saved in the checkpoints
-    picked = json.loads(run("inspect", tmp_path / "timm", "--top", "1", "--by", "metric", "--json").stdout)
+    picked = json.loads(twa("inspect", tmp_path / "timm", "--top", "1", "--by", "metric", "--json").stdout)
     assert [e["selected"] for e in picked["entries"]] == [False, True, False]
-    lowest = json.loads(run("inspect", tmp_path / "timm", "--top", "1", "--by", "min:metric", "--json").stdout)
+    lowest = json.loads(twa("inspect", tmp_path / "timm", "--top", "1", "--by", "min:metric", "--json").stdout)
     assert [e["selected"] for e in lowest["entries"]] == [True, False, False]
-    missing = run("inspect", tmp_path / "timm", "--top", "1", "--by", "val_loss", check=False)
+    missing = twa("inspect", tmp_path / "timm", "--top", "1", "--by", "val_loss", check=False)
     assert missing.returncode == 1 and "metrics found: epoch, metric" in missing.stderr
 
 
-def test_top_by_the_sample_log(cnn_run, run):
-    report = json.loads(run("inspect", cnn_run, "--top", "2", "--by", "test_acc", "--json").stdout)
+def test_top_by_the_sample_log(cnn_run, twa):
+    report = json.loads(twa("inspect", cnn_run, "--top", "2", "--by", "test_acc", "--json").stdout)
     ranked = [e for e in report["entries"] if e["metric"] is not None]
     assert len(ranked) == 3  # one per epoch in metrics.jsonl; mid-epoch samples have no test accuracy
     best = sorted(ranked, key=lambda e: -e["metric"])[:2]
     assert {e["index"] for e in report["entries"] if e["selected"]} == {e["index"] for e in best}
 
 
-def test_inspect_reports_incompatible_checkpoints_and_exits_1(tmp_path, run):
+def test_inspect_reports_incompatible_checkpoints_and_exits_1(tmp_path, twa):
     folder = tmp_path / "mixed"
     plain_folder(folder, count=2)
     torch.save({"0.weight": torch.zeros(5, 4)}, folder / "epoch3.pt")
-    proc = run("inspect", folder, check=False)
+    proc = twa("inspect", folder, check=False)
     assert proc.returncode == 1 and "NOT compatible" in proc.stderr and "epoch3.pt" in proc.stderr
-    report = json.loads(run("inspect", folder, "--json", check=False).stdout)
+    report = json.loads(twa("inspect", folder, "--json", check=False).stdout)
     assert report["compatible"] is False and "epoch3.pt" in report["problem"]
-    assert run("inspect", folder, "--end", "2").returncode == 0
+    assert twa("inspect", folder, "--end", "2").returncode == 0
 
 
 def test_json_runs_print_only_json_on_stdout_and_logs_on_stderr(tmp_path):
     """In a real process: stdout parses as one JSON document even with warnings and progress on stderr."""
+
+    def real_process(*args):  # the process boundary is the point here: what reaches the real stdout and stderr
+        proc = subprocess.run([sys.executable, "-m", "twa_cli", *map(str, args)], capture_output=True, text=True,
+                              check=False, env={**os.environ, "NO_COLOR": "1"})
+        assert proc.returncode == 0, proc.stderr
+        return proc
+
     timm_folder(tmp_path / "timm")
-    proc = twa("swa", tmp_path / "timm", "-o", tmp_path / "avg.safetensors", "--json")
+    proc = real_process("swa", tmp_path / "timm", "-o", tmp_path / "avg.safetensors", "--json")
     assert json.loads(proc.stdout)["checkpoints"] == 3
     assert "WARNING" in proc.stderr and "{" not in proc.stderr
-    quiet = twa("swa", tmp_path / "timm", "-o", tmp_path / "q.safetensors", "--quiet")
+    quiet = real_process("swa", tmp_path / "timm", "-o", tmp_path / "q.safetensors", "--quiet")
     assert quiet.stdout == "" and quiet.stderr == ""

@@ -2,13 +2,15 @@
 
 import pytest
 import torch
+from helpers import flat_trainable, trajectory, write_synthetic_folder
 
-from conftest import flat_trainable, trajectory, write_synthetic_folder
-from twa_cli.basis import load_basis, orthogonality_error, orthogonalize, save_basis
-from twa_cli.checkpoints import list_folder, map_tensor
+from twa_cli.commands.train_subspace import SubspaceConfig, train_subspace
+from twa_cli.core.basis import Basis, orthogonality_error, orthogonalize
+from twa_cli.core.basis_files import load_basis, save_basis
+from twa_cli.core.subspace import Projection
 from twa_cli.errors import TwaError
-from twa_cli.subspace import Projection
-from twa_cli.subspace_training import SubspaceConfig, train_subspace
+from twa_cli.io.checkpoints import list_folder
+from twa_cli.io.safetensors import map_tensor, save_tensors
 
 
 def _orthonormal(k: int, dim: int, seed: int = 0) -> torch.Tensor:
@@ -66,8 +68,6 @@ def _mapped_files() -> set[str]:
 
 def test_basis_file_is_memory_mapped_not_read(tmp_path):
     vectors = _orthonormal(4, 10_000).float()
-    from twa_cli.basis import Basis
-
     path = save_basis(Basis(vectors=vectors, coords=torch.eye(4, dtype=torch.float64), layout=[("w", (10_000,))]),
                       tmp_path / "basis.safetensors")
     loaded = load_basis(path)
@@ -79,8 +79,6 @@ def test_basis_file_is_memory_mapped_not_read(tmp_path):
 
 def test_truncated_basis_file_is_a_one_line_error(tmp_path):
     path = tmp_path / "b.safetensors"
-    from twa_cli.checkpoints import save_tensors
-
     save_tensors(path, {"basis": torch.randn(3, 1000)}, {})
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(TwaError, match="truncated"):

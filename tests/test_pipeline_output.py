@@ -7,36 +7,37 @@ import sys
 
 import pytest
 import torch
-
 from layouts import hf_trainer_folder, timm_folder
-from test_model_free import run  # noqa: F401  (fixture)
-from twa_cli.checkpoints import list_folder, load_tensors, read_checkpoint
-from twa_cli.config import options_for
+
+from twa_cli.cli.config import options_for
 from twa_cli.errors import TwaError
+from twa_cli.io.checkpoints import list_folder, load_tensors, read_checkpoint, sources_of
 
 
-def test_yaml_config_with_a_command_section_and_flags_overriding(tmp_path, run):
+def test_yaml_config_with_a_command_section_and_flags_overriding(tmp_path, twa):
     timm_folder(tmp_path / "timm")
     (tmp_path / "run.yaml").write_text("end: 2\ncompute-dtype: float32\nsample:\n  epochs: 3\nswa:\n  start: 1\n")
-    run("swa", tmp_path / "timm", "-o", tmp_path / "a.safetensors", "--config", tmp_path / "run.yaml")
+    twa("swa", tmp_path / "timm", "-o", tmp_path / "a.safetensors", "--config", tmp_path / "run.yaml")
     options = read_checkpoint(tmp_path / "a.safetensors").json_field("invocation")["options"]
     assert options["start"] == 1 and options["end"] == 2 and options["compute_dtype"] == "float32"
-    assert read_checkpoint(tmp_path / "a.safetensors").json_field("sources") == [str(tmp_path / "timm" / "checkpoint-1.pth.tar")]
-    run("swa", tmp_path / "timm", "-o", tmp_path / "b.safetensors", "--config", tmp_path / "run.yaml", "--end", "3")
+    assert [s.path for s in sources_of(read_checkpoint(tmp_path / "a.safetensors"))] == [
+        str(tmp_path / "timm" / "checkpoint-1.pth.tar")]
+    twa("swa", tmp_path / "timm", "-o", tmp_path / "b.safetensors", "--config", tmp_path / "run.yaml", "--end", "3")
     assert len(read_checkpoint(tmp_path / "b.safetensors").json_field("sources")) == 2  # checkpoints 1 and 2
 
 
-def test_toml_config_and_unknown_keys(tmp_path, run):
+def test_toml_config_and_unknown_keys(tmp_path, twa):
     timm_folder(tmp_path / "timm")
-    (tmp_path / "run.toml").write_text('ckpts = "%s"\noutput = "%s"\n[swa]\nevery = 2\n'
-                                       % (tmp_path / "timm", tmp_path / "t.safetensors"))
-    run("swa", "--config", tmp_path / "run.toml")  # even the positional argument comes from the file
+    (tmp_path / "run.toml").write_text(f'ckpts = "{tmp_path / "timm"}"\noutput = "{tmp_path / "t.safetensors"}"\n'
+                                       '[swa]\nevery = 2\n')
+    twa("swa", "--config", tmp_path / "run.toml")  # even the positional argument comes from the file
     assert len(read_checkpoint(tmp_path / "t.safetensors").json_field("sources")) == 2
     (tmp_path / "bad.toml").write_text("[swa]\nlearning_rate = 0.1\n")
-    bad = run("swa", tmp_path / "timm", "-o", tmp_path / "x.safetensors", "--config", tmp_path / "bad.toml", check=False)
+    bad = twa("swa", tmp_path / "timm", "-o", tmp_path / "x.safetensors", "--config", tmp_path / "bad.toml",
+              check=False)
     assert bad.returncode == 1 and "'learning_rate' is not an option of `twa swa`" in bad.stderr
     (tmp_path / "broken.yaml").write_text("end: [1\n")
-    broken = run("swa", tmp_path / "timm", "-o", tmp_path / "x.safetensors", "--config", tmp_path / "broken.yaml",
+    broken = twa("swa", tmp_path / "timm", "-o", tmp_path / "x.safetensors", "--config", tmp_path / "broken.yaml",
                  check=False)
     assert broken.returncode == 1 and "cannot parse" in broken.stderr and "Traceback" not in broken.stderr
 
@@ -49,10 +50,10 @@ def test_options_for_spellings():
         options_for("other", loaded, names | {}, ["swa", "other"], "f")
 
 
-def test_config_from_a_result_repeats_its_run(tmp_path, run):
+def test_config_from_a_result_repeats_its_run(tmp_path, twa):
     states = hf_trainer_folder(tmp_path / "run", steps=(1, 2, 3, 4))
-    run("swa", tmp_path / "run", "-o", tmp_path / "first.safetensors", "--start", "1", "--every", "2")
-    run("swa", "--config-from", tmp_path / "first.safetensors", "-o", tmp_path / "again.safetensors")
+    twa("swa", tmp_path / "run", "-o", tmp_path / "first.safetensors", "--start", "1", "--every", "2")
+    twa("swa", "--config-from", tmp_path / "first.safetensors", "-o", tmp_path / "again.safetensors")
     first, again = load_tensors(tmp_path / "first.safetensors"), load_tensors(tmp_path / "again.safetensors")
     assert all(torch.equal(first[k], again[k]) for k in first)
     expected = (states[1]["0.weight"].double() + states[3]["0.weight"].double()) / 2
@@ -61,80 +62,81 @@ def test_config_from_a_result_repeats_its_run(tmp_path, run):
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(1)}, str(untracked))
-    proc = run("swa", "--config-from", untracked, "-o", tmp_path / "x.safetensors", check=False)
+    proc = twa("swa", "--config-from", untracked, "-o", tmp_path / "x.safetensors", check=False)
     assert proc.returncode == 1 and "records no configuration" in proc.stderr
 
 
-def test_dry_run_writes_nothing_and_its_disk_estimate_holds(tmp_path, run):
+def test_dry_run_writes_nothing_and_its_disk_estimate_holds(tmp_path, twa):
     hf_trainer_folder(tmp_path / "run")
-    plan = json.loads(run("swa", tmp_path / "run", "-o", tmp_path / "avg.safetensors", "--dry-run", "--json").stdout)
+    plan = json.loads(twa("swa", tmp_path / "run", "-o", tmp_path / "avg.safetensors", "--dry-run", "--json").stdout)
     assert plan["dry_run"] and len(plan["reads"]) == 3 and not (tmp_path / "avg.safetensors").exists()
     assert plan["peak_ram_bytes"] >= 36 * 8  # at least the fp64 sums
-    run("swa", tmp_path / "run", "-o", tmp_path / "avg.safetensors")
+    twa("swa", tmp_path / "run", "-o", tmp_path / "avg.safetensors")
     size = (tmp_path / "avg.safetensors").stat().st_size
     assert plan["disk_bytes"] <= size <= plan["disk_bytes"] + 8192  # the rest is the JSON header
-    half = json.loads(run("swa", tmp_path / "run", "-o", tmp_path / "h.safetensors", "--dtype", "float16",
+    half = json.loads(twa("swa", tmp_path / "run", "-o", tmp_path / "h.safetensors", "--dtype", "float16",
                           "--dry-run", "--json").stdout)
     assert half["disk_bytes"] == (36 - 1) * 2 + 8  # 35 floats in fp16 and one int64 counter
 
 
-def test_dry_run_of_orthogonalize_and_train_subspace(cnn_run, tmp_path, run):
-    plan = json.loads(run("orthogonalize", cnn_run, "-o", tmp_path / "b.safetensors", "--dry-run", "--json").stdout)
+def test_dry_run_of_orthogonalize_and_train_subspace(cnn_run, tmp_path, twa):
+    plan = json.loads(twa("orthogonalize", cnn_run, "-o", tmp_path / "b.safetensors", "--dry-run", "--json").stdout)
     assert not (tmp_path / "b.safetensors").exists()
-    run("orthogonalize", cnn_run, "-o", tmp_path / "b.safetensors", "-q")
+    twa("orthogonalize", cnn_run, "-o", tmp_path / "b.safetensors", "-q")
     size = (tmp_path / "b.safetensors").stat().st_size
     assert plan["disk_bytes"] <= size <= plan["disk_bytes"] + 32768
     layout = read_checkpoint(tmp_path / "b.safetensors").json_field("layout")
     assert plan["parameters"] == sum(torch.Size(shape).numel() for _, shape in layout)
     n, dim = len(list_folder(cnn_run)), plan["parameters"]
     assert plan["peak_ram_bytes"] >= n * dim * 4
-    sub = json.loads(run("train-subspace", tmp_path / "b.safetensors", "-o", tmp_path / "t", "--dry-run",
+    sub = json.loads(twa("train-subspace", tmp_path / "b.safetensors", "-o", tmp_path / "t", "--dry-run",
                          "--json").stdout)
     assert sub["parameters"] == dim and sub["peak_ram_bytes"] >= n * dim * 4 and not (tmp_path / "t").exists()
-    human = run("train-subspace", cnn_run, "-o", tmp_path / "t", "--dry-run", "--top", "2", "--by", "test_acc")
+    human = twa("train-subspace", cnn_run, "-o", tmp_path / "t", "--dry-run", "--top", "2", "--by", "test_acc")
     assert "peak RAM" in human.stdout and human.stderr.count("would read") == 2
 
 
-def test_exit_codes(tmp_path, run):
-    assert run("inspect", tmp_path / "missing", check=False).returncode == 1  # a problem with the inputs
+def test_exit_codes(tmp_path, twa):
+    assert twa("inspect", tmp_path / "missing", check=False).returncode == 1  # a problem with the inputs
     for usage in (["swa"], ["inspect", tmp_path, "--every", "0"], ["nonsense"], ["swa", tmp_path, "-o", "x",
                                                                                "--dtype", "float8"]):
-        assert run(*usage, check=False).returncode == 2, usage
+        assert twa(*usage, check=False).returncode == 2, usage
 
 
 def test_version_and_plain_output_without_a_terminal(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "twa_cli", "--version"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "twa_cli", "--version"], capture_output=True, text=True,
+                          check=False)
     assert proc.returncode == 0 and proc.stdout.startswith("twa ")
     timm_folder(tmp_path / "timm")
     listed = subprocess.run([sys.executable, "-m", "twa_cli", "inspect", tmp_path / "timm"], capture_output=True,
-                            text=True, env={k: v for k, v in os.environ.items() if k != "NO_COLOR"})
+                            text=True, check=False, env={k: v for k, v in os.environ.items() if k != "NO_COLOR"})
     assert listed.returncode == 0 and "\x1b[" not in listed.stdout + listed.stderr  # no colour codes in pipes
     assert "checkpoint-2.pth.tar" in listed.stdout
 
 
-def test_shell_completion_of_commands_flags_and_model_names(run, monkeypatch):
+def test_shell_completion_of_commands_flags_and_model_names(twa, monkeypatch):
     def complete(words, cword):
         monkeypatch.setenv("_TWA_COMPLETE", "complete_bash")
         monkeypatch.setenv("COMP_WORDS", words)
         monkeypatch.setenv("COMP_CWORD", str(cword))
-        return run(check=False).stdout.split()
+        return twa(check=False).stdout.split()
 
     assert complete("twa ins", 1) == ["inspect"]
     assert "--max-shard-size" in complete("twa swa --max", 2)
     assert complete("twa swa x --model resnet2", 4) == ["resnet20"]
 
 
-def test_train_subspace_on_lightning_checkpoints_and_repeating_it_from_the_result(cnn_run, tmp_path, run):
+def test_train_subspace_on_lightning_checkpoints_and_repeating_it_from_the_result(cnn_run, tmp_path, twa):
     folder = tmp_path / "lightning"
     folder.mkdir()
     for i, ckpt in enumerate(list_folder(cnn_run)[-4:]):
         state = {f"model.{k}": v for k, v in load_tensors(ckpt.path).items()}
         torch.save({"epoch": i, "global_step": 10 * i, "state_dict": state}, folder / f"epoch={i}-step={10 * i}.ckpt")
-    first = json.loads(run("train-subspace", folder, "-o", tmp_path / "a", "--model", "small-cnn", "--data", "digits",
+    first = json.loads(twa("train-subspace", folder, "-o", tmp_path / "a", "--model", "small-cnn", "--data", "digits",
                            "--epochs", "1", "--lr", "0.5", "--batch-size", "64", "--bn-batches", "2",
                            "--no-eval-every-epoch", "--dtype", "bfloat16", "--json").stdout)
     assert len(first["coefficients"]) == 4
-    again = json.loads(run("train-subspace", "--config-from", tmp_path / "a" / "twa.safetensors",
+    again = json.loads(twa("train-subspace", "--config-from", tmp_path / "a" / "twa.safetensors",
                            "-o", tmp_path / "b", "--json").stdout)
     assert again["coefficients"] == pytest.approx(first["coefficients"], abs=1e-6)
     options = read_checkpoint(tmp_path / "b" / "twa.safetensors").json_field("invocation")["options"]

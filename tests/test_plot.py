@@ -1,9 +1,7 @@
 """`twa plot`: the PCA against numpy, the loss surface against a direct evaluation, every picture rendered."""
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,21 +9,24 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import trajectory, write_synthetic_folder
 from PIL import Image
 
-from conftest import trajectory, write_synthetic_folder
-from twa_cli import figures
-from twa_cli.averaging import mean_of
-from twa_cli.basis import load_basis, orthogonalize, save_basis
-from twa_cli.batchnorm import recalibrate_bn
-from twa_cli.checkpoints import list_folder, load_tensors
-from twa_cli.data import batches, load_data
+from twa_cli.commands import figures
+from twa_cli.commands.common import task_of
+from twa_cli.commands.plot import PlotOptions, classify, plot
+from twa_cli.commands.surface import loss_surface
+from twa_cli.commands.train_subspace import SubspaceConfig, train_subspace
+from twa_cli.core.averaging import mean_of
+from twa_cli.core.basis import orthogonalize
+from twa_cli.core.basis_files import load_basis, save_basis
+from twa_cli.core.batching import plain_batches
+from twa_cli.core.batchnorm import recalibrate_on
+from twa_cli.core.pca import checkpoint_pca, coordinates_of, pca_of_basis
+from twa_cli.core.selection import Selection
 from twa_cli.errors import TwaError
-from twa_cli.models import build_model
-from twa_cli.pca import checkpoint_pca, coordinates_of, pca_of_basis
-from twa_cli.plotting import PlotOptions, classify, plot
-from twa_cli.subspace_training import SubspaceConfig, train_subspace
-from twa_cli.surface import loss_surface
+from twa_cli.io.checkpoints import list_folder, load_tensors
+from twa_cli.tasks.resolve import TaskRequest
 
 
 def numpy_pca(w: np.ndarray):
@@ -83,7 +84,7 @@ def run(cnn_run, tmp_path_factory):
     """The quickstart layout in miniature: a basis file and, beside it, the train-subspace output made from it."""
     root = tmp_path_factory.mktemp("plot")
     ckpts = list_folder(cnn_run)
-    save_basis(orthogonalize(ckpts, hashes=False), root / "basis.safetensors")
+    save_basis(orthogonalize(ckpts, names=ckpts[0].trainable, hashes=False), root / "basis.safetensors")
     train_subspace(root / "basis.safetensors", root / "twa",
                    SubspaceConfig(epochs=2, lr=0.5, batch_size=64, bn_batches=2))
     results = [
@@ -130,7 +131,8 @@ def test_without_a_basis_the_checkpoints_are_orthogonalized_again(run, tmp_path)
     assert any(s.startswith("epochs-used") for s in result.skipped)
     # the TWA point is the same whichever basis of the same checkpoints is used
     original = load_basis(run / "basis.safetensors")
-    rebuilt = orthogonalize(list_folder(_source_folder(run)), hashes=False)
+    sources = list_folder(_source_folder(run))
+    rebuilt = orthogonalize(sources, names=sources[0].trainable, hashes=False)
     tensors = load_tensors(run / "twa" / "twa.safetensors")
     a = pca_of_basis(original).project(coordinates_of(original, tensors)[0])
     b = pca_of_basis(rebuilt).project(coordinates_of(rebuilt, tensors)[0])
@@ -143,7 +145,7 @@ def _source_folder(run):
 
 
 def test_a_sample_folder_alone_gives_trajectory_spectrum_and_accuracy(cnn_run, tmp_path):
-    result = plot([cnn_run], tmp_path / "pics", PlotOptions(end=5, fmt="pdf"))
+    result = plot([cnn_run], tmp_path / "pics", PlotOptions(selection=Selection(end=5), fmt="pdf"))
     drawn = {d.name: d for d in result.drawn}
     assert set(drawn) == {"trajectory", "spectrum", "accuracy"}
     assert "5 checkpoints" in drawn["trajectory"].what
@@ -158,7 +160,7 @@ def test_the_epoch_axis_needs_a_steady_number_of_steps_per_epoch():
 
 
 def test_too_few_checkpoints_skip_the_trajectory_but_not_the_rest(cnn_run, tmp_path):
-    result = plot([cnn_run], tmp_path / "pics", PlotOptions(end=2))
+    result = plot([cnn_run], tmp_path / "pics", PlotOptions(selection=Selection(end=2)))
     assert [d.name for d in result.drawn] == ["accuracy"]
     assert "trajectory and spectrum: a PCA of the trajectory needs at least 3 checkpoints (got 2)" in result.skipped
 
@@ -178,21 +180,22 @@ def test_benchmark_json_feeds_the_epochs_used_picture(tmp_path):
 
 
 def test_loss_surface_at_the_origin_is_the_mean_of_the_checkpoints(cnn_run):
-    basis = orthogonalize(list_folder(cnn_run), hashes=False)
+    ckpts = list_folder(cnn_run)
+    basis = orthogonalize(ckpts, names=ckpts[0].trainable, hashes=False)
+    task = task_of(TaskRequest(), ckpts[0])  # the model and data the checkpoints record
     pca = pca_of_basis(basis)
-    surface = loss_surface(basis, pca, ((-1.0, 1.0), (-2.0, 2.0)), resolution=3, num_batches=1, batch_size=64)
+    surface = loss_surface(basis, pca, ((-1.0, 1.0), (-2.0, 2.0)), task, resolution=3, num_batches=1, batch_size=64)
     assert surface.train_loss.shape == (3, 3) and surface.bn_recomputed
     assert surface.xs.tolist() == [-1.0, 0.0, 1.0] and surface.ys.tolist() == [-2.0, 0.0, 2.0]
     # direct evaluation of the mean of the checkpoints, BatchNorm recomputed on the same first batch
-    net = build_model(basis.arch)
-    net.load_state_dict(mean_of(list_folder(cnn_run)))
-    data = load_data(basis.data)
-    x, y = next(batches(data.train_eval, 64))
-    recalibrate_bn(net, torch.utils.data.TensorDataset(x, y), batch_size=64)
+    net = task.build_model()
+    net.load_state_dict(mean_of(ckpts))
+    x, y = next(plain_batches(task, task.dataset("train", augment=False), 64))
+    recalibrate_on(net, task, [(x, y)])
     net.eval()
     with torch.no_grad():
         loss = float(F.cross_entropy(net(x), y))
-        xt, yt = next(batches(data.test, 64))
+        xt, yt = next(plain_batches(task, task.dataset("test", augment=False), 64))
         error = 100.0 - 100.0 * float((net(xt).argmax(1) == yt).float().mean())
     assert float(surface.train_loss[1, 1]) == pytest.approx(loss, rel=1e-4)
     assert float(surface.test_error[1, 1]) == pytest.approx(error, abs=1e-9)
@@ -215,33 +218,25 @@ def test_inputs_are_recognised_or_refused(run, tmp_path):
     with pytest.raises(TwaError, match="empty: neither"):
         classify([tmp_path / "empty"])
     (tmp_path / "other.json").write_text("{}")
-    with pytest.raises(TwaError, match="other.json: neither"):
+    with pytest.raises(TwaError, match=r"other\.json: neither"):
         classify([tmp_path / "other.json"])
     with pytest.raises(TwaError, match="--format"):
         plot([run / "twa"], tmp_path / "pics", PlotOptions(fmt="jpg"))
 
 
-def twa(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "twa_cli", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "NO_COLOR": "1", **(env or {})})
-
-
-def test_cli_writes_pictures_and_refuses_to_overwrite(run, tmp_path):
+def test_cli_writes_pictures_and_refuses_to_overwrite(run, tmp_path, twa):
     proc = twa("plot", run / "twa", "-o", tmp_path / "pics", "--json")
-    assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert [d["name"] for d in summary["drawn"]] == ["coefficients", "trajectory", "spectrum", "accuracy"]
-    again = twa("plot", run / "twa", "-o", tmp_path / "pics")
+    again = twa("plot", run / "twa", "-o", tmp_path / "pics", check=False)
     assert again.returncode == 1 and "already exists" in again.stderr and "Traceback" not in again.stderr
-    inside = twa("plot", run / "twa", "-o", run / "twa" / "pics")
+    inside = twa("plot", run / "twa", "-o", run / "twa" / "pics", check=False)
     assert inside.returncode == 1 and "inside the input folder" in inside.stderr
 
 
-def test_cli_says_how_to_install_matplotlib_when_it_is_missing(run, tmp_path):
-    code = ("import sys; sys.modules['matplotlib'] = None; sys.argv = ['twa'] + sys.argv[1:]; "
-            "from twa_cli.cli import main; main()")
-    proc = subprocess.run([sys.executable, "-c", code, "plot", str(run / "twa"), "-o", str(tmp_path / "pics")],
-                          capture_output=True, text=True, env={**os.environ, "NO_COLOR": "1"})
+def test_cli_says_how_to_install_matplotlib_when_it_is_missing(run, tmp_path, twa, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    proc = twa("plot", run / "twa", "-o", tmp_path / "pics", check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip() == "error: twa plot needs matplotlib: pip install 'twa-cli[plot]'"
     assert not (tmp_path / "pics").exists()

@@ -3,14 +3,16 @@
 import pytest
 import torch
 
-from twa_cli.checkpoints import list_folder, load_tensors, select
-from twa_cli.data import data_spec
+from twa_cli.commands.sample import SampleConfig, sample
+from twa_cli.core.selection import Selection, select_checkpoints
 from twa_cli.errors import TwaError
-from twa_cli.sampling import SampleConfig, sample
+from twa_cli.io.checkpoints import list_folder, load_tensors
+from twa_cli.tasks.resolve import TaskRequest
 
 
 def _cfg(**kw) -> SampleConfig:
-    base = dict(model="mlp", data=data_spec("digits"), epochs=2, lr=0.05, batch_size=64, eval_every_epoch=False)
+    base = {"task": TaskRequest(model="mlp", data="digits"), "epochs": 2, "lr": 0.05, "batch_size": 64,
+            "eval_every_epoch": False}
     base.update(kw)
     return SampleConfig(**base)
 
@@ -18,9 +20,9 @@ def _cfg(**kw) -> SampleConfig:
 def test_sparser_sampling_is_every_kth_checkpoint_of_a_denser_run(tmp_path):
     dense = list_folder(sample(tmp_path / "dense", _cfg(per_epoch=10)).out)
     sparse = list_folder(sample(tmp_path / "sparse", _cfg(per_epoch=2)).out)
-    chosen = select(dense, 0, None, 5)
+    chosen = select_checkpoints(dense, Selection(start=0, end=None, every=5))
     assert [c.step for c in chosen] == [c.step for c in sparse]
-    for c, s in zip(chosen, sparse):
+    for c, s in zip(chosen, sparse, strict=True):
         a, b = load_tensors(c.path), load_tensors(s.path)
         assert all(torch.equal(a[k], b[k]) for k in a)
 

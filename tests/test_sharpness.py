@@ -6,36 +6,45 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from twa_cli.data import batches, data_spec, load_data
-from twa_cli.models import build_model
-from twa_cli.sharpness import MARGIN, check_lr, subspace_sharpness
-from twa_cli.subspace_training import SubspaceConfig, train_subspace
+from twa_cli.commands.train_subspace import SubspaceConfig, train_subspace
+from twa_cli.core.batching import batches
+from twa_cli.core.sharpness import DOUBLE_BACKWARD, MARGIN, check_lr, subspace_sharpness
+from twa_cli.core.subspace import FlatParameters, SubspaceSGD
+from twa_cli.tasks.classification import ClassificationTask
+from twa_cli.tasks.images import data_spec
 
 MLP = {"name": "mlp", "kwargs": {"num_classes": 10, "in_channels": 1, "image_size": 8, "hidden": 16, "depth": 1}}
 
 
 def test_sharpness_is_the_top_eigenvalue_of_the_projected_hessian():
     torch.manual_seed(0)
-    model = build_model(MLP)
-    params = list(model.parameters())
-    dim = sum(p.numel() for p in params)
+    task = ClassificationTask(MLP, data_spec("digits"))
+    model = task.build_model()
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    dim = sum(p.numel() for p in model.parameters())
     basis = torch.linalg.qr(torch.randn(dim, 6))[0].t().contiguous()
-    data = [next(batches(load_data(data_spec("digits")).train, 64))]
-    x, y = data[0]
-    shapes = [p.shape for p in params]
+    # As training builds it: the weights as one flat buffer, the start as coordinates plus its off-span part.
+    flat = FlatParameters(model, names)
+    w0 = flat.params.detach().clone()
+    coords = basis @ w0
+    optimizer = SubspaceSGD(flat, basis, coords, lr=0.1, offspan=w0 - basis.t() @ coords)
+    sample = [next(batches(task, task.dataset("train", augment=True), 64))]
+    (x, y), _ = sample[0]
 
-    def loss_of(flat: torch.Tensor) -> torch.Tensor:
+    def loss_of(flat_w: torch.Tensor) -> torch.Tensor:
         chunks, offset = [], 0
         for s in shapes:
-            chunks.append(flat[offset : offset + s.numel()].view(s))
+            chunks.append(flat_w[offset : offset + s.numel()].view(s))
             offset += s.numel()
         w1, b1, w2, b2 = chunks
         return F.cross_entropy(F.linear(torch.relu(F.linear(x.flatten(1), w1, b1)), w2, b2), y)
 
-    w = torch.cat([p.detach().reshape(-1) for p in params])
+    w = flat.params.detach().clone()  # the optimizer's point
     exact = torch.autograd.functional.hessian(lambda a: loss_of(w + basis.t() @ a), torch.zeros(6))
     top = float(torch.linalg.eigvalsh(exact).max())
-    measured = subspace_sharpness(model, params, basis, data, iters=60)
+    measured, method = subspace_sharpness(model, task, optimizer, sample, iters=60)
+    assert method == DOUBLE_BACKWARD
     assert abs(measured - top) < 1e-3 * abs(top)
 
 

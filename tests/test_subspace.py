@@ -2,16 +2,19 @@ import json
 
 import torch
 import torch.nn.functional as F
+from helpers import flat_trainable
 
-from conftest import flat_trainable
-from twa_cli.basis import load_basis
-from twa_cli.checkpoints import list_folder, load_tensors, read_checkpoint
-from twa_cli.data import batches, load_data
-from twa_cli.evaluation import evaluate
-from twa_cli.models import build_model
-from twa_cli.subspace import FlatParameters, SubspaceSGD
-from twa_cli.subspace_training import SubspaceConfig, train_subspace
-from twa_cli.training import learning_rate
+from twa_cli.commands.common import task_of
+from twa_cli.commands.train_subspace import SubspaceConfig, train_subspace
+from twa_cli.core.basis_files import load_basis
+from twa_cli.core.batching import batches
+from twa_cli.core.batchnorm import recalibrate_bn
+from twa_cli.core.evaluation import evaluate
+from twa_cli.core.schedules import learning_rate
+from twa_cli.core.subspace import FlatParameters, SubspaceSGD
+from twa_cli.io.checkpoints import list_folder, load_tensors, read_checkpoint
+from twa_cli.tasks.models import build_model
+from twa_cli.tasks.resolve import Recorded, TaskRequest, resolve_task
 
 
 def _run(src, out, **kw):
@@ -37,19 +40,17 @@ def test_result_lies_in_the_span_and_coefficients_rebuild_it(cnn_run, tmp_path):
 
 def test_subspace_training_lowers_the_training_loss(cnn_run, tmp_path):
     result = _run(cnn_run, tmp_path / "twa", epochs=3, lr=1.0)
-    data = load_data(read_checkpoint(result.result).data)
+    task = task_of(TaskRequest(), read_checkpoint(result.result))  # the model and data the result records
     center = load_basis(tmp_path / "twa" / "basis.safetensors")
-    start = build_model(center.arch)
+    start = task.build_model()
     state = start.state_dict()
     state.update(center.unflatten(center.point(center.center_coords())))
     state.update(center.buffers)
     start.load_state_dict(state)
-    from twa_cli.batchnorm import recalibrate_bn
-
-    recalibrate_bn(start, data.train_eval)
-    trained = build_model(center.arch)
+    recalibrate_bn(start, task)
+    trained = task.build_model()
     trained.load_state_dict(load_tensors(result.result))
-    assert evaluate(trained, data.train_eval).loss < evaluate(start, data.train_eval).loss
+    assert evaluate(trained, task, "train").loss < evaluate(start, task, "train").loss
 
 
 def test_flat_parameters_are_views_and_gradients_accumulate_in_place():
@@ -74,10 +75,12 @@ def test_matches_a_plain_transcription_of_algorithm_1(mlp_run, tmp_path):
     epochs, lr, wd, mu, bs = 2, 0.5, 1e-3, 0.9, 64
     # The lr is taken as given (no sharpness check): this compares the iteration, not the choice of lr.
     result = _run(mlp_run, tmp_path / "twa", epochs=epochs, lr=lr, weight_decay=wd, momentum=mu, lr_check=False)
-    basis = load_basis(tmp_path / "twa" / "basis.safetensors")
-    data = load_data(basis.data)
+    basis_file = tmp_path / "twa" / "basis.safetensors"
+    basis = load_basis(basis_file)
+    task = resolve_task(TaskRequest(), Recorded.of(basis_file, basis.recorded))
+    train = task.dataset("train", augment=True)
 
-    model = build_model(basis.arch)
+    model = task.build_model()
     names = [n for n, _ in basis.layout]
     params = dict(model.named_parameters())
     start = basis.unflatten(basis.point(basis.center_coords()))
@@ -86,9 +89,9 @@ def test_matches_a_plain_transcription_of_algorithm_1(mlp_run, tmp_path):
             params[n].copy_(start[n])
     p_mat = basis.vectors.double()
     opt = torch.optim.SGD([params[n] for n in names], lr=lr, momentum=mu, weight_decay=wd)
-    per_epoch = -(-len(data.train) // bs)
+    per_epoch = -(-len(train) // bs)
     for epoch in range(epochs):
-        for i, (x, y) in enumerate(batches(data.train, bs, shuffle=True, seed=0, epoch=epoch)):
+        for i, ((x, y), _) in enumerate(batches(task, train, bs, shuffle=True, seed=0, epoch=epoch)):
             for g in opt.param_groups:
                 g["lr"] = learning_rate("step", lr, epochs, epoch, i / per_epoch)
             opt.zero_grad()

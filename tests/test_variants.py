@@ -1,48 +1,62 @@
 import json
 
+import pytest
 import torch
+from helpers import flat_trainable, tiny_run
 
-from conftest import flat_trainable, tiny_run
-from test_cli import twa
-from twa_cli.basis import load_basis
-from twa_cli.checkpoints import list_folder, load_tensors, read_checkpoint
-from twa_cli.data import data_spec, load_data
-from twa_cli.soups import greedy_soup
-from twa_cli.subspace_training import SubspaceConfig, train_subspace
+from twa_cli.commands.common import task_of
+from twa_cli.commands.swa import SwaRequest, swa
+from twa_cli.commands.train_subspace import SubspaceConfig, train_subspace
+from twa_cli.core.basis_files import load_basis
+from twa_cli.core.evaluation import evaluate
+from twa_cli.io.checkpoints import list_folder, load_tensors, read_checkpoint
+from twa_cli.tasks.images import data_spec, load_data
+from twa_cli.tasks.resolve import TaskRequest
 
 
-def _run(src, out, **kw):
-    return train_subspace(src, out, SubspaceConfig(epochs=1, lr=0.5, batch_size=64, **kw))
+def _run(src, out, val_split=0.0, **kw):
+    return train_subspace(src, out, SubspaceConfig(epochs=1, lr=0.5, batch_size=64,
+                                                   task=TaskRequest(val_split=val_split), **kw))
 
 
 def test_affine_coefficients_sum_to_one_and_rebuild_the_result(cnn_run, tmp_path):
     result = _run(cnn_run, tmp_path / "affine", affine=True)
+    assert result.report.kind == "affine"
     alpha = torch.tensor(result.coefficients, dtype=torch.float64)
     assert abs(float(alpha.sum()) - 1.0) < 1e-6
     names = [n for n, _ in load_basis(tmp_path / "affine" / "basis.safetensors").layout]
     stacked = torch.stack([flat_trainable(c.path, names) for c in list_folder(cnn_run)])
     w_twa = flat_trainable(result.result, names)
     assert float((alpha @ stacked - w_twa).norm() / w_twa.norm()) < 1e-5
+    # the lr check runs for the affine hull too, through the optimizer's own projection
+    assert result.lr_check is not None
+    assert json.loads((tmp_path / "affine" / "lr-check.json").read_text()) == result.lr_check.to_dict()
 
 
 def test_layerwise_table_has_a_row_per_tensor_that_rebuilds_it(cnn_run, tmp_path):
     result = _run(cnn_run, tmp_path / "layer", granularity="layer")
     layout = load_basis(tmp_path / "layer" / "basis.safetensors").layout
-    assert [row["tensors"] for row in result.layers] == [[name] for name, _ in layout]
+    groups = result.report.groups
+    assert result.report.kind == "layer" and groups is not None
+    assert [g.tensors for g in groups] == [[name] for name, _ in layout]
     saved = json.loads((tmp_path / "layer" / "coefficients.json").read_text())
+    assert saved["kind"] == "layer"
     assert len(saved["layers"]) == len(layout)
     ckpts = list_folder(cnn_run)
     got = load_tensors(result.result)
     every = [load_tensors(c.path) for c in ckpts]
-    for row in result.layers:
-        name = row["tensors"][0]
-        rebuilt = sum(a * t[name].double() for a, t in zip(row["alpha"], every))
+    for group in groups:
+        name = group.tensors[0]
+        rebuilt = sum(a * t[name].double() for a, t in zip(group.alpha, every, strict=True))
         assert torch.allclose(rebuilt, got[name].double(), atol=1e-5 * float(got[name].norm()) + 1e-7), name
+    # layer-wise runs check the lr as well (through the layer-wise projection) and say so in lr-check.json
+    assert result.lr_check is not None
+    assert json.loads((tmp_path / "layer" / "lr-check.json").read_text()) == result.lr_check.to_dict()
 
 
 def test_grouped_layers_follow_group_size(cnn_run, tmp_path):
     result = _run(cnn_run, tmp_path / "groups", granularity="layer", group_size=3)
-    sizes = [len(row["tensors"]) for row in result.layers]
+    sizes = [len(g.tensors) for g in result.report.groups]
     assert all(s == 3 for s in sizes[:-1]) and 1 <= sizes[-1] <= 3
 
 
@@ -55,13 +69,21 @@ def test_validation_split_is_fixed_and_disjoint():
     assert not any(tuple(x.flatten().tolist()) in train_rows for x in a.val.tensors[0][:50])
 
 
-def test_fit_on_val_records_the_split(cnn_run, tmp_path):
+def test_fit_on_val_records_the_split_and_fits_on_the_held_out_images(cnn_run, tmp_path):
     result = _run(cnn_run, tmp_path / "val", fit_on="val", val_split=0.2)
     assert read_checkpoint(result.result).data["val_split"] == 0.2
-    assert result.test is not None
+    # the same command twice: the same coefficients, to the bit
+    again = _run(cnn_run, tmp_path / "val-again", fit_on="val", val_split=0.2)
+    assert again.coefficients == result.coefficients
+    # the same basis and split, trained on the training part instead: other coefficients
+    on_train = _run(cnn_run, tmp_path / "train", fit_on="train", val_split=0.2)
+    assert on_train.coefficients != result.coefficients
+    # other held-out images: other coefficients
+    other = _run(cnn_run, tmp_path / "val-other", fit_on="val", val_split=0.3)
+    assert other.coefficients != result.coefficients
 
 
-def test_greedy_soup_is_the_mean_of_the_chosen_checkpoints(tmp_path):
+def test_greedy_soup_is_the_mean_of_the_chosen_checkpoints(tmp_path, twa):
     runs = tmp_path / "soup"
     runs.mkdir()
     base = tiny_run(tmp_path / "base", model="mlp", epochs=1, per_epoch=1)
@@ -71,17 +93,31 @@ def test_greedy_soup_is_the_mean_of_the_chosen_checkpoints(tmp_path):
             "--lr", "0.05", "--batch-size", "64", "--val-split", "0.2", "--quiet")
         (runs / f"ft{seed}.safetensors").symlink_to(list_folder(tmp_path / f"ft{seed}")[-1].path)
     ckpts = list_folder(runs)
-    result = greedy_soup(ckpts, tmp_path / "greedy.safetensors")
-    assert result.chosen and result.individual[result.chosen[0]] >= 0
-    assert max(result.individual) == result.individual[sorted(range(3), key=lambda i: -result.individual[i])[0]]
+    result = swa(runs, tmp_path / "greedy.safetensors",
+                 SwaRequest(greedy=True, task=TaskRequest(val_split=0.2), device="cpu"))
+    assert result.metric == "accuracy"
+    # each ingredient's held-out accuracy, measured here on the validation split
+    task = task_of(TaskRequest(val_split=0.2), ckpts[0])
+    net = task.build_model()
+
+    def held_out(tensors):
+        net.load_state_dict(tensors)
+        return evaluate(net, task, "val").accuracy
+
+    own = [held_out(load_tensors(c)) for c in ckpts]
+    assert result.individual == pytest.approx(own)
+    # the soup starts from its best ingredient ...
+    assert result.chosen and any(own[i] == max(own) for i in result.chosen)
     got = load_tensors(result.path)
     for name, value in got.items():
         expected = torch.stack([load_tensors(ckpts[i].path)[name].double() for i in result.chosen]).mean(0)
         assert torch.allclose(value.double(), expected, atol=1e-6), name
-    assert result.val >= max(result.individual) - 1e-9  # the greedy soup never scores below its best ingredient
+    # ... and never scores below it on the held-out split
+    assert held_out(got) == pytest.approx(result.val)
+    assert result.val >= max(own) - 1e-9
 
 
-def test_sample_init_starts_from_the_given_weights(tmp_path):
+def test_sample_init_starts_from_the_given_weights(tmp_path, twa):
     base = tiny_run(tmp_path / "base", model="mlp", epochs=1, per_epoch=1)
     init = list_folder(base)[-1].path
     twa("sample", tmp_path / "ft", "--model", "mlp", "--epochs", "1", "--init", init, "--quiet")
@@ -90,7 +126,7 @@ def test_sample_init_starts_from_the_given_weights(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_variant_options_run_from_the_cli(cnn_run, tmp_path):
+def test_variant_options_run_from_the_cli(cnn_run, tmp_path, twa):
     for i, flags in enumerate((["--affine"], ["--granularity", "layer", "--group-size", "2"],
                                ["--fit-on", "val", "--val-split", "0.1"])):
         proc = twa("train-subspace", cnn_run, "-o", tmp_path / f"v{i}", "--epochs", "1", "--lr", "0.5", "--json",

@@ -1,0 +1,58 @@
+"""Plain helpers the tests share (not a test module): tiny runs, synthetic checkpoint folders, file-system
+snapshots."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from twa_cli.commands.sample import SampleConfig, sample
+from twa_cli.io.checkpoints import load_tensors, make_metadata
+from twa_cli.io.safetensors import save_tensors
+from twa_cli.tasks.resolve import TaskRequest
+
+
+def tiny_run(out: Path, model: str = "small-cnn", epochs: int = 3, per_epoch: int = 2, seed: int = 0,
+             val_split: float = 0.0) -> Path:
+    cfg = SampleConfig(task=TaskRequest(model=model, data="digits", val_split=val_split), epochs=epochs, lr=0.05,
+                       batch_size=64, per_epoch=per_epoch, seed=seed, device="cpu")
+    sample(out, cfg)
+    return out
+
+
+def flat_trainable(path: Path, names: list[str]) -> torch.Tensor:
+    tensors = load_tensors(path)
+    return torch.cat([tensors[n].reshape(-1).double() for n in names])
+
+
+def write_synthetic_folder(folder: Path, matrix: torch.Tensor, name: str = "w") -> list[Path]:
+    """One model-free checkpoint per row of `matrix` (a single tensor named `name`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, row in enumerate(matrix):
+        paths.append(save_tensors(folder / f"c{i:04d}.safetensors", {name: row.float()},
+                                  make_metadata("checkpoint", step=str(i), trainable=[name])))
+    return paths
+
+
+def trajectory(n: int, dim: int, seed: int = 0, step: float = 1e-3) -> torch.Tensor:
+    """A random walk around a common offset, like the checkpoints of one run: nearly collinear."""
+    g = torch.Generator().manual_seed(seed)
+    offset = torch.randn(dim, generator=g, dtype=torch.float64)
+    steps = torch.randn(n, dim, generator=g, dtype=torch.float64) * step
+    return offset + torch.cumsum(steps, dim=0)
+
+
+def snapshot(root: Path) -> dict[str, object]:
+    """Every file and folder under `root` with its size, modification time and content hash."""
+    state: dict[str, object] = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if path.is_dir():
+            state[rel] = "dir"
+        else:
+            stat = path.stat()
+            state[rel] = (stat.st_size, stat.st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
+    return state

@@ -1,0 +1,363 @@
+"""Security and data safety, tried as an attacker and as a careless user would.
+
+Nothing a file says runs code (a marker file never appears); an output is never an input, inside one, or
+holding one; a result is replaced whole or not at all; of two writers of one new output only one succeeds; a
+resume with other inputs is refused and one with a smaller --lr uses it; a diverged run keeps only finite
+state; a basis that is not orthonormal is never written.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import snapshot
+
+from twa_cli.core.basis import orthogonalize
+from twa_cli.core.basis_files import save_basis
+from twa_cli.io.checkpoints import list_folder, load_tensors, read_checkpoint
+from twa_cli.io.safetensors import save_tensors
+
+
+def _marker_payload(marker: Path) -> dict:
+    """A description naming code that would create `marker` if it were ever called."""
+    return {"name": "os:system", "kwargs": {"command": f"touch {marker}"}}
+
+
+def _hostile_copy(run: Path, dest: Path, field: str, payload: dict) -> Path:
+    """The run's checkpoints with one metadata field replaced by `payload` (and no `trainable`, so that the
+    tool would have to build the model to know what trains)."""
+    dest.mkdir(parents=True)
+    for src in sorted(run.glob("ckpt-*.safetensors"))[:4]:
+        meta = dict(read_checkpoint(src).meta)
+        meta[field] = json.dumps(payload)
+        meta.pop("trainable", None)
+        save_tensors(dest / src.name, load_tensors(src), meta)
+    return dest
+
+
+def _one_line_refusal(result, *fragments: str) -> None:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+
+
+@pytest.fixture
+def hostile(mlp_run: Path, tmp_path: Path):
+    marker = tmp_path / "MARKER"
+    yield marker, tmp_path
+    assert not marker.exists(), "a file made the tool run code"
+
+
+@pytest.mark.parametrize("field,flag", [("arch", "--model"), ("data", "--data"), ("task", "--task")])
+def test_no_metadata_field_runs_code_through_any_command(field, flag, mlp_run, hostile, twa):
+    marker, root = hostile
+    folder = _hostile_copy(mlp_run, root / "ckpts", field, _marker_payload(marker))
+    first = folder / "ckpt-00000000.safetensors"
+    commands = [
+        ("eval", first),
+        ("eval", first, "--split", "both"),
+        ("swa", folder, "-o", root / "avg.safetensors"),
+        ("swa", folder, "-o", root / "avg.safetensors", "--no-bn-update"),
+        ("orthogonalize", folder, "-o", root / "basis.safetensors"),
+        ("train-subspace", folder, "-o", root / "twa", "--epochs", "1"),
+    ]
+    for command in commands:
+        _one_line_refusal(twa(*command, check=False), str(folder), "os:system", flag)
+    assert not any(p.exists() for p in (root / "avg.safetensors", root / "basis.safetensors", root / "twa"))
+
+
+def test_a_basis_built_from_a_hostile_checkpoint_runs_no_code(mlp_run, hostile, twa):
+    marker, root = hostile
+    folder = _hostile_copy(mlp_run, root / "ckpts", "arch", _marker_payload(marker))
+    ckpts = list_folder(folder)
+    names = list_folder(mlp_run)[0].trainable
+    basis = save_basis(orthogonalize(ckpts, names=names, hashes=False), root / "basis.safetensors")
+    assert json.loads(read_checkpoint(basis).meta["arch"])["name"] == "os:system"  # recorded, never run
+    _one_line_refusal(twa("train-subspace", basis, "-o", root / "twa", check=False), str(basis), "--model os:system")
+    _one_line_refusal(twa("plot", basis, "-o", root / "plots", "--surface", check=False), "--model os:system")
+
+
+def test_an_index_whose_metadata_names_code_runs_none(mlp_run, hostile, twa):
+    marker, root = hostile
+    folder = root / "hf" / "checkpoint-1"
+    folder.mkdir(parents=True)
+    tensors = load_tensors(sorted(mlp_run.glob("ckpt-*.safetensors"))[-1])
+    save_tensors(folder / "model-00001-of-00001.safetensors", tensors, {"format": "pt"})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({
+        "metadata": {"total_size": 1, "arch": _marker_payload(marker)},
+        "weight_map": {k: "model-00001-of-00001.safetensors" for k in tensors}}))
+    _one_line_refusal(twa("eval", folder / "model.safetensors.index.json", check=False), "--model os:system")
+    _one_line_refusal(twa("swa", root / "hf", "-o", root / "avg.safetensors", check=False), "--model os:system")
+
+
+def test_config_from_a_result_never_runs_the_code_it_records(mlp_run, hostile, twa):
+    _, root = hostile
+    result = root / "result.safetensors"
+    meta = dict(read_checkpoint(sorted(mlp_run.glob("ckpt-*.safetensors"))[-1]).meta)
+    meta["invocation"] = json.dumps({"command": "sample", "options": {"data": "os:system", "model": "mlp",
+                                                                       "epochs": 1}})
+    save_tensors(result, {"w": torch.zeros(1)}, meta)
+    refused = twa("sample", root / "again", "--config-from", result, check=False)
+    _one_line_refusal(refused, str(result), "--data os:system")
+    assert not (root / "again").exists()
+    # Named on the command line by the user, the recorded value no longer matters (here: digits).
+    twa("sample", root / "again", "--config-from", result, "--data", "digits", "--epochs", "1")
+
+
+def test_metadata_never_switches_on_a_download_or_creates_a_folder(mlp_run, tmp_path, twa):
+    elsewhere = tmp_path / "nonexistent" / "data"
+    folder = _hostile_copy(mlp_run, tmp_path / "ckpts", "data", {"name": "mnist", "dir": str(elsewhere),
+                                                                  "download": True})
+    result = twa("eval", folder / "ckpt-00000000.safetensors", check=False)
+    _one_line_refusal(result, str(elsewhere), "--download")
+    assert not (tmp_path / "nonexistent").exists()
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+
+def test_an_output_is_never_an_input_nor_inside_one_nor_holding_one(mlp_run, tmp_path, twa):
+    run = tmp_path / "run"
+    shutil.copytree(mlp_run, run)
+    (tmp_path / "link").symlink_to(run, target_is_directory=True)
+    before = snapshot(tmp_path)
+    init = sorted(run.glob("ckpt-*.safetensors"))[3]
+    cases = [
+        (("swa", run, "-o", run, "--force"), "is an input"),
+        (("swa", run, "-o", tmp_path / "link", "--force"), "is an input"),
+        (("swa", run, "-o", run / "avg.safetensors", "--force"), "inside the input folder"),
+        (("swa", run, "-o", tmp_path, "--force"), "holds the input"),
+        (("train-subspace", run, "-o", run, "--force"), "is an input"),
+        (("train-subspace", run, "-o", tmp_path / "link" / "t", "--force"), "inside the input folder"),
+        (("sample", run, "--force", "--init", init, "--model", "mlp"), "holds the input"),
+        (("orthogonalize", run, "-o", run / "b.safetensors", "--force"), "inside the input folder"),
+        (("plot", run, "-o", run / "plots", "--force"), "inside the input folder"),
+    ]
+    for args, fragment in cases:
+        _one_line_refusal(twa(*args, check=False), fragment)
+    assert snapshot(tmp_path) == before
+
+
+def _sharded_average(twa, run: Path, out: Path, *extra: str) -> None:
+    twa("swa", run, "-o", out, "--max-shard-size", "30KB", *extra)
+
+
+def _shard_set(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.parent.iterdir()) if p.name.startswith(out.name[:-12])}
+
+
+@pytest.mark.parametrize("force", [True, False])
+def test_a_failed_sharded_write_leaves_the_old_result_whole_and_nothing_new(mlp_run, tmp_path, twa, monkeypatch,
+                                                                           force):
+    from twa_cli.io import writers
+
+    out = tmp_path / "res" / "avg.safetensors"
+    if force:
+        _sharded_average(twa, mlp_run, out, "--start", "2")
+    before = snapshot(tmp_path)
+    real = writers.save_tensors
+    calls = []
+
+    def disk_full_on_the_third_shard(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(writers, "save_tensors", disk_full_on_the_third_shard)
+    result = twa("swa", mlp_run, "-o", out, "--max-shard-size", "30KB", *(["--force"] if force else []), check=False)
+    _one_line_refusal(result, "No space left on device")
+    assert snapshot(tmp_path) == before  # the old set, index and shards, exactly; no new shard anywhere
+    if force:
+        assert load_tensors(out.with_name(out.name + ".index.json"))  # still reads whole
+
+
+def test_a_sharded_result_replaced_with_force_is_the_new_one_only(mlp_run, tmp_path, twa):
+    out = tmp_path / "avg.safetensors"
+    _sharded_average(twa, mlp_run, out, "--start", "2")
+    old = set(_shard_set(out))
+    _sharded_average(twa, mlp_run, out, "--end", "3", "--force")
+    index = out.with_name(out.name + ".index.json")
+    named = set(json.loads(index.read_text())["weight_map"].values())
+    assert set(_shard_set(out)) == named | {index.name}  # no shard of the old set is left
+    assert named != old - {index.name}
+    expected = torch.stack([load_tensors(c.path)["net.1.weight"] for c in list_folder(mlp_run)[:3]]).double().mean(0)
+    assert torch.allclose(load_tensors(index)["net.1.weight"].double(), expected, atol=1e-6)
+
+
+def test_a_folder_result_replaced_with_force_fails_whole(mlp_run, tmp_path, twa, monkeypatch):
+    from twa_cli.io import writers
+
+    out = tmp_path / "hf"
+    twa("swa", mlp_run, "-o", out, "--max-shard-size", "30KB", "--start", "2")
+    before = snapshot(tmp_path)
+    real = writers.save_tensors
+    calls = []
+
+    def disk_full_on_the_second_shard(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(writers, "save_tensors", disk_full_on_the_second_shard)
+    _one_line_refusal(twa("swa", mlp_run, "-o", out, "--max-shard-size", "30KB", "--force", check=False),
+                      "No space left on device")
+    assert snapshot(tmp_path) == before  # the old folder whole, and no staging folder left beside it
+
+
+_WRITE = ["swa", "{run}", "-o", "{out}", "--max-shard-size", "20KB"]
+
+
+def test_two_writers_of_one_new_output_never_both_succeed(mlp_run, tmp_path):
+    out = tmp_path / "avg.safetensors"
+    args = [a.format(run=mlp_run, out=out) for a in _WRITE]
+    env = {**os.environ, "NO_COLOR": "1", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "twa_cli", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 1], results
+    assert "already exists" in next(err for code, err in results if code == 1)
+    index = out.with_name(out.name + ".index.json")
+    assert set(json.loads(index.read_text())["weight_map"].values()) | {index.name} == set(_shard_set(out))
+
+
+def test_an_output_appearing_after_the_check_is_not_replaced(mlp_run, tmp_path, twa, monkeypatch):
+    """The race two writers run, made deterministic: the output appears between the check and the write."""
+    from twa_cli.io import writers
+
+    out = tmp_path / "avg.safetensors"
+    real = writers.write_weights
+
+    def someone_else_first(folder, stem, *args, **kwargs):
+        (folder / f"{stem}.safetensors").write_bytes(b"the other writer's result")
+        return real(folder, stem, *args, **kwargs)
+
+    monkeypatch.setattr(writers, "write_weights", someone_else_first)
+    _one_line_refusal(twa("swa", mlp_run, "-o", out, check=False), str(out), "already exists")
+    assert out.read_bytes() == b"the other writer's result"
+
+
+# ---------------------------------------------------------------------------------------------- resuming
+
+
+def _interrupted_subspace_run(basis: Path, out: Path, twa, monkeypatch) -> None:
+    """A train-subspace run that stops after its first epoch, leaving its state."""
+    from twa_cli.commands import train_subspace as ts
+
+    real = ts.save_train_state
+
+    def stop_after_saving(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ts, "save_train_state", stop_after_saving)
+    result = twa("train-subspace", basis, "-o", out, "--epochs", "3", "--device", "cpu", check=False)
+    monkeypatch.setattr(ts, "save_train_state", real)
+    assert result.returncode == 130 and (out / "train-state.safetensors").exists(), result.stderr
+
+
+def _basis(run: Path, path: Path, end: int | None = None) -> Path:
+    ckpts = list_folder(run)[:end]
+    return save_basis(orthogonalize(ckpts, names=ckpts[0].trainable), path)
+
+
+def test_resume_with_another_basis_or_folder_is_refused(mlp_run, tmp_path, twa, monkeypatch):
+    basis = _basis(mlp_run, tmp_path / "basis.safetensors")
+    other = _basis(mlp_run, tmp_path / "other.safetensors", end=5)
+    out = tmp_path / "twa"
+    _interrupted_subspace_run(basis, out, twa, monkeypatch)
+    before = snapshot(tmp_path)
+    _one_line_refusal(twa("train-subspace", other, "-o", out, "--epochs", "3", "--device", "cpu", "--resume",
+                          check=False), "--resume", "differ")
+    assert snapshot(tmp_path) == before
+
+    folder_out = tmp_path / "twa-folder"
+    _interrupted_subspace_run(mlp_run, folder_out, twa, monkeypatch)
+    changed = tmp_path / "changed"
+    shutil.copytree(mlp_run, changed)
+    victim = sorted(changed.glob("ckpt-*.safetensors"))[3]
+    tensors = load_tensors(victim)
+    tensors["net.1.bias"] += 0.5
+    save_tensors(victim, tensors, read_checkpoint(victim).meta)
+    _one_line_refusal(twa("train-subspace", changed, "-o", folder_out, "--epochs", "3", "--device", "cpu",
+                          "--resume", check=False), "--resume", "differ")
+
+
+def test_resume_with_a_new_lr_trains_at_that_lr(mlp_run, tmp_path, twa, monkeypatch):
+    basis = _basis(mlp_run, tmp_path / "basis.safetensors")
+    out = tmp_path / "twa"
+    _interrupted_subspace_run(basis, out, twa, monkeypatch)
+    result = twa("train-subspace", basis, "-o", out, "--epochs", "3", "--device", "cpu", "--resume", "--lr", "0.001")
+    assert "--lr 0.001" in result.stderr
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["lr"] for e in epochs[1:]] == pytest.approx([1e-4, 1e-5])  # the step schedule from the new lr
+    assert epochs[0]["lr"] != 0.001
+
+
+# ---------------------------------------------------------------------------------------------- divergence
+
+
+def test_divergence_keeps_only_finite_state_and_resume_with_a_smaller_lr_recovers(tmp_path, twa):
+    out = tmp_path / "run"
+    common = ["--model", "small-cnn", "--batch-size", "64", "--per-epoch", "2", "--device", "cpu"]
+    twa("sample", out, *common, "--epochs", "1", "--lr", "0.05")
+    result = twa("sample", out, *common, "--epochs", "3", "--lr", "10000", "--resume", check=False)
+    assert result.returncode == 1 and "diverged" in result.stderr and "--resume" in result.stderr
+    for path in out.glob("*.safetensors"):  # checkpoints and the resume state: weights and BatchNorm statistics
+        for name, tensor in _raw_tensors(path).items():
+            assert not tensor.is_floating_point() or torch.isfinite(tensor).all(), (path.name, name)
+    twa("sample", out, *common, "--epochs", "2", "--lr", "0.05", "--resume")
+
+
+def _raw_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+# ---------------------------------------------------------------------------------------------- the basis
+
+
+def test_a_basis_that_is_not_orthonormal_is_never_written(mlp_run, tmp_path, twa):
+    same = tmp_path / "same"
+    same.mkdir()
+    last = sorted(mlp_run.glob("ckpt-*.safetensors"))[-1]
+    meta = dict(read_checkpoint(last).meta)
+    for i in range(3):
+        save_tensors(same / f"c{i}.safetensors", load_tensors(last), {**meta, "step": str(i)})
+    out = tmp_path / "basis.safetensors"
+    _one_line_refusal(twa("orthogonalize", same, "-o", out, "--tol", "0", check=False), "orthonormal")
+    assert not out.exists()
+    twa("orthogonalize", same, "-o", out)  # the default tolerance drops the duplicates
+    assert json.loads(read_checkpoint(out).meta["rank"]) == 1
+
+
+# ---------------------------------------------------------------------------------------------- precisions
+
+
+def test_mixed_precisions_are_said_and_averaged_in_the_widest(mlp_run, tmp_path, twa):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    sources = sorted(mlp_run.glob("ckpt-*.safetensors"))[:4]
+    for i, src in enumerate(sources):
+        tensors = load_tensors(src)
+        if i == 3:
+            tensors = {k: v.half() for k, v in tensors.items()}
+        save_tensors(folder / f"c{i}.safetensors", tensors, {"step": str(i)})
+    listed = twa("inspect", folder)
+    assert "mixed precisions" in listed.stderr and "float16/float32" in listed.stderr
+    result = twa("swa", folder, "-o", tmp_path / "avg.safetensors")
+    assert "different precisions" in result.stderr
+    average = load_tensors(tmp_path / "avg.safetensors")
+    assert all(t.dtype == torch.float32 for t in average.values())

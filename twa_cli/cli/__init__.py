@@ -1,0 +1,37 @@
+"""The command line: the Typer app (`app`), its option groups, terminal rendering and config files.
+
+Exit codes: 0 success, 1 a problem with the inputs (one line on stderr; --debug shows the traceback),
+2 a usage error (unknown flag, bad value), 130 interrupted.
+"""
+
+import os
+import sys
+
+from twa_cli.cli.signals import Interrupted, ctrl_c_raises_interrupted
+from twa_cli.errors import TwaError
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `twa` entry point."""
+    from twa_cli.cli.app import app
+    from twa_cli.cli.render import Output
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or bool(os.environ.get("TWA_DEBUG"))
+    argv = [a for a in argv if a != "--debug"]
+    with ctrl_c_raises_interrupted():
+        try:
+            app(args=argv, prog_name="twa")
+        except TwaError as exc:
+            if debug:
+                raise
+            Output().error(str(exc))
+            sys.exit(1)
+        except OSError as exc:  # the system refused a read or a write (permissions, a full disk)
+            if debug:
+                raise
+            Output().error(f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc))
+            sys.exit(1)
+        except Interrupted:
+            Output().error("interrupted")
+            sys.exit(130)

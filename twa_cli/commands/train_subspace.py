@@ -1,0 +1,453 @@
+"""`twa train-subspace`: learn the averaging coefficients (Algorithm 1, eq. 8, Appendix A.2.1 defaults).
+
+One straight path for every placement (one process, or the ranks of a torchrun job) and every variant: find
+the basis (a file, or the checkpoints of a folder orthogonalized here), resolve the task, start at the center
+of the checkpoints (or elsewhere), check the learning rate against the span's sharpness, train, recompute
+BatchNorm, write the result and its coefficients. Every input is checked before the first file is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from twa_cli.commands.common import described, pick, resolve_device, subspace_names, task_of
+from twa_cli.commands.estimates import Plan, plan_train_subspace, plan_train_subspace_basis
+from twa_cli.commands.runfolder import (
+    RunFolder,
+    check_count,
+    check_momentum,
+    check_non_negative,
+    check_positive,
+    check_seed,
+)
+from twa_cli.core.basis import Basis, check_tol, combine
+from twa_cli.core.basis_files import is_basis_file
+from twa_cli.core.batching import batches
+from twa_cli.core.batchnorm import recalibrate_bn
+from twa_cli.core.coefficients import CoefficientReport
+from twa_cli.core.evaluation import evaluate
+from twa_cli.core.placement import Placement, placement_for
+from twa_cli.core.schedules import SCHEDULES
+from twa_cli.core.selection import Selection
+from twa_cli.core.sharpness import LrCheck, check_lr, subspace_sharpness
+from twa_cli.core.subspace import SubspaceSGD
+from twa_cli.core.training import (
+    EpochStats,
+    LoopConfig,
+    Reporter,
+    check_state_finite,
+    divergence_advice,
+    load_train_state,
+    save_train_state,
+    strip_prefix,
+    train_loop,
+    with_prefix,
+)
+from twa_cli.core.variants import GRANULARITIES, Report, build_variant
+from twa_cli.errors import Diverged, TwaError
+from twa_cli.io.checkpoints import Checkpoint, Source, load_tensors, make_metadata, read_checkpoint
+from twa_cli.io.readers import ReadOptions
+from twa_cli.io.runfiles import (
+    BASIS_FILE,
+    COEFFICIENTS_FILE,
+    LR_CHECK_FILE,
+    METRICS_FILE,
+    RESULT_FILE,
+    read_json,
+    write_metrics,
+)
+from twa_cli.io.safetensors import save_tensors
+from twa_cli.io.writers import write_json
+from twa_cli.tasks.base import Metrics, Task
+from twa_cli.tasks.models import check_fits
+from twa_cli.tasks.resolve import Recorded, TaskRequest, resolve_task
+from twa_cli.units import STORAGE_DTYPES, torch_dtype
+
+log = logging.getLogger("twa")
+
+# The sharpness is measured on a few batches of their own order (not the first epoch's).
+SHARPNESS_BATCHES = 2
+SHARPNESS_EPOCH = 1_000_000
+
+
+@dataclass
+class SubspaceConfig:
+    """Subspace training; defaults from the paper's Appendix A.2.1."""
+
+    epochs: int = 10
+    lr: float = 2.0  # the paper's condensed rate
+    schedule: str = "step"
+    momentum: float = 0.9
+    weight_decay: float = 1e-5  # lambda of eq. 5: an L2 penalty on the averaging coefficients
+    batch_size: int = 128
+    init: str = "center"  # center | last | a checkpoint file
+    seed: int = 0
+    device: str = "auto"
+    bn_update: bool = True
+    bn_batches: int | None = None
+    eval_every_epoch: bool = True
+    lr_check: bool = True  # lower an unstable lr for this span (twa_cli.core.sharpness)
+    # When SRC is a checkpoint folder (orthogonalized first): which checkpoints, read how, and the tolerance.
+    selection: Selection = field(default_factory=Selection)
+    read: ReadOptions = field(default_factory=ReadOptions)
+    tol: float = 1e-6
+    task: TaskRequest = field(default_factory=TaskRequest)
+    # Variants (twa_cli/core/variants.py): the coefficients fitted on a held-out split, per layer, or summing to 1.
+    fit_on: str = "train"  # train | val
+    granularity: str = "model"  # model | layer
+    group_size: int = 1
+    affine: bool = False
+    basis_dtype: str | None = None  # precision of the basis in the projection; None: as stored (fp32 from a folder)
+    # Under torchrun: SyncBatchNorm during training (None: on under nccl, off under gloo, where torch lacks it).
+    sync_bn: bool | None = None
+    dtype: str | None = None  # precision of the written result (None: the model's own, fp32)
+
+    def __post_init__(self) -> None:
+        check_count(self.epochs, "--epochs")
+        check_positive(self.lr, "--lr")
+        check_momentum(self.momentum)
+        check_non_negative(self.weight_decay, "--weight-decay")
+        check_count(self.batch_size, "--batch-size")
+        check_count(self.group_size, "--group-size")
+        check_seed(self.seed)
+        check_tol(self.tol)
+        if self.schedule not in SCHEDULES:
+            raise TwaError(f"--schedule must be one of {', '.join(SCHEDULES)} (got '{self.schedule}')")
+        if self.fit_on not in ("train", "val"):
+            raise TwaError(f"--fit-on must be train or val (got '{self.fit_on}')")
+        if self.granularity not in GRANULARITIES:
+            raise TwaError(f"--granularity must be one of {', '.join(GRANULARITIES)} (got '{self.granularity}')")
+        for flag, value in (("--basis-dtype", self.basis_dtype), ("--dtype", self.dtype)):
+            if value is not None and value not in STORAGE_DTYPES:
+                raise TwaError(f"{flag} must be one of {', '.join(STORAGE_DTYPES)} (got '{value}')")
+
+    @property
+    def variant(self) -> bool:
+        return self.affine or self.granularity != "model"
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+
+@dataclass
+class SubspaceResult:
+    out: Path
+    result: Path
+    report: CoefficientReport
+    test: Metrics | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    holdings: list[dict[str, Any]] = field(default_factory=list)  # what each rank held of the basis, under torchrun
+    lr_check: LrCheck | None = None
+
+    @property
+    def coefficients(self) -> list[float]:
+        return self.report.alpha or []
+
+    def to_dict(self) -> dict[str, Any]:
+        report = self.report.to_json()
+        return {"output": str(self.out), "checkpoint": str(self.result), "kind": report["kind"],
+                "coefficients": self.report.alpha, "layers": report.get("layers"), "coefficient_sum": report.get("sum"),
+                "dropped": self.report.dropped, "test": self.test.to_dict() if self.test else None,
+                "shards": self.holdings, "lr_check": self.lr_check.to_dict() if self.lr_check else None}
+
+
+def default_output(src: Path) -> Path:
+    """A new folder beside the input, never inside it: ckpts/ -> ckpts-twa/, basis.safetensors -> basis-twa/."""
+    src = Path(src).resolve()
+    stem = src.name if src.is_dir() else src.name.removesuffix(".safetensors")
+    return src.parent / f"{stem}-twa"
+
+
+@dataclass
+class _Inputs:
+    """The basis, the checkpoints it spans (when known), the task, and the identity of the sources."""
+
+    basis: Basis
+    ckpts: list[Checkpoint] | None
+    task: Task
+    made_here: bool
+    identity: dict[str, Any]
+    where: str  # what to name in a message about the basis
+
+
+def train_subspace(src: str | Path, out: str | Path | None = None, cfg: SubspaceConfig | None = None, *,
+                   force: bool = False, resume: bool = False, dry_run: bool = False, reporter: Reporter | None = None,
+                   invocation: dict[str, Any] | None = None) -> SubspaceResult | Plan:
+    """Train inside the span of the checkpoints in `src` (a folder or a basis file) and write the result.
+
+    Under torchrun every rank calls this: the batch and the basis are split over the ranks, every rank ends
+    with the same weights, and rank 0 alone writes."""
+    cfg = cfg or SubspaceConfig()
+    src = Path(src)
+    if not src.exists():
+        raise TwaError(f"{src}: no such file or folder")
+    out = Path(out) if out is not None else default_output(src)
+    if dry_run:
+        return _plan(src, cfg)
+    with placement_for(resolve_device(cfg.device)) as placement:
+        device = placement.device
+        init_file = [cfg.init] if cfg.init not in ("center", "last") else []
+        folder = RunFolder(out, resume=resume, force=force, inputs=[src, *init_file])
+        placement.barrier()  # every rank has checked `out` before any creates it
+        inputs = _inputs(src, out, cfg, placement, resume)
+        if cfg.variant and placement.world > 1:
+            raise TwaError("--affine and --granularity layer run in a single process, not under torchrun")
+        return _train(inputs, folder, cfg, placement, device, resume, reporter, invocation)
+
+
+def _inputs(src: Path, out: Path, cfg: SubspaceConfig, placement: Placement, resume: bool) -> _Inputs:
+    """Everything the run trains on, checked; a folder is orthogonalized only once the task is known."""
+    if is_basis_file(src):
+        basis = placement.load_basis(src)
+        task = resolve_task(cfg.task, Recorded.of(src, basis.recorded))
+        ckpts = None
+        identity = {"sources": [s.sha256 for s in basis.sources], "coords": _digest(basis.coords)}
+        return _Inputs(basis, ckpts, task, False, identity, str(src))
+    ckpts = pick(src, cfg.selection, cfg.read)
+    task = task_of(cfg.task, ckpts[0])  # before orthogonalizing: "pass --model" comes first
+    names = subspace_names(cfg.task, ckpts[0], _shapes(ckpts[0]))
+    saved = out / BASIS_FILE
+    if resume and saved.exists():
+        basis = placement.load_basis(saved)
+        hashes = placement.gather([Source.of(c).sha256 for c in ckpts] if placement.lead else None)[0]
+        if hashes != [s.sha256 for s in basis.sources]:
+            raise TwaError(f"--resume: the checkpoints selected in {src} differ from those the interrupted run in "
+                           f"{out} was training on; resume with the same inputs, or start a new run")
+        return _Inputs(basis, ckpts, task, False, {"sources": hashes, "coords": _digest(basis.coords)}, str(saved))
+    basis = placement.orthogonalize(ckpts, names=names, tol=cfg.tol, dtype=cfg.basis_dtype or "float32",
+                                    recorded=described(cfg.task, ckpts[0]))
+    identity = {"sources": [s.sha256 for s in basis.sources], "coords": _digest(basis.coords)}
+    identity = placement.gather(identity)[0]  # rank 0 hashed the files
+    return _Inputs(basis, ckpts, task, True, identity, f"the basis of {src}")
+
+
+def _shapes(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
+    from twa_cli.io.checkpoints import tensor_specs
+
+    return {k: shape for k, (shape, _) in tensor_specs(ckpt).items()}
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def _train(inputs: _Inputs, folder: RunFolder, cfg: SubspaceConfig, placement: Placement, device: str, resume: bool,
+           reporter: Reporter | None, invocation: dict[str, Any] | None) -> SubspaceResult:
+    basis, task, out = inputs.basis, inputs.task, folder.path
+    torch.manual_seed(cfg.seed)
+    fit_split = "val" if cfg.fit_on == "val" else "train"
+    if fit_split == "val" and task.dataset("val", augment=True) is None:
+        raise TwaError("--fit-on val needs --val-split (or checkpoints sampled with one)")
+    model = task.build_model()
+    check_basis_fits(model, basis, inputs.where)
+    start_coords, offspan, init_tensors = _starting_point(basis, cfg, placement)
+    _load_start(model, basis, init_tensors)
+    sync_bn = placement.sync_batchnorm(model, cfg.sync_bn) if placement.world > 1 else False
+    model.to(device)
+    names = [name for name, _ in basis.layout]
+    hyper = {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay}
+    flat = placement.flat_parameters(model, names)
+    optimizer, report_fn = _optimizer(inputs, cfg, placement, flat, start_coords, offspan, hyper)
+    config = {**cfg.to_json(), "identity": inputs.identity}
+    folder.claim()
+    if inputs.made_here and not resume:
+        placement.save_basis(basis, out / BASIS_FILE, invocation=invocation, exclusive=True)
+    recal_parts = placement if sync_bn else None
+    history: list[dict[str, Any]] = []
+    start_epoch = step = 0
+    saved_lr = None
+    if resume:
+        start_epoch, step, history, saved_lr = _resume(folder, config, model, optimizer, placement)
+    try:
+        check = _learning_rate(model, task, optimizer, cfg, placement, device, folder, fit_split, saved_lr)
+        lr = check.used if check is not None else cfg.lr
+
+        def after_epoch(stats: EpochStats) -> None:
+            if cfg.eval_every_epoch:
+                # Figures measured after recalibration: running statistics go stale when the weights move fast.
+                if cfg.bn_update:
+                    recalibrate_bn(model, task, max_batches=cfg.bn_batches, device=device, parts=recal_parts)
+                stats.extra.update(evaluate(model, task, "test", device=device).row("test"))
+            history.append(stats.to_dict())
+            if placement.lead:
+                tensors = with_prefix("model", model.state_dict()) | with_prefix("optim", optimizer.state_tensors())
+                save_train_state(folder.state, tensors, stats, history, config)
+                write_metrics(out / METRICS_FILE, history)
+
+        loop = LoopConfig(cfg.epochs, lr, cfg.schedule, cfg.batch_size, cfg.seed, device, split=fit_split)
+        train_loop(model, optimizer, task, loop, start_epoch=start_epoch, step=step, after_epoch=after_epoch,
+                   reporter=reporter, placement=placement)
+        if cfg.bn_update:
+            recalibrate_bn(model, task, max_batches=cfg.bn_batches, device=device, parts=recal_parts)
+        check_state_finite(model, step, lr)
+    except BaseException as exc:
+        removed = folder.abandon()
+        if isinstance(exc, Diverged):
+            advice = ("nothing was kept (no epoch completed): start again with a smaller --lr" if removed else
+                      f"{divergence_advice(folder.state)} (the basis and lr check it needs stay beside it)")
+            raise Diverged(f"{exc}; no result was written; {advice}") from exc
+        raise
+    test = evaluate(model, task, "test", device=device)
+    alpha, groups = report_fn(optimizer.coords.detach().cpu())
+    kind = "layer" if groups is not None else "affine" if cfg.affine else "span"
+    report = CoefficientReport(kind, basis.sources, basis.rank, alpha, groups, basis.dropped,
+                               optimizer.offspan_scale if optimizer.offspan is not None else None)
+    holdings = placement.holdings(basis)
+    result = out / RESULT_FILE
+    if placement.lead:
+        write_json(out / COEFFICIENTS_FILE, report.to_json())
+        meta = make_metadata(
+            "twa", invocation=invocation, **task.describe(), trainable=names, config=config,
+            command="train-subspace", sources=[s.to_dict() for s in basis.sources], coefficients=alpha,
+            step=str(history[-1]["step"] if history else 0), epoch=str(cfg.epochs),
+        )
+        state = model.state_dict()
+        if cfg.dtype is not None:
+            state = {k: v.to(torch_dtype(cfg.dtype)) if v.is_floating_point() else v for k, v in state.items()}
+        save_tensors(result, state, meta)
+        folder.state.unlink(missing_ok=True)
+    placement.barrier()  # no rank returns before the result is on disk
+    return SubspaceResult(out, result, report, test, history, holdings, check)
+
+
+def _optimizer(inputs: _Inputs, cfg: SubspaceConfig, placement: Placement, flat: Any, start_coords: torch.Tensor,
+               offspan: torch.Tensor | None, hyper: dict[str, float]) -> tuple[SubspaceSGD, Report]:
+    basis = inputs.basis
+    if cfg.variant:
+        ckpts = inputs.ckpts or [read_checkpoint(s.path, cfg.read) for s in basis.sources]
+        return build_variant(basis, ckpts, flat, (start_coords, offspan), affine=cfg.affine,
+                             granularity=cfg.granularity, group_size=cfg.group_size, tol=cfg.tol, hyper=hyper)
+    stored = torch_dtype(cfg.basis_dtype) if cfg.basis_dtype is not None else basis.vectors.dtype
+    optimizer = placement.subspace_sgd(flat, basis, start_coords, dtype=stored, offspan=offspan, **hyper)
+    return optimizer, lambda coords: ([float(a) for a in basis.coefficients(coords)], None)
+
+
+def _resume(folder: RunFolder, config: dict[str, Any], model: torch.nn.Module, optimizer: SubspaceSGD,
+            placement: Placement) -> tuple[int, int, list[dict[str, Any]], float]:
+    tensors, start_epoch, step, history = load_train_state(folder.state, config)
+    saved_lr = float(read_checkpoint(folder.state).json_field("state")["config"]["lr"])
+    if placement.lead:
+        write_metrics(folder.path / METRICS_FILE, history)
+    saved = strip_prefix("model", tensors)
+    check_fits(model, {k: tuple(v.shape) for k, v in saved.items()}, str(folder.state))
+    for name, value in model.state_dict().items():
+        value.copy_(saved[name])  # in place: the parameters are views of the flat buffer
+    optim = strip_prefix("optim", tensors)
+    if not {"coords", "momentum", "offspan"} <= set(optim):
+        raise TwaError(f"{folder.state}: not a subspace training state (no optimizer coordinates)")
+    optimizer.load_state_tensors(optim)
+    return start_epoch, step, history, saved_lr
+
+
+def _learning_rate(model: torch.nn.Module, task: Task, optimizer: SubspaceSGD, cfg: SubspaceConfig,
+                   placement: Placement, device: str, folder: RunFolder, split: str, saved_lr: float | None
+                   ) -> LrCheck | None:
+    """The lr check, measured once at the start: a resumed run reads what its first part decided, unless it
+    was given another --lr (which is then used as given, to recover from a divergence)."""
+    path = folder.path / LR_CHECK_FILE
+    if saved_lr is not None and cfg.lr != saved_lr:
+        log.warning("--resume with --lr %g (the interrupted run had %g): training at %g; the lr check is not "
+                    "repeated", cfg.lr, saved_lr, cfg.lr)
+        return None
+    if not cfg.lr_check:
+        return None
+    if saved_lr is not None and path.exists():
+        return LrCheck(**read_json(path))
+    dataset = task.dataset(split, augment=True)
+    parts = placement if placement.world > 1 else None
+    sample = list(islice(batches(task, dataset, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=SHARPNESS_EPOCH,
+                                 parts=parts), SHARPNESS_BATCHES))
+    sharpness, method = subspace_sharpness(model, task, optimizer, sample, device=device)
+    check = check_lr(cfg.lr, cfg.momentum, sharpness, method)
+    if placement.lead:
+        write_json(path, check.to_dict())
+    if check.used < check.requested:
+        log.warning(
+            "--lr %g is too large for this span (its sharpest direction has curvature %.3g; steps above %.3g "
+            "diverge along it): training at lr %.3g instead (--no-lr-check keeps %g)",
+            check.requested, sharpness, check.limit, check.used, check.requested,
+        )
+    if method != "double backward":
+        log.info("--lr-check: Hessian-vector products by %s (the model has no second derivative)", method)
+    return check
+
+
+def check_basis_fits(model: torch.nn.Module, basis: Basis, source: str) -> None:
+    """The basis spans tensors the model has, shape for shape; else name the first mismatch."""
+    params = dict(model.named_parameters())
+    for name, shape in basis.layout:
+        if name not in params:
+            raise TwaError(f"{source}: the basis covers '{name}', which the model does not have; does --model fit?")
+        if tuple(params[name].shape) != tuple(shape):
+            raise TwaError(f"{source}: the basis has '{name}' with shape {list(shape)}, the model "
+                           f"{list(params[name].shape)}; does --model fit?")
+
+
+def _starting_point(basis: Basis, cfg: SubspaceConfig, placement: Placement
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor] | None]:
+    """Coordinates of the start, its off-span part (None when it lies in the span) and its full tensors.
+
+    Under torchrun `basis` holds this rank's columns: the projection and norms are summed over ranks and the
+    off-span part returned is this rank's slice of it.
+    """
+    init = cfg.init
+    if init == "center":
+        return basis.center_coords(), None, None
+    if init == "last":
+        last = basis.sources[-1].path if basis.sources else None
+        if last is None or not Path(last).exists():
+            raise TwaError(f"--init last: the last source checkpoint {last} is not readable")
+        init = last
+    if not Path(init).exists():
+        raise TwaError(f"--init {init}: no such checkpoint file")
+    tensors = load_tensors(read_checkpoint(init, cfg.read))
+    for name, shape in basis.layout:
+        if name not in tensors:
+            raise TwaError(f"--init {init}: has no tensor '{name}' of the basis")
+        if tuple(tensors[name].shape) != tuple(shape):
+            raise TwaError(f"--init {init}: '{name}' has shape {list(tensors[name].shape)}, the basis {list(shape)}")
+    w0 = torch.cat([tensors[n].reshape(-1).double() for n, _ in basis.layout])
+    dim = w0.numel()
+    lo, hi = placement.columns(dim)
+    w0 = w0[lo:hi]
+    coords = basis.coords_of(w0)
+    placement.sum_(coords)
+    residual = w0 - combine(basis.vectors, coords)
+    squares = torch.stack([residual.pow(2).sum(), w0.pow(2).sum()])
+    placement.sum_(squares)
+    # A start inside the span up to rounding (any source checkpoint) is snapped onto it.
+    offspan = residual.float() if float(squares[0].sqrt()) > 1e-6 * float(squares[1].sqrt()) else None
+    return coords, offspan, tensors
+
+
+def _load_start(model: torch.nn.Module, basis: Basis, init_tensors: dict[str, torch.Tensor] | None) -> None:
+    """Buffers (BatchNorm statistics) from the start file, else the checkpoints' average; recomputed at the end."""
+    state = model.state_dict()
+    source = init_tensors if init_tensors is not None else basis.buffers
+    trained = dict(basis.layout)
+    for name in state:
+        if name in source and name not in trained:
+            state[name] = source[name]
+    model.load_state_dict(state)
+
+
+def _plan(src: Path, cfg: SubspaceConfig) -> Plan:
+    if is_basis_file(src):
+        return plan_train_subspace_basis(read_checkpoint(src), device=resolve_device(cfg.device))
+    ckpts = pick(src, cfg.selection, cfg.read)
+    return plan_train_subspace(ckpts, trainable=subspace_names(cfg.task, ckpts[0], _shapes(ckpts[0])),
+                               device=resolve_device(cfg.device), basis_given=False)
+
+
+def coefficients_of(folder: Path) -> CoefficientReport:
+    """The coefficient report of a train-subspace output folder."""
+    return CoefficientReport.from_json(read_json(folder / COEFFICIENTS_FILE), folder / COEFFICIENTS_FILE)
+

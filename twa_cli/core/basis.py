@@ -1,0 +1,375 @@
+"""An orthonormal basis of the span of the checkpoints (the first half of Algorithm 1).
+
+Successive checkpoints are nearly collinear, so classical Gram-Schmidt in fp32 (the reference code's)
+loses orthogonality. Here checkpoints are streamed from disk in blocks, each block is orthogonalized against
+the basis so far twice ("twice is enough", block classical Gram-Schmidt with reorthogonalization) with
+inner products accumulated in fp64, then column by column within the block. A checkpoint whose residual
+is below `tol` of its norm adds no direction: it is dropped with a warning, never divided by almost zero.
+
+Only the trainable parameters are in the subspace; buffers (BatchNorm statistics) are averaged and stored
+beside the basis, to be recomputed after training anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from twa_cli.core.averaging import mean_of
+from twa_cli.errors import TwaError
+from twa_cli.io.checkpoints import Checkpoint, Layout, Source, check_compatible, check_finite, open_tensors
+from twa_cli.units import STORAGE_DTYPES, torch_dtype
+
+log = logging.getLogger("twa")
+
+# A basis whose rows are further than this from orthonormal (max |P P^T - I|, measured in fp64 before any
+# narrowing to half precision) is refused: training in it would not be training in the span.
+ORTHOGONALITY_BOUND = 1e-4
+
+
+@dataclass
+class Basis:
+    """Rows of `vectors` are orthonormal; checkpoint i is `vectors.T @ coords[:, i]` on the trainable params."""
+
+    vectors: torch.Tensor  # (k, D)
+    coords: torch.Tensor  # (k, n) float64
+    layout: list[tuple[str, tuple[int, ...]]]  # the trainable tensors, in the order they fill D
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    sources: list[Source] = field(default_factory=list)
+    dropped: list[dict[str, Any]] = field(default_factory=list)
+    # What the checkpoints record about the task that made them (arch, data, task), for later commands.
+    recorded: dict[str, Any] = field(default_factory=dict)
+    errors: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return int(self.vectors.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def center_coords(self) -> torch.Tensor:
+        """Coordinates of the mean of the checkpoints, TWA's default starting point."""
+        return self.coords.mean(dim=1)
+
+    def coefficients(self, coords: torch.Tensor) -> torch.Tensor:
+        """Averaging coefficients alpha (one per source checkpoint) with sum_i alpha_i w_i = vectors.T @ coords.
+
+        When checkpoints were dropped as duplicates the alpha are not unique; this is the smallest-norm choice,
+        which splits a weight evenly between identical checkpoints.
+        """
+        return torch.linalg.pinv(self.coords) @ coords.to(torch.float64).cpu()
+
+    def coords_of(self, vector: torch.Tensor) -> torch.Tensor:
+        """vectors @ vector in fp64, chunk by chunk (no fp64 copy of the basis)."""
+        return _inner_products(self.vectors, vector.reshape(1, -1), exact=True)[:, 0]
+
+    def point(self, coords: torch.Tensor) -> torch.Tensor:
+        return combine(self.vectors, coords).float()
+
+    def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, offset = {}, 0
+        for name, shape in self.layout:
+            size = math.prod(shape)
+            out[name] = vector[offset : offset + size].view(shape)
+            offset += size
+        return out
+
+
+
+def floating_tensors(ckpt: Checkpoint) -> list[str]:
+    """Every floating tensor of a checkpoint: the subspace when no architecture says which ones train."""
+    with open_tensors(ckpt) as handle:
+        return [k for k in handle.keys() if handle.dtype(k).is_floating_point]
+
+
+
+
+def subspace_layout(ckpts: list[Checkpoint], names: list[str] | None, *, warn: bool = True,
+                    layout: Layout | None = None) -> list[tuple[str, tuple[int, ...]]]:
+    """The tensors that span the subspace (`names`, else every floating tensor), with their shapes."""
+    shapes = (layout or check_compatible(ckpts)).shapes
+    if names is None:
+        names = floating_tensors(ckpts[0])
+        if warn:
+            log.warning("%s: no architecture known; every floating tensor (BatchNorm statistics too) spans the "
+                        "subspace", ckpts[0].path)
+    missing = [n for n in names if n not in shapes]
+    if missing:
+        raise TwaError(f"{ckpts[0].path}: has no tensor '{missing[0]}' that the model trains; does --model fit?")
+    return [(name, shapes[name]) for name in names]
+
+
+def block_size(n: int) -> int:
+    """Checkpoints read and orthogonalized together: an eighth of them, at least 1 and at most 32 (the
+    orthogonalizer and `--dry-run` both use this rule)."""
+    return max(1, min(32, n // 8))
+
+
+def check_tol(tol: float) -> None:
+    if not (math.isfinite(tol) and 0.0 <= tol < 1.0):
+        raise TwaError(f"--tol must be a number in [0, 1) (got {tol})")
+
+
+def read_flat(
+    ckpt: Checkpoint, layout: list[tuple[str, tuple[int, ...]]], out: torch.Tensor,
+    columns: tuple[int, int] | None = None,
+) -> None:
+    """Fill `out` with entries [lo, hi) (default: all D) of the flattened trainable tensors of a file.
+
+    One tensor at a time (memory of one tensor); a tensor cut by the range is read by rows, so a rank that owns
+    a slice of the parameter vector reads little more than its slice.
+    """
+    lo, hi = columns if columns is not None else (0, out.shape[0])
+    offset = 0
+    path = ckpt.path
+    with open_tensors(ckpt) as handle:
+        for name, shape in layout:
+            size = math.prod(shape)
+            a, b = max(lo, offset), min(hi, offset + size)
+            if a < b:
+                try:
+                    piece = _read_range(handle, name, shape, a - offset, b - offset)
+                except TwaError:
+                    raise
+                except Exception as exc:
+                    raise TwaError(f"{path}: cannot read tensor '{name}'; is the file truncated? ({exc})") from exc
+                check_finite(piece, f"{path}: tensor '{name}'")
+                out[a - lo : b - lo].copy_(piece)
+            offset += size
+
+
+def _read_range(handle: Any, name: str, shape: tuple[int, ...], a: int, b: int) -> torch.Tensor:
+    """Entries [a, b) of a tensor flattened, reading only the rows that hold them."""
+    size = math.prod(shape)
+    if (a, b) == (0, size) or len(shape) == 0:
+        return handle.get(name).reshape(-1)[a:b]
+    row = size // shape[0]
+    first, last = a // row, -(-b // row)
+    rows = handle.read_slice(name, slice(first, last)).reshape(-1)
+    return rows[a - first * row : b - first * row]
+
+
+# Columns of the parameter vector handled at once when widening to fp64: small enough that the fp64 copies
+# stay in cache and cost no memory worth counting next to the basis.
+CHUNK_BYTES = 1 << 22
+
+
+def _chunk(rows: int) -> int:
+    return max(4096, CHUNK_BYTES // (8 * max(rows, 1)))
+
+
+Reduce = Callable[[torch.Tensor], None]  # sums a tensor in place over the ranks that each hold some columns
+
+
+def _project_out(q: torch.Tensor, x: torch.Tensor, coords: torch.Tensor, reduce: Reduce | None = None) -> None:
+    """x <- x - q.T (q x.T), twice; the removed components are added to coords (k, b).
+
+    Both passes form their inner products in fp64 from cache-sized fp64 copies. An fp32 first pass would be
+    as orthogonal, but its rounding moves the residual of a nearly dependent checkpoint by ~1e-7 of the
+    checkpoint's norm, differently for each summation order, so bases made with different shardings
+    (torchrun) or thread counts would differ by that over the residual's size (1e-4 measured on a small MLP's
+    checkpoints, tests/test_distributed.py); in fp64 they agree within the 1e-5 that test asserts. The updates
+    are fp32 GEMMs in place: their rounding is noise of the size of x's own fp32
+    rounding, random with respect to q. Together with `_norms`, this is the only place that reduces over D.
+    """
+    if q.shape[0] == 0:
+        return
+    for _ in range(2):
+        c = _inner_products(q, x, exact=True)
+        if reduce is not None:
+            reduce(c)
+        x.addmm_(c.t().to(x.dtype), q, alpha=-1.0)
+        coords += c
+
+
+def _inner_products(q: torch.Tensor, x: torch.Tensor, exact: bool) -> torch.Tensor:
+    """q x.T (k, b) in fp64, summed chunk by chunk over D; `exact` also multiplies in fp64."""
+    dim = x.shape[1]
+    out = torch.zeros(q.shape[0], x.shape[0], dtype=torch.float64)
+    if not exact:
+        step = 1 << 16
+        for s in range(0, dim, step):
+            out += (q[:, s : s + step] @ x[:, s : s + step].t()).double()
+        return out
+    step = _chunk(q.shape[0] + x.shape[0])
+    q64 = torch.empty(q.shape[0], step, dtype=torch.float64)
+    x64 = torch.empty(x.shape[0], step, dtype=torch.float64)
+    for s in range(0, dim, step):
+        width = min(step, dim - s)
+        qc, xc = q64[:, :width], x64[:, :width]
+        qc.copy_(q[:, s : s + width])
+        xc.copy_(x[:, s : s + width])
+        out.addmm_(qc, xc.t())
+    return out
+
+
+def _norms(x: torch.Tensor, reduce: Reduce | None = None) -> torch.Tensor:
+    """Euclidean norm of each row of x, accumulated in fp64 chunk by chunk over D."""
+    out = torch.zeros(x.shape[0], dtype=torch.float64)
+    step = _chunk(x.shape[0])
+    x64 = torch.empty(x.shape[0], step, dtype=torch.float64)
+    for s in range(0, x.shape[1], step):
+        width = min(step, x.shape[1] - s)
+        xc = x64[:, :width]
+        xc.copy_(x[:, s : s + width])
+        out += (xc * xc).sum(dim=1)
+    if reduce is not None:
+        reduce(out)
+    return out.sqrt()
+
+
+Progress = Callable[[int, int], None]
+
+
+def orthogonalize(
+    ckpts: list[Checkpoint],
+    *,
+    names: list[str] | None = None,
+    tol: float = 1e-6,
+    dtype: str = "float32",
+    block: int | None = None,
+    hashes: bool = True,
+    progress: Progress | None = None,
+    warn: bool = True,
+    columns: tuple[int, int] | None = None,
+    reduce: Reduce | None = None,
+    recorded: dict[str, Any] | None = None,
+) -> Basis:
+    """Build an orthonormal basis of span{w_i} from checkpoint files, streaming them block by block.
+
+    `names`: the tensors that span the subspace (the model's trainable parameters; default every floating
+    tensor). Peak memory is the fp32 basis (n x D) plus one block of checkpoints (`block_size`) and one
+    model: the stacked checkpoints are never held. A half-precision basis is converted in place at the end.
+    With `columns` (lo, hi) only those entries of the parameter vector are read and returned, and `reduce`
+    sums the inner products over the ranks holding the other columns (`twa_cli.core.placement`).
+    `recorded`: what the checkpoints say about their task, kept with the basis (default: the first's).
+    """
+    if not ckpts:
+        raise TwaError("no checkpoints to orthogonalize")
+    if dtype not in STORAGE_DTYPES:
+        raise TwaError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)} (got '{dtype}')")
+    check_tol(tol)
+    layout = subspace_layout(ckpts, names, warn=warn)
+    dim = sum(math.prod(s) for _, s in layout)
+    n = len(ckpts)
+    block = block or block_size(n)
+    lo, hi = columns if columns is not None else (0, dim)
+    q = torch.empty(n, hi - lo, dtype=torch.float32)
+    coords = torch.zeros(n, n, dtype=torch.float64)
+    x = torch.empty(block, hi - lo, dtype=torch.float32)
+    k = 0
+    dropped: list[dict[str, Any]] = []
+    for b0 in range(0, n, block):
+        cols = list(range(b0, min(n, b0 + block)))
+        xb = x[: len(cols)]
+        for j, i in enumerate(cols):
+            read_flat(ckpts[i], layout, xb[j], (lo, hi))
+        norms = _norms(xb, reduce)
+        c_old = torch.zeros(k, len(cols), dtype=torch.float64)
+        _project_out(q[:k], xb, c_old, reduce)
+        coords[:k, b0 : b0 + len(cols)] = c_old
+        block_start = k  # directions added by this block so far are q[block_start:k]
+        for j, i in enumerate(cols):
+            row = xb[j : j + 1]
+            c_blk = torch.zeros(k - block_start, 1, dtype=torch.float64)
+            _project_out(q[block_start:k], row, c_blk, reduce)
+            coords[block_start:k, i] += c_blk[:, 0]
+            residual = float(_norms(row, reduce)[0])
+            relative = residual / max(float(norms[j]), 1e-300)
+            if relative <= tol:
+                dropped.append({"index": i, "path": str(ckpts[i].path), "relative_residual": relative})
+                (log.warning if warn else log.debug)(
+                    "%s: dropped, it adds no direction (residual %.1e of its norm, below --tol %.0e): "
+                    "a duplicate or near-duplicate of earlier checkpoints",
+                    ckpts[i].path, relative, tol,
+                )
+                continue
+            torch.div(row[0], residual, out=q[k])
+            coords[k, i] = residual
+            k += 1
+        if progress is not None:
+            progress(cols[-1] + 1, n)
+    del x
+    if k == 0:
+        raise TwaError(f"{ckpts[0].path.parent}: the selected checkpoints are all zero on the trained tensors; "
+                       "they span no direction")
+    vectors = q[:k]  # a view: copying would hold the basis twice
+    del q
+    basis = Basis(
+        vectors=vectors,
+        coords=coords[:k].clone(),
+        layout=layout,
+        buffers=mean_of(ckpts, skip={name for name, _ in layout}),
+        sources=[Source.of(c, hashes) for c in ckpts],
+        dropped=dropped,
+        recorded=recorded if recorded is not None else recorded_task(ckpts[0]),
+    )
+    basis.errors["orthogonality"] = orthogonality_error(basis.vectors, reduce)
+    if not basis.errors["orthogonality"] <= ORTHOGONALITY_BOUND:
+        raise TwaError(f"{ckpts[0].path.parent}: the basis came out {basis.errors['orthogonality']:.1e} from "
+                       f"orthonormal (bound {ORTHOGONALITY_BOUND:.0e}); nothing was written")
+    if dtype != "float32":
+        basis.vectors = _narrow_in_place(basis.vectors, torch_dtype(dtype))
+        basis.errors["orthogonality_stored"] = orthogonality_error(basis.vectors, reduce)
+    return basis
+
+
+def recorded_task(ckpt: Checkpoint) -> dict[str, Any]:
+    """What a checkpoint's metadata says about its task (arch, data, task), as JSON."""
+    return {key: ckpt.json_field(key, dict) for key in ("arch", "data", "task") if key in ckpt.meta}
+
+
+def _narrow_in_place(vectors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The rows converted to a 2-byte dtype inside the fp32 tensor's own memory, row by row.
+
+    Row i is written at half the offset it is read from, so it never overwrites a row not yet converted.
+    """
+    k, dim = vectors.shape
+    out = torch.empty(0, dtype=dtype).set_(vectors.untyped_storage(), 0, (k, dim))
+    row = torch.empty(dim, dtype=dtype)
+    for i in range(k):
+        row.copy_(vectors[i])
+        out[i].copy_(row)
+    return out
+
+
+def combine(vectors: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """vectors.T @ coefficients in fp64, chunk by chunk over D (no fp64 copy of the basis)."""
+    k, dim = vectors.shape
+    coefficients = coefficients.to(torch.float64).cpu()
+    out = torch.empty(dim, dtype=torch.float64)
+    step = _chunk(k)
+    scratch = torch.empty(k, step, dtype=torch.float64)
+    for s in range(0, dim, step):
+        width = min(step, dim - s)
+        chunk = scratch[:, :width]
+        chunk.copy_(vectors[:, s : s + width])
+        torch.mv(chunk.t(), coefficients, out=out[s : s + width])
+    return out
+
+
+def orthogonality_error(vectors: torch.Tensor, reduce: Reduce | None = None) -> float:
+    """max |P P^T - I|, with fp64 accumulation."""
+    k = vectors.shape[0]
+    gram = _inner_products(vectors, vectors, exact=True)
+    if reduce is not None:
+        reduce(gram)
+    return float((gram - torch.eye(k, dtype=torch.float64)).abs().max()) if k else 0.0
+
+
+def reconstruction_errors(basis: Basis, ckpts: list[Checkpoint]) -> list[float]:
+    """Relative error of each checkpoint rebuilt from the basis (a second pass over the files)."""
+    flat = torch.empty(basis.dim, dtype=torch.float32)
+    out = []
+    for i, ckpt in enumerate(ckpts):
+        read_flat(ckpt, basis.layout, flat)
+        rebuilt = combine(basis.vectors, basis.coords[:, i])
+        out.append(float((flat.double() - rebuilt).norm() / flat.double().norm()))
+    return out

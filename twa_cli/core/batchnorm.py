@@ -1,0 +1,77 @@
+"""BatchNorm recalibration, shared by swa, train-subspace, eval, the soups and the loss surface.
+
+Averaged or subspace-trained weights do not match the running statistics any checkpoint carries, so they are
+recomputed: reset, then one pass over the training data with a cumulative average (momentum None), in train
+mode, without gradients. Afterwards every layer's momentum and the model's mode are restored. (torch's
+`swa_utils.update_bn` and the paper's code differ in the details: the latter never resets the statistics and
+so keeps an exponential average of the last batches.)
+
+The pass sees the training data as training does, augmented: the weights were trained against the batch
+statistics of augmented images (on CIFAR, zero-padded random crops), and the statistics of the plain images
+differ. On the CIFAR-10 benchmark's validation split, recomputing them from plain images cost TWA 1.8 points
+(docs/results.md, "BatchNorm statistics"). The augmentation draws from a generator seeded here, inside a fork
+of torch's random state, so a recalibration is reproducible and leaves the training's random stream alone.
+The forward pass is the task's loss (the loss itself is thrown away), so it works for any batch structure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from twa_cli.core.batching import Parts, batches
+from twa_cli.tasks.base import Batch, Task, move
+
+_BN = nn.modules.batchnorm._BatchNorm
+RECALIBRATION_SEED = 0
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, _BN) and m.track_running_stats for m in model.modules())
+
+
+def recalibrate_bn(model: nn.Module, task: Task, *, split: str = "train", batch_size: int = 128,
+                   max_batches: int | None = None, device: torch.device | str = "cpu", parts: Parts | None = None,
+                   ) -> int:
+    """Recompute the running statistics of every BatchNorm layer over the augmented view of `split`; returns the
+    number of batches used.
+
+    `parts`: under torchrun with SyncBatchNorm each rank passes its part of every batch, and the synchronized
+    layers see the whole batch, as one process does.
+    """
+    dataset = task.dataset(split, augment=True)
+    return recalibrate_on(model, task, (b for b, _ in batches(task, dataset, batch_size, parts=parts)),
+                          max_batches=max_batches, device=device)
+
+
+@torch.no_grad()
+def recalibrate_on(model: nn.Module, task: Task, batches_: Iterable[Batch], *, max_batches: int | None = None,
+                   device: torch.device | str = "cpu") -> int:
+    """Recompute the running statistics over the given batches (drawn inside a seeded fork of the random
+    state, so an augmenting data set augments the same way every time)."""
+    layers = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
+    if not layers:
+        return 0
+    momenta = [m.momentum for m in layers]
+    was_training = model.training
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches of the pass
+    model.train()
+    used = 0
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RECALIBRATION_SEED)
+            for batch in batches_:
+                if max_batches is not None and used >= max_batches:
+                    break
+                task.loss(model, move(batch, device))
+                used += 1
+    finally:
+        for m, momentum in zip(layers, momenta, strict=True):
+            m.momentum = momentum
+        model.train(was_training)
+    return used
+

@@ -1,0 +1,143 @@
+"""A learning rate that stays stable in the subspace: the sharpness check behind `train-subspace --lr-check`.
+
+The paper trains in the subspace at lr 2, twenty times SGD's. Whether that is stable depends on the span:
+heavy-ball SGD on a quadratic diverges along a direction of curvature lambda once lr * lambda > 2 (1 + momentum).
+The span of checkpoints sampled densely, or of a few early ones, contains the sharp directions SGD was
+bouncing along, and there lr 2 throws the weights out of the basin (test accuracy falls to chance and does not
+come back). So before training, the largest eigenvalue of the training loss's Hessian restricted to the span is
+estimated by power iteration on Hessian-vector products (a few fixed batches, BatchNorm in training mode as
+during the steps), and a learning rate above half the stability limit is lowered to that, with a warning.
+
+A Hessian-vector product is a double backward through the model where the model allows it; fused attention
+kernels and other custom operations may not, and then it is a central finite difference of two gradients.
+Either way the products are read through the optimizer's own projection (`SubspaceSGD.gradient_coords`), so
+the check runs unchanged, and gives the same number, in one process and under torchrun.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from twa_cli.core.subspace import SubspaceSGD
+from twa_cli.tasks.base import Batch, Task, move
+
+# Half the stability limit: the estimate comes from a few batches at the start point, and the curvature
+# seen along the way is larger than at the start (the steps go where the loss is lower and sharper).
+MARGIN = 0.5
+DOUBLE_BACKWARD = "double backward"
+FINITE_DIFFERENCES = "finite differences"
+# Each gradient of the check sees the same random state (dropout masks), so differences are of weights only.
+CHECK_SEED = 0
+
+
+@dataclass
+class LrCheck:
+    requested: float
+    sharpness: float
+    limit: float  # 2 (1 + momentum) / sharpness: the largest stable learning rate
+    used: float
+    method: str = DOUBLE_BACKWARD
+
+    def to_dict(self) -> dict[str, float | str]:
+        return dict(self.__dict__)
+
+
+def subspace_sharpness(model: nn.Module, task: Task, optimizer: SubspaceSGD, sample: Sequence[tuple[Batch, float]],
+                       *, iters: int = 10, device: torch.device | str = "cpu", method: str | None = None
+                       ) -> tuple[float, str]:
+    """(largest eigenvalue of P H P^T, how the products were computed), H the training loss's Hessian on
+    `sample` (batches with their weights, as the training loop gets them) at the optimizer's point. The
+    weights, BatchNorm statistics and random state are left as they were."""
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if not v.is_floating_point() or "running" in k}
+    was_training = model.training
+    start = optimizer.coords.clone()
+    model.train()
+    v = torch.ones_like(optimizer.coords)  # deterministic start
+    v /= v.norm()
+    value = 0.0
+    method = method or DOUBLE_BACKWARD
+    try:
+        with torch.random.fork_rng(devices=_cuda_devices(device)):
+            for _ in range(iters):
+                if method == DOUBLE_BACKWARD:
+                    try:
+                        hv = _double_backward(model, task, optimizer, sample, v, device)
+                    except RuntimeError:  # an operation without a second derivative
+                        method = FINITE_DIFFERENCES
+                if method == FINITE_DIFFERENCES:
+                    hv = _finite_difference(model, task, optimizer, sample, v, start, device)
+                value = float(v @ hv)
+                norm = float(hv.norm())
+                if norm == 0.0 or not math.isfinite(norm):
+                    break
+                v = hv / norm
+    finally:
+        optimizer.move_to(start)
+        optimizer.zero_grad()
+        with torch.no_grad():
+            state = model.state_dict()
+            for k, saved in buffers.items():
+                state[k].copy_(saved)
+        model.train(was_training)
+    return value, method
+
+
+def _cuda_devices(device: torch.device | str) -> list[int]:
+    device = torch.device(device)
+    return [device.index or 0] if device.type == "cuda" else []
+
+
+def _params(model: nn.Module, optimizer: SubspaceSGD) -> list[nn.Parameter]:
+    named = dict(model.named_parameters())
+    return [named[n] for n in optimizer.trained_names]
+
+
+def _double_backward(model: nn.Module, task: Task, optimizer: SubspaceSGD, sample: Sequence[tuple[Batch, float]],
+                     v: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    params = _params(model, optimizer)
+    direction = optimizer.direction(v)
+    pieces, offset = [], 0
+    for p in params:
+        pieces.append(direction[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+    optimizer.zero_grad()
+    for batch, weight in sample:
+        torch.manual_seed(CHECK_SEED)
+        loss = task.loss(model, move(batch, device)) * (weight / len(sample))
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        slope = sum((g * d).sum() for g, d in zip(grads, pieces, strict=True))
+        for p, h in zip(params, torch.autograd.grad(slope, params), strict=True):
+            p.grad.add_(h)  # type: ignore[union-attr]  (the views of the flat gradient buffer)
+    return optimizer.gradient_coords().clone()
+
+
+def _gradient_at(model: nn.Module, task: Task, optimizer: SubspaceSGD, sample: Sequence[tuple[Batch, float]],
+                 coords: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    optimizer.move_to(coords)
+    optimizer.zero_grad()
+    for batch, weight in sample:
+        torch.manual_seed(CHECK_SEED)
+        (task.loss(model, move(batch, device)) * (weight / len(sample))).backward()
+    return optimizer.gradient_coords().clone()
+
+
+def _finite_difference(model: nn.Module, task: Task, optimizer: SubspaceSGD, sample: Sequence[tuple[Batch, float]],
+                       v: torch.Tensor, start: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """(g(a + eps v) - g(a - eps v)) / (2 eps) in coordinates: first derivatives only. eps is a fixed fraction
+    of the start's size, small for the curvature to change little, large for fp32 gradients to resolve it."""
+    eps = 1e-3 * max(float(start.norm()), 1.0)
+    plus = _gradient_at(model, task, optimizer, sample, start + eps * v, device)
+    minus = _gradient_at(model, task, optimizer, sample, start - eps * v, device)
+    return (plus - minus) / (2 * eps)
+
+
+def check_lr(lr: float, momentum: float, sharpness: float, method: str = DOUBLE_BACKWARD) -> LrCheck:
+    """The learning rate to use: `lr`, or MARGIN times the stability limit when `lr` is above that."""
+    limit = 2.0 * (1.0 + momentum) / sharpness if sharpness > 0 else math.inf
+    used = lr if lr <= MARGIN * limit else MARGIN * limit
+    return LrCheck(lr, sharpness, limit, used, method)

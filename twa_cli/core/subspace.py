@@ -1,0 +1,203 @@
+"""Training inside the span of the checkpoints: Algorithm 1 with equation 8.
+
+The trainable parameters and their gradients live in one contiguous buffer each (the modules' parameters
+are views into them), so a step reads the gradient with one matrix-vector product, updates n coordinates,
+and writes the weights with a second one: no concatenation, no allocation, no copy back, no host sync.
+
+Why coordinates: eq. 8 is SGD with momentum on w, with the gradient projected through P P^T and weight decay
+lambda*w. Started inside the span, w, the momentum and every update stay inside it, so the whole update can be
+carried out on a = P w (n numbers) and w rebuilt as P^T a. This is the same iteration, with no D-sized
+momentum buffer and no drift out of the subspace. A start outside the span (a user's file) keeps its
+off-span part r, which eq. 8 only shrinks by weight decay: w = P^T a + s r with a scalar s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from twa_cli.errors import TwaError
+
+
+class FlatParameters:
+    """Rebind a model's trainable parameters (in `names` order) as views of one flat buffer, grads too.
+
+    `multiple_of` pads both buffers with zeros to a multiple of it, so that they split into equal shards
+    (one per rank, `twa_cli.distributed`); the padding belongs to no parameter and stays zero.
+    """
+
+    def __init__(self, model: nn.Module, names: Iterable[str], multiple_of: int = 1):
+        params = dict(model.named_parameters())
+        names = list(names)
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise TwaError(f"the basis covers '{missing[0]}', which the model does not have")
+        first = params[names[0]]
+        total = sum(params[n].numel() for n in names)
+        total = -(-total // multiple_of) * multiple_of
+        self.names = names
+        self.params = torch.zeros(total, dtype=first.dtype, device=first.device)
+        self.grads = torch.zeros(total, dtype=first.dtype, device=first.device)
+        offset = 0
+        for name in names:
+            p = params[name]
+            size = p.numel()
+            view = self.params[offset : offset + size].view_as(p)
+            view.copy_(p.detach())
+            p.data = view
+            p.grad = self.grads[offset : offset + size].view_as(p)
+            offset += size
+        # Parameters outside the basis must not train: freeze them.
+        for name, p in params.items():
+            if name not in set(names):
+                p.requires_grad_(False)
+
+
+class SubspaceSGD(torch.optim.Optimizer):
+    """SGD with momentum and weight decay restricted to the row space of `basis` (k x D, orthonormal rows)."""
+
+    def __init__(
+        self,
+        flat: FlatParameters,
+        basis: torch.Tensor,
+        coords: torch.Tensor,
+        *,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-5,
+        offspan: torch.Tensor | None = None,
+        offspan_decays: bool = True,
+        reduce: Callable[[torch.Tensor], None] | None = None,
+    ):
+        params = [p for p in _params_of(flat)]
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+        self.flat = flat
+        self.trained_names = list(getattr(flat, "names", []))  # the parameters, in the order they fill D
+        self.basis = basis
+        self.projection = Projection(basis, flat.params.dtype)
+        device = flat.params.device
+        self.coords = coords.to(device=device, dtype=torch.float32).clone()
+        self.momentum = torch.zeros_like(self.coords)
+        self._grad_coords = torch.zeros_like(self.coords)
+        self.offspan = offspan  # r, the part of the start outside the span, or None
+        # False for the affine variant, whose fixed offset is the center of the checkpoints, not a decaying start.
+        self.offspan_decays = offspan_decays
+        self.reduce = reduce  # sums c in place over ranks that each hold some columns of the basis, or None
+        self.offspan_scale = 1.0  # s
+        self.offspan_momentum = 0.0
+        self._write_params()
+
+    @torch.no_grad()
+    def gradient_coords(self) -> torch.Tensor:
+        """c = P g: the gradient in subspace coordinates (P^T c is the projected gradient of eq. 7), summed
+        over the ranks that hold other columns. The lr check reads Hessian-vector products the same way."""
+        self._project(self.flat.grads, self._grad_coords)
+        if self.reduce is not None:
+            self.reduce(self._grad_coords)
+        return self._grad_coords
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        group = self.param_groups[0]
+        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+        c = self.gradient_coords()
+        # eq. 8 in coordinates: m <- mu m + (c + wd a);  a <- a - lr m
+        self.momentum.mul_(mu).add_(c).add_(self.coords, alpha=wd)
+        self.coords.add_(self.momentum, alpha=-lr)
+        if self.offspan is not None and self.offspan_decays:
+            self.offspan_momentum = mu * self.offspan_momentum + wd * self.offspan_scale
+            self.offspan_scale -= lr * self.offspan_momentum
+        self._write_params()
+        return None
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        self.flat.grads.zero_()
+
+    @torch.no_grad()
+    def direction(self, coords: torch.Tensor) -> torch.Tensor:
+        """P^T coords as a whole parameter vector (laid out as the flat buffer): a direction in weight space."""
+        out = torch.empty_like(self.flat.params)
+        self._expand(coords.to(out.dtype), out)
+        return out
+
+    @torch.no_grad()
+    def move_to(self, coords: torch.Tensor) -> None:
+        """Put the weights at `coords` (momentum untouched): the lr check probes points near the start."""
+        self.coords.copy_(coords)
+        self._write_params()
+
+    @torch.no_grad()
+    def _write_params(self) -> None:
+        """w = P^T a (+ s r), written straight into the parameter buffer."""
+        self._expand(self.coords, self.flat.params)
+        if self.offspan is not None:
+            self.flat.params.add_(self.offspan, alpha=self.offspan_scale)
+
+    def _project(self, vector: torch.Tensor, out: torch.Tensor) -> None:
+        """out = P vector (subclasses with a structured basis override this and `_expand`)."""
+        self.projection.coords_of(vector, out)
+
+    def _expand(self, coords: torch.Tensor, out: torch.Tensor) -> None:
+        """out = P^T coords."""
+        self.projection.point_of(coords, out)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {"coords": self.coords, "momentum": self.momentum}
+        out["offspan"] = torch.tensor([self.offspan_scale, self.offspan_momentum], dtype=torch.float64)
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.coords.copy_(tensors["coords"])
+        self.momentum.copy_(tensors["momentum"])
+        self.offspan_scale, self.offspan_momentum = (float(v) for v in tensors["offspan"])
+        self._write_params()
+
+
+def _params_of(flat: FlatParameters) -> list[torch.Tensor]:
+    # The optimizer base class wants leaf tensors to group; the flat buffer is the one we update.
+    return [flat.params]
+
+
+class Projection:
+    """c = P g and w = P^T a for a basis P (k x D) that may be stored in half precision.
+
+    An fp32 basis is used by torch.mv directly. A bf16/fp16 basis is widened one slab of columns at a time
+    into a preallocated fp32 scratch (cache-sized on CPU), so the products accumulate in fp32, the basis is
+    read at half the bytes, and a step allocates nothing.
+    """
+
+    def __init__(self, basis: torch.Tensor, dtype: torch.dtype):
+        self.basis = basis
+        self.dtype = dtype
+        k, dim = basis.shape
+        self.widen = basis.dtype != dtype
+        budget = (1 << 20) if basis.device.type == "cpu" else (1 << 26)
+        self.step = max(1024, budget // (4 * max(k, 1))) if self.widen else dim
+        self.scratch = torch.empty(k, min(self.step, dim) if self.widen else 0, dtype=dtype, device=basis.device)
+
+    def coords_of(self, vector: torch.Tensor, out: torch.Tensor) -> None:
+        """out = P vector."""
+        if not self.widen:
+            torch.mv(self.basis, vector, out=out)
+            return
+        out.zero_()
+        for s, slab in self._slabs():
+            out.addmv_(slab, vector[s : s + slab.shape[1]])
+
+    def point_of(self, coords: torch.Tensor, out: torch.Tensor) -> None:
+        """out = P^T coords."""
+        if not self.widen:
+            torch.mv(self.basis.t(), coords, out=out)
+            return
+        for s, slab in self._slabs():
+            torch.mv(slab.t(), coords, out=out[s : s + slab.shape[1]])
+
+    def _slabs(self):
+        dim = self.basis.shape[1]
+        for s in range(0, dim, self.step):
+            width = min(self.step, dim - s)
+            slab = self.scratch[:, :width]
+            slab.copy_(self.basis[:, s : s + width])
+            yield s, slab

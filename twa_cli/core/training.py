@@ -1,0 +1,238 @@
+"""The one training loop, shared by `sample` (plain SGD) and `train-subspace` (projected SGD).
+
+The loop knows nothing about checkpoints or subspaces: the optimizer decides what a step does, the task what
+a batch is and what its loss is, and hooks decide what happens after a step and at the end of an epoch
+(saving samples, evaluating, saving the resume state). Its data order and augmentation randomness depend only
+on (seed, epoch), so a run resumed from the end of an epoch replays exactly the batches an uninterrupted run
+would have seen. The step itself allocates nothing D-sized and never waits for the device: the loss and the
+epoch's tallies stay on the device, and the host looks at them every few steps.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from twa_cli.core.batching import batches, num_batches
+from twa_cli.core.placement import Placement, SingleProcess
+from twa_cli.core.schedules import learning_rate
+from twa_cli.errors import Diverged, TwaError
+from twa_cli.io.checkpoints import load_tensors, make_metadata, read_checkpoint
+from twa_cli.io.safetensors import save_tensors
+from twa_cli.tasks.base import Task, move
+
+# How often (in steps) the loop looks at the loss on the host; between looks it never synchronizes.
+DIVERGENCE_CHECK_EVERY = 25
+
+
+@dataclass
+class LoopConfig:
+    epochs: int
+    lr: float
+    schedule: str = "step"
+    batch_size: int = 128
+    seed: int = 0
+    device: str = "cpu"
+    split: str = "train"  # the data trained on: "train", or "val" for TWA-v
+
+
+@dataclass
+class EpochStats:
+    epoch: int  # epochs completed, 1-based
+    step: int
+    lr: float
+    seconds: float
+    train: dict[str, float] = field(default_factory=dict)  # the task's figures over the epoch: train_loss, ...
+    extra: dict[str, Any] = field(default_factory=dict)  # added by hooks: test figures
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "step": self.step, "lr": self.lr, **self.train, "seconds": self.seconds,
+                **self.extra}
+
+
+class Reporter(Protocol):
+    """What the loop tells whoever is watching (the CLI draws progress bars from it; tests pass nothing)."""
+
+    def epoch_started(self, epoch: int, epochs: int, batches: int) -> None: ...
+    def batch_done(self) -> None: ...
+    def epoch_done(self, stats: EpochStats) -> None: ...
+
+
+class Silent:
+    def epoch_started(self, epoch: int, epochs: int, batches: int) -> None:
+        pass
+
+    def batch_done(self) -> None:
+        pass
+
+    def epoch_done(self, stats: EpochStats) -> None:
+        pass
+
+
+StepHook = Callable[[int, int, int], None]  # (epoch, batch index, global step) after each step
+EpochHook = Callable[[EpochStats], None]
+
+
+def augmentation_seed(seed: int, epoch: int) -> int:
+    return (seed * 7919 + epoch * 104_729 + 1) % (2**63)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def train_loop(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    task: Task,
+    cfg: LoopConfig,
+    *,
+    start_epoch: int = 0,
+    step: int = 0,
+    after_step: StepHook | None = None,
+    after_epoch: EpochHook | None = None,
+    reporter: Reporter | None = None,
+    checked_steps: Collection[int] = (),
+    placement: Placement | None = None,
+) -> int:
+    """Train from `start_epoch` to `cfg.epochs`; returns the global step count at the end.
+
+    `checked_steps`: batch indices (within an epoch) after which `after_step` writes the weights out, so the
+    loop checks for divergence first: a diverged sample is never saved. Under torchrun (`placement` of several
+    ranks) this process computes its part of each global batch, and the epoch's figures and the divergence
+    check are combined over all ranks.
+    """
+    reporter = reporter or Silent()
+    placement = placement or SingleProcess(cfg.device)
+    device = torch.device(cfg.device)
+    dataset = task.dataset(cfg.split, augment=True)
+    if dataset is None:
+        raise TwaError(f"the data has no {cfg.split} split to train on")
+    per_epoch = num_batches(dataset, cfg.batch_size)
+    parts = placement if placement.world > 1 else None
+    for epoch in range(start_epoch, cfg.epochs):
+        torch.manual_seed(augmentation_seed(cfg.seed, epoch))
+        model.train()
+        reporter.epoch_started(epoch, cfg.epochs, per_epoch)
+        started = time.perf_counter()
+        sums = torch.zeros(len(task.tallies), dtype=torch.float64, device=device)
+        bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        lr = cfg.lr
+        loader = batches(task, dataset, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, parts=parts)
+        for i, (batch, weight) in enumerate(loader):
+            lr = learning_rate(cfg.schedule, cfg.lr, cfg.epochs, epoch, i / per_epoch)
+            set_lr(optimizer, lr)
+            loss, tallies = task.measure(model, move(batch, device))
+            optimizer.zero_grad(set_to_none=False)
+            (loss if weight == 1.0 else loss * weight).backward()
+            optimizer.step()
+            step += 1
+            with torch.no_grad():
+                if weight:  # an example that only keeps a rank in step (weight 0) is not counted
+                    sums += tallies
+                # Record the first non-finite step on the device; the host looks only every few steps.
+                bad_step.copy_(torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step))
+            if step % DIVERGENCE_CHECK_EVERY == 0 or i in checked_steps:
+                _check_divergence(bad_step, lr, placement)
+            if after_step is not None:
+                after_step(epoch, i, step)
+            reporter.batch_done()
+        _check_divergence(bad_step, lr, placement)
+        check_state_finite(model, step, lr)  # the last step's update can overflow with a finite loss
+        placement.sum_(sums)
+        stats = EpochStats(epoch=epoch + 1, step=step, lr=lr, seconds=time.perf_counter() - started,
+                           train=task.summarize(sums).row("train"))
+        if after_epoch is not None:
+            after_epoch(stats)
+        reporter.epoch_done(stats)
+    return step
+
+
+def _check_divergence(bad_step: torch.Tensor, lr: float, placement: Placement) -> None:
+    if placement.world > 1:
+        # Every rank must stop together, at the earliest bad step any of them saw.
+        never = torch.iinfo(torch.long).max
+        earliest = torch.where(bad_step < 0, never, bad_step)
+        placement.min_(earliest)
+        bad_step = torch.where(earliest == never, -1, earliest)
+    first = int(bad_step)
+    if first >= 0:
+        raise Diverged(f"training diverged: the loss became NaN or Inf at step {first} (lr {lr:g}); try a smaller --lr")
+
+
+def check_state_finite(model: nn.Module, step: int, lr: float) -> None:
+    """Raise `Diverged` when a weight or a floating buffer (BatchNorm's running statistics) is NaN or Inf (one
+    host sync: call it before writing the model out)."""
+    with torch.no_grad():
+        tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+        finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all() if tensors else torch.tensor(True)
+    if not bool(finite):
+        bad = next(name for name, t in model.state_dict().items()
+                   if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+        raise Diverged(f"training diverged: '{bad}' became NaN or Inf by step {step} (lr {lr:g}); try a smaller --lr")
+
+
+def divergence_advice(state_path: Path) -> str:
+    """What a diverged run leaves behind, for the end of the error message."""
+    if state_path.exists():
+        done = read_checkpoint(state_path).json_field("state")["epochs_done"]
+        return (f"the last good state (epoch {done}) is kept in {state_path}: "
+                "continue from it with --resume and a smaller --lr")
+    return "no epoch completed, so there is nothing to resume: start again with a smaller --lr (and --force)"
+
+
+# ---------------------------------------------------------------------------------------------- resuming
+
+
+def save_train_state(path: Path, tensors: Mapping[str, torch.Tensor], stats: EpochStats,
+                     history: list[dict[str, Any]], config: Mapping[str, Any]) -> None:
+    """Everything needed to continue after this epoch: weights, optimizer tensors, RNG, position, metrics, and
+    the run's options (with the identity of its inputs), which a resumed run must match."""
+    tensors = dict(tensors)
+    tensors["rng.torch"] = torch.get_rng_state()
+    info = {"epochs_done": stats.epoch, "step": stats.step, "history": history, "config": dict(config)}
+    save_tensors(path, tensors, make_metadata("train-state", state=info))
+
+
+# Options a resumed run may change: how long it runs, where, and the learning rate (to recover from divergence).
+RESUMABLE_CHANGES = ("epochs", "device", "lr")
+
+
+def load_train_state(path: Path, config: Mapping[str, Any]
+                     ) -> tuple[dict[str, torch.Tensor], int, int, list[dict[str, Any]]]:
+    """(tensors, epochs done, global step, metrics so far), after checking the run's options and inputs are
+    unchanged."""
+    info = read_checkpoint(path).json_field("state")
+    if not (isinstance(info, dict) and {"config", "epochs_done", "step", "history"} <= set(info)):
+        raise TwaError(f"{path}: not a training state written by this tool (damaged metadata)")
+    saved = {k: v for k, v in info["config"].items() if k not in RESUMABLE_CHANGES}
+    now = {k: v for k, v in json.loads(json.dumps(dict(config))).items() if k not in RESUMABLE_CHANGES}
+    if saved != now:
+        diff = next(k for k in sorted(set(now) | set(saved)) if saved.get(k) != now.get(k))
+        if diff == "identity":
+            raise TwaError(f"--resume: the checkpoints (or basis) differ from those the interrupted run in "
+                           f"{path.parent} was training on; resume with the same inputs, or start a new run")
+        flag = diff.replace("_", "-")
+        raise TwaError(f"--resume: --{flag} was {saved.get(diff)!r} in the interrupted run, now {now.get(diff)!r}")
+    tensors = load_tensors(path)
+    if "rng.torch" not in tensors:
+        raise TwaError(f"{path}: not a training state written by this tool (no RNG state)")
+    torch.set_rng_state(tensors.pop("rng.torch"))
+    return tensors, int(info["epochs_done"]), int(info["step"]), list(info["history"])
+
+
+def with_prefix(prefix: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in tensors.items()}
+
+
+def strip_prefix(prefix: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    cut = len(prefix) + 1
+    return {k[cut:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}

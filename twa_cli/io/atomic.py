@@ -1,0 +1,252 @@
+"""Files and folders that appear complete or not at all.
+
+A file being written has no name until it is complete (an O_TMPFILE, linked into the folder at the end), so a
+process killed mid-write leaves nothing behind. Where the system cannot do that, a dot-named temporary beside
+the target is used, and removed by the next write of the same file. Without --force the final step is
+exclusive (a hard link, which fails when the name exists), so of two processes writing the same new output
+the second fails instead of silently replacing the first.
+
+A folder result (a Hugging Face model folder) is built in a hidden staging folder beside the target and
+swapped into place in one step (renameat2 RENAME_EXCHANGE on Linux), so a reader sees the old folder or the
+new one, never a mixture; the old one is removed after.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import glob
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+from twa_cli.errors import TwaError
+
+_LINUX = sys.platform.startswith("linux")
+_AT_FDCWD, _AT_SYMLINK_FOLLOW = -100, 0x400
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+
+
+@contextmanager
+def parents_made(path: Path) -> Iterator[None]:
+    """Create the folders above `path`; if the block fails, remove those it created (when left empty)."""
+    made = []
+    folder = path.parent
+    while not folder.exists():
+        made.append(folder)
+        folder = folder.parent
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for folder in made:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def temp_name(path: Path, kind: str = "tmp") -> Path:
+    return path.parent / f".{path.name}.{os.urandom(4).hex()}.{kind}"
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Temporaries a killed write of `path` left behind."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    """The process's umask, read when needed (not at import: a caller may change it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _open_unnamed(folder: Path) -> int:
+    if not (_LINUX and hasattr(os, "O_TMPFILE")):
+        return -1
+    try:
+        return os.open(folder, os.O_TMPFILE | os.O_RDWR, 0o666)
+    except OSError:  # a file system without unnamed files
+        return -1
+
+
+def _name_unnamed(fd: int, name: Path) -> None:
+    """Give an O_TMPFILE a name (os.link would link the /proc symlink itself, hence linkat). Fails with EEXIST
+    when `name` exists, like link(2)."""
+    if _libc().linkat(_AT_FDCWD, f"/proc/self/fd/{fd}".encode(), _AT_FDCWD, os.fsencode(name), _AT_SYMLINK_FOLLOW):
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(name))
+
+
+@contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """An error writing an unnamed file names the file it was to become ("No space left on device")."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
+
+
+def _already_written(path: Path) -> TwaError:
+    return TwaError(f"{path}: already exists (written by another process meanwhile?); pass --force to overwrite it")
+
+
+def place(tmp: Path, path: Path, exclusive: bool) -> None:
+    """Move a complete temporary to its final name: exclusively (fail if the name exists) or replacing."""
+    if not exclusive:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError as exc:
+        raise _already_written(path) from exc
+    tmp.unlink()
+
+
+@contextmanager
+def atomic_file(path: Path, *, exclusive: bool = False) -> Iterator[BinaryIO]:
+    """A binary file whose content appears at `path`, complete, only when the block finishes without error.
+    `exclusive`: fail if `path` exists by then (a concurrent writer won), else replace it."""
+    with parents_made(path):
+        remove_stale_temps(path)
+        with _atomic_file(path, exclusive) as fh:
+            yield fh
+
+
+@contextmanager
+def _atomic_file(path: Path, exclusive: bool) -> Iterator[BinaryIO]:
+    named: Path | None = None
+    fd = _open_unnamed(path.parent)
+    if fd < 0:
+        named = temp_name(path)
+        fd = os.open(named, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666 & ~_umask())
+    try:
+        with _naming(path), os.fdopen(fd, "w+b") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+            if named is None:
+                if exclusive:
+                    try:
+                        _name_unnamed(fh.fileno(), path)
+                        return
+                    except FileExistsError as exc:
+                        raise _already_written(path) from exc
+                    except OSError:  # no /proc: fall through to a named temporary
+                        pass
+                named = temp_name(path)
+                try:
+                    _name_unnamed(fh.fileno(), named)
+                except OSError:  # no /proc: copy into a named temporary after all
+                    fh.seek(0)
+                    with open(named, "xb") as copy:
+                        shutil.copyfileobj(fh, copy)
+                        copy.flush()
+                        os.fsync(copy.fileno())
+            place(named, path, exclusive)
+    finally:
+        if named is not None and named.exists():
+            named.unlink()
+
+
+@contextmanager
+def atomic_path(path: Path, *, exclusive: bool = False) -> Iterator[Path]:
+    """A temporary path beside `path` that is moved onto it only when the block finishes without error
+    (for writers that want a path, not a file object)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        place(tmp, path, exclusive)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_bytes(path: Path, data: bytes, *, exclusive: bool = False) -> Path:
+    with atomic_file(path, exclusive=exclusive) as fh:
+        fh.write(data)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- folders
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """renameat2(2); False where the system lacks it (then the caller falls back to two renames)."""
+    if not _LINUX:
+        return False
+    libc = _libc()
+    if not hasattr(libc, "renameat2"):
+        return False
+    if libc.renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(dst))
+
+
+def swap_in_folder(staging: Path, path: Path, *, exclusive: bool) -> None:
+    """Put the complete folder `staging` at `path` in one step; an existing `path` is replaced (not exclusive)
+    and removed afterwards."""
+    if not path.exists() and not path.is_symlink():
+        try:
+            if _renameat2(staging, path, _RENAME_NOREPLACE):
+                return
+        except FileExistsError as exc:
+            raise _already_written(path) from exc
+        try:
+            os.mkdir(path)  # claims the name; an empty folder is replaced by the rename below
+        except FileExistsError as exc:
+            raise _already_written(path) from exc
+        os.rename(staging, path)
+        return
+    if exclusive:
+        raise _already_written(path)
+    if _renameat2(staging, path, _RENAME_EXCHANGE):
+        shutil.rmtree(staging)  # now the old folder
+        return
+    old = temp_name(path, "old")
+    os.rename(path, old)
+    os.rename(staging, path)
+    shutil.rmtree(old)
+
+
+@contextmanager
+def staged_folder(path: Path, *, exclusive: bool) -> Iterator[Path]:
+    """A hidden folder beside `path` to build a folder result in; swapped into place when the block finishes
+    without error, removed when it fails."""
+    with parents_made(path):
+        remove_stale_temps(path)
+        staging = temp_name(path)
+        staging.mkdir()
+        try:
+            yield staging
+            swap_in_folder(staging, path, exclusive=exclusive)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)

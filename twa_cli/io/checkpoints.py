@@ -1,0 +1,284 @@
+"""Checkpoints: the one place that says what a weight file is, where it came from, and what it records.
+
+A checkpoint the tool writes is a `.safetensors` file holding a whole state_dict, with `__metadata__` saying
+what made it (see `make_metadata`). Checkpoints other tools wrote (Hugging Face folders, sharded models,
+pickled state dicts) are read through `twa_cli.io.readers`, so every command takes them as they are. A
+folder is ordered by step (natural filename order when a checkpoint has none).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from twa_cli.errors import TwaError
+from twa_cli.io import readers
+from twa_cli.io.readers import ReadOptions
+from twa_cli.units import dtype_name
+
+TWA_TAG = "twa/1"
+# Kinds of file the tool writes; only the first three are checkpoints a folder listing returns.
+CHECKPOINT_KINDS = ("checkpoint", "average", "twa")
+OTHER_KINDS = ("basis", "train-state")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One weight file (or folder, or shard index) and what its metadata says about it."""
+
+    path: Path
+    meta: Mapping[str, str] = field(default_factory=dict)
+    format: str = "safetensors"
+    options: ReadOptions = field(default_factory=ReadOptions)
+
+    def open(self) -> readers.Reader:
+        """A lazy reader of the tensors (use it in a `with` block)."""
+        return readers.open_reader(self.path, self.options)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def step(self) -> int | None:
+        return _number_field(self, "step", int)
+
+    @property
+    def epoch(self) -> float | None:
+        return _number_field(self, "epoch", float)
+
+    @property
+    def kind(self) -> str:
+        return self.meta.get("kind", "checkpoint")
+
+    @property
+    def arch(self) -> dict[str, Any] | None:
+        """The architecture the metadata describes (a registry name; never trusted to name code)."""
+        return self.json_field("arch", dict)
+
+    @property
+    def data(self) -> dict[str, Any] | None:
+        return self.json_field("data", dict)
+
+    @property
+    def trainable(self) -> list[str] | None:
+        names = self.json_field("trainable", list)
+        if names is not None and not all(isinstance(n, str) for n in names):
+            raise TwaError(f"{self.path}: metadata field 'trainable' is not a list of tensor names")
+        return names
+
+    def json_field(self, key: str, kind: type | None = None) -> Any:
+        raw = self.meta.get(key)
+        if raw is None:
+            return None
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise TwaError(f"{self.path}: metadata field '{key}' is not valid JSON ({exc.msg})") from exc
+        if kind is not None and not isinstance(value, kind):
+            raise TwaError(f"{self.path}: metadata field '{key}' is not a JSON {kind.__name__}")
+        return value
+
+
+def _number_field(ckpt: Checkpoint, key: str, kind: type) -> Any:
+    raw = ckpt.meta.get(key)
+    if raw is None:
+        return None
+    try:
+        return kind(raw)
+    except ValueError as exc:
+        raise TwaError(f"{ckpt.path}: metadata field '{key}' is not a number ({raw!r})") from exc
+
+
+def make_metadata(kind: str, *, invocation: Mapping[str, Any] | None = None, **fields: Any) -> dict[str, str]:
+    """Metadata for a file the tool writes: strings stay strings, everything else becomes JSON. `format` is
+    `pt` (what `transformers` checks), the tool's tag is `twa`; `invocation` records the command and its
+    resolved options, for `--config-from`."""
+    meta = {"format": "pt", "twa": TWA_TAG, "kind": kind}
+    if invocation is not None:
+        fields["invocation"] = dict(invocation)
+    for key, value in fields.items():
+        if value is None:
+            continue
+        meta[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return meta
+
+
+@dataclass(frozen=True)
+class Source:
+    """A checkpoint an average or a basis was made of, as every file the tool writes records it."""
+
+    path: str
+    step: int | None = None
+    epoch: float | None = None
+    sha256: str | None = None
+
+    @staticmethod
+    def of(ckpt: Checkpoint, with_hash: bool = True) -> Source:
+        return Source(str(ckpt.path.resolve()), ckpt.step, ckpt.epoch, sha256_file(ckpt.path) if with_hash else None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "step": self.step, "epoch": self.epoch, "sha256": self.sha256}
+
+    @staticmethod
+    def from_json(value: Any) -> Source:
+        """A source as recorded: a dict (basis files), or a path string (results of version 0.1)."""
+        if isinstance(value, str):
+            return Source(value)
+        if isinstance(value, Mapping) and isinstance(value.get("path"), str):
+            step, epoch = value.get("step"), value.get("epoch")
+            return Source(value["path"], int(step) if isinstance(step, (int, float)) else None,
+                          float(epoch) if isinstance(epoch, (int, float)) else None,
+                          value.get("sha256") if isinstance(value.get("sha256"), str) else None)
+        raise TwaError(f"not a recorded source checkpoint: {value!r}")
+
+
+def sources_of(ckpt: Checkpoint) -> list[Source]:
+    return [Source.from_json(s) for s in ckpt.json_field("sources", list) or []]
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def read_checkpoint(path: str | Path, options: ReadOptions = ReadOptions()) -> Checkpoint:
+    """Open a checkpoint's header (not its tensors), in any format the readers know, with its metadata."""
+    path = Path(path)
+    if not path.exists():
+        raise TwaError(f"{path}: no such file")
+    with readers.reading(path, options) as reader:
+        meta = reader.metadata()
+        fmt = reader.format
+    return Checkpoint(path, meta, fmt, options)
+
+
+@contextmanager
+def open_tensors(ckpt: Checkpoint | str | Path) -> Iterator[readers.Reader]:
+    """A lazy view of a checkpoint's tensors, whatever its format."""
+    reader = ckpt.open() if isinstance(ckpt, Checkpoint) else readers.open_reader(ckpt)
+    try:
+        yield reader
+    finally:
+        reader.close()
+
+
+def load_tensors(ckpt: Checkpoint | str | Path, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint (all, or the given names), checked to be finite."""
+    where = ckpt.path if isinstance(ckpt, Checkpoint) else Path(ckpt)
+    with open_tensors(ckpt) as handle:
+        available = set(handle.keys())
+        keys = list(handle.keys()) if names is None else list(names)
+        missing = [k for k in keys if k not in available]
+        if missing:
+            raise TwaError(f"{where}: has no tensor '{missing[0]}'")
+        tensors = {k: handle.get(k) for k in keys}
+    for name, tensor in tensors.items():
+        check_finite(tensor, f"{where}: tensor '{name}'")
+    return tensors
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise TwaError(f"{what} contains NaN or Inf")
+
+
+def tensor_specs(ckpt: Checkpoint) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Every tensor's shape and dtype, from the header."""
+    with open_tensors(ckpt) as handle:
+        return {k: (tuple(handle.shape(k)), handle.dtype(k)) for k in handle.keys()}
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [int(tok) if tok.isdigit() else tok for tok in re.split(r"(\d+)", name)]
+
+
+def list_folder(folder: str | Path, options: ReadOptions = ReadOptions()) -> list[Checkpoint]:
+    """The checkpoints in a folder, in training order (by step, else natural filename order).
+
+    A folder holds weight files of any format the readers know, or Hugging Face `checkpoint-*` subfolders
+    (then the final model saved beside them, a copy of one of them, is left out); a single file, shard
+    index or Hugging Face model folder is a list of one."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise TwaError(f"{folder}: no such file or folder")
+    if folder.is_file():
+        return [read_checkpoint(folder, options)]
+    paths = readers.checkpoint_paths(folder)
+    if any(p.is_dir() for p in paths) and paths != [folder]:
+        paths = [p for p in paths if p.is_dir() or not _is_hf_final_model(p)]
+    paths.sort(key=lambda p: _natural_key(p.name))
+    ckpts = [c for c in (read_checkpoint(p, options) for p in paths) if c.kind not in OTHER_KINDS]
+    if not ckpts:
+        raise TwaError(f"{folder}: no .safetensors checkpoints in this folder (nor .pt, .pth, .bin, .ckpt, .pth.tar "
+                       f"files or Hugging Face checkpoint-* folders)")
+    if all(c.step is not None for c in ckpts):
+        ckpts.sort(key=lambda c: c.step)  # stable: equal steps keep filename order
+    return ckpts
+
+
+def _is_hf_final_model(path: Path) -> bool:
+    return path.name in readers.HF_WEIGHT_FILES or bool(readers.SHARD.match(path.name))
+
+
+@dataclass
+class Layout:
+    """The tensors every checkpoint of a selection shares: shapes, and the dtypes seen for each tensor."""
+
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, list[torch.dtype]]
+
+    @property
+    def widest(self) -> dict[str, torch.dtype]:
+        """Each tensor's widest precision among the checkpoints (the dtype an average of them is written in)."""
+        out = {}
+        for name, dtypes in self.dtypes.items():
+            widest = dtypes[0]
+            for d in dtypes[1:]:
+                widest = torch.promote_types(widest, d)
+            out[name] = widest
+        return out
+
+    @property
+    def mixed(self) -> dict[str, list[str]]:
+        """Tensors stored in more than one floating precision across the checkpoints."""
+        return {k: [dtype_name(d) for d in v] for k, v in self.dtypes.items() if len(set(v)) > 1}
+
+
+def check_compatible(ckpts: list[Checkpoint]) -> Layout:
+    """Every checkpoint has the same tensor names and shapes as the first, and each tensor is floating in all
+    of them or in none; returns the shared layout."""
+    reference = tensor_specs(ckpts[0])
+    layout = Layout({k: s for k, (s, _) in reference.items()}, {k: [d] for k, (_, d) in reference.items()})
+    for ckpt in ckpts[1:]:
+        specs = tensor_specs(ckpt)
+        for key in sorted(set(reference) | set(specs)):
+            if key not in specs or key not in reference:
+                has, lacks = (ckpts[0].path, ckpt.path) if key in reference else (ckpt.path, ckpts[0].path)
+                raise TwaError(f"checkpoints differ: '{key}' is in {has} but not in {lacks}")
+            (shape, dtype), (ref_shape, ref_dtype) = specs[key], reference[key]
+            if shape != ref_shape:
+                raise TwaError(f"checkpoints differ: '{key}' has shape {list(ref_shape)} in {ckpts[0].path} "
+                               f"but {list(shape)} in {ckpt.path}")
+            if dtype.is_floating_point != ref_dtype.is_floating_point:
+                raise TwaError(f"checkpoints differ: '{key}' is {dtype_name(ref_dtype)} in {ckpts[0].path} "
+                               f"but {dtype_name(dtype)} in {ckpt.path}")
+            if dtype not in layout.dtypes[key]:
+                layout.dtypes[key].append(dtype)
+    return layout
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """The hash of a checkpoint's bytes; for a sharded checkpoint or a folder, of its index and shards in turn."""
+    digest = hashlib.sha256()
+    for part in readers.checkpoint_files(Path(path)):
+        with open(part, "rb") as fh:
+            while block := fh.read(chunk):
+                digest.update(block)
+    return digest.hexdigest()

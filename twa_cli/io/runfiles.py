@@ -1,0 +1,55 @@
+"""The names of the files in the folders `sample` and `train-subspace` write, and their per-epoch log.
+
+A `sample` folder: `ckpt-<step>.safetensors` per sample, `metrics.jsonl`, and while it runs
+`train-state.safetensors`. A `train-subspace` folder: `twa.safetensors` (or `model.safetensors` with the
+configuration files, for a Hugging Face model), `coefficients.json`, `metrics.jsonl`, `basis.safetensors`
+(when the basis was made from a folder), `lr-check.json`, and while it runs `train-state.safetensors`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from twa_cli.errors import TwaError
+from twa_cli.io.writers import write_text
+
+RESULT_FILE = "twa.safetensors"
+COEFFICIENTS_FILE = "coefficients.json"
+METRICS_FILE = "metrics.jsonl"
+BASIS_FILE = "basis.safetensors"
+STATE_FILE = "train-state.safetensors"
+LR_CHECK_FILE = "lr-check.json"
+# A Hugging Face result in a train-subspace folder: the weights under their usual name, beside config.json.
+HF_RESULT_FILE = "model.safetensors"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"ckpt-{step:08d}.safetensors"
+
+
+def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    """The per-epoch figures as JSON lines, rewritten whole (atomically) after each epoch and on resuming,
+    so the file always matches the saved state, and a temporary left by a killed write is cleared."""
+    write_text(path, "".join(json.dumps(h) + "\n" for h in history))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise TwaError(f"{path}: line {number} is not JSON ({exc.msg})") from exc
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TwaError(f"{path}: not readable JSON ({exc})") from exc

@@ -1,0 +1,195 @@
+"""The one writer of results: a single `.safetensors` file, a sharded set beside an index, or a folder in
+Hugging Face's layout with the source's configuration and tokenizer files, chosen by the output path.
+
+`-o NAME.safetensors` is one file, or, above `max_shard_size` bytes, shards `NAME-0000k-of-0000n.safetensors`
+and an index `NAME.safetensors.index.json`, as Hugging Face shards a model. Any other `-o` is a folder:
+`model.safetensors` (or its shards and index) plus `config.json` and the tokenizer files of the checkpoint
+it came from, so `from_pretrained(folder)` loads it. Every shard carries the metadata.
+
+A result replaces an earlier one whole or not at all. A folder is built beside the old one and swapped in. A
+sharded set is written under names the old set does not use, the index (which readers go by) is switched
+last, and the old shards are removed after; a failure removes what it wrote and leaves the old result as it
+was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from twa_cli.errors import TwaError
+from twa_cli.io import readers
+from twa_cli.io.atomic import parents_made, remove_stale_temps, staged_folder, temp_name, write_bytes
+from twa_cli.io.outputs import check_output
+from twa_cli.io.safetensors import save_tensors
+
+SUFFIX = ".safetensors"
+HF_STEM = "model"
+# Files of a Hugging Face checkpoint folder that describe the model (not its weights or training state).
+MODEL_FILE_SUFFIXES = (".json", ".txt", ".model")
+NOT_MODEL_FILES = ("trainer_state.json",)
+
+
+def is_folder_output(path: Path) -> bool:
+    """An output path not naming a .safetensors file (or its index) is a folder in Hugging Face's layout."""
+    return not (path.name.endswith(SUFFIX) or path.name.endswith(SUFFIX + readers.INDEX_SUFFIX))
+
+
+def result_file(path: Path) -> Path:
+    """`NAME.safetensors` for `NAME.safetensors` or its index."""
+    if path.name.endswith(readers.INDEX_SUFFIX):
+        return path.with_name(path.name[: -len(readers.INDEX_SUFFIX)])
+    return path
+
+
+@dataclass(frozen=True)
+class ResultTarget:
+    """Where and how a result is written. `model_files`: a Hugging Face checkpoint folder whose configuration
+    and tokenizer files are copied beside the weights (folder outputs only)."""
+
+    path: Path
+    max_shard_size: int | None = None
+    model_files: Path | None = None
+
+    @property
+    def folder(self) -> bool:
+        return is_folder_output(self.path)
+
+    def check(self, force: bool, inputs: list[Path]) -> None:
+        """Before any work: the output is not in the way of an input, nor of a result without --force."""
+        path = self.path if self.folder else result_file(self.path)
+        check_output(path, force, inputs, folder=self.folder)
+        if not self.folder:
+            index = path.with_name(path.name + readers.INDEX_SUFFIX)
+            check_output(index, force, inputs)
+
+
+def write_result(target: ResultTarget, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                 *, force: bool) -> Path:
+    """Write a result as `target` says; returns the path to read it back from (a file, an index or a folder)."""
+    exclusive = not force
+    if target.folder:
+        with staged_folder(target.path, exclusive=exclusive) as staging:
+            write_weights(staging, HF_STEM, tensors, metadata, target.max_shard_size, exclusive=True)
+            if target.model_files is not None:
+                copy_model_files(target.model_files, staging)
+        return target.path
+    path = result_file(target.path)
+    with parents_made(path):
+        return write_weights(path.parent, path.name[: -len(SUFFIX)], tensors, metadata, target.max_shard_size,
+                             exclusive=exclusive)
+
+
+def write_weights(folder: Path, stem: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                  max_shard_size: int | None, *, exclusive: bool) -> Path:
+    """`stem.safetensors`, or shards and `stem.safetensors.index.json`, in `folder`, replacing an earlier set of
+    the same name whole. Returns the file or index to read back."""
+    single = folder / f"{stem}{SUFFIX}"
+    index = folder / f"{stem}{SUFFIX}{readers.INDEX_SUFFIX}"
+    old = _existing_set(single, index)
+    groups = split_shards(tensors, max_shard_size) if max_shard_size is not None else [list(tensors)]
+    if len(groups) == 1:
+        save_tensors(single, tensors, metadata, exclusive=exclusive)
+        _remove(old - {single})
+        return single
+    names = _free_shard_names(folder, stem, len(groups))
+    temps: list[tuple[Path, Path]] = []
+    placed: list[Path] = []
+    try:
+        for name, keys in zip(names, groups, strict=True):
+            final = folder / name
+            remove_stale_temps(final)
+            tmp = temp_name(final)
+            temps.append((tmp, final))
+            save_tensors(tmp, {k: tensors[k] for k in keys}, metadata, exclusive=True)
+        for tmp, final in temps:
+            os.link(tmp, final)  # the names were free: a name taken meanwhile fails here
+            placed.append(final)
+            tmp.unlink()
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map = {k: name for name, keys in zip(names, groups, strict=True) for k in keys}
+        body = {"metadata": {"total_size": total, **dict(metadata)}, "weight_map": weight_map}
+        write_bytes(index, (json_text(body)).encode(), exclusive=exclusive)
+    except BaseException:
+        _remove({tmp for tmp, _ in temps} | set(placed))
+        raise
+    _remove(old - set(placed) - {index})
+    return index
+
+
+def _existing_set(single: Path, index: Path) -> set[Path]:
+    """The files of an earlier result of this name: its single file, index and shards (also stray shards)."""
+    found = {p for p in (single, index) if p.exists()}
+    if index.exists():
+        try:
+            found |= set(readers.shard_files(index))
+        except TwaError:
+            pass  # a damaged index: its shards are found by name below
+    stem = single.name[: -len(SUFFIX)]
+    pattern = re.compile(rf"^{re.escape(stem)}-\d{{5}}-of-\d{{5}}(\.[0-9a-f]{{8}})?{re.escape(SUFFIX)}$")
+    found |= {p for p in single.parent.glob(f"{stem}-*{SUFFIX}") if pattern.match(p.name)}
+    return found
+
+
+def _free_shard_names(folder: Path, stem: str, count: int) -> list[str]:
+    """Hugging Face's shard names, or, where an earlier set still holds them, the same with a random infix."""
+    names = [f"{stem}-{i + 1:05d}-of-{count:05d}{SUFFIX}" for i in range(count)]
+    if not any((folder / n).exists() for n in names):
+        return names
+    tag = os.urandom(4).hex()
+    return [n[: -len(SUFFIX)] + f".{tag}{SUFFIX}" for n in names]
+
+
+def _remove(paths: set[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+def json_text(obj: object) -> str:
+    return json.dumps(obj, indent=2, sort_keys=False) + "\n"
+
+
+def split_shards(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+    """Tensor names grouped in order into shards of at most `max_bytes` (a larger tensor gets a shard alone),
+    the way Hugging Face splits a model."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def model_files(source: Path) -> list[Path]:
+    """The configuration and tokenizer files of a Hugging Face checkpoint folder (not weights, not training
+    state)."""
+    if not source.is_dir():
+        return []
+    return [src for src in sorted(source.iterdir())
+            if src.is_file() and src.suffix in MODEL_FILE_SUFFIXES and src.name not in NOT_MODEL_FILES
+            and not src.name.endswith(readers.INDEX_SUFFIX)]
+
+
+def copy_model_files(source: Path, folder: Path) -> list[Path]:
+    """Beside weights in Hugging Face's layout, the files that let `from_pretrained(folder)` load them."""
+    return [write_bytes(folder / src.name, src.read_bytes()) for src in model_files(source)
+            if not (folder / src.name).exists()]
+
+
+def write_text(path: str | Path, text: str, *, exclusive: bool = False) -> Path:
+    return write_bytes(Path(path), text.encode(), exclusive=exclusive)
+
+
+def write_json(path: str | Path, obj: object, *, exclusive: bool = False) -> Path:
+    return write_text(path, json_text(obj), exclusive=exclusive)
+

@@ -1,0 +1,174 @@
+"""The Task interface: everything TWA needs to know about a model and its data, and nothing more.
+
+The training loop, evaluation, the lr check, BatchNorm recalibration, the loss surface and the soups see a
+model only through a Task: they build the network, draw batches of whatever structure the task's data has
+(tensors, tuples, dicts), ask for the loss of a batch and for named figures over many batches. The image
+classifiers of the paper are one implementation (`twa_cli.tasks.classification`); a user's own is one
+subclass away (`--task package.module:function` returning a Task):
+
+    class MyTask(Task):
+        def build_model(self): return MyNet()
+        def dataset(self, split, *, augment): return {"train": train_set, "test": test_set}.get(split)
+        def loss(self, model, batch): return my_loss(model(batch["x"]), batch["y"])
+
+Batches are made of examples the core picks by index (so a torchrun job can give each rank its part of every
+batch); `collate` turns the examples into a batch, and `load` may do both at once for data held in memory.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset, default_collate
+
+Batch = Any  # a tensor, or tuples, lists and dicts of tensors
+SPLITS = ("train", "val", "test")
+# metrics.jsonl abbreviates the per-epoch figures as the first version of the tool did (train_acc, test_acc).
+ABBREVIATIONS = {"accuracy": "acc"}
+
+
+@dataclass
+class Metrics:
+    """Named figures over some data, each with its own normalisation (per example, per token), and how many
+    units they were measured on."""
+
+    values: dict[str, float]
+    count: int
+    unit: str = "examples"
+
+    @property
+    def loss(self) -> float:
+        return self.values["loss"]
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.values.get("accuracy")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.values, "count": self.count, "unit": self.unit}
+
+    def row(self, prefix: str) -> dict[str, float]:
+        """The figures as columns of metrics.jsonl: `test_loss`, `test_acc`, ..."""
+        return {f"{prefix}_{ABBREVIATIONS.get(k, k)}": v for k, v in self.values.items()}
+
+
+def move(batch: Batch, device: torch.device | str) -> Batch:
+    """A batch of any structure with its tensors on `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: move(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple):
+        return tuple(move(v, device) for v in batch)
+    if isinstance(batch, list):
+        return [move(v, device) for v in batch]
+    return batch
+
+
+def examples_in(batch: Batch) -> int:
+    """The number of examples in a batch: the length of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    values: Iterable[Any] = batch.values() if isinstance(batch, Mapping) else batch
+    for value in values:
+        if isinstance(value, (torch.Tensor, Mapping, tuple, list)):
+            return examples_in(value)
+    raise TypeError("a batch holds no tensor")
+
+
+class Task(ABC):
+    """A model, its data, its loss and its figures (see the module docstring)."""
+
+    #: What the per-batch tallies of `measure` count, in order; `figures` turns their sums into metrics.
+    tallies: tuple[str, ...] = ("loss", "examples")
+    #: What the figures are normalised by.
+    unit = "examples"
+    #: The figure the greedy soup ranks by, and whether higher is better.
+    selection_metric: tuple[str, bool] = ("loss", False)
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """A fresh network (its weights are replaced by a checkpoint's)."""
+
+    @abstractmethod
+    def dataset(self, split: str, *, augment: bool) -> Dataset | None:
+        """The examples of a split ("train", "val" or "test"), or None when the task has no such split.
+        `augment`: the view training sees (random augmentation, if any) rather than the plain one."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The scalar training loss of a batch (a mean, so batches of any size weigh alike)."""
+
+    def collate(self, examples: Sequence[Any]) -> Batch:
+        """A batch from a list of examples (as DataLoader's collate_fn)."""
+        return default_collate(list(examples))
+
+    def load(self, dataset: Dataset, indices: torch.Tensor) -> Batch:
+        """The batch of the given examples. Data held in memory is sliced, not collated example by example."""
+        if isinstance(dataset, TensorDataset):
+            return tuple(t[indices] for t in dataset.tensors)
+        batch = getattr(dataset, "batch", None)
+        if callable(batch):
+            return batch(indices)
+        return self.collate([dataset[int(i)] for i in indices])
+
+    def measure(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, tallies): the loss, and a float64 vector of sums named by `tallies`, kept on the device so
+        that adding them up over an epoch needs no host sync."""
+        loss = self.loss(model, batch)
+        n = examples_in(batch)
+        return loss, torch.stack([loss.detach().double() * n, loss.new_tensor(n, dtype=torch.float64)])
+
+    def figures(self, totals: Mapping[str, float]) -> dict[str, float]:
+        """Named figures from the summed tallies."""
+        return {"loss": totals["loss"] / max(totals["examples"], 1.0)}
+
+    def count(self, totals: Mapping[str, float]) -> int:
+        return int(totals[self.unit if self.unit in totals else self.tallies[-1]])
+
+    def summarize(self, sums: torch.Tensor) -> Metrics:
+        totals = dict(zip(self.tallies, sums.cpu().tolist(), strict=True))
+        return Metrics(self.figures(totals), self.count(totals), self.unit)
+
+    def metrics(self, model: nn.Module, batches: Iterable[Batch], device: torch.device | str = "cpu") -> Metrics:
+        """The figures over some batches, in eval mode, without gradients."""
+        was_training = model.training
+        model.eval()
+        sums = torch.zeros(len(self.tallies), dtype=torch.float64, device=device)
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    sums += self.measure(model, move(batch, device))[1]
+        finally:
+            model.train(was_training)
+        return self.summarize(sums)
+
+    def describe(self) -> dict[str, Any]:
+        """What later commands need to rebuild this task, recorded in the metadata of every file written. A
+        task from `--task` records its hook's name (which later commands run only when given `--task` again)."""
+        hook = getattr(self, "hook_name", None)
+        return {"task": {"name": hook}} if hook else {}
+
+    @property
+    def has_data(self) -> bool:
+        """Whether the task knows its data (a classifier rebuilt from a checkpoint may know only its model)."""
+        return True
+
+    def model_files(self) -> Any:
+        """A Hugging Face checkpoint folder whose configuration files go beside a result, or None."""
+        return None
+
+
+def accuracy_figures(totals: Mapping[str, float]) -> dict[str, float]:
+    n = max(totals["examples"], 1.0)
+    return {"loss": totals["loss"] / n, "accuracy": 100.0 * totals["correct"] / n}
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf

@@ -1,0 +1,350 @@
+"""The image data registry: digits (bundled, the default), torchvision's sets, image folders and a user's own.
+
+A data set is described by `{"name": ..., "dir": ...}`, recorded in every checkpoint `sample` writes, so later
+commands find the same data without `--data`. Each set comes as views: the augmented training set (what
+training and BatchNorm recalibration see), the same images without augmentation (training accuracy), a
+held-out validation split of both when the spec asks for one, and the test set.
+
+A spec read from a file never switches on a download (a runtime flag, never recorded) and never names code
+to import: `package.module:callable` is loaded only when the user named it (`allow_code`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from twa_cli.errors import TwaError
+from twa_cli.tasks.hooks import call_hook, import_callable, is_code_name
+from twa_cli.units import first_line
+
+KNOWN = ("digits", "cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder")
+_MEANS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+@dataclass
+class Datasets:
+    train: Dataset
+    train_eval: Dataset
+    test: Dataset
+    num_classes: int
+    in_channels: int
+    image_size: int
+    # Held out of `train` when the spec asks for a validation split (augmented and plain views).
+    val: Dataset | None = None
+    val_eval: Dataset | None = None
+
+
+def known_data() -> str:
+    return ", ".join(KNOWN) + ", package.module:callable"
+
+
+def data_spec(name: str, data_dir: str | Path | None = None, val_split: float = 0.0) -> dict[str, Any]:
+    spec: dict[str, Any] = {"name": name}
+    if data_dir is not None:
+        spec["dir"] = str(Path(data_dir).resolve())
+    if val_split:
+        if not 0.0 < val_split < 1.0:
+            raise TwaError(f"--val-split must be between 0 and 1 (got {val_split})")
+        spec["val_split"] = val_split
+    return spec
+
+
+# Shapes of the built-in sets, so a model can be sized without loading the data: (classes, channels, size).
+SHAPES = {"digits": (10, 1, 8), "cifar10": (10, 3, 32), "cifar100": (100, 3, 32), "mnist": (10, 1, 28),
+          "fashion-mnist": (10, 1, 28)}
+
+
+def data_shape(spec: dict[str, Any], *, allow_code: bool = False) -> tuple[int, int, int]:
+    """(classes, input channels, image size) of a data set, without decoding it where that can be avoided."""
+    name = _checked_name(spec, allow_code)
+    if name in SHAPES:
+        return SHAPES[name]
+    if name == "imagefolder":
+        return _folder_shape(spec.get("dir"))
+    data = load_data(spec, allow_code=allow_code)
+    return data.num_classes, data.in_channels, data.image_size
+
+
+def load_data(spec: dict[str, Any], *, allow_code: bool = False, download: bool = False) -> Datasets:
+    """Build the views of the data set a spec names (with a held-out validation split if it asks for one).
+    `allow_code`: the user named this spec (it may name their code); `download`: fetch a missing
+    torchvision set (only ever the user's flag)."""
+    datasets = _load_views(spec, allow_code, download)
+    if spec.get("val_split"):
+        fraction = spec["val_split"]
+        if not isinstance(fraction, (int, float)) or not 0.0 < float(fraction) < 1.0:
+            raise TwaError(f"--val-split must be between 0 and 1 (got {fraction!r})")
+        _carve_validation(datasets, float(fraction))
+    return datasets
+
+
+def _checked_name(spec: Any, allow_code: bool) -> str:
+    if not (isinstance(spec, dict) and isinstance(spec.get("name"), str)):
+        raise TwaError(f"not a data set description: {spec!r}")
+    name = spec["name"]
+    if is_code_name(name) and not allow_code:
+        raise TwaError(f"the data set '{name}' is Python code named by a file, not by you; pass --data {name} "
+                       "to run it")
+    if spec.get("dir") is not None and not isinstance(spec["dir"], str):
+        raise TwaError(f"not a data set description: 'dir' is {spec['dir']!r}")
+    return name
+
+
+# The validation split depends on nothing but the data set and the fraction, so `sample`, `train-subspace`
+# and `swa --greedy` all hold out the same images.
+VAL_SPLIT_SEED = 12345
+
+
+def _carve_validation(datasets: Datasets, fraction: float) -> None:
+    n = len(datasets.train)  # type: ignore[arg-type]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
+    held = max(1, round(fraction * n))
+    val_idx, train_idx = order[:held].sort().values, order[held:].sort().values
+    datasets.val, datasets.val_eval = _subset(datasets.train, val_idx), _subset(datasets.train_eval, val_idx)
+    datasets.train, datasets.train_eval = _subset(datasets.train, train_idx), _subset(datasets.train_eval, train_idx)
+
+
+def _subset(dataset: Dataset, idx: torch.Tensor) -> Dataset:
+    if isinstance(dataset, TensorDataset):  # stay on the fast, collation-free path
+        return TensorDataset(*(t[idx] for t in dataset.tensors))
+    return Subset(dataset, idx.tolist())
+
+
+def _load_views(spec: dict[str, Any], allow_code: bool, download: bool) -> Datasets:
+    name = _checked_name(spec, allow_code)
+    data_dir = spec.get("dir")
+    if name == "digits":
+        return _digits()
+    if name in ("cifar10", "cifar100", "mnist", "fashion-mnist"):
+        return _torchvision_set(name, data_dir, download)
+    if name == "imagefolder":
+        return _image_folder(data_dir)
+    if is_code_name(name):
+        return _user_data(name, data_dir)
+    raise TwaError(f"unknown data set '{name}'; known: {known_data()}")
+
+
+def _digits() -> Datasets:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(bunch.target, dtype=torch.long)
+    # A fixed split (seed 0) so every command of every run sees the same 1347 training / 450 test images.
+    order = torch.from_numpy(np.random.RandomState(0).permutation(len(y)))
+    train_idx, test_idx = order[:1347], order[1347:]
+    mean, std = x[train_idx].mean(), x[train_idx].std()
+    x = (x - mean) / std
+    train = TensorDataset(x[train_idx], y[train_idx])
+    return Datasets(train, train, TensorDataset(x[test_idx], y[test_idx]), 10, 1, 8)
+
+
+def _torchvision_set(name: str, data_dir: str | None, download: bool) -> Datasets:
+    from torchvision import datasets as tvd
+    from torchvision import transforms as T
+
+    if data_dir is None:
+        raise TwaError(f"--data {name} needs --data-dir (add --download to fetch it there)")
+    sets = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST}
+    cls = sets[name]
+    mean, std = _MEANS[name]
+    plain = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+    augment = plain
+    if name.startswith("cifar"):
+        augment = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), plain])
+    if not download and not Path(data_dir).is_dir():
+        raise TwaError(f"--data-dir {data_dir}: no such folder (add --download to fetch {name} there)")
+    try:
+        train = cls(data_dir, train=True, transform=augment, download=download)
+        train_eval = cls(data_dir, train=True, transform=plain, download=False)
+        test = cls(data_dir, train=False, transform=plain, download=download)
+    except RuntimeError as exc:
+        raise TwaError(f"--data-dir {data_dir}: {name} not found there (add --download to fetch it)") from exc
+    except OSError as exc:  # a network error while downloading, or a damaged file
+        raise TwaError(f"--data {name} --data-dir {data_dir}: {first_line(exc)}") from exc
+    size = 32 if name.startswith("cifar") else 28
+    return Datasets(train, train_eval, test, len(train.classes), len(mean), size)
+
+
+def _image_folder(data_dir: str | None) -> Datasets:
+    from torchvision import datasets as tvd
+    from torchvision import transforms as T
+
+    train_dir, test_dir = _folders(data_dir)
+    classes, channels, width = _folder_shape(data_dir)
+    if width <= 64:  # CIFAR-like: decoded once into memory, augmented per batch
+        mean, std = _MEANS["cifar10"] if channels == 3 else ((0.5,), (0.5,))
+        images, labels = decoded_folder(train_dir)
+        test_images, test_labels = decoded_folder(test_dir, reference=train_dir)
+        train = ImageTensors(images, labels, mean, std, augment=True)
+        train_eval = ImageTensors(images, labels, mean, std)
+        test = ImageTensors(test_images, test_labels, mean, std)
+        return Datasets(train, train_eval, test, classes, channels, width)
+    # ImageNet-like: as in the PyTorch ImageNet example
+    mean, std = _MEANS["imagenet"]
+    norm = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+    augment = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), norm])
+    plain = T.Compose([T.Resize(256), T.CenterCrop(224), norm])
+    train = tvd.ImageFolder(str(train_dir), transform=augment)
+    train_eval = tvd.ImageFolder(str(train_dir), transform=plain)
+    test = tvd.ImageFolder(str(test_dir), transform=plain)
+    test.samples = test.imgs = [(path, train.class_to_idx[test.classes[label]]) for path, label in test.samples]
+    test.targets = [label for _, label in test.samples]
+    return Datasets(train, train_eval, test, len(train.classes), channels, 224)
+
+
+def _folders(data_dir: str | None) -> tuple[Path, Path]:
+    if data_dir is None:
+        raise TwaError("--data imagefolder needs --data-dir, a folder with train/ and val/ (or test/)")
+    root = Path(data_dir)
+    train_dir = root / "train"
+    test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    if not train_dir.is_dir() or test_dir is None:
+        raise TwaError(f"--data-dir {root}: expected train/ and val/ (or test/) sub-folders of class folders")
+    return train_dir, test_dir
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _class_names(folder: Path) -> list[str]:
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _images(folder: Path) -> list[Path]:
+    """The images of one class folder, in the order torchvision's ImageFolder takes them."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _folder_shape(data_dir: str | None) -> tuple[int, int, int]:
+    """(classes, channels, width) of an image folder from its listing and one image; its held-out classes
+    must be classes of train/."""
+    from PIL import Image
+
+    train_dir, test_dir = _folders(data_dir)
+    classes = _class_names(train_dir)
+    unknown = sorted(set(_class_names(test_dir)) - set(classes))
+    if unknown:
+        raise TwaError(f"{test_dir / unknown[0]}: a class that {train_dir} does not have; "
+                       "the held-out classes must be classes of train/")
+    first = next((p for c in classes for p in _images(train_dir / c)), None)
+    if first is None:
+        raise TwaError(f"{train_dir}: no images found")
+    try:
+        with Image.open(first) as img:
+            return len(classes), len(img.getbands()), img.size[0]
+    except OSError as exc:
+        raise TwaError(f"{first}: not a readable image ({first_line(exc)})") from exc
+
+
+class ImageTensors(Dataset):
+    """Small images held in memory as uint8 (N, C, H, W), normalized (and augmented) a whole batch at a time.
+
+    The augmentation is the standard CIFAR one: a random crop of the image padded by 1/8 of its width, then a
+    random horizontal flip. It draws from torch's global generator, which the training loop reseeds at every
+    epoch, so a run's augmentation depends only on (seed, epoch).
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean, std, *, augment: bool = False):
+        self.images = images
+        self.targets = labels
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.batch(torch.tensor([index]))
+        return x[0], y[0]
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[index]
+        if self.augment:
+            x = random_crop_flip(x, self.images.shape[-1] // 8)
+        return (x.float().div_(255.0) - self.mean) / self.std, self.targets[index]
+
+
+def random_crop_flip(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """A random crop (zero padding `pad`) and a random horizontal flip per image of a (B, C, H, W) batch."""
+    b, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b, 1, 1))
+    dx = torch.randint(0, 2 * pad + 1, (b, 1, 1))
+    flip = torch.rand(b, 1, 1) < 0.5
+    cols = torch.arange(w).view(1, 1, w)
+    cols = torch.where(flip, w - 1 - cols, cols)
+    rows = dy + torch.arange(h).view(1, h, 1)
+    out = padded[torch.arange(b).view(b, 1, 1), :, rows, dx + cols]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def decoded_folder(folder: Path, reference: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images of a class-folder tree as uint8 (N, C, H, W) plus labels, labelled by the class folders of
+    `reference` (train/) when given. Decoded once per process for a folder as it is on disk."""
+    ref = reference or folder
+    return _decode(str(folder.resolve()), folder.stat().st_mtime_ns, str(ref.resolve()))
+
+
+@lru_cache(maxsize=4)
+def _decode(folder: str, mtime: int, reference: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from PIL import Image
+
+    index = {name: i for i, name in enumerate(_class_names(Path(reference)))}
+    samples = [(path, index[c]) for c in _class_names(Path(folder)) for path in _images(Path(folder) / c)]
+    arrays = []
+    for path, _ in samples:
+        try:
+            with Image.open(path) as img:
+                arrays.append(np.asarray(img))
+        except OSError as exc:  # a truncated or damaged image
+            raise TwaError(f"{path}: not a readable image ({first_line(exc)})") from exc
+    if not arrays:
+        raise TwaError(f"{folder}: no images found")
+    sizes = {a.shape for a in arrays}
+    if len(sizes) > 1:
+        raise TwaError(f"{folder}: images of different sizes {sorted(sizes)[:2]}; resize them to one size")
+    stacked = torch.from_numpy(np.stack(arrays))
+    images = stacked.unsqueeze(1) if stacked.dim() == 3 else stacked.permute(0, 3, 1, 2)
+    return images.contiguous(), torch.tensor([label for _, label in samples], dtype=torch.long)
+
+
+def _user_data(name: str, data_dir: str | None) -> Datasets:
+    factory = import_callable(name, "--data")
+    args = (data_dir,) if data_dir is not None else ()
+    result = call_hook(factory, name, "--data", "return (train_set, test_set)", *args)
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise TwaError(f"--data {name}: returned {type(result).__name__}; it should return (train_set, test_set)")
+    train, test = result
+    try:
+        x0, _ = train[0]
+        x0 = torch.as_tensor(x0)
+        labels = _labels(train)
+    except Exception as exc:
+        raise TwaError(f"--data {name}: its training set's items are not (image tensor, integer label) pairs "
+                       f"({type(exc).__name__}: {first_line(exc)}); for other data use --task") from exc
+    channels = int(x0.shape[0]) if x0.dim() == 3 else 1
+    return Datasets(train, train, test, int(max(labels)) + 1, channels, int(x0.shape[-1]))
+
+
+def _labels(dataset: Dataset) -> list[int]:
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[1].tolist()
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return list(map(int, targets))
+    return [int(dataset[i][1]) for i in range(len(dataset))]  # type: ignore[arg-type]
