@@ -240,3 +240,15 @@ def test_cli_says_how_to_install_matplotlib_when_it_is_missing(run, tmp_path, tw
     assert proc.returncode == 1
     assert proc.stderr.strip() == "error: twa plot needs matplotlib: pip install 'twa-cli[plot]'"
     assert not (tmp_path / "pics").exists()
+
+
+def test_a_layer_wise_output_draws_its_table_of_coefficients(cnn_run, tmp_path, twa):
+    twa("train-subspace", cnn_run, "-o", tmp_path / "layer", "--granularity", "layer", "--group-size", "3",
+        "--epochs", "1", "--lr", "0.5", "--bn-batches", "2")
+    groups = json.loads((tmp_path / "layer" / "coefficients.json").read_text())["layers"]
+    result = plot([tmp_path / "layer"], tmp_path / "pics")
+    drawn = {d.name: d for d in result.drawn}
+    assert f"{len(groups)} groups of tensors" in drawn["coefficients"].what
+    with Image.open(drawn["coefficients"].path) as image:
+        assert image.format == "PNG" and image.size[0] == figures.pixel_size(figures.SIZE)[0]
+    assert {"trajectory", "spectrum", "accuracy"} <= set(drawn)

@@ -88,8 +88,8 @@ def test_damaged_checkpoints_never_cause_a_traceback(data, mlp_run: Path, twa):
             ckpts = list_folder(folder)
             check_compatible(ckpts)
             mean_of(ckpts)
-        except TwaError:
-            pass
+        except TwaError as exc:  # one line, naming a file of the folder
+            assert "\n" not in str(exc) and str(folder) in str(exc), str(exc)
         # And the commands: exit 0 (damage that leaves a valid file) or 1 with one line.
         for argv in (["eval", victim, "--device", "cpu"],
                      ["orthogonalize", folder, "-o", Path(tmp) / "basis.safetensors", "--force"]):
@@ -126,5 +126,6 @@ def test_damaged_basis_and_state_files_are_refused_in_one_line(data, kind, writt
                 load_basis(victim)
             else:
                 load_train_state(victim, config)
-        except TwaError:
-            pass
+        except TwaError as exc:  # refused: in one line, naming the file (or the flag a damaged record changed)
+            message = str(exc)
+            assert "\n" not in message and (str(victim) in message or message.startswith("--resume")), message

@@ -135,3 +135,26 @@ def test_variant_options_run_from_the_cli(cnn_run, tmp_path, twa):
         assert summary["test"]["accuracy"] > 50
     bad = twa("train-subspace", cnn_run, "-o", tmp_path / "bad", "--fit-on", "val", check=False)
     assert bad.returncode == 1 and "--val-split" in bad.stderr
+
+
+def test_greedy_soup_to_a_folder_writes_the_hugging_face_layout_with_the_output_flags(tmp_path, twa):
+    runs = tmp_path / "soup"
+    runs.mkdir()
+    base = tiny_run(tmp_path / "base", model="small-cnn", epochs=1, per_epoch=1)
+    init = list_folder(base)[-1].path
+    for seed in range(2):
+        twa("sample", tmp_path / f"ft{seed}", "--model", "small-cnn", "--epochs", "1", "--init", init, "--seed", seed,
+            "--lr", "0.05", "--batch-size", "64", "--val-split", "0.2", "--quiet")
+        (runs / f"ft{seed}.safetensors").symlink_to(list_folder(tmp_path / f"ft{seed}")[-1].path)
+    out = tmp_path / "soup-hf"
+    summary = json.loads(twa("swa", runs, "--greedy", "--val-split", "0.2", "-o", out, "--dtype", "bfloat16",
+                             "--max-shard-size", "20KB", "--no-bn-update", "--json").stdout)
+    assert summary["output"] == str(out) and summary["batchnorm"] == "averaged"
+    index = out / "model.safetensors.index.json"
+    assert index.exists() and len(set(json.loads(index.read_text())["weight_map"].values())) > 1
+    tensors = load_tensors(out)
+    assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.bfloat16}
+    assert read_checkpoint(out).meta["command"] == "swa --greedy"
+    plan = json.loads(twa("swa", runs, "--greedy", "--val-split", "0.2", "-o", tmp_path / "p", "--dry-run",
+                          "--json").stdout)
+    assert plan["command"] == "swa --greedy" and not (tmp_path / "p").exists()

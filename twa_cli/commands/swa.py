@@ -103,11 +103,12 @@ def swa(folder: str | Path, output: str | Path, request: SwaRequest | None = Non
     if request.greedy:
         assert task is not None and net is not None
         net.to(device)
-        soup = greedy_soup(ckpts, task, net, device=device, progress=progress)
+        soup = greedy_soup(ckpts, task, net, device=device, bn_update=request.bn_update,
+                           bn_batches=request.bn_batches, compute_dtype=compute, progress=progress)
         average = soup.state
         result.chosen, result.individual = soup.chosen, soup.individual
         result.val, result.metric = soup.val, soup.metric
-        result.bn = "recomputed" if has_batchnorm(net) else "none"
+        result.bn = ("recomputed" if request.bn_update else "averaged") if has_batchnorm(net) else "none"
         coefficients = [1.0 / len(soup.chosen) if i in soup.chosen else 0.0 for i in range(len(ckpts))]
         widest = layout.widest
         average = {k: v.to(widest[k]) if v.is_floating_point() else v for k, v in average.items()}

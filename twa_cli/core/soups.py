@@ -36,18 +36,21 @@ class Soup:
 
 
 def greedy_soup(ckpts: list[Checkpoint], task: Task, net: nn.Module, *, device: str = "cpu",
+                bn_update: bool = True, bn_batches: int | None = None, compute_dtype: torch.dtype = torch.float64,
                 progress: Callable[[int, int], None] | None = None) -> Soup:
-    """The greedy soup of `ckpts`; `net` is the task's model, on `device`."""
+    """The greedy soup of `ckpts`; `net` is the task's model, on `device`. With `bn_update` every candidate
+    average (and the soup) is scored after its BatchNorm statistics are recomputed (on at most `bn_batches`
+    batches); without, with the averaged statistics. Sums run in `compute_dtype`."""
     if task.dataset("val", augment=False) is None:
         raise TwaError("--greedy needs a held-out split to score candidates: pass --val-split")
     metric, higher = task.selection_metric
     sign = 1.0 if higher else -1.0
-    bn = has_batchnorm(net)
+    bn = has_batchnorm(net) and bn_update
 
     def score(state: dict[str, torch.Tensor], source: str, recalibrate: bool) -> float:
         load_weights(net, state, source)
         if recalibrate:
-            recalibrate_bn(net, task, device=device)
+            recalibrate_bn(net, task, max_batches=bn_batches, device=device)
         return evaluate(net, task, "val", device=device).values[metric]
 
     individual = []
@@ -57,26 +60,25 @@ def greedy_soup(ckpts: list[Checkpoint], task: Task, net: nn.Module, *, device: 
             progress(i + 1, 2 * len(ckpts))
     order = sorted(range(len(ckpts)), key=lambda i: -sign * individual[i])
     chosen = [order[0]]
-    sums = {k: v.double() for k, v in load_tensors(ckpts[order[0]]).items()}
+    sums = {k: v.to(compute_dtype) if v.is_floating_point() else v for k, v in load_tensors(ckpts[order[0]]).items()}
     best = individual[order[0]]
     for done, i in enumerate(order[1:], len(ckpts) + 1):
         candidate = load_tensors(ckpts[i])
         n = len(chosen) + 1
-        state = {k: ((sums[k] + v.double()) / n).to(v.dtype) if v.is_floating_point() else v
-                 for k, v in candidate.items()}
+        state = {k: ((sums[k] + v) / n).to(v.dtype) if v.is_floating_point() else v for k, v in candidate.items()}
         value = score(state, "the soup", bn)
         if sign * value >= sign * best:
             chosen.append(i)
             best = value
             for k, v in candidate.items():
-                sums[k] = sums[k] + v.double() if v.is_floating_point() else v
+                sums[k] = sums[k] + v if v.is_floating_point() else v
         log.info("soup: %s %s (held-out %s %.4g)", ckpts[i].path.name,
                  "added" if chosen[-1] == i else "left out", metric, value)
         if progress is not None:
             progress(done, 2 * len(ckpts))
     chosen.sort()
-    load_weights(net, mean_of([ckpts[i] for i in chosen]), "the soup")
+    load_weights(net, mean_of([ckpts[i] for i in chosen], compute_dtype=compute_dtype), "the soup")
     if bn:
-        recalibrate_bn(net, task, device=device)
+        recalibrate_bn(net, task, max_batches=bn_batches, device=device)
     val = evaluate(net, task, "val", device=device).values[metric]
     return Soup(chosen, individual, val, metric, {k: v.detach().cpu() for k, v in net.state_dict().items()})
