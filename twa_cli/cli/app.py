@@ -32,6 +32,7 @@ DATA = "Model and data"
 OUTPUT = "Output"
 VARIANTS = "Variants"
 SURFACE = "Loss surface (--surface)"
+TEXT = "Text data (Hugging Face models)"
 MODEL_NAMES = ("small-cnn", "resnet20", "mlp", "vgg16-bn", "preact-resnet164", "resnet18", "resnet50")
 DATA_NAMES = ("digits", "cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder")
 
@@ -78,8 +79,9 @@ def _read(**flags: Any) -> Any:
 def _task(**flags: Any) -> Any:
     from twa_cli.tasks.resolve import TaskRequest
 
-    if flags.get("data_dir") is not None:
-        flags["data_dir"] = str(Path(flags["data_dir"]).resolve())
+    for key in ("data_dir", "eval_data", "tokenizer"):
+        if flags.get(key) is not None:
+            flags[key] = str(Path(flags[key]).resolve())
     return TaskRequest(**flags)
 
 
@@ -120,6 +122,16 @@ TASK = OptionGroup(_task, [
          "examples in every command).", extra={"min": 0.0, "max": 0.9}),
     Flag("task", str | None, None, "A whole task of your own, package.module:callable returning a "
          "twa_cli.Task (its model, batches, loss and figures), instead of --model/--data."),
+    Flag("eval_data", Path | None, None, "Hugging Face models: held-out text (a file like --data, or a saved "
+         "dataset's test split) to score on; else --val-split holds some of --data out.", panel=TEXT),
+    Flag("text_column", str | None, None, "Hugging Face models: the column holding the text (default: text; or the "
+         "one column besides the label).", panel=TEXT),
+    Flag("label_column", str | None, None, "Hugging Face classifiers: the column holding the label (default: "
+         "label).", panel=TEXT),
+    Flag("block_size", int | None, None, "Causal language models: tokens per training block (default: the "
+         "model's length, at most 1024).", extra={"min": 2}, panel=TEXT),
+    Flag("tokenizer", Path | None, None, "Hugging Face models: the folder of the tokenizer (default: the "
+         "checkpoint's own).", panel=TEXT),
 ], DATA)
 
 

@@ -30,9 +30,10 @@ class Flag:
     help: str
     decls: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+    panel: str | None = None  # the help panel, when not the group's
 
     def parameter(self, panel: str | None) -> inspect.Parameter:
-        option = typer.Option(*self.decls, help=self.help, rich_help_panel=panel, **self.extra)
+        option = typer.Option(*self.decls, help=self.help, rich_help_panel=self.panel or panel, **self.extra)
         return inspect.Parameter(self.name, inspect.Parameter.KEYWORD_ONLY, default=self.default,
                                  annotation=Annotated[self.type, option])
 

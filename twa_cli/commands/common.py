@@ -24,8 +24,15 @@ def pick(folder: str | Path, selection: Selection = Selection(), read: ReadOptio
 
 
 def recorded(ckpt: Checkpoint) -> Recorded:
-    """What a checkpoint's metadata says about its task."""
-    return Recorded.of(ckpt.path, {key: ckpt.json_field(key) for key in ("arch", "data", "task")})
+    """What a checkpoint's metadata (and the folder it lies in) says about its task."""
+    from twa_cli.io.checkpoints import tensor_specs
+    from twa_cli.tasks.hf import config_dir_of
+
+    fields = {key: ckpt.json_field(key) for key in ("arch", "data", "task", "hf", "hparams")}
+    fields["timm_arch"] = ckpt.meta.get("timm_arch")
+    folder = config_dir_of(ckpt.path)
+    shapes = {k: shape for k, (shape, _) in tensor_specs(ckpt).items()}
+    return Recorded.of(ckpt.path, fields, model_dir=str(folder) if folder else None, shapes=shapes)
 
 
 def recorded_json(source: Any, meta: Mapping[str, Any]) -> Recorded:
@@ -34,7 +41,10 @@ def recorded_json(source: Any, meta: Mapping[str, Any]) -> Recorded:
 
 def knows_task(request: TaskRequest, ckpt: Checkpoint) -> bool:
     """Whether a task can be resolved for these checkpoints without asking the user for more."""
-    return request.task is not None or request.model is not None or "arch" in ckpt.meta
+    from twa_cli.tasks.hf import config_dir_of
+
+    return (request.task is not None or request.model is not None
+            or any(k in ckpt.meta for k in ("arch", "task", "hf", "timm_arch")) or config_dir_of(ckpt.path) is not None)
 
 
 def task_of(request: TaskRequest, ckpt: Checkpoint, *, need_data: bool = True) -> Task:
@@ -65,26 +75,45 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def subspace_names(request: TaskRequest, ckpt: Checkpoint, shapes: Mapping[str, tuple[int, ...]]) -> list[str] | None:
-    """The tensors that span the subspace: the trainable parameters the checkpoint records, else those of the
-    model the flags or the metadata name, else None (every floating tensor)."""
+def aligned(ckpts: list[Checkpoint], net: Any) -> list[Checkpoint]:
+    """The checkpoints, read so that their tensor names are the model's. A LightningModule names its weights
+    `model.<name>` like the files, where reading strips that prefix by default for a bare model: then they are
+    read again without stripping."""
+    from dataclasses import replace
+
+    from twa_cli.io.checkpoints import read_checkpoint, tensor_specs
+
+    own = set(net.state_dict())
+    if set(tensor_specs(ckpts[0])) <= own or ckpts[0].options.strip_prefix is not None:
+        return ckpts
+    again = [read_checkpoint(c.path, replace(c.options, strip_prefix="")) for c in ckpts]
+    return again if set(tensor_specs(again[0])) <= own else ckpts
+
+
+def subspace_names(request: TaskRequest, ckpts: list[Checkpoint]) -> tuple[list[str] | None, list[Checkpoint]]:
+    """The tensors that span the subspace: the trainable parameters the checkpoints record, else those of the
+    model the flags or the metadata name, else None (every floating tensor); and the checkpoints, read with the
+    model's names."""
     from twa_cli.tasks.models import check_fits, trainable_names
 
+    ckpt = ckpts[0]
     if request.model is None and request.task is None and ckpt.trainable is not None:
-        return ckpt.trainable
+        return ckpt.trainable, ckpts
     if not knows_task(request, ckpt):
-        return None
+        return None, ckpts
     net = task_of(request, ckpt, need_data=False).build_model()
-    check_fits(net, shapes, str(ckpt.path))
-    return trainable_names(net)
+    ckpts = aligned(ckpts, net)
+    check_fits(net, check_compatible(ckpts).shapes, str(ckpts[0].path))
+    return trainable_names(net), ckpts
 
 
 def described(request: TaskRequest, ckpt: Checkpoint) -> dict[str, Any]:
-    """What a file made from these checkpoints records about their task: the flags' task where they name one,
-    else what the checkpoint itself recorded."""
+    """What a file made from these checkpoints records about their task: the task the flags and the files
+    resolve to where one can be resolved, else what the checkpoint itself recorded."""
     rec = recorded(ckpt)
-    out = {k: v for k, v in (("arch", rec.arch), ("data", rec.data), ("task", rec.task)) if v is not None}
-    if request.task is not None or request.model is not None or (request.data is not None and "arch" in out):
+    out = {k: v for k, v in (("arch", rec.arch), ("data", rec.data), ("task", rec.task), ("hf", rec.hf))
+           if v is not None}
+    if knows_task(request, ckpt) and (request.task or request.model or request.data or not out):
         out.update(task_of(request, ckpt, need_data=False).describe())
     elif request.data is not None:
         from twa_cli.tasks.images import data_spec

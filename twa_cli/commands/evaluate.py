@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from twa_cli.commands.common import resolve_device, task_of
+from twa_cli.commands.common import aligned, resolve_device, task_of
 from twa_cli.core.batchnorm import recalibrate_bn
 from twa_cli.core.evaluation import evaluate
 from twa_cli.errors import TwaError
@@ -70,7 +70,7 @@ def _score(path: Path, request: EvalRequest, device: str) -> EvalResult:
     ckpt = read_checkpoint(path, request.read)
     task = task_of(request.task, ckpt)
     net = task.build_model()
-    load_weights(net, load_tensors(ckpt), str(path))
+    load_weights(net, load_tensors(aligned([ckpt], net)[0]), str(path))
     net.to(device)
     if request.bn_update:
         recalibrate_bn(net, task, max_batches=request.bn_batches, device=device)

@@ -61,8 +61,8 @@ def orthogonalize(folder: str | Path, output: str | Path, request: Orthogonalize
     with placement_for("cpu") as placement:
         check_output(output, force, inputs=[folder])
         ckpts = pick(folder, request.selection, request.read)
-        layout = compatible(ckpts)
-        names = subspace_names(request.task, ckpts[0], layout.shapes)
+        compatible(ckpts)
+        names, ckpts = subspace_names(request.task, ckpts)
         if dry_run:
             return plan_orthogonalize(ckpts, dtype=request.dtype, trainable=names)
         basis = placement.orthogonalize(ckpts, names=names, tol=request.tol, dtype=request.dtype,

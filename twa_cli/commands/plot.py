@@ -35,7 +35,15 @@ from twa_cli.errors import TwaError
 from twa_cli.io.checkpoints import load_tensors, read_checkpoint, sources_of
 from twa_cli.io.outputs import check_not_an_input, check_output
 from twa_cli.io.readers import ReadOptions
-from twa_cli.io.runfiles import BASIS_FILE, COEFFICIENTS_FILE, METRICS_FILE, RESULT_FILE, read_json, read_jsonl
+from twa_cli.io.runfiles import (
+    BASIS_FILE,
+    COEFFICIENTS_FILE,
+    HF_RESULT_FILE,
+    METRICS_FILE,
+    RESULT_FILE,
+    read_json,
+    read_jsonl,
+)
 from twa_cli.tasks.resolve import Recorded, TaskRequest, resolve_task
 
 OFF_SPAN = 1e-2  # relative distance from the span above which the TWA point is called a projection
@@ -192,6 +200,13 @@ def _plans(inputs: Inputs, opts: PlotOptions, result: PlotResult,
 # ---------------------------------------------------------------------------------------------- reading
 
 
+def _result_file(folder: Path | None) -> Path | None:
+    """TWA's weights in a train-subspace folder (twa.safetensors, or model.safetensors for a Hugging Face model)."""
+    if folder is None:
+        return None
+    return next((folder / n for n in (RESULT_FILE, HF_RESULT_FILE) if (folder / n).exists()), None)
+
+
 def _source_paths(report: CoefficientReport) -> list[str]:
     return [s.path for s in report.sources]
 
@@ -216,7 +231,8 @@ def _find_basis(inputs: Inputs, coefficients: CoefficientReport | None, opts: Pl
 
 
 def _orthogonalized(ckpts: list[Any], opts: PlotOptions) -> Basis:
-    names = subspace_names(opts.task, ckpts[0], compatible(ckpts).shapes)
+    compatible(ckpts)
+    names, ckpts = subspace_names(opts.task, ckpts)
     return orthogonalize(ckpts, names=names, hashes=False)
 
 
@@ -265,8 +281,9 @@ def _draw_trajectory(basis: Basis, pca: Pca, origin: str, inputs: Inputs, opts: 
     import torch
 
     twa_point, label, note = None, "TWA", ""
-    if inputs.twa_dir is not None and (inputs.twa_dir / RESULT_FILE).exists():
-        coords, residual = coordinates_of(basis, load_tensors(inputs.twa_dir / RESULT_FILE))
+    result = _result_file(inputs.twa_dir)
+    if result is not None:
+        coords, residual = coordinates_of(basis, load_tensors(result))
         twa_point = pca.project(coords)
         in_plane = pca.plane_fraction(coords)
         label = f"TWA ({100 * in_plane:.0f}% of its distance from SWA lies in this plane)"

@@ -33,7 +33,7 @@ from twa_cli.core.training import (
 )
 from twa_cli.errors import Diverged, TwaError
 from twa_cli.io.checkpoints import load_tensors, make_metadata, read_checkpoint
-from twa_cli.io.runfiles import METRICS_FILE, checkpoint_name, write_metrics
+from twa_cli.io.runfiles import METRICS_FILE, STATE_FILE, checkpoint_name, write_metrics
 from twa_cli.io.safetensors import save_tensors
 from twa_cli.tasks.models import load_weights, trainable_names
 from twa_cli.tasks.resolve import TaskRequest, resolve_task
@@ -167,7 +167,7 @@ def _start_tensors(path: str) -> dict[str, torch.Tensor]:
 def _clear_previous_run(out: Path) -> None:
     """--force: remove what an earlier `sample` wrote here, and nothing else."""
     ours = [p for p in out.glob("*.safetensors")
-            if p.name == "train-state.safetensors" or read_checkpoint(p).meta.get("command") == "sample"]
+            if p.name == STATE_FILE or read_checkpoint(p).meta.get("command") == "sample"]
     for path in ours:  # decided for every file before removing any (a damaged one stops it first)
         path.unlink()
     (out / METRICS_FILE).unlink(missing_ok=True)

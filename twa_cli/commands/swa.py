@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from twa_cli.commands.common import compatible, knows_task, pick, recorded, resolve_device, task_of
+from twa_cli.commands.common import aligned, compatible, knows_task, pick, recorded, resolve_device, task_of
 from twa_cli.commands.estimates import Plan, plan_swa
 from twa_cli.core.averaging import mean_of
 from twa_cli.core.batchnorm import has_batchnorm, recalibrate_bn
@@ -19,7 +19,7 @@ from twa_cli.core.evaluation import evaluate
 from twa_cli.core.selection import Selection
 from twa_cli.core.soups import greedy_soup
 from twa_cli.errors import TwaError
-from twa_cli.io.checkpoints import Checkpoint, Source, make_metadata
+from twa_cli.io.checkpoints import Checkpoint, Source, check_compatible, make_metadata
 from twa_cli.io.readers import ReadOptions
 from twa_cli.io.writers import ResultTarget, write_result
 from twa_cli.tasks.base import Metrics, Task
@@ -89,6 +89,8 @@ def swa(folder: str | Path, output: str | Path, request: SwaRequest | None = Non
     net = None
     if task is not None:  # before the long pass over the files: a model that does not fit fails at once
         net = task.build_model()
+        ckpts = aligned(ckpts, net)
+        layout = check_compatible(ckpts)
         check_fits(net, layout.shapes, str(ckpts[0].path))
     has_data = task is not None and task.has_data
     if request.greedy and not has_data:

@@ -58,6 +58,7 @@ from twa_cli.io.readers import ReadOptions
 from twa_cli.io.runfiles import (
     BASIS_FILE,
     COEFFICIENTS_FILE,
+    HF_RESULT_FILE,
     LR_CHECK_FILE,
     METRICS_FILE,
     RESULT_FILE,
@@ -65,9 +66,9 @@ from twa_cli.io.runfiles import (
     write_metrics,
 )
 from twa_cli.io.safetensors import save_tensors
-from twa_cli.io.writers import write_json
+from twa_cli.io.writers import copy_model_files, write_json
 from twa_cli.tasks.base import Metrics, Task
-from twa_cli.tasks.models import check_fits
+from twa_cli.tasks.models import check_fits, saved_state
 from twa_cli.tasks.resolve import Recorded, TaskRequest, resolve_task
 from twa_cli.units import STORAGE_DTYPES, torch_dtype
 
@@ -213,7 +214,7 @@ def _inputs(src: Path, out: Path, cfg: SubspaceConfig, placement: Placement, res
         return _Inputs(basis, ckpts, task, False, identity, str(src))
     ckpts = pick(src, cfg.selection, cfg.read)
     task = task_of(cfg.task, ckpts[0])  # before orthogonalizing: "pass --model" comes first
-    names = subspace_names(cfg.task, ckpts[0], _shapes(ckpts[0]))
+    names, ckpts = subspace_names(cfg.task, ckpts)
     saved = out / BASIS_FILE
     if resume and saved.exists():
         basis = placement.load_basis(saved)
@@ -227,12 +228,6 @@ def _inputs(src: Path, out: Path, cfg: SubspaceConfig, placement: Placement, res
     identity = {"sources": [s.sha256 for s in basis.sources], "coords": _digest(basis.coords)}
     identity = placement.gather(identity)[0]  # rank 0 hashed the files
     return _Inputs(basis, ckpts, task, True, identity, f"the basis of {src}")
-
-
-def _shapes(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
-    from twa_cli.io.checkpoints import tensor_specs
-
-    return {k: shape for k, (shape, _) in tensor_specs(ckpt).items()}
 
 
 def _digest(tensor: torch.Tensor) -> str:
@@ -301,7 +296,9 @@ def _train(inputs: _Inputs, folder: RunFolder, cfg: SubspaceConfig, placement: P
     report = CoefficientReport(kind, basis.sources, basis.rank, alpha, groups, basis.dropped,
                                optimizer.offspan_scale if optimizer.offspan is not None else None)
     holdings = placement.holdings(basis)
-    result = out / RESULT_FILE
+    # A Hugging Face model is written as from_pretrained reads a folder: model.safetensors beside its config.
+    model_files = task.model_files()
+    result = out / (HF_RESULT_FILE if model_files is not None else RESULT_FILE)
     if placement.lead:
         write_json(out / COEFFICIENTS_FILE, report.to_json())
         meta = make_metadata(
@@ -309,9 +306,11 @@ def _train(inputs: _Inputs, folder: RunFolder, cfg: SubspaceConfig, placement: P
             command="train-subspace", sources=[s.to_dict() for s in basis.sources], coefficients=alpha,
             step=str(history[-1]["step"] if history else 0), epoch=str(cfg.epochs),
         )
-        state = model.state_dict()
+        state = saved_state(model)
         if cfg.dtype is not None:
             state = {k: v.to(torch_dtype(cfg.dtype)) if v.is_floating_point() else v for k, v in state.items()}
+        if model_files is not None:
+            copy_model_files(model_files, out)
         save_tensors(result, state, meta)
         folder.state.unlink(missing_ok=True)
     placement.barrier()  # no rank returns before the result is on disk
@@ -442,9 +441,8 @@ def _load_start(model: torch.nn.Module, basis: Basis, init_tensors: dict[str, to
 def _plan(src: Path, cfg: SubspaceConfig) -> Plan:
     if is_basis_file(src):
         return plan_train_subspace_basis(read_checkpoint(src), device=resolve_device(cfg.device))
-    ckpts = pick(src, cfg.selection, cfg.read)
-    return plan_train_subspace(ckpts, trainable=subspace_names(cfg.task, ckpts[0], _shapes(ckpts[0])),
-                               device=resolve_device(cfg.device), basis_given=False)
+    names, ckpts = subspace_names(cfg.task, pick(src, cfg.selection, cfg.read))
+    return plan_train_subspace(ckpts, trainable=names, device=resolve_device(cfg.device), basis_given=False)
 
 
 def coefficients_of(folder: Path) -> CoefficientReport:

@@ -505,6 +505,10 @@ def _pickle_metadata(loaded: Any, wrapper: str | None) -> dict[str, str]:
         meta["lightning_swa"] = "1"
     if isinstance(loaded.get("current_model_state"), Mapping):
         meta["averaged_beside"] = "current_model_state"
+    hparams = loaded.get("hyper_parameters")
+    if isinstance(hparams, Mapping):  # Lightning's: what the module was built with (plain values only)
+        plain = {str(k): v for k, v in hparams.items() if isinstance(v, (str, int, float, bool, type(None)))}
+        meta["hparams"] = json.dumps(plain, sort_keys=True)
     return meta
 
 

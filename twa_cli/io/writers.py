@@ -181,9 +181,29 @@ def model_files(source: Path) -> list[Path]:
 
 
 def copy_model_files(source: Path, folder: Path) -> list[Path]:
-    """Beside weights in Hugging Face's layout, the files that let `from_pretrained(folder)` load them."""
-    return [write_bytes(folder / src.name, src.read_bytes()) for src in model_files(source)
+    """Beside weights in Hugging Face's layout, the files that let `from_pretrained(folder)` load them, in
+    transformers 4.x and 5.x alike."""
+    return [write_bytes(folder / src.name, _portable(src)) for src in model_files(source)
             if not (folder / src.name).exists()]
+
+
+# transformers 5 names its tokenizer class `TokenizersBackend`, which 4.x does not know; both load the same
+# tokenizer.json as `PreTrainedTokenizerFast`.
+PORTABLE_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def _portable(src: Path) -> bytes:
+    data = src.read_bytes()
+    if src.name != "tokenizer_config.json":
+        return data
+    try:
+        config = json.loads(data)
+    except ValueError:
+        return data
+    if isinstance(config, dict) and config.get("tokenizer_class") in PORTABLE_TOKENIZER_CLASSES:
+        config["tokenizer_class"] = PORTABLE_TOKENIZER_CLASSES[config["tokenizer_class"]]
+        return json_text(config).encode()
+    return data
 
 
 def write_text(path: str | Path, text: str, *, exclusive: bool = False) -> Path:

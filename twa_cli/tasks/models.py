@@ -179,6 +179,30 @@ def _torchvision(name: str) -> Builder:
     return build
 
 
+def _timm(name: str) -> Builder:
+    """A timm model by its registry name, with random weights (`pretrained=False`: nothing is downloaded)."""
+
+    def build(num_classes: int = 1000, in_channels: int = 3, **kwargs: Any) -> nn.Module:
+        try:
+            import timm
+        except ImportError as exc:
+            raise TwaError(f"--model timm:{name} needs timm: pip install 'twa-cli[timm]'") from exc
+        if not timm.is_model(name):
+            raise TwaError(f"unknown timm model '{name}' (timm.list_models() names them)")
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+
+    return build
+
+
+def timm_classifier(name: str) -> str | None:
+    """The name of a timm model's classification layer (its `default_cfg['classifier']`), as the checkpoint
+    names its weight `<classifier>.weight`."""
+    import timm
+
+    model = timm.create_model(name, pretrained=False)
+    return getattr(model, "default_cfg", {}).get("classifier")
+
+
 def _mlp(num_classes: int = 10, in_channels: int = 1, image_size: int = 8, **kwargs: Any) -> nn.Module:
     return MLP(num_classes, in_features=in_channels * image_size * image_size, **kwargs)
 
@@ -203,7 +227,7 @@ MODELS: dict[str, Builder] = {
 
 
 def known_models() -> str:
-    return ", ".join(MODELS) + ", torchvision:<name>, package.module:callable"
+    return ", ".join(MODELS) + ", torchvision:<name>, timm:<name>, hf:AutoModelFor..., package.module:callable"
 
 
 def model_spec(name: str, num_classes: int, in_channels: int, image_size: int, **extra: Any) -> dict[str, Any]:
@@ -224,6 +248,9 @@ def build_model(spec: Mapping[str, Any], *, allow_code: bool = False) -> nn.Modu
     elif name.startswith("torchvision:"):
         kwargs.pop("image_size", None)
         builder = _torchvision(name.split(":", 1)[1])
+    elif name.startswith("timm:"):
+        kwargs.pop("image_size", None)
+        builder = _timm(name.split(":", 1)[1])
     elif is_code_name(name):
         if not allow_code:
             raise TwaError(f"the model '{name}' is Python code named by a file, not by you; pass --model {name} "
@@ -253,11 +280,32 @@ def trainable_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
+def tied_names(model: nn.Module) -> list[str]:
+    """State-dict names that are a second name of a tensor already named (tied weights, as GPT-2's lm_head and
+    its token embedding): files may leave them out, and loading the first name sets both."""
+    seen: dict[tuple[int, tuple[int, ...]], str] = {}
+    tied = []
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if tensor.numel() and key in seen:
+            tied.append(name)
+        else:
+            seen[key] = name
+    return tied
+
+
+def saved_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict to write: every tensor once (tied names left out, as Hugging Face writes its files)."""
+    tied = set(tied_names(model))
+    return {k: v for k, v in model.state_dict().items() if k not in tied}
+
+
 def check_fits(model: nn.Module, shapes: Mapping[str, Sequence[int]], source: str, *,
-               optional: Sequence[str] = ()) -> None:
+               optional: Sequence[str] | None = None) -> None:
     """The file's tensors are exactly the model's, shape for shape; else name the first mismatch. `optional`:
-    tensors the file may leave out (tied weights)."""
+    tensors the file may leave out (default: the model's tied names)."""
     own = model.state_dict()
+    optional = tied_names(model) if optional is None else optional
     for key, value in own.items():
         if key not in shapes:
             if key in optional:
@@ -273,8 +321,8 @@ def check_fits(model: nn.Module, shapes: Mapping[str, Sequence[int]], source: st
         raise TwaError(f"{source}: tensor '{extra[0]}' is not in the model; does --model fit the checkpoint?")
 
 
-def load_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str, *,
-                 optional: Sequence[str] = ()) -> None:
-    """Load a state_dict, naming the first mismatch when the checkpoint does not fit the architecture."""
-    check_fits(model, {k: tuple(v.shape) for k, v in tensors.items()}, source, optional=optional)
-    model.load_state_dict(dict(tensors), strict=not optional)
+def load_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load a state_dict, naming the first mismatch when the checkpoint does not fit the architecture (a tied
+    name the file leaves out is set through the name it is tied to)."""
+    check_fits(model, {k: tuple(v.shape) for k, v in tensors.items()}, source)
+    model.load_state_dict(dict(tensors), strict=False)

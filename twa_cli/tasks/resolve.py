@@ -5,12 +5,17 @@ The user's flags (or a Python caller's arguments) may name their own code (`--mo
 result read by `--config-from`) may only name registry entries: a callable found there is refused in one
 line naming the file and the flag that would run it, before anything is imported. A file never switches on a
 download either: that is the user's `--download` alone.
+
+Registries, looked up by name and never importing what a name says: the tool's own architectures and image
+sets, `torchvision:<name>`, `timm:<name>`, and the transformers class a Hugging Face checkpoint's `config.json`
+names (or `hf:AutoModelFor...`), built from that config.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from twa_cli.errors import TwaError
@@ -28,6 +33,12 @@ class TaskRequest:
     download: bool = False
     val_split: float = 0.0
     task: str | None = None
+    # Text data for Hugging Face models (twa_cli.tasks.text)
+    eval_data: str | None = None
+    text_column: str | None = None
+    label_column: str | None = None
+    block_size: int | None = None
+    tokenizer: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -35,44 +46,103 @@ class TaskRequest:
 
 @dataclass(frozen=True)
 class Recorded:
-    """What a file says about the task that made it (JSON from its metadata), and which file that is."""
+    """What a file says about the task that made it (JSON from its metadata), and which file that is.
+    `model_dir`: the folder with the Hugging Face `config.json` beside the checkpoint; `shapes`: its tensors'."""
 
     source: str
     arch: Any = None
     data: Any = None
     task: Any = None
+    hf: Any = None
+    timm_arch: str | None = None
+    hparams: Any = None
+    model_dir: str | None = None
+    shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     @staticmethod
-    def of(source: Any, meta_json: Mapping[str, Any]) -> Recorded:
-        return Recorded(str(source), meta_json.get("arch"), meta_json.get("data"), meta_json.get("task"))
+    def of(source: Any, meta_json: Mapping[str, Any], **extra: Any) -> Recorded:
+        keys = ("arch", "data", "task", "hf", "timm_arch", "hparams")
+        return Recorded(str(source), **{k: meta_json.get(k) for k in keys}, **extra)
 
 
 NOTHING = Recorded("")
 
 
-def _name(spec: Any, field: str, source: str) -> str | None:
+def _name(spec: Any, field_name: str, source: str) -> str | None:
     if spec is None:
         return None
     if not (isinstance(spec, Mapping) and isinstance(spec.get("name"), str)):
-        raise TwaError(f"{source}: metadata field '{field}' is not a description with a name")
+        raise TwaError(f"{source}: metadata field '{field_name}' is not a description with a name")
     return spec["name"]
 
 
-def _refuse_code(name: str | None, field: str, flag: str, source: str) -> None:
+def _refuse_code(name: str | None, what: str, flag: str, source: str) -> None:
     if name is not None and is_code_name(name):
-        raise TwaError(f"{source}: its metadata names the {field} '{name}', Python code; the tool runs code only "
+        raise TwaError(f"{source}: its metadata names the {what} '{name}', Python code; the tool runs code only "
                        f"when you name it: repeat it as {flag} {name} if you trust it")
 
 
 def resolve_task(request: TaskRequest, recorded: Recorded = NOTHING, *, need_data: bool = True) -> Task:
-    """The task of a command: the user's `--task`, else a classifier of the model and data the flags name,
-    each falling back to what the file records."""
+    """The task of a command: the user's `--task`, else the model the flags or the files name, on the data the
+    flags or the files name."""
     if request.task is not None:
         return user_task(request.task)
-    task_name = _name(recorded.task, "task", recorded.source)
-    if task_name is not None and request.model is None:
-        _refuse_code(task_name, "task", "--task", recorded.source)
+    if request.model is None:
+        _refuse_code(_name(recorded.task, "task", recorded.source), "task", "--task", recorded.source)
+    model = request.model
+    if model is not None and (model.startswith("hf:") or _config_folder(model) is not None):
+        return _hf(request, recorded, model)
+    if model is not None and is_code_name(model):
+        from twa_cli.tasks.lightning import LightningTask, is_lightning_module
+
+        if is_lightning_module(import_callable(model, "--model")):
+            hparams = recorded.hparams if isinstance(recorded.hparams, Mapping) else {}
+            return LightningTask(model, hparams, request.data, request.data_dir)
+    if model is None:
+        if recorded.hf is not None or (recorded.arch is None and recorded.model_dir is not None):
+            return _hf(request, recorded, None)
+        if recorded.arch is None and recorded.timm_arch is not None:
+            return classification_task(_with_model(request, f"timm:{recorded.timm_arch}"), recorded,
+                                       need_data=need_data)
     return classification_task(request, recorded, need_data=need_data)
+
+
+def _with_model(request: TaskRequest, model: str) -> TaskRequest:
+    return TaskRequest(**{**request.to_dict(), "model": model})
+
+
+def _config_folder(value: str) -> Path | None:
+    path = Path(value.removeprefix("hf:"))
+    return path if (path / "config.json").is_file() else None
+
+
+def _hf(request: TaskRequest, recorded: Recorded, model: str | None) -> Task:
+    from twa_cli.tasks.hf import hf_task
+    from twa_cli.tasks.text import text_spec
+
+    auto_class, folder = None, None
+    if model is not None:
+        folder = _config_folder(model)
+        if folder is None:
+            auto_class = model.removeprefix("hf:")
+    if folder is None and isinstance(recorded.hf, Mapping) and isinstance(recorded.hf.get("dir"), str):
+        folder = Path(recorded.hf["dir"])
+        auto_class = auto_class or recorded.hf.get("auto_class")
+    if folder is None and recorded.model_dir is not None:
+        folder = Path(recorded.model_dir)
+    if folder is None or not (folder / "config.json").is_file():
+        where = f"{recorded.source}: " if recorded.source else ""
+        raise TwaError(f"{where}no config.json beside the checkpoints to build the model from; pass --model with a "
+                       "folder holding one")
+    if request.data is not None:
+        data: Mapping[str, Any] | None = text_spec(
+            request.data, request.eval_data, text_column=request.text_column, label_column=request.label_column,
+            block_size=request.block_size, tokenizer=request.tokenizer, val_split=request.val_split)
+    elif isinstance(recorded.data, Mapping) and recorded.data.get("kind") == "text":
+        data = dict(recorded.data)
+    else:
+        data = None
+    return hf_task(folder, auto_class, data)
 
 
 def user_task(name: str) -> Task:
@@ -87,7 +157,7 @@ def user_task(name: str) -> Task:
 
 
 def data_request(request: TaskRequest, recorded: Recorded) -> tuple[dict[str, Any] | None, bool]:
-    """(data spec, named by the user)."""
+    """(image data spec, named by the user)."""
     from twa_cli.tasks.images import data_spec
 
     if request.data is not None:
@@ -109,11 +179,14 @@ def classification_task(request: TaskRequest, recorded: Recorded, *, need_data: 
 
     data, user_data = data_request(request, recorded)
     if request.model is not None:
-        if data is None:
+        if request.model.startswith("timm:") and recorded.shapes:
+            arch = _timm_sized(request.model, recorded, data, user_data)
+        elif data is None:
             raise TwaError(f"--model {request.model} needs --data as well, to know the number of classes and "
                            "input channels")
-        arch = ClassificationTask.sized(request.model, data, user_data=user_data)
-        return ClassificationTask(arch, data, user_model=True, user_data=user_data, download=request.download)
+        else:
+            arch = ClassificationTask.sized(request.model, data, user_data=user_data)
+        return ClassificationTask(arch, data or {}, user_model=True, user_data=user_data, download=request.download)
     name = _name(recorded.arch, "arch", recorded.source)
     if name is None:
         where = f"{recorded.source}: " if recorded.source else ""
@@ -123,3 +196,20 @@ def classification_task(request: TaskRequest, recorded: Recorded, *, need_data: 
         raise TwaError(f"{recorded.source}: the checkpoints name no data set; pass --data")
     return ClassificationTask(dict(recorded.arch), data or {}, user_model=False, user_data=user_data,
                               download=request.download)
+
+
+def _timm_sized(model: str, recorded: Recorded, data: dict[str, Any] | None, user_data: bool) -> dict[str, Any]:
+    """A timm model with the checkpoint's number of classes (its classifier's rows) and the data's channels."""
+    from twa_cli.tasks.images import data_shape
+    from twa_cli.tasks.models import timm_classifier
+
+    head = timm_classifier(model.removeprefix("timm:"))
+    weight = recorded.shapes.get(f"{head}.weight") if head else None
+    channels, size = (data_shape(data, allow_code=user_data)[1:] if data else (3, 224))
+    if weight is None:
+        if data is None:
+            raise TwaError(f"--model {model}: cannot tell its number of classes from the checkpoint; pass --data")
+        classes = data_shape(data, allow_code=user_data)[0]
+    else:
+        classes = int(weight[0])
+    return {"name": model, "kwargs": {"num_classes": classes, "in_channels": channels, "image_size": size}}

@@ -1,0 +1,216 @@
+"""Text data from local files, for the models of a Hugging Face checkpoint: nothing is downloaded.
+
+Rows come from a TSV, CSV or JSON Lines file, a plain text file, or a `datasets` dataset saved with
+`save_to_disk` (a DatasetDict's `train` and `test`/`validation` splits). They are tokenized with the tokenizer
+saved in the checkpoint folder (or `--tokenizer DIR`), as
+
+- text classification: one example per row, `input_ids` (truncated to the model's length) and its label;
+  padded per batch by `DataCollatorWithPadding`;
+- causal language modelling: the text of every row (or the whole file) tokenized, joined with the end-of-text
+  token, and cut into blocks of `block_size` tokens, each its own labels (the model shifts them).
+
+A data spec is JSON (recorded in what the tool writes): `{"kind": "text", "train": path, "eval": path,
+"text_column", "label_column", "block_size", "tokenizer", "val_split"}`. Paths are read, never created.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from twa_cli.errors import TwaError
+from twa_cli.units import first_line
+
+TABLE_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json")
+TEXT_SUFFIXES = (".txt",)
+EVAL_SPLITS = ("test", "validation", "valid", "dev", "eval")
+# The fixed split of a training file into train and held-out rows when no held-out file is given.
+VAL_SPLIT_SEED = 12345
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    try:
+        if path.name.endswith(".gz"):
+            return io.TextIOWrapper(gzip.open(path), encoding="utf-8")
+        return open(path, encoding="utf-8")
+    except OSError as exc:
+        raise TwaError(f"{path}: cannot read ({exc.strerror})") from exc
+
+
+def _suffix(path: Path) -> str:
+    return path.suffixes[-2] if path.name.endswith(".gz") and len(path.suffixes) > 1 else path.suffix
+
+
+def read_rows(path: Path) -> list[dict[str, Any]] | str:
+    """The rows of a table file (dicts), or the whole text of a plain text file (str)."""
+    path = Path(path)
+    if not path.exists():
+        raise TwaError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return _saved_dataset(path, "train")
+    suffix = _suffix(path).lower()
+    try:
+        with _open_text(path) as fh:
+            if suffix in TEXT_SUFFIXES:
+                return fh.read()
+            if suffix in (".jsonl", ".json"):
+                rows = [json.loads(line) for line in fh if line.strip()]
+            elif suffix in (".tsv", ".csv"):
+                rows = list(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",", quoting=csv.QUOTE_NONE
+                                           if suffix == ".tsv" else csv.QUOTE_MINIMAL))
+            else:
+                raise TwaError(f"{path}: a text data file is .tsv, .csv, .jsonl or .txt (optionally .gz), or a "
+                               "folder saved by datasets' save_to_disk")
+    except (UnicodeDecodeError, json.JSONDecodeError, csv.Error, EOFError, OSError) as exc:
+        raise TwaError(f"{path}: not readable as {suffix[1:]} text ({first_line(exc)})") from exc
+    if not rows:
+        raise TwaError(f"{path}: holds no rows")
+    if not all(isinstance(r, dict) for r in rows):
+        raise TwaError(f"{path}: each line must be a JSON object with the text (and label) columns")
+    return rows
+
+
+def _saved_dataset(folder: Path, split: str) -> list[dict[str, Any]]:
+    """A split of a dataset saved with `datasets`' save_to_disk."""
+    try:
+        from datasets import Dataset as HFDataset
+        from datasets import DatasetDict, load_from_disk
+    except ImportError as exc:
+        raise TwaError(f"{folder}: reading a saved dataset needs the datasets package: pip install datasets") from exc
+    try:
+        loaded = load_from_disk(str(folder))
+    except Exception as exc:  # datasets raises FileNotFoundError, ValueError ... for a folder it cannot read
+        raise TwaError(f"{folder}: not a dataset saved with save_to_disk ({first_line(exc)})") from exc
+    if isinstance(loaded, DatasetDict):
+        names = [split] if split == "train" else [s for s in EVAL_SPLITS if s in loaded]
+        if not names or names[0] not in loaded:
+            return []
+        loaded = loaded[names[0]]
+    elif split != "train":
+        return []
+    assert isinstance(loaded, HFDataset)
+    return [dict(row) for row in loaded]
+
+
+def eval_rows(spec: dict[str, Any]) -> list[dict[str, Any]] | str | None:
+    """The held-out rows: the eval file, a saved DatasetDict's test split, or None."""
+    if spec.get("eval"):
+        return read_rows(Path(spec["eval"]))
+    train = Path(spec["train"])
+    if train.is_dir():
+        return _saved_dataset(train, "test") or None
+    return None
+
+
+def column(rows: Sequence[dict[str, Any]], name: str, other: str | None, where: str, flag: str) -> str:
+    """The column `name` of the rows, else, when the rows have exactly one column besides `other`, that one (SST-2
+    names its text column `sentence` in one file and `content` in the others)."""
+    keys = list(rows[0])
+    if name in keys:
+        return name
+    rest = [k for k in keys if k != other]
+    if len(rest) == 1 and other is not None:
+        return rest[0]
+    raise TwaError(f"{where}: has no column '{name}' (it has {', '.join(map(str, keys))}); name it with {flag}")
+
+
+@dataclass
+class Examples(Dataset):
+    """Tokenized examples (dicts of lists or tensors), collated per batch by the task."""
+
+    rows: list[dict[str, Any]]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.rows[i]
+
+
+def classification_examples(rows: list[dict[str, Any]], tokenizer: Any, spec: dict[str, Any], label_ids: dict[str, int],
+                            max_length: int, where: str) -> Examples:
+    text = column(rows, spec.get("text_column") or "text", spec.get("label_column") or "label", where,
+                  "--text-column")
+    label = spec.get("label_column") or "label"
+    if label not in rows[0]:
+        raise TwaError(f"{where}: has no column '{label}' (it has {', '.join(map(str, rows[0]))}); name it with "
+                       "--label-column")
+    encoded = tokenizer([str(r[text]) for r in rows], truncation=True, max_length=max_length)
+    labels = [_label(r[label], label_ids, where) for r in rows]
+    keys = [k for k in encoded if k in ("input_ids", "attention_mask", "token_type_ids")]
+    return Examples([{**{k: encoded[k][i] for k in keys}, "labels": labels[i]} for i in range(len(rows))])
+
+
+def _label(value: Any, label_ids: dict[str, int], where: str) -> int:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int) and value in label_ids.values():
+        return value
+    text = str(value).strip()
+    if text in label_ids:
+        return label_ids[text]
+    if text.lstrip("-").isdigit() and int(text) in label_ids.values():
+        return int(text)
+    raise TwaError(f"{where}: label {value!r} is not one of the model's labels ({', '.join(label_ids)})")
+
+
+def lm_blocks(source: list[dict[str, Any]] | str, tokenizer: Any, spec: dict[str, Any], block_size: int,
+              where: str) -> Examples:
+    """Blocks of `block_size` tokens of the whole text (rows joined by the end-of-text token)."""
+    if isinstance(source, str):
+        texts = [source]
+    else:
+        name = column(source, spec.get("text_column") or "text", None, where, "--text-column")
+        texts = [str(r[name]) for r in source]
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text, verbose=False)["input_ids"]
+        if eos is not None and len(texts) > 1:
+            ids.append(eos)
+    count = len(ids) // block_size
+    if count == 0:
+        raise TwaError(f"{where}: {len(ids)} tokens make no block of --block-size {block_size}")
+    blocks = torch.tensor(ids[: count * block_size], dtype=torch.long).view(count, block_size)
+    return Examples([{"input_ids": b} for b in blocks])
+
+
+def carve(examples: Examples, fraction: float) -> tuple[Examples, Examples]:
+    """(train, held out): a fixed fraction of the examples, the same in every command."""
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(VAL_SPLIT_SEED)).tolist()
+    held = max(1, round(fraction * len(examples)))
+    keep, out = sorted(order[held:]), sorted(order[:held])
+    return Examples([examples.rows[i] for i in keep]), Examples([examples.rows[i] for i in out])
+
+
+def text_spec(train: str | Path, eval_path: str | Path | None = None, *, text_column: str | None = None,
+              label_column: str | None = None, block_size: int | None = None, tokenizer: str | Path | None = None,
+              val_split: float = 0.0) -> dict[str, Any]:
+    """The JSON description of text data (absolute paths, so it reads the same from any folder)."""
+    spec: dict[str, Any] = {"kind": "text", "train": str(Path(train).resolve())}
+    if eval_path is not None:
+        spec["eval"] = str(Path(eval_path).resolve())
+    for key, value in (("text_column", text_column), ("label_column", label_column), ("block_size", block_size)):
+        if value is not None:
+            spec[key] = value
+    if tokenizer is not None:
+        spec["tokenizer"] = str(Path(tokenizer).resolve())
+    if val_split:
+        spec["val_split"] = val_split
+    return spec
+
+
+def is_text_data(name: str) -> bool:
+    """Whether `--data` names local text (a file or a folder) rather than a registry image set."""
+    path = Path(name)
+    suffix = _suffix(path).lower()
+    return path.exists() and (path.is_dir() or suffix in TABLE_SUFFIXES + TEXT_SUFFIXES)
