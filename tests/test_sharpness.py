@@ -65,3 +65,61 @@ def test_train_subspace_trains_at_the_checked_lr_and_says_so(mlp_run, tmp_path, 
     assert saved["requested"] == 50.0 and saved["used"] < 50.0
     assert result.history[0]["lr"] <= saved["used"]  # the loop ran at the lowered lr
     assert "too large for this span" in caplog.text
+
+
+class _OnceDifferentiableReLU(torch.autograd.Function):
+    """A ReLU whose backward cannot itself be differentiated, as fused attention kernels' cannot: asked for a
+    graph of its backward (a double backward), it raises as they do."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            raise RuntimeError("derivative for fused_relu_backward is not implemented")
+        (x,) = ctx.saved_tensors
+        return grad * (x > 0)
+
+
+class _FusedMLP(torch.nn.Module):
+    def __init__(self, reference: torch.nn.Module):
+        super().__init__()
+        self.net = reference.net
+
+    def forward(self, x):
+        x = self.net[0](x)
+        x = self.net[1](x)
+        return self.net[3](_OnceDifferentiableReLU.apply(x))
+
+
+def _check_setup(seed: int = 0):
+    torch.manual_seed(seed)
+    task = ClassificationTask(MLP, data_spec("digits"))
+    model = task.build_model()
+    names = [n for n, _ in model.named_parameters()]
+    dim = sum(p.numel() for p in model.parameters())
+    basis = torch.linalg.qr(torch.randn(dim, 5))[0].t().contiguous()
+    flat = FlatParameters(model, names)
+    w0 = flat.params.detach().clone()
+    coords = basis @ w0
+    optimizer = SubspaceSGD(flat, basis, coords, lr=0.1, offspan=w0 - basis.t() @ coords)
+    sample = [next(batches(task, task.dataset("train", augment=True), 128))]
+    return task, model, optimizer, sample
+
+
+def test_without_a_second_derivative_the_check_uses_finite_differences_and_agrees():
+    from twa_cli.core.sharpness import FINITE_DIFFERENCES
+
+    task, model, optimizer, sample = _check_setup()
+    exact, method = subspace_sharpness(model, task, optimizer, sample, iters=30)
+    assert method == DOUBLE_BACKWARD
+    fused = _FusedMLP(model)
+    estimate, method = subspace_sharpness(fused, task, optimizer, sample, iters=30)
+    assert method == FINITE_DIFFERENCES  # the double backward raised; the check fell back and says so
+    assert abs(estimate - exact) < 1e-2 * abs(exact)
+    before = [p.detach().clone() for p in model.parameters()]
+    subspace_sharpness(fused, task, optimizer, sample, iters=2, method=FINITE_DIFFERENCES)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # weights restored

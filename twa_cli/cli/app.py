@@ -618,6 +618,8 @@ def inspect_(
                    e.dtype, human_bytes(e.file_bytes), "yes" if e.selected else ""]
             rows.append(row + ([f"{e.metric:.6g}" if e.metric is not None else None] if report.metric else []))
         out.table(f"{ckpts}", columns, rows)
+        if report.architecture:
+            out.info(f"architecture: {report.architecture}" + (f", data: {report.data}" if report.data else ""))
         out.info(f"{len(report.selected)} of {len(report.entries)} selected; "
                  + ("compatible (same tensor names and shapes)" if report.compatible
                     else f"NOT compatible: {report.problem}"))

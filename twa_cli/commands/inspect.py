@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 from twa_cli.core.selection import Selection, metric_direction, metric_value, select_indices
 from twa_cli.errors import TwaError
 from twa_cli.io import readers
-from twa_cli.io.checkpoints import Checkpoint, check_compatible, list_folder
+from twa_cli.io.checkpoints import Checkpoint, check_compatible, scan_folder
 from twa_cli.io.readers import ReadOptions
 from twa_cli.units import dtype_name
 
@@ -59,11 +60,12 @@ class Inspection:
 def inspect(path: str | Path, selection: Selection = Selection(), read: ReadOptions = ReadOptions()) -> Inspection:
     """Describe every checkpoint at `path`, mark the ones the selection picks, and check they share tensor names
     and shapes."""
-    ckpts = list_folder(path, read)
+    listing = scan_folder(path, read)
+    ckpts = listing.checkpoints
     chosen = set(select_indices(ckpts, selection))
     metric = metric_direction(selection.by)[0] if selection.by else None
     entries = [_entry(i, c, i in chosen, metric) for i, c in enumerate(ckpts)]
-    compatible, problem, notes = True, None, []
+    compatible, problem, notes = True, None, listing.notes()
     try:
         layout = check_compatible([ckpts[i] for i in sorted(chosen)])
         if layout.mixed:
@@ -72,13 +74,31 @@ def inspect(path: str | Path, selection: Selection = Selection(), read: ReadOpti
                          "more tensors differ); an average is written in the widest unless --dtype says otherwise")
     except TwaError as exc:
         compatible, problem = False, str(exc)
-    arch, data = ckpts[0].arch, ckpts[0].data
-    if arch is None:
+    architecture = _architecture(ckpts[0])
+    data = ckpts[0].data
+    if architecture is None:
         notes.append("no architecture recorded: `twa swa` averages every floating tensor (BatchNorm statistics "
                      "averaged, not recomputed); pass --model (and --data) to recompute them or to train")
-    return Inspection(str(path), entries, selection.describe(), compatible, problem,
-                      arch.get("name") if isinstance(arch, dict) else None,
+    return Inspection(str(path), entries, selection.describe(), compatible, problem, architecture,
                       data.get("name") if isinstance(data, dict) else None, metric, notes)
+
+
+def _architecture(ckpt: Checkpoint) -> str | None:
+    """The architecture the checkpoint says it is: in the tool's metadata, its Hugging Face config.json (read as
+    JSON, without transformers) or timm's `arch`."""
+    arch = ckpt.arch
+    if isinstance(arch, dict) and isinstance(arch.get("name"), str):
+        return arch["name"]
+    for folder in (ckpt.path, ckpt.path.parent):
+        config = folder / "config.json"
+        if config.is_file():
+            try:
+                names = json.loads(config.read_text()).get("architectures") or []
+            except (OSError, ValueError, AttributeError):
+                names = []
+            if names and isinstance(names[0], str):
+                return f"hf:{names[0]}"
+    return f"timm:{ckpt.meta['timm_arch']}" if "timm_arch" in ckpt.meta else None
 
 
 def _entry(index: int, ckpt: Checkpoint, selected: bool, metric: str | None) -> Entry:

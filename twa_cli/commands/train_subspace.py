@@ -58,15 +58,13 @@ from twa_cli.io.readers import ReadOptions
 from twa_cli.io.runfiles import (
     BASIS_FILE,
     COEFFICIENTS_FILE,
-    HF_RESULT_FILE,
     LR_CHECK_FILE,
     METRICS_FILE,
-    RESULT_FILE,
     read_json,
     write_metrics,
 )
 from twa_cli.io.safetensors import save_tensors
-from twa_cli.io.writers import copy_model_files, write_json
+from twa_cli.io.writers import write_json
 from twa_cli.tasks.base import Metrics, Task
 from twa_cli.tasks.models import check_fits, saved_state
 from twa_cli.tasks.resolve import Recorded, TaskRequest, resolve_task
@@ -296,9 +294,9 @@ def _train(inputs: _Inputs, folder: RunFolder, cfg: SubspaceConfig, placement: P
     report = CoefficientReport(kind, basis.sources, basis.rank, alpha, groups, basis.dropped,
                                optimizer.offspan_scale if optimizer.offspan is not None else None)
     holdings = placement.holdings(basis)
-    # A Hugging Face model is written as from_pretrained reads a folder: model.safetensors beside its config.
-    model_files = task.model_files()
-    result = out / (HF_RESULT_FILE if model_files is not None else RESULT_FILE)
+    # Written as the model's own tool reads it too: a Hugging Face model as model.safetensors beside its config,
+    # a LightningModule also as a .ckpt.
+    result = out / task.result_name
     if placement.lead:
         write_json(out / COEFFICIENTS_FILE, report.to_json())
         meta = make_metadata(
@@ -309,8 +307,7 @@ def _train(inputs: _Inputs, folder: RunFolder, cfg: SubspaceConfig, placement: P
         state = saved_state(model)
         if cfg.dtype is not None:
             state = {k: v.to(torch_dtype(cfg.dtype)) if v.is_floating_point() else v for k, v in state.items()}
-        if model_files is not None:
-            copy_model_files(model_files, out)
+        task.export(state, out)
         save_tensors(result, state, meta)
         folder.state.unlink(missing_ok=True)
     placement.barrier()  # no rank returns before the result is on disk

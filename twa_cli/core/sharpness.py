@@ -31,6 +31,8 @@ from twa_cli.tasks.base import Batch, Task, move
 MARGIN = 0.5
 DOUBLE_BACKWARD = "double backward"
 FINITE_DIFFERENCES = "finite differences"
+# The weight-space step of a finite-difference product (see _finite_difference).
+FD_STEP = 1e-4
 # Each gradient of the check sees the same random state (dropout masks), so differences are of weights only.
 CHECK_SEED = 0
 
@@ -128,9 +130,10 @@ def _gradient_at(model: nn.Module, task: Task, optimizer: SubspaceSGD, sample: S
 
 def _finite_difference(model: nn.Module, task: Task, optimizer: SubspaceSGD, sample: Sequence[tuple[Batch, float]],
                        v: torch.Tensor, start: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """(g(a + eps v) - g(a - eps v)) / (2 eps) in coordinates: first derivatives only. eps is a fixed fraction
-    of the start's size, small for the curvature to change little, large for fp32 gradients to resolve it."""
-    eps = 1e-3 * max(float(start.norm()), 1.0)
+    """(g(a + eps v) - g(a - eps v)) / (2 eps) in coordinates: first derivatives only. The step moves the weights
+    by FD_STEP in norm (the basis is orthonormal): small enough that few ReLUs switch (a piecewise-linear network's
+    gradient jumps where they do), large enough for fp32 gradients to resolve the difference."""
+    eps = FD_STEP
     plus = _gradient_at(model, task, optimizer, sample, start + eps * v, device)
     minus = _gradient_at(model, task, optimizer, sample, start - eps * v, device)
     return (plus - minus) / (2 * eps)

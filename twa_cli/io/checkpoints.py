@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -23,6 +25,8 @@ from twa_cli.errors import TwaError
 from twa_cli.io import readers
 from twa_cli.io.readers import ReadOptions
 from twa_cli.units import dtype_name
+
+log = logging.getLogger("twa")
 
 TWA_TAG = "twa/1"
 # Kinds of file the tool writes; only the first three are checkpoints a folder listing returns.
@@ -199,28 +203,137 @@ def _natural_key(name: str) -> list[Any]:
     return [int(tok) if tok.isdigit() else tok for tok in re.split(r"(\d+)", name)]
 
 
+@dataclass
+class Listing:
+    """A folder's checkpoints, and what was not counted as one: aliases folded into the checkpoint they copy
+    (alias, kept, why), and models that are themselves averages, left out (path, why)."""
+
+    checkpoints: list[Checkpoint]
+    folded: list[tuple[Path, Path, str]] = field(default_factory=list)
+    left_out: list[tuple[Path, str]] = field(default_factory=list)
+
+    def notes(self) -> list[str]:
+        return ([f"{alias.name}: the same checkpoint as {kept.name} ({why}); counted once" for alias, kept, why in
+                 self.folded]
+                + [f"{path.name}: left out, it is itself an average ({why})" for path, why in self.left_out])
+
+
+# Names under which training tools save a second copy of a checkpoint (timm, fairseq, Lightning).
+ALIAS = re.compile(r"^(last|best|model_best|checkpoint_best|checkpoint_last|checkpoint\.best_.*)(-v\d+)?"
+                   r"\.(ckpt|pth\.tar|pt|pth|bin|safetensors)$")
+
+
 def list_folder(folder: str | Path, options: ReadOptions = ReadOptions()) -> list[Checkpoint]:
-    """The checkpoints in a folder, in training order (by step, else natural filename order).
+    """The checkpoints in a folder, in training order (by step, else natural filename order); what was folded
+    or left out is logged (`scan_folder` says it in full)."""
+    listing = scan_folder(folder, options)
+    for alias, kept, why in listing.folded:
+        log.info("%s: the same checkpoint as %s (%s); counted once", alias.name, kept.name, why)
+    for path, why in listing.left_out:
+        log.warning("%s: left out, it is itself an average (%s)", path.name, why)
+    if any("averaged_beside" in c.meta for c in listing.checkpoints) and not options.ema:
+        log.info("reading the raw weights of the run (`current_model_state`) where Lightning's WeightAveraging "
+                 "also saved its average; --ema reads the averages")
+    return listing.checkpoints
+
+
+def scan_folder(folder: str | Path, options: ReadOptions = ReadOptions()) -> Listing:
+    """The checkpoints in a folder, in training order.
 
     A folder holds weight files of any format the readers know, or Hugging Face `checkpoint-*` subfolders
     (then the final model saved beside them, a copy of one of them, is left out); a single file, shard
-    index or Hugging Face model folder is a list of one."""
+    index or Hugging Face model folder is a list of one. A file that is the same checkpoint as another (a hard
+    link, or the same tensors: timm's last and model_best, Lightning's last.ckpt, fairseq's checkpoint_last)
+    counts once; a model that is itself an average (an output of this tool, Lightning's SWA model, a
+    torch AveragedModel) is left out."""
     folder = Path(folder)
     if not folder.exists():
         raise TwaError(f"{folder}: no such file or folder")
     if folder.is_file():
-        return [read_checkpoint(folder, options)]
+        return Listing([read_checkpoint(folder, options)])
     paths = readers.checkpoint_paths(folder)
     if any(p.is_dir() for p in paths) and paths != [folder]:
         paths = [p for p in paths if p.is_dir() or not _is_hf_final_model(p)]
-    paths.sort(key=lambda p: _natural_key(p.name))
+    paths.sort(key=lambda p: (bool(ALIAS.match(p.name)), _natural_key(p.name)))  # originals before aliases
     ckpts = [c for c in (read_checkpoint(p, options) for p in paths) if c.kind not in OTHER_KINDS]
-    if not ckpts:
+    listing = Listing([])
+    if paths != [folder]:
+        for ckpt in ckpts:
+            why = _an_average(ckpt)
+            if why is None:
+                listing.checkpoints.append(ckpt)
+            else:
+                listing.left_out.append((ckpt.path, why))
+        listing.folded = _fold_copies(listing.checkpoints)
+        folded = {alias for alias, _, _ in listing.folded}
+        listing.checkpoints = [c for c in listing.checkpoints if c.path not in folded]
+    else:
+        listing.checkpoints = ckpts
+    if not listing.checkpoints:
+        if listing.left_out:
+            raise TwaError(f"{folder}: holds only averages ({listing.left_out[0][0].name}: {listing.left_out[0][1]}); "
+                           "pass the file itself to use it")
         raise TwaError(f"{folder}: no .safetensors checkpoints in this folder (nor .pt, .pth, .bin, .ckpt, .pth.tar "
                        f"files or Hugging Face checkpoint-* folders)")
-    if all(c.step is not None for c in ckpts):
-        ckpts.sort(key=lambda c: c.step)  # stable: equal steps keep filename order
-    return ckpts
+    if all(c.step is not None for c in listing.checkpoints):
+        listing.checkpoints.sort(key=lambda c: c.step)  # stable: equal steps keep filename order
+    else:
+        listing.checkpoints.sort(key=lambda c: _natural_key(c.path.name))
+    return listing
+
+
+def _an_average(ckpt: Checkpoint) -> str | None:
+    if ckpt.kind in ("average", "twa"):
+        return f"written by `twa {ckpt.meta.get('command', ckpt.kind)}`"
+    return ckpt.meta.get("averaged")
+
+
+def _fold_copies(ckpts: list[Checkpoint]) -> list[tuple[Path, Path, str]]:
+    """(alias, kept, why) for every checkpoint that is the same as an earlier one: the same file, else the same
+    tensors (compared by a hash of the small tensors first, then of all of them)."""
+    folded: list[tuple[Path, Path, str]] = []
+    by_file: dict[tuple[int, int], Checkpoint] = {}
+    rest = []
+    for ckpt in ckpts:
+        stat = readers.checkpoint_files(ckpt.path)[-1].stat()
+        key = (stat.st_dev, stat.st_ino)
+        if key in by_file:
+            folded.append((ckpt.path, by_file[key].path, "a hard link to the same file"))
+        else:
+            by_file[key] = ckpt
+            rest.append(ckpt)
+    groups: dict[Any, list[Checkpoint]] = {}
+    for ckpt in rest:
+        specs = tensor_specs(ckpt)
+        groups.setdefault(tuple(sorted((k, s, str(d)) for k, (s, d) in specs.items())), []).append(ckpt)
+    for group in (g for g in groups.values() if len(g) > 1):
+        seen: dict[str, Checkpoint] = {}
+        for ckpt in group:
+            quick = _tensor_hash(ckpt, small_only=True)
+            twin = seen.get(quick)
+            if twin is not None and _tensor_hash(twin, small_only=False) == _tensor_hash(ckpt, small_only=False):
+                folded.append((ckpt.path, twin.path, "identical tensors"))
+            else:
+                seen.setdefault(quick, ckpt)
+    return folded
+
+
+SMALL_TENSOR = 1 << 16
+
+
+def _tensor_hash(ckpt: Checkpoint, small_only: bool) -> str:
+    """A hash of a checkpoint's tensors (names and bytes): of the small ones (biases, norms: a cheap first test
+    that two checkpoints may be equal), or of all."""
+    digest = hashlib.sha256()
+    with open_tensors(ckpt) as handle:
+        keys = sorted(handle.keys())
+        if small_only:
+            keys = [k for k in keys if math.prod(handle.shape(k)) <= SMALL_TENSOR] or keys[:1]
+        for key in keys:
+            tensor = handle.get(key).contiguous()
+            digest.update(key.encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def _is_hf_final_model(path: Path) -> bool:

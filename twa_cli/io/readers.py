@@ -177,6 +177,9 @@ class PickleReader(Reader):
         names = _strip_map(list(state), options.strip_prefix, auto=True, where=path)
         self._tensors = {new: state[old] for new, old in names.items()}
         self._meta = _pickle_metadata(loaded, self.wrapper)
+        averaged = _averaged_by(loaded, state)
+        if averaged is not None:
+            self._meta["averaged"] = averaged
 
     def keys(self) -> list[str]:
         return list(self._tensors)
@@ -510,6 +513,27 @@ def _pickle_metadata(loaded: Any, wrapper: str | None) -> dict[str, str]:
         plain = {str(k): v for k, v in hparams.items() if isinstance(v, (str, int, float, bool, type(None)))}
         meta["hparams"] = json.dumps(plain, sort_keys=True)
     return meta
+
+
+def _averaged_by(loaded: Any, state: Mapping[str, torch.Tensor]) -> str | None:
+    """Which tool averaged these weights, when the file is itself an average: the model Lightning's
+    StochasticWeightAveraging leaves after its last epoch (its weights are the callback's average), or a
+    torch.optim.swa_utils.AveragedModel's state dict (it counts `n_averaged`)."""
+    if "n_averaged" in state or "module.n_averaged" in state:
+        count = state.get("n_averaged", state.get("module.n_averaged"))
+        return f"torch.optim.swa_utils.AveragedModel (n_averaged={int(count)})"
+    callbacks = loaded.get("callbacks") if isinstance(loaded, Mapping) else None
+    if not isinstance(callbacks, Mapping):
+        return None
+    swa = next((v for k, v in callbacks.items() if "StochasticWeightAveraging" in str(k)), None)
+    average = swa.get("average_model_state") if isinstance(swa, Mapping) else None
+    if not isinstance(average, Mapping):
+        return None
+    weights = [k for k, v in average.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+               and "running_" not in k and k in state]
+    if weights and all(torch.equal(state[k], average[k]) for k in weights):
+        return f"Lightning StochasticWeightAveraging (n_averaged={int(swa.get('n_averaged', 0))})"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- metadata

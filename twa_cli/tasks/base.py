@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
+from twa_cli.io.runfiles import RESULT_FILE
+
 Batch = Any  # a tensor, or tuples, lists and dicts of tensors
 SPLITS = ("train", "val", "test")
 # metrics.jsonl abbreviates the per-epoch figures as the first version of the tool did (train_acc, test_acc).
@@ -160,9 +162,13 @@ class Task(ABC):
         """Whether the task knows its data (a classifier rebuilt from a checkpoint may know only its model)."""
         return True
 
-    def model_files(self) -> Any:
-        """A Hugging Face checkpoint folder whose configuration files go beside a result, or None."""
-        return None
+    #: The file name of a result in a train-subspace folder (a Hugging Face model's is model.safetensors).
+    result_name = RESULT_FILE
+
+    def export(self, state: Mapping[str, torch.Tensor], folder: Any) -> list[Any]:
+        """Beside a result written to `folder`, the files that let the model's own tool load it (configuration and
+        tokenizer files, a Lightning checkpoint); returns their paths."""
+        return []
 
 
 def accuracy_figures(totals: Mapping[str, float]) -> dict[str, float]:

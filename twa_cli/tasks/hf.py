@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from twa_cli.errors import TwaError
+from twa_cli.io.runfiles import HF_RESULT_FILE
 from twa_cli.tasks.base import Batch, Task, accuracy_figures, perplexity
 from twa_cli.tasks.text import Examples, carve, classification_examples, eval_rows, lm_blocks, read_rows
 from twa_cli.units import first_line
@@ -117,8 +118,12 @@ class HFTask(Task):
             out["data"] = self.data_spec
         return out
 
-    def model_files(self) -> Path:
-        return self.model_dir
+    result_name = HF_RESULT_FILE
+
+    def export(self, state: Mapping[str, torch.Tensor], folder: Path) -> list[Path]:
+        from twa_cli.io.writers import copy_model_files
+
+        return copy_model_files(self.model_dir, Path(folder))
 
     @cached_property
     def tokenizer(self) -> Any:

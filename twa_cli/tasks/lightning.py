@@ -84,6 +84,20 @@ class LightningTask(Task):
                            "(or a dict with 'loss')")
         return loss
 
+    def export(self, state: Mapping[str, torch.Tensor], folder: Any) -> list[Any]:
+        """`twa.ckpt`, which `Class.load_from_checkpoint` reads: the weights and the hyper-parameters."""
+        from pathlib import Path
+
+        import lightning
+
+        from twa_cli.io.atomic import atomic_file
+
+        path = Path(folder) / "twa.ckpt"
+        with atomic_file(path) as fh:
+            torch.save({"state_dict": dict(state), "hyper_parameters": self.hparams,
+                        "pytorch-lightning_version": lightning.__version__}, fh)
+        return [path]
+
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"arch": {"name": self.name, "kwargs": self.hparams}}
         if self.data_name is not None:
