@@ -268,6 +268,11 @@ CASES = [
     case("tol-negative", "orthogonalize {run} -o {out}/b.safetensors --tol -1", "--tol"),
     case("tol-nan", "orthogonalize {run} -o {out}/b.safetensors --tol nan", "--tol"),
     case("user-callable-raises", "sample {out}/new --model os:getcwd --data digits", "--model os:getcwd"),
+    case("transformers-class", "sample {out}/new --model transformers:BertForSequenceClassification",
+         "--model transformers:BertForSequenceClassification", "hf:AutoModelFor"),
+    case("timm-module", "sample {out}/new --model timm.models:test_resnet", "--model timm:test_resnet"),
+    case("literal-markup", "sample {out}/new --model mlp --data mymod:factory", "--data mymod:factory"),
+    case("literal-brackets", "eval {root}/we[ir]d.safetensors", "{root}/we[ir]d.safetensors", "no such file"),
     case("data-callable-raises", "sample {out}/new --model mlp --data json:loads", "--data json:loads"),
 ]
 

@@ -122,6 +122,25 @@ def test_model_free_swa_equals_fairseq_average_checkpoints(tmp_path):
     exact = load_tensors(swa(tmp_path / "fs", tmp_path / "a64.safetensors").path)
     for k, v in floating(exact).items():
         assert torch.allclose(v, theirs[k], rtol=4 * torch.finfo(torch.float32).eps, atol=1e-7), k
+    # its --num-epoch-checkpoints passes the newest first: the sum in that order differs by fp32 rounding, at most
+    # n units in the last place of the largest of the summed values (README)
+    newest_first = fairseq_average([c.path for c in reversed(ckpts)])
+    for k, v in floating(same).items():
+        largest = torch.stack([load_tensors(c)[k].abs() for c in ckpts]).amax(0)
+        bound = len(ckpts) * torch.finfo(torch.float32).eps * largest
+        assert ((newest_first[k] - v).abs() <= bound).all(), k
+    assert any(not torch.equal(newest_first[k], v) for k, v in floating(same).items())  # the order does show
+
+
+def test_fp16_checkpoints_equal_fairseq_with_fp32_sums_and_output(tmp_path):
+    """fairseq upcasts fp16 parameters and writes fp32: --compute-dtype float32 --dtype float32 is its arithmetic."""
+    plain_folder(tmp_path / "half", count=5, dtype=torch.float16)
+    ckpts = list_folder(tmp_path / "half")
+    ours = load_tensors(swa(tmp_path / "half", tmp_path / "avg.safetensors",
+                            SwaRequest(compute_dtype="float32", dtype="float32")).path)
+    fairseq = fairseq_average_plain([c.path for c in ckpts])
+    for k, v in floating(ours).items():
+        assert v.dtype == torch.float32 and torch.equal(v, fairseq[k]), k
 
 
 def test_fp16_checkpoints_are_averaged_in_higher_precision_and_written_in_fp16(tmp_path):

@@ -40,11 +40,17 @@ def recorded_json(source: Any, meta: Mapping[str, Any]) -> Recorded:
 
 
 def knows_task(request: TaskRequest, ckpt: Checkpoint) -> bool:
-    """Whether a task can be resolved for these checkpoints without asking the user for more."""
+    """Whether a task can be resolved for these checkpoints without asking the user for more. A Hugging Face
+    checkpoint's config counts once the user gives the text (its model has no statistics to recompute, so
+    without data there is nothing to build it for)."""
     from twa_cli.tasks.hf import config_dir_of
+    from twa_cli.tasks.models import timm_knows
 
-    return (request.task is not None or request.model is not None
-            or any(k in ckpt.meta for k in ("arch", "task", "hf", "timm_arch")) or config_dir_of(ckpt.path) is not None)
+    if request.task is not None or request.model is not None or any(k in ckpt.meta for k in ("arch", "task", "hf")):
+        return True
+    if "timm_arch" in ckpt.meta and timm_knows(ckpt.meta["timm_arch"]):
+        return True
+    return request.data is not None and config_dir_of(ckpt.path) is not None
 
 
 def task_of(request: TaskRequest, ckpt: Checkpoint, *, need_data: bool = True) -> Task:

@@ -194,9 +194,20 @@ def _timm(name: str) -> Builder:
     return build
 
 
+def timm_knows(name: str) -> bool:
+    """Whether timm is installed and has a model of this name."""
+    try:
+        import timm
+    except ImportError:
+        return False
+    return bool(timm.is_model(name))
+
+
 def timm_classifier(name: str) -> str | None:
     """The name of a timm model's classification layer (its `default_cfg['classifier']`), as the checkpoint
     names its weight `<classifier>.weight`."""
+    if not timm_knows(name):
+        raise TwaError(f"unknown timm model '{name}' (timm.list_models() names them; pip install timm)")
     import timm
 
     model = timm.create_model(name, pretrained=False)
@@ -267,6 +278,13 @@ def build_model(spec: Mapping[str, Any], *, allow_code: bool = False) -> nn.Modu
 
 
 def _call_user_builder(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    module = name.partition(":")[0]
+    if module.split(".")[0] == "transformers":
+        raise TwaError(f"--model {name}: a transformers model is built from its checkpoint's config.json: leave --model "
+                       "out for a Hugging Face checkpoint folder, or pass --model hf:AutoModelFor... (or a folder "
+                       "holding config.json)")
+    if module.split(".")[0] == "timm":
+        raise TwaError(f"--model {name}: a timm model is named --model timm:{name.partition(':')[2]}")
     builder = import_callable(name, "--model")
     model = call_hook(builder, name, "--model", "build a torch.nn.Module from keyword arguments such as num_classes",
                       **accepted_kwargs(builder, kwargs))

@@ -21,6 +21,7 @@ from typing import Any
 from twa_cli.errors import TwaError
 from twa_cli.tasks.base import Task
 from twa_cli.tasks.hooks import call_hook, import_callable, is_code_name
+from twa_cli.tasks.models import timm_knows
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ def resolve_task(request: TaskRequest, recorded: Recorded = NOTHING, *, need_dat
     if model is None:
         if recorded.hf is not None or (recorded.arch is None and recorded.model_dir is not None):
             return _hf(request, recorded, None)
-        if recorded.arch is None and recorded.timm_arch is not None:
+        if recorded.arch is None and recorded.timm_arch is not None and timm_knows(recorded.timm_arch):
             return classification_task(_with_model(request, f"timm:{recorded.timm_arch}"), recorded,
                                        need_data=need_data)
     return classification_task(request, recorded, need_data=need_data)
