@@ -33,13 +33,13 @@ def _row_step(p: torch.Tensor, g: torch.Tensor, w: torch.Tensor, c_r: torch.Tens
 
 
 def _worker(rank: int, world: int, port: int, dim: int, n: int, repeats: int) -> None:
-    from twa_cli.distributed import ColumnShardedSGD, Group
-    from twa_cli.subspace import FlatParameters
+    from twa_cli.core.placement import ColumnShardedSGD, ColumnShards
+    from twa_cli.core.subspace import FlatParameters
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    group = Group(rank, world, "gloo", "cpu")
+    group = ColumnShards(rank, world, "gloo", "cpu")
     model = torch.nn.Linear(1000, dim // 1000, bias=False)
     flat = FlatParameters(model, ["weight"], multiple_of=world)
     width = flat.params.numel() // world

@@ -31,8 +31,9 @@ def rss_mb() -> float:
 
 
 def write_basis(path: Path, model: str, k: int) -> None:
-    from twa_cli.basis import Basis, save_basis
-    from twa_cli.models import build_model, model_spec, trainable_names
+    from twa_cli.core.basis import Basis
+    from twa_cli.core.basis_files import save_basis
+    from twa_cli.tasks.models import build_model, model_spec, trainable_names
 
     spec = model_spec(model, 10, 3, 32)
     net = build_model(spec)
@@ -41,21 +42,22 @@ def write_basis(path: Path, model: str, k: int) -> None:
     layout = [(n, tuple(params[n].shape)) for n in names]
     dim = sum(params[n].numel() for n in names)
     vectors = torch.randn(k, dim) / dim**0.5
-    save_basis(Basis(vectors=vectors, coords=torch.eye(k, dtype=torch.float64), layout=layout, arch=spec), path)
+    save_basis(Basis(vectors=vectors, coords=torch.eye(k, dtype=torch.float64), layout=layout,
+                     recorded={"arch": spec}), path)
 
 
 def worker(method: str, path: str) -> dict:
-    from twa_cli.basis import load_basis
-    from twa_cli.checkpoints import load_tensors
-    from twa_cli.models import build_model
-    from twa_cli.subspace import FlatParameters, SubspaceSGD
+    from twa_cli.core.basis_files import load_basis
+    from twa_cli.core.subspace import FlatParameters, SubspaceSGD
+    from twa_cli.io.checkpoints import load_tensors
+    from twa_cli.tasks.models import build_model
 
     baseline = rss_mb()
     started = time.perf_counter()
     basis = load_basis(path)
     if method == "read":
         basis.vectors = load_tensors(path, ["basis"])["basis"]
-    model = build_model(basis.arch)
+    model = build_model(basis.recorded["arch"])
     flat = FlatParameters(model, [n for n, _ in basis.layout])
     vectors = basis.vectors.to(dtype=flat.params.dtype)
     SubspaceSGD(flat, vectors, basis.center_coords(), lr=0.1)

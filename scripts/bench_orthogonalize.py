@@ -44,7 +44,8 @@ def peak_rss_mb() -> float:
 
 def write_trajectory(folder: Path, n: int, dim: int, step: float, seed: int) -> None:
     """A random walk around a common offset, like one run's checkpoints: each step `step` of the offset's norm."""
-    from twa_cli.checkpoints import make_metadata, save_tensors
+    from twa_cli.io.checkpoints import make_metadata
+    from twa_cli.io.safetensors import save_tensors
 
     folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
@@ -56,13 +57,14 @@ def write_trajectory(folder: Path, n: int, dim: int, step: float, seed: int) -> 
 
 
 def selected(folder: str, start: int, end: int | None):
-    from twa_cli.checkpoints import list_folder, select
+    from twa_cli.core.selection import Selection, select_checkpoints
+    from twa_cli.io.checkpoints import list_folder
 
-    return select(list_folder(folder), start, end)
+    return select_checkpoints(list_folder(folder), Selection(start=start, end=end))
 
 
 def stacked(ckpts, names) -> torch.Tensor:
-    from twa_cli.checkpoints import load_tensors
+    from twa_cli.io.checkpoints import load_tensors
 
     return torch.stack([torch.cat([load_tensors(c.path, names)[n].reshape(-1).float() for n in names]) for c in ckpts])
 
@@ -88,17 +90,20 @@ def reference_classical_gram_schmidt(ckpts, names) -> torch.Tensor:
 
 
 def run_method(method: str, folder: str, start: int, end: int | None) -> dict:
-    from twa_cli.basis import orthogonality_error, orthogonalize, reconstruction_errors, save_basis, subspace_tensors
-    from twa_cli.checkpoints import check_compatible
+    from twa_cli.commands.common import subspace_names
+    from twa_cli.core.basis import orthogonality_error, orthogonalize, reconstruction_errors, subspace_layout
+    from twa_cli.core.basis_files import save_basis
+    from twa_cli.tasks.resolve import TaskRequest
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
     ckpts = selected(folder, start, end)
-    names = subspace_tensors(ckpts[0], check_compatible(ckpts), None)
+    trainable, ckpts = subspace_names(TaskRequest(), ckpts)
+    names = [name for name, _ in subspace_layout(ckpts, trainable)]
     baseline = rss_mb()
     started = time.perf_counter()
     out: dict = {"method": method}
     if method == "twa":
-        basis = orthogonalize(ckpts, hashes=False)
+        basis = orthogonalize(ckpts, names=names, hashes=False)
         with tempfile.TemporaryDirectory() as tmp:  # writing the file is part of the command's memory
             save_basis(basis, Path(tmp) / "basis.safetensors")
         out["seconds"] = time.perf_counter() - started
@@ -110,7 +115,7 @@ def run_method(method: str, folder: str, start: int, end: int | None) -> dict:
         matrix = stacked(ckpts, names) if method == "qr" else None
         loaded = time.perf_counter()
         if method == "qr":
-            q, r = torch.linalg.qr(matrix.t())
+            q, _ = torch.linalg.qr(matrix.t())
             vectors = q.t().contiguous()
             out["compute_seconds"] = time.perf_counter() - loaded
         else:

@@ -38,19 +38,22 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from twa_cli.averaging import swa  # noqa: E402
-from twa_cli.checkpoints import list_folder, load_tensors, read_checkpoint, select  # noqa: E402
-from twa_cli.data import ImageTensors, data_spec, decoded_folder, load_data  # noqa: E402
-from twa_cli.data import batches  # noqa: E402
-from twa_cli.models import build_model, load_weights  # noqa: E402
-from twa_cli.sampling import SampleConfig, sample  # noqa: E402
-from twa_cli.subspace_training import SubspaceConfig, train_subspace  # noqa: E402
+from twa_cli.commands.sample import SampleConfig, sample  # noqa: E402
+from twa_cli.commands.swa import SwaRequest, swa  # noqa: E402
+from twa_cli.commands.train_subspace import SubspaceConfig, train_subspace  # noqa: E402
+from twa_cli.core.batching import batches, plain_batches  # noqa: E402
+from twa_cli.core.selection import Selection, select_checkpoints  # noqa: E402
+from twa_cli.io.checkpoints import list_folder, load_tensors, read_checkpoint  # noqa: E402
+from twa_cli.tasks.base import Task  # noqa: E402
+from twa_cli.tasks.images import ImageTensors, decoded_folder  # noqa: E402
+from twa_cli.tasks.models import build_model, load_weights  # noqa: E402
+from twa_cli.tasks.resolve import TaskRequest, resolve_task  # noqa: E402
 
 DEFAULT_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10" / "cifar10-jpg.tar.gz"
 SETS = ("test", "heldout")
-# train-subspace's variants (twa_cli/variants.py), each measured against plain TWA on the same checkpoints.
+# train-subspace's variants (twa_cli/core/variants.py), each measured against plain TWA on the same checkpoints.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "fitval": {"fit_on": "val", "val_split": 0.1},
+    "fitval": {"fit_on": "val", "task": TaskRequest(val_split=0.1)},
     "layer": {"granularity": "layer"},
     "affine": {"affine": True},
 }  # the two held-out sets every model is scored on; "train" gives the gap
@@ -188,37 +191,43 @@ def _link(folder: Path, files: list[Path]) -> None:
         (folder / f.name).symlink_to(f.resolve())
 
 
+def image_task(model: str, data_dir: Path, val_split: float = 0.0) -> Task:
+    """The task `sample` runs on the subset: `model` on the image folder (with a validation split if asked)."""
+    return resolve_task(TaskRequest(model=model, data="imagefolder", data_dir=str(data_dir), val_split=val_split))
+
+
 @dataclass
 class EvalSets:
+    task: Task  # batches the sets below
     test: Any
     heldout: Any
     train: Any
 
 
-def eval_sets(data_dir: Path, heldout_dir: Path) -> EvalSets:
-    data = load_data(data_spec("imagefolder", data_dir))
+def eval_sets(model: str, data_dir: Path, heldout_dir: Path) -> EvalSets:
+    task = image_task(model, data_dir)
     images, labels = decoded_folder(heldout_dir)
-    test = data.test
+    test = task.dataset("test", augment=False)
     heldout = ImageTensors(images, labels, test.mean.flatten().tolist(), test.std.flatten().tolist())
-    return EvalSets(test, heldout, data.train_eval)
+    return EvalSets(task, test, heldout, task.dataset("train", augment=False))
 
 
 # ---------------------------------------------------------------------------------------------- scoring
 
 
 @torch.no_grad()
-def correct_mask(path: Path, dataset: Any, device: str) -> torch.Tensor:
+def correct_mask(path: Path, task: Task, dataset: Any, device: str) -> torch.Tensor:
     """Which images the model in `path` classifies correctly (for paired comparisons)."""
     net = build_model(read_checkpoint(path).arch)
     load_weights(net, load_tensors(path), str(path))
     net.to(device).eval()
-    out = [(net(x.to(device)).argmax(1).cpu() == y) for x, y in batches(dataset, 512)]
+    out = [(net(x.to(device)).argmax(1).cpu() == y) for x, y in plain_batches(task, dataset, 512)]
     return torch.cat(out)
 
 
 def score(path: Path, sets: EvalSets, device: str, masks_file: Path,
           names: tuple[str, ...] = ("test", "heldout", "train")) -> dict[str, float]:
-    masks = {name: correct_mask(path, getattr(sets, name), device) for name in names}
+    masks = {name: correct_mask(path, sets.task, getattr(sets, name), device) for name in names}
     torch.save(masks, masks_file)
     acc = {name: 100.0 * float(m.float().mean()) for name, m in masks.items()}
     if "train" in acc:
@@ -296,11 +305,10 @@ class Bench:
 
     def prepare(self) -> None:
         self.data_dir, heldout_dir = build_folders(self.args, self.work)
-        self.sets = eval_sets(self.data_dir, heldout_dir)
+        self.sets = eval_sets(self.args.model, self.data_dir, heldout_dir)
 
     def tune(self) -> None:
         """Score every TUNING entry on the validation split and record the best (see TUNING)."""
-        a = self.args
         run = TuneRun(self)
         self.stage("tune", "sgd", run.regular_run)
         for name, change in TUNING.items():
@@ -339,7 +347,8 @@ class Bench:
                 return run.twa(name, ckpts, "center", 1e-5, **kw)
             if (run.masks / f"{name}-lrcheck.pt").exists():
                 shutil.copyfile(run.masks / f"{name}-lrcheck.pt", run.masks / f"{name}.pt")
-            return {k: v for k, v in checked.items() if k not in ("lr_check", "seconds")} | {"reused": f"{name}-lrcheck"}
+            kept = {k: v for k, v in checked.items() if k not in ("lr_check", "seconds")}
+            return kept | {"reused": f"{name}-lrcheck"}
 
         self.stage(seed, name, fixed)
 
@@ -383,7 +392,8 @@ class Bench:
 
 
 class SeedRun:
-    """The stages of one seed; each writes its outputs under CACHE/<tag>/seed<N>/ (or `folder`) under the stage's name."""
+    """The stages of one seed; each writes its outputs under CACHE/<tag>/seed<N>/ (or `folder`) under the stage's
+    name."""
 
     def __init__(self, bench: Bench, seed: int, folder: Path | None = None):
         self.args, self.sets, self.data_dir, self.seed = bench.args, bench.sets, bench.data_dir, seed
@@ -398,8 +408,8 @@ class SeedRun:
 
     def sample_config(self, **kw: Any) -> SampleConfig:
         a = self.args
-        return SampleConfig(model=a.model, data=data_spec("imagefolder", self.data_dir, val_split=self.val_split),
-                            weight_decay=a.weight_decay,
+        task = TaskRequest(model=a.model, data="imagefolder", data_dir=str(self.data_dir), val_split=self.val_split)
+        return SampleConfig(task=task, weight_decay=a.weight_decay,
                             batch_size=a.batch_size, device=a.device, eval_every_epoch=False, **kw)
 
     def regular_run(self) -> dict[str, Any]:
@@ -416,7 +426,7 @@ class SeedRun:
     def head_ckpts(self, epochs: int, density: int) -> list:
         """The initial weights and `density` checkpoints per epoch of the first `epochs` epochs."""
         p = self.args.per_epoch
-        return select(list_folder(self.regular), 0, epochs * p + 1, p // density)
+        return select_checkpoints(list_folder(self.regular), Selection(start=0, end=epochs * p + 1, every=p // density))
 
     def tail_run(self, lr: float) -> dict[str, Any]:
         a = self.args
@@ -426,11 +436,21 @@ class SeedRun:
         return self.score(self.tail_ckpts(lr)[-1].path, f"tail-sgd-lr{lr:g}")
 
     def tail_ckpts(self, lr: float) -> list:
-        return select(list_folder(self.folder / f"tail-lr{lr:g}"), 1)  # the tail's own, not its starting point
+        # the tail's own, not its starting point
+        return select_checkpoints(list_folder(self.folder / f"tail-lr{lr:g}"), Selection(start=1))
+
+    def linked(self, name: str, ckpts: list) -> Path:
+        """The chosen checkpoints, linked into a folder of their own: swa and train-subspace read a folder."""
+        selection = self.folder / f".{name}-ckpts"
+        shutil.rmtree(selection, ignore_errors=True)
+        selection.mkdir(parents=True)
+        for c in ckpts:
+            (selection / c.path.name).symlink_to(c.path.resolve())
+        return selection
 
     def swa(self, name: str, ckpts: list) -> dict[str, Any]:
         out = self.folder / f"{name}.safetensors"
-        swa(ckpts, out, evaluate_test=False, device=self.args.device)
+        swa(self.linked(name, ckpts), out, SwaRequest(device=self.args.device), force=True)
         result = self.score(out, name)
         result["checkpoints"] = len(ckpts)
         return result
@@ -440,18 +460,14 @@ class SeedRun:
             variant: dict[str, Any] | None = None, mask_name: str | None = None) -> dict[str, Any]:
         a = self.args
         out = self.folder / name
-        selection = self.folder / f".{name}-ckpts"  # the chosen checkpoints, linked: train-subspace reads a folder
-        shutil.rmtree(selection, ignore_errors=True)
-        selection.mkdir(parents=True)
-        for c in ckpts:
-            (selection / c.path.name).symlink_to(c.path.resolve())
+        selection = self.linked(name, ckpts)
         options = {"epochs": a.twa_epochs, "lr": a.twa_lr, "weight_decay": wd, "batch_size": a.batch_size,
                    "init": init, "seed": self.seed, "device": a.device, "eval_every_epoch": per_epoch_eval,
                    "lr_check": lr_check}
         cfg = SubspaceConfig(**{**options, **(variant or {})})
         result = train_subspace(selection, out, cfg, force=True)
         scores = self.score(result.result, mask_name or name) if full_scores else {"test": result.test.accuracy}
-        scores.update(checkpoints=len(ckpts), rank=len(ckpts) - len(result.dropped),
+        scores.update(checkpoints=len(ckpts), rank=len(ckpts) - len(result.report.dropped),
                       history=result.history, coefficient_sum=float(sum(result.coefficients)))
         if result.lr_check is not None:
             scores["lr_check"] = result.lr_check.to_dict()
@@ -464,10 +480,11 @@ class TuneRun(SeedRun):
     def __init__(self, bench: Bench):
         super().__init__(bench, TUNE_SEED, bench.work / "tune")
         self.val_split = TUNE_SPLIT
-        self.val = load_data(data_spec("imagefolder", self.data_dir, val_split=TUNE_SPLIT)).val_eval
+        self.val_task = image_task(self.args.model, self.data_dir, TUNE_SPLIT)
+        self.val = self.val_task.dataset("val", augment=False)
 
     def score(self, path: Path, name: str, names: tuple[str, ...] = ()) -> dict[str, Any]:
-        mask = correct_mask(path, self.val, self.args.device)
+        mask = correct_mask(path, self.val_task, self.val, self.args.device)
         torch.save({"val": mask}, self.masks / f"{name}.pt")
         return {"val": 100.0 * float(mask.float().mean())}
 
@@ -481,18 +498,17 @@ def time_models(names: list[str], data_dir: Path, batch_size: int, rounds: int =
     """Seconds per training epoch of each network, measured in alternating rounds on one busy machine."""
     import torch.nn.functional as F
 
-    from twa_cli.models import model_spec
-
-    data = load_data(data_spec("imagefolder", data_dir))
-    per_epoch = -(-len(data.train) // batch_size)
-    nets = {n: build_model(model_spec(n, data.num_classes, data.in_channels, data.image_size)) for n in names}
+    tasks = {n: image_task(n, data_dir) for n in names}  # each network sized for the data
+    train = tasks[names[0]].dataset("train", augment=True)
+    per_epoch = -(-len(train) // batch_size)
+    nets = {n: task.build_model() for n, task in tasks.items()}
     opts = {n: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for n, m in nets.items()}
     spent = {n: 0.0 for n in names}
     for _ in range(rounds):
         for n, net in nets.items():
-            source = batches(data.train, batch_size, shuffle=True)
+            source = batches(tasks[n], train, batch_size, shuffle=True)
             started = time.perf_counter()
-            for _, (x, y) in zip(range(steps), source):
+            for _, ((x, y), _weight) in zip(range(steps), source, strict=False):
                 opts[n].zero_grad()
                 F.cross_entropy(net(x), y).backward()
                 opts[n].step()
@@ -578,7 +594,7 @@ def report(results: dict[str, Any], work: Path) -> list[str]:
     lines += [f"seeds: {', '.join(seeds)}; {cfg['model']}, {cfg['train_per_class']} training images per class", ""]
     header = ["| method | epochs | test acc % | held-out acc % | train acc % | gap (train - test) |",
               "|---|---|---|---|---|---|"]
-    lines += ["### Head stage (Table 3)", ""] + header
+    lines += ["### Head stage (Table 3)", "", *header]
     lines.append(row(f"SGD ({e} epochs)", "sgd", str(e)))
     for d in cfg["densities"]:
         lines.append(row(f"SWA (0..{head}, {d}/epoch)", f"head-swa-d{d}", str(head)))
@@ -628,7 +644,7 @@ def report(results: dict[str, Any], work: Path) -> list[str]:
 
     lines += tuning_report(results, work)
 
-    lines += ["### Tail stage (Table 1)", ""] + header
+    lines += ["### Tail stage (Table 1)", "", *header]
     for lr in cfg["tail_lrs"]:
         t = f"lr{lr:g}"
         lines.append(row(f"SGD tail, lr {lr:g}", f"tail-sgd-{t}", f"{cfg['tail_start']}+{cfg['tail_epochs']}"))

@@ -16,11 +16,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from twa_cli.basis import load_basis, orthogonalize, save_basis
-from twa_cli.checkpoints import list_folder
-from twa_cli.data import data_spec
-from twa_cli.sampling import SampleConfig, sample
-from twa_cli.subspace_training import SubspaceConfig, train_subspace
+from twa_cli.commands.common import subspace_names
+from twa_cli.commands.sample import SampleConfig, sample
+from twa_cli.commands.train_subspace import SubspaceConfig, train_subspace
+from twa_cli.core.basis import orthogonalize
+from twa_cli.core.basis_files import load_basis, save_basis
+from twa_cli.io.checkpoints import list_folder
+from twa_cli.tasks.resolve import TaskRequest
 
 
 def main() -> None:
@@ -35,13 +37,14 @@ def main() -> None:
     parser.add_argument("--twa-lr", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    spec = data_spec(args.data, args.data_dir)
+    task = TaskRequest(model=args.model, data=args.data, data_dir=args.data_dir)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        sample(root / "head", SampleConfig(model=args.model, data=spec, epochs=args.epochs, lr=args.sample_lr,
+        sample(root / "head", SampleConfig(task=task, epochs=args.epochs, lr=args.sample_lr,
                                            schedule="constant", per_epoch=args.per_epoch, seed=args.seed))
         ckpts = list_folder(root / "head")
-        basis_path = save_basis(orthogonalize(ckpts, hashes=False), root / "basis.safetensors")
+        names, ckpts = subspace_names(TaskRequest(), ckpts)  # the trainable tensors the checkpoints record
+        basis_path = save_basis(orthogonalize(ckpts, names=names, hashes=False), root / "basis.safetensors")
         errors = load_basis(basis_path).errors
         print(f"{args.model} on {args.data}: head stage of {args.epochs} epochs, {len(ckpts)} checkpoints, "
               f"fp32 basis max |PP^T - I| = {errors['orthogonality']:.1e}; TWA {args.twa_epochs} epochs, "
@@ -49,7 +52,7 @@ def main() -> None:
         rows = []
         for dtype in ("float32", "bfloat16", "float16"):
             cfg = SubspaceConfig(epochs=args.twa_epochs, lr=args.twa_lr, basis_dtype=dtype, seed=args.seed,
-                                 eval_every_epoch=False)
+                                 device="cpu", eval_every_epoch=False)
             started = time.perf_counter()
             result = train_subspace(basis_path, root / f"twa-{dtype}", cfg)
             assert result.test is not None

@@ -23,8 +23,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from twa_cli.models import build_model, model_spec
-from twa_cli.subspace import FlatParameters, Projection, SubspaceSGD
+from twa_cli.core.subspace import FlatParameters, Projection, SubspaceSGD
+from twa_cli.tasks.models import build_model, model_spec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 1e-5
@@ -146,7 +146,7 @@ def main() -> None:
     for name, ts in times.items():
         med = statistics.median(ts)
         # ratio per round (the variants of one round ran back to back), then the median of those ratios
-        paired = statistics.median(t / s for t, s in zip(ts, times["sgd"]))
+        paired = statistics.median(t / s for t, s in zip(ts, times["sgd"], strict=True))
         print(f"  {name:<10} median step {1e3 * med:8.2f} ms   ratio to sgd {med / base:6.4f}   "
               f"(median of per-round ratios {paired:6.4f})")
     print(f"  projection alone (c = P g, then w = P^T a): {1e3 * proj_s:.3f} ms per step, "

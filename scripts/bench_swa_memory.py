@@ -75,7 +75,8 @@ def main() -> None:
             for extra in ([], ["--compute-dtype", "float32"]):
                 out = root / f"avg-{name}-{len(extra)}.safetensors"
                 plan = json.loads(subprocess.run(
-                    [sys.executable, "-m", "twa_cli", "swa", str(folder), "-o", str(out), "--dry-run", "--json", *extra],
+                    [sys.executable, "-m", "twa_cli", "swa", str(folder), "-o", str(out), "--dry-run", "--json",
+                     *extra],
                     capture_output=True, text=True, check=True).stdout)
                 grown = peak_rss_bytes(["swa", str(folder), "-o", str(out), "-q", *extra]) - baseline
                 estimate = plan["peak_ram_bytes"]

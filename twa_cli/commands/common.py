@@ -40,17 +40,23 @@ def recorded_json(source: Any, meta: Mapping[str, Any]) -> Recorded:
 
 
 def knows_task(request: TaskRequest, ckpt: Checkpoint) -> bool:
-    """Whether a task can be resolved for these checkpoints without asking the user for more. A Hugging Face
-    checkpoint's config counts once the user gives the text (its model has no statistics to recompute, so
-    without data there is nothing to build it for)."""
-    from twa_cli.tasks.hf import config_dir_of
+    """Whether a task can be resolved for these checkpoints without asking the user for more: the flags name
+    one, the metadata does, or the checkpoint is a model timm or transformers knows."""
     from twa_cli.tasks.models import timm_knows
 
     if request.task is not None or request.model is not None or any(k in ckpt.meta for k in ("arch", "task", "hf")):
         return True
     if "timm_arch" in ckpt.meta and timm_knows(ckpt.meta["timm_arch"]):
         return True
-    return request.data is not None and config_dir_of(ckpt.path) is not None
+    return hf_folder(ckpt) is not None
+
+
+def hf_folder(ckpt: Checkpoint) -> Path | None:
+    """The folder of a Hugging Face checkpoint whose config.json transformers can build a model from."""
+    from twa_cli.tasks.hf import buildable, config_dir_of
+
+    folder = config_dir_of(ckpt.path)
+    return folder if folder is not None and buildable(folder) else None
 
 
 def task_of(request: TaskRequest, ckpt: Checkpoint, *, need_data: bool = True) -> Task:
@@ -119,6 +125,9 @@ def described(request: TaskRequest, ckpt: Checkpoint) -> dict[str, Any]:
     rec = recorded(ckpt)
     out = {k: v for k, v in (("arch", rec.arch), ("data", rec.data), ("task", rec.task), ("hf", rec.hf))
            if v is not None}
+    folder = hf_folder(ckpt) if not out else None
+    if folder is not None:  # later steps (a basis, a result) rebuild the model from this config
+        out["hf"] = {"dir": str(folder.resolve()), "auto_class": None}
     if knows_task(request, ckpt) and (request.task or request.model or request.data or not out):
         out.update(task_of(request, ckpt, need_data=False).describe())
     elif request.data is not None:

@@ -11,7 +11,16 @@ from typing import Any
 
 import torch
 
-from twa_cli.commands.common import aligned, compatible, knows_task, pick, recorded, resolve_device, task_of
+from twa_cli.commands.common import (
+    aligned,
+    compatible,
+    hf_folder,
+    knows_task,
+    pick,
+    recorded,
+    resolve_device,
+    task_of,
+)
 from twa_cli.commands.estimates import Plan, plan_swa
 from twa_cli.core.averaging import mean_of
 from twa_cli.core.batchnorm import has_batchnorm, recalibrate_bn
@@ -85,7 +94,7 @@ def swa(folder: str | Path, output: str | Path, request: SwaRequest | None = Non
     target.check(force, [Path(folder)])
     layout = compatible(ckpts)
     device = resolve_device(request.device)
-    task = task_of(request.task, ckpts[0], need_data=False) if knows_task(request.task, ckpts[0]) else None
+    task = task_of(request.task, ckpts[0], need_data=False) if _needs_model(request.task, ckpts[0]) else None
     net = None
     if task is not None:  # before the long pass over the files: a model that does not fit fails at once
         net = task.build_model()
@@ -137,6 +146,15 @@ def swa(folder: str | Path, output: str | Path, request: SwaRequest | None = Non
     )
     result.path = write_result(target, average, meta, force=force)
     return result
+
+
+def _needs_model(request: TaskRequest, ckpt: Checkpoint) -> bool:
+    """Whether to build the model: to recompute BatchNorm statistics and to test. A Hugging Face model has no
+    statistics, so it is built only to be tested, on the text the user gives."""
+    if not knows_task(request, ckpt):
+        return False
+    return not (hf_folder(ckpt) is not None and request.data is None and request.model is None
+                and "arch" not in ckpt.meta)
 
 
 def _recalibrated(net: torch.nn.Module, task: Task, average: dict[str, torch.Tensor], request: SwaRequest,

@@ -51,6 +51,16 @@ def config_dir_of(path: Path) -> Path | None:
     return None
 
 
+def buildable(folder: Path) -> bool:
+    """Whether transformers is installed and knows the architecture this folder's config.json names."""
+    try:
+        config = load_config(folder)
+        model_class(config, None, str(folder))
+    except TwaError:
+        return False
+    return True
+
+
 def load_config(folder: Path) -> Any:
     transformers = _transformers()
     try:

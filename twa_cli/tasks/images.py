@@ -118,8 +118,12 @@ def _carve_validation(datasets: Datasets, fraction: float) -> None:
 
 
 def _subset(dataset: Dataset, idx: torch.Tensor) -> Dataset:
-    if isinstance(dataset, TensorDataset):  # stay on the fast, collation-free path
+    # Data held in memory stays on the fast, collation-free path (whole batches sliced and augmented at once).
+    if isinstance(dataset, TensorDataset):
         return TensorDataset(*(t[idx] for t in dataset.tensors))
+    if isinstance(dataset, ImageTensors):
+        return ImageTensors(dataset.images[idx], dataset.targets[idx], dataset.mean.flatten().tolist(),
+                            dataset.std.flatten().tolist(), augment=dataset.augment)
     return Subset(dataset, idx.tolist())
 
 

@@ -280,9 +280,9 @@ def build_model(spec: Mapping[str, Any], *, allow_code: bool = False) -> nn.Modu
 def _call_user_builder(name: str, kwargs: dict[str, Any]) -> nn.Module:
     module = name.partition(":")[0]
     if module.split(".")[0] == "transformers":
-        raise TwaError(f"--model {name}: a transformers model is built from its checkpoint's config.json: leave --model "
-                       "out for a Hugging Face checkpoint folder, or pass --model hf:AutoModelFor... (or a folder "
-                       "holding config.json)")
+        raise TwaError(f"--model {name}: a transformers model is built from its checkpoint's config.json: leave "
+                       "--model out for a Hugging Face checkpoint folder, or pass --model hf:AutoModelFor... (or a "
+                       "folder holding config.json)")
     if module.split(".")[0] == "timm":
         raise TwaError(f"--model {name}: a timm model is named --model timm:{name.partition(':')[2]}")
     builder = import_callable(name, "--model")
