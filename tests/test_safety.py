@@ -361,3 +361,14 @@ def test_mixed_precisions_are_said_and_averaged_in_the_widest(mlp_run, tmp_path,
     assert "different precisions" in result.stderr
     average = load_tensors(tmp_path / "avg.safetensors")
     assert all(t.dtype == torch.float32 for t in average.values())
+
+
+def test_force_over_a_finished_run_replaces_its_files(mlp_run, tmp_path, twa):
+    out = tmp_path / "twa"
+    twa("train-subspace", mlp_run, "-o", out, "--epochs", "1", "--device", "cpu", "--end", "5")
+    (out / "notes.txt").write_text("mine")
+    twa("train-subspace", mlp_run, "-o", out, "--epochs", "1", "--device", "cpu", "--force")
+    report = json.loads((out / "coefficients.json").read_text())
+    assert len(report["coefficients"]) == len(list_folder(mlp_run))  # the new run's, not the old 5
+    assert len(json.loads(read_checkpoint(out / "basis.safetensors").meta["sources"])) == len(report["coefficients"])
+    assert (out / "notes.txt").read_text() == "mine"  # what the tool did not write stays

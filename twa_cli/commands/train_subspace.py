@@ -58,8 +58,11 @@ from twa_cli.io.readers import ReadOptions
 from twa_cli.io.runfiles import (
     BASIS_FILE,
     COEFFICIENTS_FILE,
+    HF_RESULT_FILE,
     LR_CHECK_FILE,
     METRICS_FILE,
+    RESULT_FILE,
+    STATE_FILE,
     read_json,
     write_metrics,
 )
@@ -250,6 +253,9 @@ def _train(inputs: _Inputs, folder: RunFolder, cfg: SubspaceConfig, placement: P
     flat = placement.flat_parameters(model, names)
     optimizer, report_fn = _optimizer(inputs, cfg, placement, flat, start_coords, offspan, hyper)
     config = {**cfg.to_json(), "identity": inputs.identity}
+    if not resume and placement.lead and out.exists():
+        _clear_previous_run(out)  # --force, now that every input has been checked
+    placement.barrier()
     folder.claim()
     if inputs.made_here and not resume:
         placement.save_basis(basis, out / BASIS_FILE, invocation=invocation, exclusive=True)
@@ -312,6 +318,20 @@ def _train(inputs: _Inputs, folder: RunFolder, cfg: SubspaceConfig, placement: P
         folder.state.unlink(missing_ok=True)
     placement.barrier()  # no rank returns before the result is on disk
     return SubspaceResult(out, result, report, test, history, holdings, check)
+
+
+# What an earlier train-subspace wrote into its folder (the configuration files of a Hugging Face result are
+# written again by the new one).
+RUN_FILES = (RESULT_FILE, HF_RESULT_FILE, "twa.ckpt", COEFFICIENTS_FILE, METRICS_FILE, BASIS_FILE, LR_CHECK_FILE,
+             STATE_FILE)
+
+
+def _clear_previous_run(out: Path) -> None:
+    """--force over an earlier result: remove the files train-subspace writes (and the shards of its basis),
+    nothing else, so that no file of the old run is mistaken for the new one's."""
+    shards = list(out.glob(f"{Path(BASIS_FILE).stem}.*-of-*{Path(BASIS_FILE).suffix}"))
+    for path in [*(out / name for name in RUN_FILES), *shards]:
+        path.unlink(missing_ok=True)
 
 
 def _optimizer(inputs: _Inputs, cfg: SubspaceConfig, placement: Placement, flat: Any, start_coords: torch.Tensor,
