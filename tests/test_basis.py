@@ -3,7 +3,7 @@ from helpers import flat_trainable, trajectory, write_synthetic_folder
 
 from twa_cli.core.basis import orthogonality_error, orthogonalize, reconstruction_errors
 from twa_cli.core.basis_files import load_basis, save_basis
-from twa_cli.io.checkpoints import list_folder
+from twa_cli.io.checkpoints import list_folder, read_checkpoint
 
 
 def test_basis_of_real_checkpoints_is_orthonormal_and_spans_them(cnn_run):
@@ -33,7 +33,9 @@ def test_nearly_collinear_trajectory_stays_orthonormal(tmp_path):
 def test_duplicates_are_dropped_and_coefficients_still_exact(tmp_path):
     w = trajectory(6, 5_000)
     w = torch.cat([w[:3], w[2:3], w[3:]])  # checkpoint 3 repeats checkpoint 2
-    ckpts = list_folder(write_synthetic_folder(tmp_path / "dup", w)[0].parent)
+    paths = write_synthetic_folder(tmp_path / "dup", w)
+    assert len(list_folder(tmp_path / "dup")) == 6  # a folder listing counts the copy once ...
+    ckpts = [read_checkpoint(p) for p in paths]  # ... the orthogonalizer, given both, drops it
     basis = orthogonalize(ckpts, hashes=False)
     assert basis.rank == 6
     assert [d["index"] for d in basis.dropped] == [3]
