@@ -14,7 +14,6 @@ DTYPES: dict[str, tuple[str, int]] = {
     "int64": ("I64", 8), "int32": ("I32", 4), "int16": ("I16", 2), "int8": ("I8", 1), "uint8": ("U8", 1),
     "bool": ("BOOL", 1),
 }
-FLOAT_CODES = frozenset(code for name, (code, _) in DTYPES.items() if name.startswith(("float", "bfloat")))
 # Precisions a basis or a written result may be stored in.
 STORAGE_DTYPES = ("float32", "bfloat16", "float16")
 CODE_TO_NAME = {code: name for name, (code, _) in DTYPES.items()}

@@ -4,7 +4,6 @@ files, and say where a computation runs."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +32,6 @@ def recorded(ckpt: Checkpoint) -> Recorded:
     folder = config_dir_of(ckpt.path)
     shapes = {k: shape for k, (shape, _) in tensor_specs(ckpt).items()}
     return Recorded.of(ckpt.path, fields, model_dir=str(folder) if folder else None, shapes=shapes)
-
-
-def recorded_json(source: Any, meta: Mapping[str, Any]) -> Recorded:
-    return Recorded.of(source, meta)
 
 
 def knows_task(request: TaskRequest, ckpt: Checkpoint) -> bool:

@@ -460,9 +460,3 @@ def _plan(src: Path, cfg: SubspaceConfig) -> Plan:
         return plan_train_subspace_basis(read_checkpoint(src), device=resolve_device(cfg.device))
     names, ckpts = subspace_names(cfg.task, pick(src, cfg.selection, cfg.read))
     return plan_train_subspace(ckpts, trainable=names, device=resolve_device(cfg.device), basis_given=False)
-
-
-def coefficients_of(folder: Path) -> CoefficientReport:
-    """The coefficient report of a train-subspace output folder."""
-    return CoefficientReport.from_json(read_json(folder / COEFFICIENTS_FILE), folder / COEFFICIENTS_FILE)
-

@@ -19,7 +19,6 @@ from twa_cli.core.basis import Basis
 from twa_cli.errors import TwaError
 from twa_cli.io.checkpoints import (
     Checkpoint,
-    Source,
     check_finite,
     load_tensors,
     make_metadata,
@@ -124,10 +123,6 @@ def load_basis(path: str | Path, columns: tuple[int, int] | None = None) -> Basi
         recorded={key: ckpt.json_field(key, dict) for key in ("arch", "data", "task") if key in ckpt.meta},
         errors=ckpt.json_field("errors", dict) or {},
     )
-
-
-def basis_sources(path: Path) -> list[Source]:
-    return sources_of(read_checkpoint(path))
 
 
 def _read_shards(index: Path, shards: Any, dim: int, lo: int, hi: int, rank: int) -> torch.Tensor:

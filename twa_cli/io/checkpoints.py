@@ -29,8 +29,7 @@ from twa_cli.units import dtype_name
 log = logging.getLogger("twa")
 
 TWA_TAG = "twa/1"
-# Kinds of file the tool writes; only the first three are checkpoints a folder listing returns.
-CHECKPOINT_KINDS = ("checkpoint", "average", "twa")
+# Kinds of file the tool writes that are not checkpoints (folder listings skip them).
 OTHER_KINDS = ("basis", "train-state")
 
 

@@ -30,7 +30,6 @@ from torch.utils.data import Dataset
 from twa_cli.errors import TwaError
 from twa_cli.units import first_line
 
-TABLE_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json")
 TEXT_SUFFIXES = (".txt",)
 EVAL_SPLITS = ("test", "validation", "valid", "dev", "eval")
 # The fixed split of a training file into train and held-out rows when no held-out file is given.
@@ -207,10 +206,3 @@ def text_spec(train: str | Path, eval_path: str | Path | None = None, *, text_co
     if val_split:
         spec["val_split"] = val_split
     return spec
-
-
-def is_text_data(name: str) -> bool:
-    """Whether `--data` names local text (a file or a folder) rather than a registry image set."""
-    path = Path(name)
-    suffix = _suffix(path).lower()
-    return path.exists() and (path.is_dir() or suffix in TABLE_SUFFIXES + TEXT_SUFFIXES)
