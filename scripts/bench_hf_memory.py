@@ -4,7 +4,9 @@ Writes COUNT checkpoint folders of a GPT-2 model (`transformers.GPT2Config`, 124
 random weights, each checkpoint a small step from the last, as along a run), each with `config.json` and a
 byte-level BPE tokenizer trained here on a few lines of text, then for `orthogonalize`, `train-subspace` (from
 the basis, one short epoch on a few blocks of text) and `swa` prints the `--dry-run` estimate of peak RAM and the
-peak resident memory measured in a fresh process. Nothing is downloaded. Run from the repository root:
+peak resident memory measured in a fresh process: in all, and its growth over a process that only starts the tool
+and reads one checkpoint's header (the interpreter and the libraries, which the estimate does not count).
+Nothing is downloaded. Run from the repository root:
 
     PYTHONPATH=$PWD python scripts/bench_hf_memory.py --count 20 --workdir /tmp/hfmem
 
@@ -85,7 +87,10 @@ def main() -> None:
                            "--batch-size", "4", "--device", "cpu", *text],
         "swa": ["swa", str(run), "-o", str(args.workdir / "swa"), "--force"],
     }
-    print(f"{'command':16s} {'estimate GB':>12s} {'measured GB':>12s} {'ratio':>7s} {'seconds':>8s}")
+    baseline, _ = peak_rss_bytes(["inspect", str(run / "checkpoint-100"), "-q"])
+    print(f"start-up peak RSS {baseline / 1e9:.2f} GB (twa inspect of one checkpoint)")
+    print(f"{'command':16s} {'estimate GB':>12s} {'measured GB':>12s} {'growth GB':>10s} {'growth/estimate':>16s} "
+          f"{'seconds':>8s}")
     for name, command in commands.items():
         if name == "train-subspace" and not basis.exists():
             estimate = None  # the plan reads the basis's header: made by the run above
@@ -97,7 +102,9 @@ def main() -> None:
         measured, seconds = peak_rss_bytes(command)
         if estimate is None:
             estimate = plan(command)["peak_ram_bytes"]
-        print(f"{name:16s} {estimate / 1e9:12.2f} {measured / 1e9:12.2f} {measured / estimate:7.2f} {seconds:8.0f}")
+        grown = measured - baseline
+        print(f"{name:16s} {estimate / 1e9:12.2f} {measured / 1e9:12.2f} {grown / 1e9:10.2f} {grown / estimate:16.2f} "
+              f"{seconds:8.0f}")
 
 
 if __name__ == "__main__":

@@ -40,3 +40,18 @@ def test_init_starts_from_the_checkpoint_and_trains_on(tmp_path):
 def test_init_must_be_a_file(tmp_path):
     with pytest.raises(TwaError, match="--init"):
         sample(tmp_path / "x", _cfg(init=str(tmp_path / "missing.safetensors")))
+
+
+def test_the_step_schedule_cuts_at_half_and_three_quarters_of_any_number_of_epochs():
+    """As the paper's code: lr while epoch < 0.5 E, lr/10 while epoch < 0.75 E, then lr/100."""
+    from twa_cli.core.schedules import learning_rate
+
+    def lrs(epochs):
+        return [learning_rate("step", 2.0, epochs, e) for e in range(epochs)]
+
+    assert lrs(1) == [2.0]
+    assert lrs(2) == pytest.approx([2.0, 0.2])
+    assert lrs(4) == pytest.approx([2.0, 2.0, 0.2, 0.02])
+    assert lrs(5) == pytest.approx([2.0, 2.0, 2.0, 0.2, 0.02])
+    assert lrs(10) == pytest.approx([2.0] * 5 + [0.2] * 3 + [0.02] * 2)
+    assert lrs(40) == pytest.approx([2.0] * 20 + [0.2] * 10 + [0.02] * 10)

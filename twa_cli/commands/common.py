@@ -9,7 +9,7 @@ from typing import Any
 
 from twa_cli.core.selection import Selection, select_checkpoints
 from twa_cli.errors import TwaError
-from twa_cli.io.checkpoints import Checkpoint, Layout, check_compatible, list_folder
+from twa_cli.io.checkpoints import TASK_FIELDS, Checkpoint, Layout, check_compatible, list_folder
 from twa_cli.io.readers import ReadOptions
 from twa_cli.tasks.base import Task
 from twa_cli.tasks.resolve import Recorded, TaskRequest, resolve_task
@@ -27,7 +27,7 @@ def recorded(ckpt: Checkpoint) -> Recorded:
     from twa_cli.io.checkpoints import tensor_specs
     from twa_cli.tasks.hf import config_dir_of
 
-    fields = {key: ckpt.json_field(key) for key in ("arch", "data", "task", "hf", "hparams")}
+    fields = {key: ckpt.json_field(key) for key in (*TASK_FIELDS, "hparams")}
     fields["timm_arch"] = ckpt.meta.get("timm_arch")
     folder = config_dir_of(ckpt.path)
     shapes = {k: shape for k, (shape, _) in tensor_specs(ckpt).items()}
@@ -117,9 +117,7 @@ def subspace_names(request: TaskRequest, ckpts: list[Checkpoint]) -> tuple[list[
 def described(request: TaskRequest, ckpt: Checkpoint) -> dict[str, Any]:
     """What a file made from these checkpoints records about their task: the task the flags and the files
     resolve to where one can be resolved, else what the checkpoint itself recorded."""
-    rec = recorded(ckpt)
-    out = {k: v for k, v in (("arch", rec.arch), ("data", rec.data), ("task", rec.task), ("hf", rec.hf))
-           if v is not None}
+    out = ckpt.task_fields()
     folder = hf_folder(ckpt) if not out else None
     if folder is not None:  # later steps (a basis, a result) rebuild the model from this config
         out["hf"] = {"dir": str(folder.resolve()), "auto_class": None}

@@ -14,10 +14,10 @@ import torch
 from twa_cli.commands.common import (
     aligned,
     compatible,
+    described,
     hf_folder,
     knows_task,
     pick,
-    recorded,
     resolve_device,
     task_of,
 )
@@ -135,10 +135,10 @@ def swa(folder: str | Path, output: str | Path, request: SwaRequest | None = Non
                     "--no-bn-update" if has_data else "no architecture or data known")
     if out_dtype is not None:  # after BatchNorm recomputation the model's fp32 state comes back
         average = {k: v.to(out_dtype) if v.is_floating_point() else v for k, v in average.items()}
-    described = task.describe() if task is not None else recorded_fields(ckpts[0])
+    recorded_task = task.describe() if task is not None else described(request.task, ckpts[0])
     trainable = trainable_names(net) if net is not None else ckpts[0].trainable
     meta = make_metadata(
-        "average", invocation=invocation, **described, trainable=trainable,
+        "average", invocation=invocation, **recorded_task, trainable=trainable,
         command="swa --greedy" if request.greedy else "swa",
         sources=[Source.of(c, with_hash=False).to_dict() for c in ckpts], coefficients=coefficients,
         step=str(ckpts[-1].step) if ckpts[-1].step is not None else None, bn=result.bn,
@@ -174,8 +174,5 @@ def _recalibrated(net: torch.nn.Module, task: Task, average: dict[str, torch.Ten
     return average, bn, evaluate(net, task, "test", device=device)
 
 
-def recorded_fields(ckpt: Checkpoint) -> dict[str, Any]:
-    """What the first checkpoint recorded about its task, carried over to a model-free average."""
-    rec = recorded(ckpt)
-    return {k: v for k, v in (("arch", rec.arch), ("data", rec.data), ("task", rec.task)) if v is not None}
+
 

@@ -309,7 +309,7 @@ def orthogonalize(
         buffers=mean_of(ckpts, skip={name for name, _ in layout}),
         sources=[Source.of(c, hashes) for c in ckpts],
         dropped=dropped,
-        recorded=recorded if recorded is not None else recorded_task(ckpts[0]),
+        recorded=recorded if recorded is not None else ckpts[0].task_fields(),
     )
     basis.errors["orthogonality"] = orthogonality_error(basis.vectors, reduce)
     if not basis.errors["orthogonality"] <= ORTHOGONALITY_BOUND:
@@ -319,11 +319,6 @@ def orthogonalize(
         basis.vectors = _narrow_in_place(basis.vectors, torch_dtype(dtype))
         basis.errors["orthogonality_stored"] = orthogonality_error(basis.vectors, reduce)
     return basis
-
-
-def recorded_task(ckpt: Checkpoint) -> dict[str, Any]:
-    """What a checkpoint's metadata says about its task (arch, data, task), as JSON."""
-    return {key: ckpt.json_field(key, dict) for key in ("arch", "data", "task") if key in ckpt.meta}
 
 
 def _narrow_in_place(vectors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

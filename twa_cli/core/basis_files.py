@@ -120,7 +120,7 @@ def load_basis(path: str | Path, columns: tuple[int, int] | None = None) -> Basi
         buffers={k[len("buffer."):]: v for k, v in tensors.items() if k.startswith("buffer.")},
         sources=sources_of(ckpt),
         dropped=ckpt.json_field("dropped", list) or [],
-        recorded={key: ckpt.json_field(key, dict) for key in ("arch", "data", "task") if key in ckpt.meta},
+        recorded=ckpt.task_fields(),
         errors=ckpt.json_field("errors", dict) or {},
     )
 

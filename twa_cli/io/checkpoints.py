@@ -29,6 +29,9 @@ from twa_cli.units import dtype_name
 log = logging.getLogger("twa")
 
 TWA_TAG = "twa/1"
+# The metadata fields that say which task made a file (JSON objects: see twa_cli.tasks.resolve), carried from the
+# checkpoints to a basis and to the results made from them.
+TASK_FIELDS = ("arch", "data", "task", "hf")
 # Kinds of file the tool writes that are not checkpoints (folder listings skip them).
 OTHER_KINDS = ("basis", "train-state")
 
@@ -77,6 +80,10 @@ class Checkpoint:
         if names is not None and not all(isinstance(n, str) for n in names):
             raise TwaError(f"{self.path}: metadata field 'trainable' is not a list of tensor names")
         return names
+
+    def task_fields(self) -> dict[str, Any]:
+        """What the metadata says about the task that made the file (`TASK_FIELDS`, those present)."""
+        return {key: self.json_field(key, dict) for key in TASK_FIELDS if key in self.meta}
 
     def json_field(self, key: str, kind: type | None = None) -> Any:
         raw = self.meta.get(key)
