@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -301,7 +302,7 @@ def test_resume_with_a_new_lr_trains_at_that_lr(mlp_run, tmp_path, twa, monkeypa
     result = twa("train-subspace", basis, "-o", out, "--epochs", "3", "--device", "cpu", "--resume", "--lr", "0.001")
     assert "--lr 0.001" in result.stderr
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [e["lr"] for e in epochs[1:]] == pytest.approx([1e-4, 1e-5])  # the step schedule from the new lr
+    assert [e["lr"] for e in epochs[1:]] == pytest.approx([1e-3, 1e-4])  # the step schedule from the new lr
     assert epochs[0]["lr"] != 0.001
 
 
@@ -377,3 +378,133 @@ def test_force_over_a_finished_run_replaces_its_files(mlp_run, tmp_path, twa):
     assert len(report["coefficients"]) == len(list_folder(mlp_run))  # the new run's, not the old 5
     assert len(json.loads(read_checkpoint(out / "basis.safetensors").meta["sources"])) == len(report["coefficients"])
     assert (out / "notes.txt").read_text() == "mine"  # what the tool did not write stays
+
+
+# ---------------------------------------------------------------------------------------------- found by attack
+
+
+def test_recorded_model_arguments_cannot_switch_on_a_download(mlp_run, tmp_path, twa):
+    """A file's arch may name a torchvision model, never the arguments that make torchvision fetch weights."""
+    folder = tmp_path / "ckpts"
+    _hostile_copy(mlp_run, folder, "arch", {"name": "torchvision:lraspp_mobilenet_v3_large",
+                                            "kwargs": {"num_classes": 10, "weights_backbone": "DEFAULT"}})
+    home = tmp_path / "torch-home"
+    os.environ["TORCH_HOME"] = str(home)
+    try:
+        result = twa("eval", folder / "ckpt-00000000.safetensors", check=False)
+    finally:
+        del os.environ["TORCH_HOME"]
+    _one_line_refusal(result, str(folder / "ckpt-00000000.safetensors"), "weights_backbone")
+    assert not home.exists()
+
+
+def test_config_from_never_chooses_the_output_nor_a_download(mlp_run, tmp_path, twa):
+    result = tmp_path / "result.safetensors"
+    meta = dict(read_checkpoint(sorted(mlp_run.glob("ckpt-*.safetensors"))[-1]).meta)
+    meta["invocation"] = json.dumps({"command": "sample", "options": {
+        "download": True, "data": "mnist", "data_dir": str(tmp_path / "dl" / "x"), "model": "mlp", "epochs": 1,
+        "out": str(tmp_path / "elsewhere" / "deep")}})
+    save_tensors(result, {"w": torch.zeros(1)}, meta)
+    refused = twa("sample", tmp_path / "mine", "--config-from", result, check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert not (tmp_path / "dl").exists() and not (tmp_path / "elsewhere").exists()
+
+
+def test_config_from_a_code_name_in_any_shape_is_refused(mlp_run, tmp_path, twa, monkeypatch):
+    marker = tmp_path / "PWNED"
+    (tmp_path / "['evilmod.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('x')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = tmp_path / "cf.safetensors"
+    meta = dict(read_checkpoint(sorted(mlp_run.glob("ckpt-*.safetensors"))[-1]).meta)
+    meta["invocation"] = json.dumps({"command": "sample", "options": {"model": ["evilmod:build"], "data": "digits",
+                                                                       "epochs": 1}})
+    save_tensors(result, {"w": torch.zeros(1)}, meta)
+    refused = twa("sample", tmp_path / "o", "--config-from", result, check=False)
+    _one_line_refusal(refused, str(result), "--model")
+    assert not marker.exists()
+
+
+def test_a_result_never_removes_an_input_named_like_a_shard(mlp_run, tmp_path, twa):
+    folder = tmp_path / "g2"
+    folder.mkdir()
+    ckpts = sorted(mlp_run.glob("ckpt-*.safetensors"))
+    shutil.copy(ckpts[-1], folder / "model-00001-of-00002.safetensors")
+    shutil.copy(ckpts[-2], folder / "model-00002-of-00002.safetensors")
+    twa("swa", folder / "model-00001-of-00002.safetensors", "-o", folder / "model.safetensors", "--no-bn-update")
+    assert (folder / "model-00001-of-00002.safetensors").exists() and (folder / "model-00002-of-00002.safetensors").exists()
+
+
+def test_train_subspace_never_writes_into_the_folder_its_basis_was_made_from(mlp_run, tmp_path, twa):
+    run = tmp_path / "run"
+    shutil.copytree(mlp_run, run)
+    basis = tmp_path / "basis.safetensors"
+    twa("orthogonalize", run, "-o", basis)
+    before = snapshot(run)
+    for extra in ([], ["--init", "last"], ["--affine"]):
+        result = twa("train-subspace", basis, "-o", run, "--force", "--epochs", "1", *extra, check=False)
+        _one_line_refusal(result, str(run))
+    assert snapshot(run) == before
+
+
+_KILLED_WRITE = """
+import os, signal, sys
+from pathlib import Path
+calls = {"n": 0}
+target = int(sys.argv[1])
+
+def dying(real):
+    def wrapped(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == target:
+            os.kill(os.getpid(), signal.SIGKILL)  # as kill -9: no cleanup runs
+        return real(*args, **kwargs)
+    return wrapped
+
+os.link, os.replace, Path.unlink = dying(os.link), dying(os.replace), dying(Path.unlink)
+from twa_cli.cli import main
+main(sys.argv[2:])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("before,after", [("30KB", "30KB"), ("30KB", None), (None, "30KB")])
+def test_a_write_killed_at_any_step_leaves_the_old_result_or_the_new_one(mlp_run, tmp_path, twa, before, after):
+    """kill -9 after each file operation of a result's replacement: the folder always lists exactly one result,
+    whole, the old one or the new one; the next write clears what the kill left."""
+    out = tmp_path / "res" / "avg.safetensors"
+    shard = lambda size: ["--max-shard-size", size] if size else []  # noqa: E731
+    twa("swa", mlp_run, "-o", out, "--end", "3", "--no-bn-update", *shard(before))
+    old = load_tensors(_results(out.parent)[0])
+    new = None
+    for step in range(1, 40):
+        argv = ["swa", str(mlp_run), "-o", str(out), "--start", "3", "--no-bn-update", "--force", *shard(after)]
+        done = subprocess.run([sys.executable, "-c", _KILLED_WRITE, str(step), *argv], capture_output=True, text=True)
+        listed = _results(out.parent)
+        assert len(listed) == 1, [p.name for p in listed]
+        got = load_tensors(listed[0])
+        if done.returncode == 0:  # the write finished before the step-th operation: every step was tried
+            new = got
+            break
+        assert done.returncode == -signal.SIGKILL, done.stderr
+        assert all(torch.equal(got[k], old[k]) for k in old) or (
+            new is not None and all(torch.equal(got[k], new[k]) for k in new)) or _is_average_of(got, mlp_run, 3)
+    assert new is not None and _is_average_of(new, mlp_run, 3)
+    twa("swa", mlp_run, "-o", out, "--start", "3", "--no-bn-update", "--force", *shard(after))
+    names = {p.name for p in out.parent.iterdir()}
+    written = {out.name} if after is None else \
+        {out.name + ".index.json", *json.loads(out.with_name(out.name + ".index.json").read_text())["weight_map"].values()}
+    assert names == written, names - written
+
+
+def _results(folder: Path) -> list[Path]:
+    """What a folder listing sees as checkpoints there (averages included)."""
+    from twa_cli.io.readers import checkpoint_paths
+
+    return checkpoint_paths(folder)
+
+
+def _is_average_of(tensors: dict, run: Path, start: int) -> bool:
+    ckpts = list_folder(run)[start:]
+    first = next(k for k, v in tensors.items() if v.is_floating_point())
+    mean = torch.stack([load_tensors(c)[first].double() for c in ckpts]).mean(0)
+    return torch.allclose(tensors[first].double(), mean, atol=1e-6)

@@ -21,6 +21,8 @@ from twa_cli.tasks.hooks import is_code_name
 NOT_RECORDED = frozenset({"config", "config_from", "json_out", "quiet", "force", "resume", "dry_run", "debug"})
 # Options whose value may name the user's code: taken from the user's own config file, never from a result.
 CODE_OPTIONS = {"model": "--model", "data": "--data", "task": "--task"}
+# Options a result file never sets for `--config-from`: where to write (the user chooses), and downloads.
+NEVER_RECORDED_INTO = frozenset({"out", "output", "download"})
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -92,8 +94,10 @@ def recorded_options(path: str | Path) -> tuple[str, dict[str, Any]]:
     return str(invocation.get("command")), dict(invocation["options"])
 
 
-def code_refusal(path: str | Path, key: str, value: str) -> str:
+def code_refusal(path: str | Path, key: str, value: Any) -> str:
     flag = CODE_OPTIONS[key]
+    if not isinstance(value, str):
+        return f"{path}: --config-from: the recorded {flag} is {value!r}, not a name; give {flag} yourself"
     return (f"{path}: --config-from: the recorded {flag} {value} is Python code; the tool runs code only when you "
             f"name it: repeat it as {flag} {value} if you trust it")
 
@@ -120,9 +124,9 @@ def apply_recorded(ctx: Any, path: Path) -> Path:
     known = {p.name for p in ctx.command.params}
     taken = {}
     for key, value in options.items():
-        if key not in known or key in NOT_RECORDED or value is None:
+        if key not in known or key in NOT_RECORDED or key in NEVER_RECORDED_INTO or value is None:
             continue
-        if key in CODE_OPTIONS and isinstance(value, str) and is_code_name(value):
+        if key in CODE_OPTIONS and (not isinstance(value, str) or is_code_name(value)):
             # Never the user's word: refused unless they give the flag themselves (checked once parsed).
             ctx.meta.setdefault("twa_refused", []).append((key, code_refusal(path, key, value)))
             continue

@@ -54,6 +54,7 @@ from twa_cli.core.training import (
 from twa_cli.core.variants import GRANULARITIES, Report, build_variant
 from twa_cli.errors import Diverged, TwaError
 from twa_cli.io.checkpoints import Checkpoint, Source, load_tensors, make_metadata, read_checkpoint
+from twa_cli.io.outputs import check_not_an_input
 from twa_cli.io.readers import ReadOptions
 from twa_cli.io.runfiles import (
     BASIS_FILE,
@@ -200,6 +201,8 @@ def train_subspace(src: str | Path, out: str | Path | None = None, cfg: Subspace
         folder = RunFolder(out, resume=resume, force=force, inputs=[src, *init_file])
         placement.barrier()  # every rank has checked `out` before any creates it
         inputs = _inputs(src, out, cfg, placement, resume)
+        # The checkpoints a basis spans are inputs too (--init last and the variants read them): never write there.
+        check_not_an_input(out, {Path(s.path).parent for s in inputs.basis.sources}, folder=True)
         if cfg.variant and placement.world > 1:
             raise TwaError("--affine and --granularity layer run in a single process, not under torchrun")
         return _train(inputs, folder, cfg, placement, device, resume, reporter, invocation)

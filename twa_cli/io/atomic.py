@@ -52,16 +52,35 @@ def parents_made(path: Path) -> Iterator[None]:
 
 
 def temp_name(path: Path, kind: str = "tmp") -> Path:
-    return path.parent / f".{path.name}.{os.urandom(4).hex()}.{kind}"
+    """A hidden name beside `path` that says which process writes it (`.NAME.<pid>-<random>.tmp`)."""
+    return path.parent / f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.{kind}"
 
 
-def remove_stale_temps(path: Path) -> None:
-    """Temporaries a killed write of `path` left behind."""
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+def remove_stale_temps(path: Path, pattern: str | None = None) -> None:
+    """Temporaries that a killed write of `path` (or of any name matching the glob `pattern`) left behind:
+    those of processes no longer running, never a live writer's."""
+    for stale in path.parent.glob(f".{pattern or glob.escape(path.name)}.*.tmp"):
+        if _writer_alive(stale.name):
+            continue
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
         else:
             stale.unlink(missing_ok=True)
+
+
+def _writer_alive(name: str) -> bool:
+    """Whether the process that named this temporary (`.NAME.<pid>-<random>.tmp`) is still running."""
+    tag = name.rsplit(".", 2)[-2]
+    pid = tag.split("-", 1)[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _umask() -> int:

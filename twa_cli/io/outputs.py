@@ -43,3 +43,23 @@ def check_output(path: Path, force: bool, inputs: Iterable[str | Path] = (), fol
     check_not_an_input(path, inputs, folder)
     if path.exists() and not force:
         raise TwaError(f"{path}: already exists (pass --force to overwrite it)")
+
+
+def check_not_replacing(output: Path, replaced: Iterable[Path], inputs: Iterable[str | Path]) -> None:
+    """Writing `output` replaces or removes the files `replaced` (an earlier result's): none may be an input, one of
+    an input's shards, or inside an input folder."""
+    from twa_cli.io.readers import checkpoint_files
+
+    protected: set[Path] = set()
+    folders: list[Path] = []
+    for given in inputs:
+        src = Path(given).resolve()
+        if src.is_dir():
+            folders.append(src)
+        elif src.exists():
+            protected |= {p.resolve() for p in checkpoint_files(src)}
+    for path in replaced:
+        target = path.resolve()
+        if target in protected or any(_within(target, f) for f in folders):
+            raise TwaError(f"{output}: writing it would replace {path}, an input of this command; choose another "
+                           "output")

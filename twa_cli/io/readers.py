@@ -388,14 +388,15 @@ def shard_files(index: Path) -> list[Path]:
 
 
 def checkpoint_paths(folder: Path) -> list[Path]:
-    """The checkpoints directly in a folder: weight files and shard indexes (not the shards they name), and
-    subfolders that are Hugging Face checkpoints. A folder that is itself one model is returned alone."""
+    """The checkpoints directly in a folder: weight files and shard indexes, and subfolders that are Hugging Face
+    checkpoints. A shard is never a checkpoint on its own (it is read through its index), and `NAME.safetensors`
+    beside `NAME.safetensors.index.json` is superseded by the index (the writer's order keeps the index current).
+    A folder that is itself one model is returned alone."""
     entries = sorted(folder.iterdir())
     indexes = [p for p in entries if p.is_file() and p.name.endswith(INDEX_SUFFIX) and is_checkpoint_file(p)]
-    in_shards: set[Path] = set()
-    for index in indexes:
-        in_shards |= set(shard_files(index))
-    files = [p for p in entries if p.is_file() and is_checkpoint_file(p) and p not in in_shards]
+    superseded = {p.with_name(p.name[: -len(INDEX_SUFFIX)]) for p in indexes}
+    files = [p for p in entries if p.is_file() and is_checkpoint_file(p) and not SHARD.match(p.name)
+             and p not in superseded]
     subfolders = [p for p in entries if p.is_dir() and not p.name.startswith(".") and hf_weights(p) is not None]
     if not subfolders and hf_weights(folder) is not None and _one_model(files):
         return [folder]

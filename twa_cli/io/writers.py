@@ -14,6 +14,7 @@ was.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -26,7 +27,7 @@ import torch
 from twa_cli.errors import TwaError
 from twa_cli.io import readers
 from twa_cli.io.atomic import parents_made, remove_stale_temps, staged_folder, temp_name, write_bytes
-from twa_cli.io.outputs import check_output
+from twa_cli.io.outputs import check_not_replacing, check_output
 from twa_cli.io.safetensors import save_tensors
 
 SUFFIX = ".safetensors"
@@ -62,12 +63,18 @@ class ResultTarget:
         return is_folder_output(self.path)
 
     def check(self, force: bool, inputs: list[Path]) -> None:
-        """Before any work: the output is not in the way of an input, nor of a result without --force."""
+        """Before any work: the output is not in the way of an input, nor of a result without --force, and no
+        file it would replace or remove is an input."""
         path = self.path if self.folder else result_file(self.path)
         check_output(path, force, inputs, folder=self.folder)
-        if not self.folder:
-            index = path.with_name(path.name + readers.INDEX_SUFFIX)
-            check_output(index, force, inputs)
+        if self.folder:
+            _check_replaceable_folder(path, force)
+            return
+        index = path.with_name(path.name + readers.INDEX_SUFFIX)
+        check_output(index, force, inputs)
+        old_index, old_shards = _existing_set(path, index)
+        replaced = [p for p in (path, old_index, *old_shards) if p is not None and p.exists()]
+        check_not_replacing(self.path, replaced, inputs)
 
 
 def write_result(target: ResultTarget, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
@@ -89,25 +96,34 @@ def write_result(target: ResultTarget, tensors: Mapping[str, torch.Tensor], meta
 def write_weights(folder: Path, stem: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
                   max_shard_size: int | None, *, exclusive: bool) -> Path:
     """`stem.safetensors`, or shards and `stem.safetensors.index.json`, in `folder`, replacing an earlier set of
-    the same name whole. Returns the file or index to read back."""
+    the same name whole. Returns the file or index to read back.
+
+    The order makes every moment readable: an index present is the current result (folder listings skip a
+    `stem.safetensors` beside it, and never list a shard on its own). A single file is written first, then the
+    old index is removed, then its shards; a sharded set is written under free names (hidden until complete),
+    then its index, then the old files are removed. A kill in between leaves, at worst, shards no index names:
+    hidden from listings, and removed by the next write of this name (they carry a mark saying they are ours)."""
     single = folder / f"{stem}{SUFFIX}"
     index = folder / f"{stem}{SUFFIX}{readers.INDEX_SUFFIX}"
-    old = _existing_set(single, index)
+    remove_stale_temps(single, f"{glob.escape(stem)}-[0-9]*-of-[0-9]*{SUFFIX}")  # shards a kill left unnamed
+    old_index, old_shards = _existing_set(single, index)
     groups = split_shards(tensors, max_shard_size) if max_shard_size is not None else [list(tensors)]
     if len(groups) == 1:
-        save_tensors(single, tensors, metadata, exclusive=exclusive)
-        _remove(old - {single})
+        save_tensors(single, tensors, metadata, exclusive=exclusive and old_index is None)
+        _remove([old_index] if old_index else [])
+        _remove(old_shards)
         return single
     names = _free_shard_names(folder, stem, len(groups))
     temps: list[tuple[Path, Path]] = []
     placed: list[Path] = []
     try:
-        for name, keys in zip(names, groups, strict=True):
+        for i, (name, keys) in enumerate(zip(names, groups, strict=True)):
             final = folder / name
             remove_stale_temps(final)
             tmp = temp_name(final)
             temps.append((tmp, final))
-            save_tensors(tmp, {k: tensors[k] for k in keys}, metadata, exclusive=True)
+            mark = {**dict(metadata), SHARD_MARK: f"{i + 1}/{len(groups)}"}
+            save_tensors(tmp, {k: tensors[k] for k in keys}, mark, exclusive=True)
         for tmp, final in temps:
             os.link(tmp, final)  # the names were free: a name taken meanwhile fails here
             placed.append(final)
@@ -115,26 +131,55 @@ def write_weights(folder: Path, stem: str, tensors: Mapping[str, torch.Tensor], 
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map = {k: name for name, keys in zip(names, groups, strict=True) for k in keys}
         body = {"metadata": {"total_size": total, **dict(metadata)}, "weight_map": weight_map}
-        write_bytes(index, (json_text(body)).encode(), exclusive=exclusive)
+        write_bytes(index, (json_text(body)).encode(), exclusive=exclusive and not single.exists())
     except BaseException:
-        _remove({tmp for tmp, _ in temps} | set(placed))
+        _remove([tmp for tmp, _ in temps] + placed)
         raise
-    _remove(old - set(placed) - {index})
+    _remove([single] if single.exists() else [])
+    _remove([p for p in old_shards if p not in placed])
     return index
 
 
-def _existing_set(single: Path, index: Path) -> set[Path]:
-    """The files of an earlier result of this name: its single file, index and shards (also stray shards)."""
-    found = {p for p in (single, index) if p.exists()}
-    if index.exists():
+def _check_replaceable_folder(path: Path, force: bool) -> None:
+    """--force replaces a folder result whole: only a folder holding what such a result holds (weights, their
+    index, configuration and tokenizer files), never one with other files in it."""
+    if not (force and path.is_dir()):
+        return
+    others = [p for p in path.iterdir()
+              if not (p.name.endswith((SUFFIX, readers.INDEX_SUFFIX)) or p.suffix in MODEL_FILE_SUFFIXES)]
+    if others:
+        raise TwaError(f"{path}: holds {others[0].name}, which is not part of a model folder; --force replaces only "
+                       "a folder this tool (or save_pretrained) wrote")
+
+
+# Metadata key marking a shard this tool wrote, so that a shard no index names (left by a kill) can be removed.
+SHARD_MARK = "twa_shard"
+
+
+def _existing_set(single: Path, index: Path) -> tuple[Path | None, list[Path]]:
+    """An earlier sharded result of this name: its index (or None) and its shards, plus shards of this name the
+    tool wrote that no index names (a kill left them). Files the tool did not write are never in the set."""
+    shards: set[Path] = set()
+    old_index = index if index.exists() else None
+    if old_index is not None:
         try:
-            found |= set(readers.shard_files(index))
+            shards |= set(readers.shard_files(index))
         except TwaError:
-            pass  # a damaged index: its shards are found by name below
+            pass  # a damaged index: only our own marked shards are found, below
     stem = single.name[: -len(SUFFIX)]
     pattern = re.compile(rf"^{re.escape(stem)}-\d{{5}}-of-\d{{5}}(\.[0-9a-f]{{8}})?{re.escape(SUFFIX)}$")
-    found |= {p for p in single.parent.glob(f"{stem}-*{SUFFIX}") if pattern.match(p.name)}
-    return found
+    for path in single.parent.glob(f"{stem}-*{SUFFIX}"):
+        if pattern.match(path.name) and path not in shards and _marked_shard(path):
+            shards.add(path)
+    return old_index, sorted(shards)
+
+
+def _marked_shard(path: Path) -> bool:
+    try:
+        with readers.reading(path) as reader:
+            return SHARD_MARK in reader.metadata()
+    except TwaError:
+        return False
 
 
 def _free_shard_names(folder: Path, stem: str, count: int) -> list[str]:
@@ -146,7 +191,7 @@ def _free_shard_names(folder: Path, stem: str, count: int) -> list[str]:
     return [n[: -len(SUFFIX)] + f".{tag}{SUFFIX}" for n in names]
 
 
-def _remove(paths: set[Path]) -> None:
+def _remove(paths: list[Path]) -> None:
     for path in paths:
         path.unlink(missing_ok=True)
 

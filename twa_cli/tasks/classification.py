@@ -43,7 +43,8 @@ class ClassificationTask(Task):
     selection_metric = ("accuracy", True)
 
     def __init__(self, arch: Mapping[str, Any], data: Mapping[str, Any], *, user_model: bool = False,
-                 user_data: bool = False, download: bool = False):
+                 user_data: bool = False, download: bool = False, source: str | None = None):
+        self.source = source  # the file the description was read from, for messages
         self.arch = dict(arch)
         self.data_spec = dict(data)
         self._user_model = user_model
@@ -66,7 +67,7 @@ class ClassificationTask(Task):
         return load_data(self.data_spec, allow_code=self._user_data, download=self._download)
 
     def build_model(self) -> nn.Module:
-        return build_model(self.arch, allow_code=self._user_model)
+        return build_model(self.arch, allow_code=self._user_model, source=None if self._user_model else self.source)
 
     def dataset(self, split: str, *, augment: bool) -> Dataset | None:
         data = self.data

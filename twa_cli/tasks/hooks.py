@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -25,9 +26,12 @@ def is_code_name(name: str) -> bool:
     return ":" in name and not name.startswith(REGISTRY_PREFIXES)
 
 
+DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
 def import_callable(name: str, flag: str) -> Callable[..., Any]:
     module_name, _, attr = name.partition(":")
-    if not module_name or not attr:
+    if not (DOTTED.match(module_name) and DOTTED.match(attr)):
         raise TwaError(f"{flag} {name}: expected package.module:callable")
     try:
         target: Any = importlib.import_module(module_name)

@@ -165,14 +165,19 @@ class VGG16BN(nn.Module):
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
 
+# The only arguments a torchvision or timm model is built with: its size. Anything else a description might pass
+# (torchvision's `weights_backbone`, timm's `pretrained_cfg_overlay`) could make the library fetch weights.
+SIZE_ARGUMENTS = frozenset({"num_classes", "in_channels", "image_size"})
+
+
 def _torchvision(name: str) -> Builder:
-    def build(num_classes: int = 1000, in_channels: int = 3, **kwargs: Any) -> nn.Module:
+    def build(num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
         import torchvision
 
         if in_channels != 3:
             raise TwaError(f"torchvision model '{name}' expects 3 input channels, the data has {in_channels}")
         try:
-            return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+            return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
         except ValueError as exc:
             raise TwaError(f"unknown torchvision model '{name}' ({exc})") from exc
 
@@ -182,7 +187,7 @@ def _torchvision(name: str) -> Builder:
 def _timm(name: str) -> Builder:
     """A timm model by its registry name, with random weights (`pretrained=False`: nothing is downloaded)."""
 
-    def build(num_classes: int = 1000, in_channels: int = 3, **kwargs: Any) -> nn.Module:
+    def build(num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
         try:
             import timm
         except ImportError as exc:
@@ -247,34 +252,37 @@ def model_spec(name: str, num_classes: int, in_channels: int, image_size: int, *
     return {"name": name, "kwargs": kwargs}
 
 
-def build_model(spec: Mapping[str, Any], *, allow_code: bool = False) -> nn.Module:
+def build_model(spec: Mapping[str, Any], *, allow_code: bool = False, source: str | None = None) -> nn.Module:
     """Instantiate the architecture a spec describes. `allow_code`: the user named this spec, so a
-    `package.module:callable` in it may be imported."""
+    `package.module:callable` in it may be imported; `source`: the file the spec was read from, for messages."""
+    where = f"{source}: " if source else ""
     valid = isinstance(spec, Mapping) and isinstance(spec.get("name"), str)
     if not (valid and isinstance(spec.get("kwargs", {}), dict)):
-        raise TwaError(f"not an architecture description: {dict(spec) if isinstance(spec, Mapping) else spec!r}")
+        raise TwaError(f"{where}not an architecture description: "
+                       f"{dict(spec) if isinstance(spec, Mapping) else spec!r}")
     name, kwargs = spec["name"], dict(spec.get("kwargs", {}))
     if name in MODELS:
         builder = MODELS[name]
-    elif name.startswith("torchvision:"):
+    elif name.startswith(("torchvision:", "timm:")):
+        unknown = sorted(set(kwargs) - SIZE_ARGUMENTS)
+        if unknown:
+            raise TwaError(f"{where}the model '{name}' is described with '{unknown[0]}'; a {name.split(':')[0]} model "
+                           f"is built from its size alone ({', '.join(sorted(SIZE_ARGUMENTS))})")
         kwargs.pop("image_size", None)
-        builder = _torchvision(name.split(":", 1)[1])
-    elif name.startswith("timm:"):
-        kwargs.pop("image_size", None)
-        builder = _timm(name.split(":", 1)[1])
+        builder = (_torchvision if name.startswith("torchvision:") else _timm)(name.split(":", 1)[1])
     elif is_code_name(name):
         if not allow_code:
-            raise TwaError(f"the model '{name}' is Python code named by a file, not by you; pass --model {name} "
-                           "to run it")
+            raise TwaError(f"{where}the model '{name}' is Python code named by a file, not by you; pass --model "
+                           f"{name} to run it")
         return _call_user_builder(name, kwargs)
     else:
-        raise TwaError(f"unknown model '{name}'; known: {known_models()}")
+        raise TwaError(f"{where}unknown model '{name}'; known: {known_models()}")
     try:
         return builder(**kwargs)
     except TwaError:
         raise
     except (TypeError, ValueError, RuntimeError) as exc:  # a damaged or hand-edited description
-        raise TwaError(f"model '{name}' cannot be built with {kwargs}: {exc}") from exc
+        raise TwaError(f"{where}model '{name}' cannot be built with {kwargs}: {exc}") from exc
 
 
 def _call_user_builder(name: str, kwargs: dict[str, Any]) -> nn.Module:

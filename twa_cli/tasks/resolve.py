@@ -196,7 +196,7 @@ def classification_task(request: TaskRequest, recorded: Recorded, *, need_data: 
     if data is None and need_data:
         raise TwaError(f"{recorded.source}: the checkpoints name no data set; pass --data")
     return ClassificationTask(dict(recorded.arch), data or {}, user_model=False, user_data=user_data,
-                              download=request.download)
+                              download=request.download, source=recorded.source)
 
 
 def _timm_sized(model: str, recorded: Recorded, data: dict[str, Any] | None, user_data: bool) -> dict[str, Any]:
