@@ -14,7 +14,7 @@ def test_the_readme_library_example_runs(tmp_path, monkeypatch):
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(code, str(README), "exec"), namespace)  # noqa: S102 (the project's own README)
+    exec(compile(code, str(README), "exec"), namespace)
     result, scored = namespace["result"], namespace["scored"]
     assert len(result.report.alpha) == 5 and abs(sum(result.report.alpha) - 1) < 0.5
     assert scored.test.accuracy == pytest.approx(result.test.accuracy)

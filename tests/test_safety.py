@@ -23,6 +23,7 @@ from helpers import snapshot
 
 from twa_cli.core.basis import orthogonalize
 from twa_cli.core.basis_files import save_basis
+from twa_cli.errors import TwaError
 from twa_cli.io.checkpoints import list_folder, load_tensors, read_checkpoint
 from twa_cli.io.safetensors import save_tensors
 
@@ -369,15 +370,81 @@ def test_mixed_precisions_are_said_and_averaged_in_the_widest(mlp_run, tmp_path,
     assert all(t.dtype == torch.float32 for t in average.values())
 
 
-def test_force_over_a_finished_run_replaces_its_files(mlp_run, tmp_path, twa):
+def test_force_over_a_finished_run_replaces_it_whole(mlp_run, tmp_path, twa):
     out = tmp_path / "twa"
     twa("train-subspace", mlp_run, "-o", out, "--epochs", "1", "--device", "cpu", "--end", "5")
-    (out / "notes.txt").write_text("mine")
     twa("train-subspace", mlp_run, "-o", out, "--epochs", "1", "--device", "cpu", "--force")
     report = json.loads((out / "coefficients.json").read_text())
     assert len(report["coefficients"]) == len(list_folder(mlp_run))  # the new run's, not the old 5
     assert len(json.loads(read_checkpoint(out / "basis.safetensors").meta["sources"])) == len(report["coefficients"])
-    assert (out / "notes.txt").read_text() == "mine"  # what the tool did not write stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["twa"]  # nothing left beside it
+
+
+def test_force_refuses_a_run_folder_holding_files_it_did_not_write(mlp_run, tmp_path, twa):
+    out = tmp_path / "twa"
+    twa("train-subspace", mlp_run, "-o", out, "--epochs", "1", "--device", "cpu", "--end", "5")
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    result = twa("train-subspace", mlp_run, "-o", out, "--epochs", "1", "--device", "cpu", "--force", check=False)
+    _one_line_refusal(result, str(out), "notes.txt", "did not write")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_failed_force_run_leaves_the_old_result_as_it_was(mlp_run, tmp_path, twa):
+    out = tmp_path / "twa"
+    twa("train-subspace", mlp_run, "-o", out, "--epochs", "1", "--device", "cpu", "--end", "5")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    result = twa("train-subspace", mlp_run, "-o", out, "--epochs", "2", "--lr", "1e9", "--no-lr-check",
+                 "--device", "cpu", "--force", check=False)
+    assert result.returncode == 1 and "diverged" in result.stderr, result.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["twa"]  # nothing resumable: the partial run is gone
+
+
+def test_a_force_run_that_fails_later_resumes_beside_the_old_result(tmp_path, twa, monkeypatch):
+    out = tmp_path / "run"
+    common = ["--model", "mlp", "--batch-size", "64", "--device", "cpu"]
+    twa("sample", out, *common, "--epochs", "1")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    from twa_cli.commands import sample as sampling
+
+    calls = []
+
+    def fail_in_the_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return save_train_state(*args, **kwargs)
+
+    save_train_state = sampling.save_train_state
+    monkeypatch.setattr(sampling, "save_train_state", fail_in_the_second_epoch)
+    result = twa("sample", out, *common, "--epochs", "2", "--lr", "0.05", "--force", check=False)
+    monkeypatch.undo()
+    assert result.returncode == 1, result.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old result, untouched
+    partial = tmp_path / "run.partial"
+    assert (partial / "train-state.safetensors").exists()
+    twa("sample", out, *common, "--epochs", "2", "--lr", "0.05", "--resume")
+    assert not partial.exists() and len(list(out.glob("ckpt-*.safetensors"))) == 3  # the new run, swapped in
+    assert json.loads(read_checkpoint(out / "train-state.safetensors").meta["state"])["epochs_done"] == 2
+
+
+def test_two_runs_cannot_claim_the_same_folder(tmp_path):
+    from twa_cli.commands.runfolder import RunFolder
+
+    new = tmp_path / "new"
+    first, second = RunFolder(new, resume=False, force=False), RunFolder(new, resume=False, force=False)
+    first.claim()
+    with pytest.raises(TwaError, match="created by another process"):
+        second.claim()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    first, second = RunFolder(empty, resume=False, force=False), RunFolder(empty, resume=False, force=False)
+    first.claim()
+    with pytest.raises(TwaError, match="another twa process is writing"):
+        second.claim()
+    first.abandon()
+    second.claim()  # free again once the first is done
 
 
 # ---------------------------------------------------------------------------------------------- found by attack
@@ -431,7 +498,7 @@ def test_a_result_never_removes_an_input_named_like_a_shard(mlp_run, tmp_path, t
     shutil.copy(ckpts[-1], folder / "model-00001-of-00002.safetensors")
     shutil.copy(ckpts[-2], folder / "model-00002-of-00002.safetensors")
     twa("swa", folder / "model-00001-of-00002.safetensors", "-o", folder / "model.safetensors", "--no-bn-update")
-    assert (folder / "model-00001-of-00002.safetensors").exists() and (folder / "model-00002-of-00002.safetensors").exists()
+    assert all((folder / f"model-0000{i}-of-00002.safetensors").exists() for i in (1, 2))
 
 
 def test_train_subspace_never_writes_into_the_folder_its_basis_was_made_from(mlp_run, tmp_path, twa):
@@ -491,8 +558,8 @@ def test_a_write_killed_at_any_step_leaves_the_old_result_or_the_new_one(mlp_run
     assert new is not None and _is_average_of(new, mlp_run, 3)
     twa("swa", mlp_run, "-o", out, "--start", "3", "--no-bn-update", "--force", *shard(after))
     names = {p.name for p in out.parent.iterdir()}
-    written = {out.name} if after is None else \
-        {out.name + ".index.json", *json.loads(out.with_name(out.name + ".index.json").read_text())["weight_map"].values()}
+    index = out.with_name(out.name + ".index.json")
+    written = {out.name} if after is None else {index.name, *json.loads(index.read_text())["weight_map"].values()}
     assert names == written, names - written
 
 

@@ -635,7 +635,7 @@ def inspect_(
 class _interruptible:
     """Ctrl-C during training: stop cleanly and say how to continue."""
 
-    def __init__(self, out: Path, output: Output):
+    def __init__(self, out: Path | None, output: Output):
         self.out = out
         self.output = output
 
@@ -646,11 +646,12 @@ class _interruptible:
         from twa_cli.cli.signals import Interrupted
 
         if kind is not None and issubclass(kind, (KeyboardInterrupt, Interrupted)):
-            from twa_cli.io.runfiles import STATE_FILE
+            from twa_cli.io.runfiles import state_of
 
-            if (self.out / STATE_FILE).exists():
-                self.output.error(f"interrupted; the last completed epoch is saved in {self.out / STATE_FILE}: "
-                                  "run the same command with --resume to continue")
+            state = state_of(self.out) if self.out is not None else None
+            if state is not None:
+                self.output.error(f"interrupted; the last completed epoch is saved in {state}: run the same "
+                                  "command with --resume to continue")
             else:
                 self.output.error("interrupted in the first epoch, before anything could be resumed: run the "
                                   "command again")

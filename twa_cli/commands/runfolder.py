@@ -1,58 +1,110 @@
 """The folder a training command (`sample`, `train-subspace`) writes as it goes, and leaves resumable.
 
-A new run folder is claimed exclusively (of two processes starting the same run, the second fails). A run that
-fails before its first epoch is saved leaves nothing: the folder it created is removed. After that, the state
-of the last completed epoch stays for `--resume`, and the error says so.
+A new run folder is claimed exclusively: of two processes starting the same run, the second fails (a lock on
+the folder, held while the run writes, covers an existing empty folder and resuming too). `--force` over a
+finished run builds the new one beside it, in `OUT.partial`, and swaps it in whole when it completes, so a
+failure leaves the old result as it was; `--resume` continues in whichever folder holds the newest state. A run
+that fails before its first epoch is saved leaves nothing: the folder it created is removed. After that, the
+state of the last completed epoch stays for `--resume`, and the error says so.
 """
 
 from __future__ import annotations
 
+import fcntl
 import math
+import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from twa_cli.errors import TwaError
+from twa_cli.io.atomic import swap_in_folder
 from twa_cli.io.outputs import check_not_an_input
-from twa_cli.io.runfiles import STATE_FILE
+from twa_cli.io.runfiles import STATE_FILE, partial_folder
 
 
 class RunFolder:
-    def __init__(self, path: Path, *, resume: bool, force: bool, inputs: Iterable[str | Path] = ()):
+    """`path` is where the result goes; `work` where this run writes (the same, or `path.partial` under --force).
+    `ours(file)` says whether a file in an existing `path` is one the command writes (--force replaces only
+    such a folder)."""
+
+    def __init__(self, path: Path, *, resume: bool, force: bool, inputs: Iterable[str | Path] = (),
+                 ours: Callable[[Path], bool] = lambda path: False):
         self.path = Path(path)
-        self.state = self.path / STATE_FILE
-        self.resume = resume
+        self.partial = partial_folder(self.path)
         self.created = False
-        blocking = next((p for p in self.path.parents if p.exists() and not p.is_dir()), None)
-        if blocking is not None:
-            raise TwaError(f"{self.path}: cannot be created, {blocking} is a file")
-        if self.path.exists() and not self.path.is_dir():
-            raise TwaError(f"{self.path}: is a file; the output is a folder")
-        check_not_an_input(self.path, inputs, folder=True)
+        self._lock: int | None = None
+        for folder in (self.path, self.partial):
+            blocking = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
+            if blocking is not None:
+                raise TwaError(f"{folder}: cannot be created, {blocking} is a file")
+            if folder.exists() and not folder.is_dir():
+                raise TwaError(f"{folder}: is a file; the output is a folder")
+            check_not_an_input(folder, inputs, folder=True)
         if resume:
-            if not self.state.exists():
+            work = next((f for f in (self.partial, self.path) if (f / STATE_FILE).exists()), None)  # newest first
+            if work is None:
                 raise TwaError(f"{self.path}: nothing to resume (no {STATE_FILE}); run without --resume")
-        elif self.path.exists() and any(self.path.iterdir()) and not force:
-            raise TwaError(f"{self.path}: already exists and is not empty (pass --force to overwrite, --resume to "
-                           "continue)")
+            self.work = work
+        elif self.path.exists() and any(not _bookkeeping(p) for p in self.path.iterdir()):
+            if not force:
+                raise TwaError(f"{self.path}: already exists and is not empty (pass --force to overwrite, --resume "
+                               "to continue)")
+            foreign = next((p for p in sorted(self.path.iterdir()) if not _bookkeeping(p) and not ours(p)), None)
+            if foreign is not None:
+                raise TwaError(f"{self.path}: holds {foreign.name}, which this command did not write; --force replaces "
+                               "only a folder it wrote")
+            self.work = self.partial  # built beside the old result, swapped in whole at the end
+        else:
+            self.work = self.path
+        self.state = self.work / STATE_FILE
+        self._existed = self.work.exists()
 
     def claim(self) -> None:
-        """Create the folder (exclusively when it is new), once every input has been checked."""
-        if self.path.exists():
-            return
+        """Create the working folder (exclusively when it is new) and lock it, once every input is checked."""
+        if self.work == self.partial and self.work.exists() and not (self.work / STATE_FILE).exists():
+            shutil.rmtree(self.work)  # what an earlier --force run left before its first epoch
+            self._existed = False
+        if not self._existed:
+            try:
+                self.work.mkdir(parents=True)
+            except FileExistsError as exc:
+                raise TwaError(f"{self.work}: created by another process meanwhile; choose another output") from exc
+            self.created = True
+        fd = os.open(self.work, os.O_RDONLY | os.O_DIRECTORY)  # the folder itself is locked: no lock file
         try:
-            self.path.mkdir(parents=True)
-        except FileExistsError as exc:
-            raise TwaError(f"{self.path}: created by another process meanwhile; choose another output") from exc
-        self.created = True
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(fd)
+            raise TwaError(f"{self.work}: another twa process is writing this run; choose another output") from exc
+        self._lock = fd
+
+    def finish(self) -> Path:
+        """After the run completed: the result in its place (swapped in whole from `OUT.partial`); unlocked."""
+        self._unlock()
+        if self.work == self.partial:
+            swap_in_folder(self.partial, self.path, exclusive=False)
+            self.work, self.state = self.path, self.path / STATE_FILE
+        return self.path
 
     def abandon(self) -> bool:
         """After a failure: remove the folder this run created if nothing in it can be resumed. Returns whether
         it was removed."""
-        if self.created and not self.state.exists() and self.path.exists():
-            shutil.rmtree(self.path, ignore_errors=True)
+        self._unlock()
+        if self.created and not self.state.exists() and self.work.exists():
+            shutil.rmtree(self.work, ignore_errors=True)
             return True
         return False
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+
+def _bookkeeping(path: Path) -> bool:
+    """The temporaries of a killed write: files of the tool's own that mean no result."""
+    return path.name.startswith(".") and path.name.endswith(".tmp")
 
 
 def check_positive(value: float, flag: str) -> None:

@@ -33,7 +33,7 @@ from twa_cli.core.training import (
 )
 from twa_cli.errors import Diverged, TwaError
 from twa_cli.io.checkpoints import load_tensors, make_metadata, read_checkpoint
-from twa_cli.io.runfiles import METRICS_FILE, STATE_FILE, checkpoint_name, write_metrics
+from twa_cli.io.runfiles import METRICS_FILE, STATE_FILE, checkpoint_name, step_of_sample, write_metrics
 from twa_cli.io.safetensors import save_tensors
 from twa_cli.tasks.models import load_weights, trainable_names
 from twa_cli.tasks.resolve import TaskRequest, resolve_task
@@ -92,8 +92,9 @@ def sample_steps(per_epoch: int, batches_per_epoch: int) -> set[int]:
 def sample(out: str | Path, cfg: SampleConfig, *, resume: bool = False, force: bool = False,
            reporter: Reporter | None = None, invocation: dict[str, Any] | None = None) -> SampleResult:
     """Train with SGD and write the initial weights plus `per_epoch` samples per epoch into `out`."""
-    folder = RunFolder(Path(out), resume=resume, force=force, inputs=[cfg.init] if cfg.init else [])
-    out = folder.path
+    folder = RunFolder(Path(out), resume=resume, force=force, inputs=[cfg.init] if cfg.init else [],
+                       ours=_written_by_sample)
+    work = folder.work
     torch.manual_seed(cfg.seed)
     task = resolve_task(cfg.task)
     model = task.build_model()
@@ -113,22 +114,15 @@ def sample(out: str | Path, cfg: SampleConfig, *, resume: bool = False, force: b
     start_epoch, step = 0, 0
     if resume:
         tensors, start_epoch, step, history = load_train_state(folder.state, config)
-    elif force and out.exists():
-        _clear_previous_run(out)  # only now that every input has been checked
     folder.claim()
+    # The step of the state on disk (none yet: -1): samples after it are redone by --resume, or by a new run.
+    saved_step = step if resume else -1
 
     def save_sample(step: int, epoch: float) -> None:
         check_state_finite(model, step, optimizer.param_groups[0]["lr"])
         meta = make_metadata("checkpoint", invocation=invocation, **described, step=str(step),
                              epoch=f"{epoch:.6g}", trainable=names, config=config, command="sample")
-        save_tensors(out / checkpoint_name(step), model.state_dict(), meta)
-
-    if resume:
-        write_metrics(out / METRICS_FILE, history)
-        load_weights(model, strip_prefix("model", tensors), str(folder.state))
-        params = dict(model.named_parameters())
-        for name, buf in strip_prefix("momentum", tensors).items():
-            optimizer.state[params[name]]["momentum_buffer"] = buf.to(cfg.device)
+        save_tensors(work / checkpoint_name(step), model.state_dict(), meta)
 
     def after_step(epoch: int, index: int, global_step: int) -> None:
         if index in save_after:
@@ -140,21 +134,30 @@ def sample(out: str | Path, cfg: SampleConfig, *, resume: bool = False, force: b
         history.append(stats.to_dict())
         tensors = with_prefix("model", model.state_dict()) | with_prefix("momentum", _momenta(model, optimizer))
         save_train_state(folder.state, tensors, stats, history, config)
-        write_metrics(out / METRICS_FILE, history)
+        write_metrics(work / METRICS_FILE, history)
+        nonlocal saved_step
+        saved_step = stats.step
 
     loop = LoopConfig(cfg.epochs, cfg.lr, cfg.schedule, cfg.batch_size, cfg.seed, cfg.device)
     try:
-        if not resume:
+        if resume:
+            write_metrics(work / METRICS_FILE, history)
+            load_weights(model, strip_prefix("model", tensors), str(folder.state))
+            params = dict(model.named_parameters())
+            for name, buf in strip_prefix("momentum", tensors).items():
+                optimizer.state[params[name]]["momentum_buffer"] = buf.to(cfg.device)
+        else:
             save_sample(0, 0.0)
         train_loop(model, optimizer, task, loop, start_epoch=start_epoch, step=step, after_step=after_step,
                    after_epoch=after_epoch, reporter=reporter, checked_steps=save_after)
-    except Diverged as exc:
+    except BaseException as exc:
+        _drop_samples_after(work, saved_step)  # the folder holds what the saved state has seen, as --resume expects
         removed = folder.abandon()
-        advice = "nothing was kept: start again with a smaller --lr" if removed else divergence_advice(folder.state)
-        raise Diverged(f"{exc}; {advice}") from exc
-    except BaseException:
-        folder.abandon()
+        if isinstance(exc, Diverged):
+            advice = "nothing was kept: start again with a smaller --lr" if removed else divergence_advice(folder.state)
+            raise Diverged(f"{exc}; {advice}") from exc
         raise
+    out = folder.finish()
     return SampleResult(out, sorted(out.glob("ckpt-*.safetensors")), history)
 
 
@@ -164,13 +167,18 @@ def _start_tensors(path: str) -> dict[str, torch.Tensor]:
     return load_tensors(path)
 
 
-def _clear_previous_run(out: Path) -> None:
-    """--force: remove what an earlier `sample` wrote here, and nothing else."""
-    ours = [p for p in out.glob("*.safetensors")
-            if p.name == STATE_FILE or read_checkpoint(p).meta.get("command") == "sample"]
-    for path in ours:  # decided for every file before removing any (a damaged one stops it first)
-        path.unlink()
-    (out / METRICS_FILE).unlink(missing_ok=True)
+def _written_by_sample(path: Path) -> bool:
+    """What --force may replace: the files an earlier `sample` wrote (a damaged checkpoint stops it)."""
+    if path.name in (STATE_FILE, METRICS_FILE):
+        return True
+    return step_of_sample(path) is not None and read_checkpoint(path).meta.get("command") == "sample"
+
+
+def _drop_samples_after(folder: Path, step: int) -> None:
+    for path in folder.glob("ckpt-*.safetensors"):
+        sample_step = step_of_sample(path)
+        if sample_step is not None and sample_step > step:
+            path.unlink(missing_ok=True)
 
 
 def _momenta(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

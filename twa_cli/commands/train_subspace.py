@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -198,17 +199,18 @@ def train_subspace(src: str | Path, out: str | Path | None = None, cfg: Subspace
     with placement_for(resolve_device(cfg.device)) as placement:
         device = placement.device
         init_file = [cfg.init] if cfg.init not in ("center", "last") else []
-        folder = RunFolder(out, resume=resume, force=force, inputs=[src, *init_file])
+        folder = RunFolder(out, resume=resume, force=force, inputs=[src, *init_file], ours=_written_by_train_subspace)
         placement.barrier()  # every rank has checked `out` before any creates it
-        inputs = _inputs(src, out, cfg, placement, resume)
+        inputs = _inputs(src, folder.work, cfg, placement, resume)
         # The checkpoints a basis spans are inputs too (--init last and the variants read them): never write there.
-        check_not_an_input(out, {Path(s.path).parent for s in inputs.basis.sources}, folder=True)
+        for written in {folder.path, folder.work}:
+            check_not_an_input(written, {Path(s.path).parent for s in inputs.basis.sources}, folder=True)
         if cfg.variant and placement.world > 1:
             raise TwaError("--affine and --granularity layer run in a single process, not under torchrun")
         return _train(inputs, folder, cfg, placement, device, resume, reporter, invocation)
 
 
-def _inputs(src: Path, out: Path, cfg: SubspaceConfig, placement: Placement, resume: bool) -> _Inputs:
+def _inputs(src: Path, work: Path, cfg: SubspaceConfig, placement: Placement, resume: bool) -> _Inputs:
     """Everything the run trains on, checked; a folder is orthogonalized only once the task is known."""
     if is_basis_file(src):
         basis = placement.load_basis(src)
@@ -219,13 +221,13 @@ def _inputs(src: Path, out: Path, cfg: SubspaceConfig, placement: Placement, res
     ckpts = pick(src, cfg.selection, cfg.read)
     task = task_of(cfg.task, ckpts[0])  # before orthogonalizing: "pass --model" comes first
     names, ckpts = subspace_names(cfg.task, ckpts)
-    saved = out / BASIS_FILE
+    saved = work / BASIS_FILE
     if resume and saved.exists():
         basis = placement.load_basis(saved)
         hashes = placement.gather([Source.of(c).sha256 for c in ckpts] if placement.lead else None)[0]
         if hashes != [s.sha256 for s in basis.sources]:
             raise TwaError(f"--resume: the checkpoints selected in {src} differ from those the interrupted run in "
-                           f"{out} was training on; resume with the same inputs, or start a new run")
+                           f"{work} was training on; resume with the same inputs, or start a new run")
         return _Inputs(basis, ckpts, task, False, {"sources": hashes, "coords": _digest(basis.coords)}, str(saved))
     basis = placement.orthogonalize(ckpts, names=names, tol=cfg.tol, dtype=cfg.basis_dtype or "float32",
                                     recorded=described(cfg.task, ckpts[0]))
@@ -240,7 +242,7 @@ def _digest(tensor: torch.Tensor) -> str:
 
 def _train(inputs: _Inputs, folder: RunFolder, cfg: SubspaceConfig, placement: Placement, device: str, resume: bool,
            reporter: Reporter | None, invocation: dict[str, Any] | None) -> SubspaceResult:
-    basis, task, out = inputs.basis, inputs.task, folder.path
+    basis, task, work = inputs.basis, inputs.task, folder.work
     torch.manual_seed(cfg.seed)
     fit_split = "val" if cfg.fit_on == "val" else "train"
     if fit_split == "val" and task.dataset("val", augment=True) is None:
@@ -256,19 +258,18 @@ def _train(inputs: _Inputs, folder: RunFolder, cfg: SubspaceConfig, placement: P
     flat = placement.flat_parameters(model, names)
     optimizer, report_fn = _optimizer(inputs, cfg, placement, flat, start_coords, offspan, hyper)
     config = {**cfg.to_json(), "identity": inputs.identity}
-    if not resume and placement.lead and out.exists():
-        _clear_previous_run(out)  # --force, now that every input has been checked
+    if placement.lead:
+        folder.claim()  # now that every input has been checked
     placement.barrier()
-    folder.claim()
-    if inputs.made_here and not resume:
-        placement.save_basis(basis, out / BASIS_FILE, invocation=invocation, exclusive=True)
     recal_parts = placement if sync_bn else None
     history: list[dict[str, Any]] = []
     start_epoch = step = 0
     saved_lr = None
-    if resume:
-        start_epoch, step, history, saved_lr = _resume(folder, config, model, optimizer, placement)
     try:
+        if inputs.made_here and not resume:
+            placement.save_basis(basis, work / BASIS_FILE, invocation=invocation, exclusive=True)
+        if resume:
+            start_epoch, step, history, saved_lr = _resume(folder, config, model, optimizer, placement)
         check = _learning_rate(model, task, optimizer, cfg, placement, device, folder, fit_split, saved_lr)
         lr = check.used if check is not None else cfg.lr
 
@@ -282,7 +283,7 @@ def _train(inputs: _Inputs, folder: RunFolder, cfg: SubspaceConfig, placement: P
             if placement.lead:
                 tensors = with_prefix("model", model.state_dict()) | with_prefix("optim", optimizer.state_tensors())
                 save_train_state(folder.state, tensors, stats, history, config)
-                write_metrics(out / METRICS_FILE, history)
+                write_metrics(work / METRICS_FILE, history)
 
         loop = LoopConfig(cfg.epochs, lr, cfg.schedule, cfg.batch_size, cfg.seed, device, split=fit_split)
         train_loop(model, optimizer, task, loop, start_epoch=start_epoch, step=step, after_epoch=after_epoch,
@@ -305,36 +306,43 @@ def _train(inputs: _Inputs, folder: RunFolder, cfg: SubspaceConfig, placement: P
     holdings = placement.holdings(basis)
     # Written as the model's own tool reads it too: a Hugging Face model as model.safetensors beside its config,
     # a LightningModule also as a .ckpt.
-    result = out / task.result_name
     if placement.lead:
-        write_json(out / COEFFICIENTS_FILE, report.to_json())
-        meta = make_metadata(
-            "twa", invocation=invocation, **task.describe(), trainable=names, config=config,
-            command="train-subspace", sources=[s.to_dict() for s in basis.sources], coefficients=alpha,
-            step=str(history[-1]["step"] if history else 0), epoch=str(cfg.epochs),
-        )
-        state = saved_state(model)
-        if cfg.dtype is not None:
-            state = {k: v.to(torch_dtype(cfg.dtype)) if v.is_floating_point() else v for k, v in state.items()}
-        task.export(state, out)
-        save_tensors(result, state, meta)
-        folder.state.unlink(missing_ok=True)
+        try:
+            write_json(work / COEFFICIENTS_FILE, report.to_json())
+            state = saved_state(model)
+            if cfg.dtype is not None:
+                state = {k: v.to(torch_dtype(cfg.dtype)) if v.is_floating_point() else v for k, v in state.items()}
+            exported = task.export(state, work)
+            meta = make_metadata(
+                "twa", invocation=invocation, **task.describe(), trainable=names, config=config,
+                command="train-subspace", sources=[s.to_dict() for s in basis.sources], coefficients=alpha,
+                step=str(history[-1]["step"] if history else 0), epoch=str(cfg.epochs),
+                exported=[Path(p).name for p in exported],
+            )
+            save_tensors(work / task.result_name, state, meta)
+            folder.state.unlink(missing_ok=True)
+        except BaseException:
+            folder.abandon()
+            raise
+        folder.finish()
     placement.barrier()  # no rank returns before the result is on disk
-    return SubspaceResult(out, result, report, test, history, holdings, check)
+    return SubspaceResult(folder.path, folder.path / task.result_name, report, test, history, holdings, check)
 
 
-# What an earlier train-subspace wrote into its folder (the configuration files of a Hugging Face result are
-# written again by the new one).
-RUN_FILES = (RESULT_FILE, HF_RESULT_FILE, "twa.ckpt", COEFFICIENTS_FILE, METRICS_FILE, BASIS_FILE, LR_CHECK_FILE,
-             STATE_FILE)
+# What train-subspace writes into its folder, besides the files its result's `exported` field names.
+RUN_FILES = (RESULT_FILE, HF_RESULT_FILE, COEFFICIENTS_FILE, METRICS_FILE, BASIS_FILE, LR_CHECK_FILE, STATE_FILE)
 
 
-def _clear_previous_run(out: Path) -> None:
-    """--force over an earlier result: remove the files train-subspace writes (and the shards of its basis),
-    nothing else, so that no file of the old run is mistaken for the new one's."""
-    shards = list(out.glob(f"{Path(BASIS_FILE).stem}.*-of-*{Path(BASIS_FILE).suffix}"))
-    for path in [*(out / name for name in RUN_FILES), *shards]:
-        path.unlink(missing_ok=True)
+def _written_by_train_subspace(path: Path) -> bool:
+    """What --force may replace: the files an earlier train-subspace wrote (its basis in shards too)."""
+    basis = Path(BASIS_FILE)
+    if path.name in RUN_FILES or re.fullmatch(rf"{basis.stem}\.\d+-of-\d+{basis.suffix}", path.name):
+        return True
+    for name in (RESULT_FILE, HF_RESULT_FILE):
+        result = path.parent / name
+        if result.is_file() and path.name in (read_checkpoint(result).json_field("exported", list) or []):
+            return True
+    return False
 
 
 def _optimizer(inputs: _Inputs, cfg: SubspaceConfig, placement: Placement, flat: Any, start_coords: torch.Tensor,
@@ -354,7 +362,7 @@ def _resume(folder: RunFolder, config: dict[str, Any], model: torch.nn.Module, o
     tensors, start_epoch, step, history = load_train_state(folder.state, config)
     saved_lr = float(read_checkpoint(folder.state).json_field("state")["config"]["lr"])
     if placement.lead:
-        write_metrics(folder.path / METRICS_FILE, history)
+        write_metrics(folder.work / METRICS_FILE, history)
     saved = strip_prefix("model", tensors)
     check_fits(model, {k: tuple(v.shape) for k, v in saved.items()}, str(folder.state))
     for name, value in model.state_dict().items():
@@ -371,7 +379,7 @@ def _learning_rate(model: torch.nn.Module, task: Task, optimizer: SubspaceSGD, c
                    ) -> LrCheck | None:
     """The lr check, measured once at the start: a resumed run reads what its first part decided, unless it
     was given another --lr (which is then used as given, to recover from a divergence)."""
-    path = folder.path / LR_CHECK_FILE
+    path = folder.work / LR_CHECK_FILE
     if saved_lr is not None and cfg.lr != saved_lr:
         log.warning("--resume with --lr %g (the interrupted run had %g): training at %g; the lr check is not "
                     "repeated", cfg.lr, saved_lr, cfg.lr)

@@ -9,6 +9,7 @@ configuration files, for a Hugging Face model), `coefficients.json`, `metrics.js
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,27 @@ STATE_FILE = "train-state.safetensors"
 LR_CHECK_FILE = "lr-check.json"
 # A Hugging Face result in a train-subspace folder: the weights under their usual name, beside config.json.
 HF_RESULT_FILE = "model.safetensors"
+# Beside a run folder being replaced with --force: where the new run is built until it completes.
+PARTIAL_SUFFIX = ".partial"
+
+
+def partial_folder(path: Path) -> Path:
+    return path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+def state_of(path: Path) -> Path | None:
+    """The resume state of a run writing `path` (in it, or in its `.partial` folder), if there is one."""
+    return next((f / STATE_FILE for f in (partial_folder(path), path) if (f / STATE_FILE).exists()), None)
 
 
 def checkpoint_name(step: int) -> str:
     return f"ckpt-{step:08d}.safetensors"
+
+
+def step_of_sample(path: Path) -> int | None:
+    """The step in a name `checkpoint_name` wrote; None for any other name."""
+    match = re.fullmatch(r"ckpt-(\d{8,})\.safetensors", path.name)
+    return int(match.group(1)) if match else None
 
 
 def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
