@@ -347,6 +347,25 @@ def test_hf_classifier_eval_matches_an_independent_evaluation(bert: realtools.HF
     assert trained["test"]["loss"] == pytest.approx(reported["loss"], abs=1e-6)  # the figure train-subspace printed
 
 
+@pytest.mark.parametrize("broken", ["short tsv row", "json row without text", "null label"])
+def test_hf_classifier_data_row_without_a_value_is_named(bert: realtools.HFRun, bert_twa: tuple[Path, dict[str, Any]],
+                                                         tmp_path: Path, broken: str, twa):
+    rows = realtools.read_tsv(bert.test)
+    if broken == "short tsv row":
+        path = tmp_path / "test.tsv"
+        path.write_text("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in rows[:3]) + "no label here\n")
+        column = "label"
+    else:
+        path = tmp_path / "test.jsonl"
+        lines = [json.dumps({"sentence": s, "label": y}) for s, y in rows[:3]]
+        lines.append(json.dumps({"label": 1}) if broken == "json row without text" else
+                     json.dumps({"sentence": "fine", "label": None}))
+        path.write_text("\n".join(lines) + "\n")
+        column = "sentence" if broken == "json row without text" else "label"
+    line = one_line_error(twa("eval", bert_twa[0], "--data", bert.train, "--eval-data", path, check=False))
+    assert str(path) in line and "row 4" in line and f"'{column}'" in line, line
+
+
 # ------------------------------------------------------------------------------------------------ 2. GPT-2
 
 

@@ -296,6 +296,20 @@ def test_resume_with_another_basis_or_folder_is_refused(mlp_run, tmp_path, twa, 
                           "--resume", check=False), "--resume", "differ")
 
 
+def test_resume_with_a_basis_whose_vectors_changed_is_refused(mlp_run, tmp_path, twa, monkeypatch):
+    """Same checkpoints, same coordinates, other vectors (a basis file edited or rebuilt): not the same run."""
+    basis = _basis(mlp_run, tmp_path / "basis.safetensors")
+    out = tmp_path / "twa"
+    _interrupted_subspace_run(basis, out, twa, monkeypatch)
+    tensors = load_tensors(basis)
+    tensors["basis"][0, 7] = torch.nextafter(tensors["basis"][0, 7], torch.tensor(1.0))  # one bit of one entry
+    save_tensors(basis, tensors, read_checkpoint(basis).meta)
+    before = snapshot(tmp_path)
+    result = twa("train-subspace", basis, "-o", out, "--epochs", "3", "--device", "cpu", "--resume", check=False)
+    _one_line_refusal(result, "--resume")
+    assert snapshot(tmp_path) == before
+
+
 def test_resume_with_a_new_lr_trains_at_that_lr(mlp_run, tmp_path, twa, monkeypatch):
     basis = _basis(mlp_run, tmp_path / "basis.safetensors")
     out = tmp_path / "twa"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from itertools import islice
@@ -29,7 +30,7 @@ from twa_cli.commands.runfolder import (
     check_positive,
     check_seed,
 )
-from twa_cli.core.basis import Basis, check_tol, combine
+from twa_cli.core.basis import FINGERPRINT_PRIME, Basis, check_tol, combine, fingerprint
 from twa_cli.core.basis_files import is_basis_file
 from twa_cli.core.batching import batches
 from twa_cli.core.batchnorm import recalibrate_bn
@@ -216,8 +217,7 @@ def _inputs(src: Path, work: Path, cfg: SubspaceConfig, placement: Placement, re
         basis = placement.load_basis(src)
         task = resolve_task(cfg.task, Recorded.of(src, basis.recorded))
         ckpts = None
-        identity = {"sources": [s.sha256 for s in basis.sources], "coords": _digest(basis.coords)}
-        return _Inputs(basis, ckpts, task, False, identity, str(src))
+        return _Inputs(basis, ckpts, task, False, _identity(basis, placement), str(src))
     ckpts = pick(src, cfg.selection, cfg.read)
     task = task_of(cfg.task, ckpts[0])  # before orthogonalizing: "pass --model" comes first
     names, ckpts = subspace_names(cfg.task, ckpts)
@@ -228,16 +228,21 @@ def _inputs(src: Path, work: Path, cfg: SubspaceConfig, placement: Placement, re
         if hashes != [s.sha256 for s in basis.sources]:
             raise TwaError(f"--resume: the checkpoints selected in {src} differ from those the interrupted run in "
                            f"{work} was training on; resume with the same inputs, or start a new run")
-        return _Inputs(basis, ckpts, task, False, {"sources": hashes, "coords": _digest(basis.coords)}, str(saved))
+        return _Inputs(basis, ckpts, task, False, _identity(basis, placement), str(saved))
     basis = placement.orthogonalize(ckpts, names=names, tol=cfg.tol, dtype=cfg.basis_dtype or "float32",
                                     recorded=described(cfg.task, ckpts[0]))
-    identity = {"sources": [s.sha256 for s in basis.sources], "coords": _digest(basis.coords)}
-    identity = placement.gather(identity)[0]  # rank 0 hashed the files
-    return _Inputs(basis, ckpts, task, True, identity, f"the basis of {src}")
+    return _Inputs(basis, ckpts, task, True, _identity(basis, placement), f"the basis of {src}")
 
 
-def _digest(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+def _identity(basis: Basis, placement: Placement) -> dict[str, Any]:
+    """What a resumed run must train on again: the checkpoints (hashed by rank 0), the coordinates, and the
+    basis vectors themselves (their fingerprint is the same under any number of ranks)."""
+    lo, _ = placement.columns(sum(math.prod(shape) for _, shape in basis.layout))
+    parts = placement.gather(fingerprint(basis.vectors, lo))
+    vectors = [sum(column) % FINGERPRINT_PRIME for column in zip(*parts, strict=True)]
+    sources = placement.gather([s.sha256 for s in basis.sources])[0]
+    coords = hashlib.sha256(basis.coords.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    return {"sources": sources, "coords": coords, "vectors": vectors}
 
 
 def _train(inputs: _Inputs, folder: RunFolder, cfg: SubspaceConfig, placement: Placement, device: str, resume: bool,

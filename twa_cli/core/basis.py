@@ -368,3 +368,21 @@ def reconstruction_errors(basis: Basis, ckpts: list[Checkpoint]) -> list[float]:
         rebuilt = combine(basis.vectors, basis.coords[:, i])
         out.append(float((flat.double() - rebuilt).norm() / flat.double().norm()))
     return out
+
+
+FINGERPRINT_PRIME = 2**31 - 1
+
+
+def fingerprint(vectors: torch.Tensor, offset: int = 0, block: int = 1 << 20) -> list[int]:
+    """Per basis vector, the sum over entries j of bits(v_j) * w(offset + j) mod a prime: exact, and the same
+    whether the columns are fingerprinted at once or in slices whose fingerprints are added (mod the prime), so a
+    basis split over N ranks has the fingerprint it has in one process. Bits, not values: any change shows."""
+    p = FINGERPRINT_PRIME
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[vectors.element_size()]
+    total = torch.zeros(vectors.shape[0], dtype=torch.int64)
+    for lo in range(0, vectors.shape[1], block):  # in blocks: a whole int64 copy would double the basis
+        bits = vectors[:, lo:lo + block].detach().cpu().contiguous().view(as_int).to(torch.int64).remainder(p)
+        j = torch.arange(offset + lo, offset + lo + bits.shape[1], dtype=torch.int64)
+        weight = ((j * 1_000_003 + 7).remainder(p) * (j * 69_069 + 1).remainder(p)).remainder(p)
+        total = (total + (bits * weight).remainder(p).sum(dim=1)).remainder(p)
+    return [int(v) for v in total]

@@ -122,6 +122,18 @@ def column(rows: Sequence[dict[str, Any]], name: str, other: str | None, where: 
     raise TwaError(f"{where}: has no column '{name}' (it has {', '.join(map(str, keys))}); name it with {flag}")
 
 
+def values(rows: Sequence[dict[str, Any]], name: str, where: str) -> list[Any]:
+    """Every row's `name`; a row without one (a short CSV line, a JSON object without the key, null) is an error
+    that names it, not a string "None" learned from."""
+    out = []
+    for number, row in enumerate(rows, 1):
+        value = row.get(name)
+        if value is None:
+            raise TwaError(f"{where}: row {number} has no '{name}' value")
+        out.append(value)
+    return out
+
+
 @dataclass
 class Examples(Dataset):
     """Tokenized examples (dicts of lists or tensors), collated per batch by the task."""
@@ -143,8 +155,8 @@ def classification_examples(rows: list[dict[str, Any]], tokenizer: Any, spec: di
     if label not in rows[0]:
         raise TwaError(f"{where}: has no column '{label}' (it has {', '.join(map(str, rows[0]))}); name it with "
                        "--label-column")
-    encoded = tokenizer([str(r[text]) for r in rows], truncation=True, max_length=max_length)
-    labels = [_label(r[label], label_ids, where) for r in rows]
+    encoded = tokenizer([str(v) for v in values(rows, text, where)], truncation=True, max_length=max_length)
+    labels = [_label(v, label_ids, where) for v in values(rows, label, where)]
     keys = [k for k in encoded if k in ("input_ids", "attention_mask", "token_type_ids")]
     return Examples([{**{k: encoded[k][i] for k in keys}, "labels": labels[i]} for i in range(len(rows))])
 
@@ -169,7 +181,7 @@ def lm_blocks(source: list[dict[str, Any]] | str, tokenizer: Any, spec: dict[str
         texts = [source]
     else:
         name = column(source, spec.get("text_column") or "text", None, where, "--text-column")
-        texts = [str(r[name]) for r in source]
+        texts = [str(v) for v in values(source, name, where)]
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for text in texts:
