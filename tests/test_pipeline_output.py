@@ -144,3 +144,11 @@ def test_train_subspace_on_lightning_checkpoints_and_repeating_it_from_the_resul
     assert options["dtype"] == "bfloat16"
     written = load_tensors(tmp_path / "b" / "twa.safetensors")
     assert {v.dtype for v in written.values() if v.is_floating_point()} == {torch.bfloat16}
+
+
+def test_a_usage_error_is_one_line_that_names_the_flag(tmp_path, twa):
+    for usage, named in ((["inspect", tmp_path, "--every", "0"], "--every"), (["inspect", tmp_path, "--bogus"],
+                         "--bogus"), (["nonsense"], "nonsense"), (["swa"], "ckpts")):
+        proc = twa(*usage, check=False)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+        assert named in proc.stderr and "-h" in proc.stderr and "Traceback" not in proc.stderr

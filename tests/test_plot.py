@@ -252,3 +252,37 @@ def test_a_layer_wise_output_draws_its_table_of_coefficients(cnn_run, tmp_path, 
     with Image.open(drawn["coefficients"].path) as image:
         assert image.format == "PNG" and image.size[0] == figures.pixel_size(figures.SIZE)[0]
     assert {"trajectory", "spectrum", "accuracy"} <= set(drawn)
+
+
+def test_bad_resolution_and_unplottable_scores_are_refused_before_anything_is_written(run, tmp_path, twa):
+    for resolution in ("0", "1", "100000"):
+        proc = twa("plot", run / "twa", "-o", tmp_path / "pics", "--resolution", resolution, check=False)
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "--resolution" in proc.stderr, proc.stderr
+    scores = json.loads((run / "eval.json").read_text())
+    for damage in ("no accuracy", "nan accuracy", "no results"):
+        broken = json.loads(json.dumps(scores))
+        if damage == "no results":
+            broken["results"] = {"path": "x"}
+        else:
+            for result in broken["results"]:
+                result["test"].pop("accuracy")
+                if damage == "nan accuracy":
+                    result["test"]["accuracy"] = float("nan")
+        path = run / f"eval-{damage.replace(' ', '-')}.json"
+        path.write_text(json.dumps(broken))
+        try:
+            proc = twa("plot", path, "-o", tmp_path / "pics", check=False)
+        finally:
+            path.unlink()
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and str(path) in proc.stderr, proc.stderr
+    assert not (tmp_path / "pics").exists()
+
+
+def test_a_picture_that_fails_leaves_no_other_picture_and_no_folder(run, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(figures, "spectrum_figure", broken)
+    with pytest.raises(OSError):
+        plot([run / "twa"], tmp_path / "new" / "pics")
+    assert not (tmp_path / "new").exists()

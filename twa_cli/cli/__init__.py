@@ -13,15 +13,31 @@ from twa_cli.errors import TwaError
 
 def main(argv: list[str] | None = None) -> None:
     """The `twa` entry point."""
+    import typer
+
     from twa_cli.cli.app import app
     from twa_cli.cli.render import Output
+
+    # click's UsageError, wherever this typer takes click from (newer ones carry their own copy).
+    usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or bool(os.environ.get("TWA_DEBUG"))
     argv = [a for a in argv if a != "--debug"]
     with ctrl_c_raises_interrupted():
         try:
-            app(args=argv, prog_name="twa")
+            code = app(args=argv, prog_name="twa", standalone_mode=False)
+            if isinstance(code, int) and code:  # typer.Exit(n) and --help come back as a code here
+                sys.exit(code)
+        except usage_error as exc:
+            if debug:
+                raise
+            where = f" (see '{exc.ctx.command_path} -h')" if exc.ctx is not None else ""
+            Output().error(f"{' '.join(exc.format_message().split())}{where}")
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            Output().error("interrupted")
+            sys.exit(130)
         except TwaError as exc:
             if debug:
                 raise

@@ -560,7 +560,7 @@ def plot(
                    ] = ImageFormat.png,
     surface: Annotated[bool, typer.Option("--surface", help="Draw the training loss and test error over the "
                                           "trajectory's plane (needs the data).", rich_help_panel=SURFACE)] = False,
-    resolution: Annotated[int, typer.Option(help="Grid points along each axis of the surface.", min=2,
+    resolution: Annotated[int, typer.Option(help="Grid points along each axis of the surface (2 to 1000).",
                                             rich_help_panel=SURFACE)] = 11,
     surface_batches: Annotated[int, typer.Option(help="Batches per grid point for BatchNorm statistics, training loss "
                                                  "and test error.", min=1, rich_help_panel=SURFACE)] = 4,

@@ -18,6 +18,8 @@ Benchmark JSON (one row per method, epochs and repeat; repeats become mean and s
 
 from __future__ import annotations
 
+import math
+import shutil
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ from twa_cli.core.coefficients import CoefficientReport
 from twa_cli.core.pca import Pca, coordinates_of, pca_of_basis
 from twa_cli.core.selection import Selection
 from twa_cli.errors import TwaError
+from twa_cli.io.atomic import parents_made, place, temp_name
 from twa_cli.io.checkpoints import load_tensors, read_checkpoint, sources_of
 from twa_cli.io.outputs import check_not_an_input, check_output
 from twa_cli.io.readers import ReadOptions
@@ -46,6 +49,8 @@ from twa_cli.io.runfiles import (
 )
 from twa_cli.tasks.resolve import Recorded, TaskRequest, resolve_task
 
+# The loss surface grid, per side: at least a square, at most a million points (each a pass over the data).
+MIN_RESOLUTION, MAX_RESOLUTION = 2, 1000
 OFF_SPAN = 1e-2  # relative distance from the span above which the TWA point is called a projection
 
 
@@ -134,6 +139,9 @@ def plot(srcs: list[str | Path], out: str | Path, opts: PlotOptions | None = Non
     figures.require_matplotlib()
     if opts.fmt not in figures.FORMATS:
         raise TwaError(f"--format must be one of {', '.join(figures.FORMATS)} (got '{opts.fmt}')")
+    if not MIN_RESOLUTION <= opts.resolution <= MAX_RESOLUTION:
+        raise TwaError(f"--resolution must be between {MIN_RESOLUTION} and {MAX_RESOLUTION} (got {opts.resolution}); "
+                       "the loss surface is evaluated at resolution^2 points")
     paths = [Path(s) for s in srcs]
     out = Path(out)
     check_not_an_input(out, paths, folder=True)
@@ -145,9 +153,17 @@ def plot(srcs: list[str | Path], out: str | Path, opts: PlotOptions | None = Non
     targets = {name: out / f"{name}.{opts.fmt}" for name, _ in plans}
     for target in targets.values():
         check_output(target, opts.force, inputs=paths)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, draw in plans:
-        result.drawn.append(Drawn(name, targets[name], draw(targets[name])))
+    # Every picture is drawn first, then all are moved into place: a failure leaves none of them (and no folder).
+    with parents_made(out / "picture"):
+        staging = temp_name(out / "pictures")
+        staging.mkdir()
+        try:
+            described = {name: draw(staging / targets[name].name) for name, draw in plans}
+            for name, target in targets.items():
+                place(staging / target.name, target, exclusive=not opts.force)
+                result.drawn.append(Drawn(name, target, described[name]))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return result
 
 
@@ -376,16 +392,26 @@ def _benchmark_rows(src: Path) -> tuple[list[tuple[str, float, float]], tuple[st
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise TwaError(f"{src}: each point needs method, epochs and accuracy; "
                        f"the reference needs an accuracy ({exc})") from exc
+    numbers = [n for _, epochs, accuracy in rows for n in (epochs, accuracy)] + ([reference[1]] if reference else [])
+    if not all(math.isfinite(n) for n in numbers):
+        raise TwaError(f"{src}: epochs and accuracies must be finite numbers")
     return rows, reference
 
 
 def _eval_rows(src: Path) -> list[tuple[str, float, float]]:
     """(method, epochs of checkpoints used, test accuracy) of each result of `twa eval --json`."""
     rows = []
-    for result in read_json(src)["results"]:
-        if "test" not in result:
+    results = read_json(src).get("results")
+    if not isinstance(results, list) or not all(isinstance(r, dict) and "path" in r for r in results):
+        raise TwaError(f"{src}: not `twa eval --json` output (no list of results with a path)")
+    for result in results:
+        if not isinstance(result.get("test"), dict):
             raise TwaError(f"{src}: {result.get('path')} has no test score (run twa eval with --split test or both)")
-        path = _locate(Path(result["path"]), src)
+        accuracy = _finite(result["test"].get("accuracy"))
+        if accuracy is None:
+            raise TwaError(f"{src}: {result['path']} has no finite test accuracy (a language model's eval reports "
+                           "loss and perplexity; this picture plots accuracy)")
+        path = _locate(Path(str(result["path"])), src)
         ckpt = read_checkpoint(path)
         if ckpt.kind == "checkpoint":
             method, epochs = "SGD", ckpt.epoch
@@ -394,8 +420,14 @@ def _eval_rows(src: Path) -> list[tuple[str, float, float]]:
             epochs = _sources_epoch(ckpt)
         if epochs is None:
             raise TwaError(f"{path}: cannot tell which epochs of checkpoints it used (no epoch in its metadata)")
-        rows.append((method, float(epochs), float(result["test"]["accuracy"])))
+        rows.append((method, float(epochs), accuracy))
     return rows
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def _locate(path: Path, json_file: Path) -> Path:
