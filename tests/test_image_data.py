@@ -126,3 +126,16 @@ def test_batchnorm_statistics_are_recomputed_from_the_augmented_images(tmp_path)
     recalibrate_bn(net, task)
     recomputed = {k: v for k, v in net.state_dict().items() if k in augmented}
     assert all(torch.equal(swa_stats[k], recomputed[k]) for k in augmented)
+
+
+def test_a_truncated_image_in_a_large_folder_is_named(tmp_path, twa):
+    """Large images are read as batches need them; a damaged one stops the run with its name, in one line."""
+    root = _folder(tmp_path / "imgs", per_class=2, size=80)
+    Image.fromarray(np.full((80, 80, 3), 7, dtype=np.uint8)).save(root / "train" / "dog" / "broken.jpg", quality=95)
+    broken = root / "train" / "dog" / "broken.jpg"
+    broken.write_bytes(broken.read_bytes()[:300])  # cut short: PIL's error does not say which file
+    result = twa("sample", tmp_path / "run", "--model", "small-cnn", "--data", "imagefolder", "--data-dir", root,
+                 "--epochs", "1", "--batch-size", "4", check=False)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert str(broken) in result.stderr and "not a readable image" in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()

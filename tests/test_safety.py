@@ -178,7 +178,8 @@ def test_a_failed_sharded_write_leaves_the_old_result_whole_and_nothing_new(mlp_
 
     monkeypatch.setattr(writers, "save_tensors", disk_full_on_the_third_shard)
     result = twa("swa", mlp_run, "-o", out, "--max-shard-size", "30KB", *(["--force"] if force else []), check=False)
-    _one_line_refusal(result, "No space left on device")
+    _one_line_refusal(result, "No space left on device", str(out.parent))
+    assert ".tmp" not in result.stderr  # the output it was writing, not a hidden temporary's name
     assert snapshot(tmp_path) == before  # the old set, index and shards, exactly; no new shard anywhere
     if force:
         assert load_tensors(out.with_name(out.name + ".index.json"))  # still reads whole
@@ -213,8 +214,9 @@ def test_a_folder_result_replaced_with_force_fails_whole(mlp_run, tmp_path, twa,
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(writers, "save_tensors", disk_full_on_the_second_shard)
-    _one_line_refusal(twa("swa", mlp_run, "-o", out, "--max-shard-size", "30KB", "--force", check=False),
-                      "No space left on device")
+    result = twa("swa", mlp_run, "-o", out, "--max-shard-size", "30KB", "--force", check=False)
+    _one_line_refusal(result, "No space left on device", f"{out}/model-")
+    assert ".tmp" not in result.stderr  # the output it was writing, not a hidden temporary's name
     assert snapshot(tmp_path) == before  # the old folder whole, and no staging folder left beside it
 
 
@@ -589,3 +591,12 @@ def _is_average_of(tensors: dict, run: Path, start: int) -> bool:
     first = next(k for k, v in tensors.items() if v.is_floating_point())
     mean = torch.stack([load_tensors(c)[first].double() for c in ckpts]).mean(0)
     return torch.allclose(tensors[first].double(), mean, atol=1e-6)
+
+
+@pytest.mark.parametrize("fraction", [1.5, "half", -0.1])
+def test_a_bad_recorded_val_split_names_the_file_not_the_flag(mlp_run, tmp_path, twa, fraction):
+    folder = _hostile_copy(mlp_run, tmp_path / "ckpts", "data", {"name": "digits", "val_split": fraction})
+    first = folder / "ckpt-00000000.safetensors"
+    result = twa("train-subspace", folder, "-o", tmp_path / "out", "--epochs", "1", "--model", "mlp", check=False)
+    _one_line_refusal(result, str(first), "val_split", repr(fraction))
+    assert "--val-split must" not in result.stderr

@@ -118,13 +118,18 @@ def _name_unnamed(fd: int, name: Path) -> None:
 
 
 @contextmanager
-def _naming(path: Path) -> Iterator[None]:
-    """An error writing an unnamed file names the file it was to become ("No space left on device")."""
+def reported_as(path: Path, temp: Path | None = None) -> Iterator[None]:
+    """An error writing an unnamed file, or a temporary (`temp`, or a file inside it), names the file it was to
+    become ("No space left on device"), not a hidden name the user never gave."""
     try:
         yield
     except OSError as exc:
-        if exc.filename is None and exc.errno is not None:
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        if exc.errno is None:
+            raise
+        name = None if exc.filename is None else str(exc.filename)
+        if name is None or (temp is not None and (name == str(temp) or name.startswith(f"{temp}{os.sep}"))):
+            final = str(path) if name is None else str(path) + name[len(str(temp)):]
+            raise OSError(exc.errno, exc.strerror, final) from exc
         raise
 
 
@@ -162,7 +167,7 @@ def _atomic_file(path: Path, exclusive: bool) -> Iterator[BinaryIO]:
         named = temp_name(path)
         fd = os.open(named, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666 & ~_umask())
     try:
-        with _naming(path), os.fdopen(fd, "w+b") as fh:
+        with reported_as(path, named), os.fdopen(fd, "w+b") as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
@@ -198,8 +203,9 @@ def atomic_path(path: Path, *, exclusive: bool = False) -> Iterator[Path]:
     remove_stale_temps(path)
     tmp = temp_name(path)
     try:
-        yield tmp
-        place(tmp, path, exclusive)
+        with reported_as(path, tmp):
+            yield tmp
+            place(tmp, path, exclusive)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -264,8 +270,9 @@ def staged_folder(path: Path, *, exclusive: bool) -> Iterator[Path]:
         staging = temp_name(path)
         staging.mkdir()
         try:
-            yield staging
-            swap_in_folder(staging, path, exclusive=exclusive)
+            with reported_as(path, staging):
+                yield staging
+                swap_in_folder(staging, path, exclusive=exclusive)
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)

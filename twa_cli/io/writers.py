@@ -26,7 +26,7 @@ import torch
 
 from twa_cli.errors import TwaError
 from twa_cli.io import readers
-from twa_cli.io.atomic import parents_made, remove_stale_temps, staged_folder, temp_name, write_bytes
+from twa_cli.io.atomic import parents_made, remove_stale_temps, reported_as, staged_folder, temp_name, write_bytes
 from twa_cli.io.outputs import check_not_replacing, check_output
 from twa_cli.io.safetensors import save_tensors
 
@@ -123,7 +123,8 @@ def write_weights(folder: Path, stem: str, tensors: Mapping[str, torch.Tensor], 
             tmp = temp_name(final)
             temps.append((tmp, final))
             mark = {**dict(metadata), SHARD_MARK: f"{i + 1}/{len(groups)}"}
-            save_tensors(tmp, {k: tensors[k] for k in keys}, mark, exclusive=True)
+            with reported_as(final, tmp):
+                save_tensors(tmp, {k: tensors[k] for k in keys}, mark, exclusive=True)
         for tmp, final in temps:
             os.link(tmp, final)  # the names were free: a name taken meanwhile fails here
             placed.append(final)

@@ -202,12 +202,24 @@ def _image_folder(data_dir: str | None) -> Datasets:
     norm = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
     augment = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), norm])
     plain = T.Compose([T.Resize(256), T.CenterCrop(224), norm])
-    train = tvd.ImageFolder(str(train_dir), transform=augment)
-    train_eval = tvd.ImageFolder(str(train_dir), transform=plain)
-    test = tvd.ImageFolder(str(test_dir), transform=plain)
+    train = tvd.ImageFolder(str(train_dir), transform=augment, loader=load_rgb)
+    train_eval = tvd.ImageFolder(str(train_dir), transform=plain, loader=load_rgb)
+    test = tvd.ImageFolder(str(test_dir), transform=plain, loader=load_rgb)
     test.samples = test.imgs = [(path, train.class_to_idx[test.classes[label]]) for path, label in test.samples]
     test.targets = [label for _, label in test.samples]
     return Datasets(train, train_eval, test, len(train.classes), channels, 224)
+
+
+def load_rgb(path: str) -> Any:
+    """An image of a large image folder, read as it is needed: a damaged one is named (PIL's "image file is
+    truncated" does not say which)."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as fh, Image.open(fh) as img:
+            return img.convert("RGB")
+    except OSError as exc:
+        raise TwaError(f"{path}: not a readable image ({first_line(exc)})") from exc
 
 
 def _folders(data_dir: str | None) -> tuple[Path, Path]:

@@ -141,6 +141,7 @@ def _hf(request: TaskRequest, recorded: Recorded, model: str | None) -> Task:
             block_size=request.block_size, tokenizer=request.tokenizer, val_split=request.val_split)
     elif isinstance(recorded.data, Mapping) and recorded.data.get("kind") == "text":
         data = dict(recorded.data)
+        _check_recorded_fraction(data, recorded.source)
     else:
         data = None
     return hf_task(folder, auto_class, data)
@@ -172,7 +173,19 @@ def data_request(request: TaskRequest, recorded: Recorded) -> tuple[dict[str, An
     spec = {k: v for k, v in dict(recorded.data).items() if k != "download"}  # a file never turns on a download
     if request.val_split:
         spec["val_split"] = request.val_split
+    else:
+        _check_recorded_fraction(spec, recorded.source)
     return spec, False
+
+
+def _check_recorded_fraction(spec: Mapping[str, Any], source: str | None) -> None:
+    """A val_split read from a file is that file's error, not the --val-split flag's."""
+    value = spec.get("val_split")
+    if value is None or value == 0:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < float(value) < 1.0:
+        where = f"{source}: " if source else ""
+        raise TwaError(f"{where}its recorded val_split {value!r} is not a fraction between 0 and 1; pass --val-split")
 
 
 def classification_task(request: TaskRequest, recorded: Recorded, *, need_data: bool = True) -> Task:
