@@ -16,6 +16,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
@@ -367,6 +368,35 @@ def test_hf_classifier_data_row_without_a_value_is_named(bert: realtools.HFRun, 
 
 
 # ------------------------------------------------------------------------------------------------ 2. GPT-2
+
+
+def _run_with_config(run: Path, dest: Path, **changes: Any) -> Path:
+    """A copy of a Trainer run whose checkpoints' config.json has `changes`."""
+    shutil.copytree(run, dest)
+    for config in dest.glob("checkpoint-*/config.json"):
+        config.write_text(json.dumps({**json.loads(config.read_text()), **changes}))
+    return dest
+
+
+@pytest.mark.parametrize("key", ["attn_implementation", "_attn_implementation"])
+def test_a_config_naming_hub_code_is_refused_whatever_the_command(gpt: realtools.HFRun, tmp_path: Path, key: str,
+                                                                   twa):
+    run = _run_with_config(gpt.run, tmp_path / "run", **{key: "kernels-community/flash-attn"})
+    for args in (("swa", run, "-o", tmp_path / "avg"), ("train-subspace", run, "-o", tmp_path / "twa", "--data",
+                                                         gpt.train, "--block-size", 32)):
+        line = one_line_error(twa(*args, check=False))
+        assert "config.json" in line and "kernels-community/flash-attn" in line and "Hub" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_swa_with_text_data_on_a_model_transformers_cannot_build_says_so(gpt: realtools.HFRun, tmp_path: Path, twa):
+    run = _run_with_config(gpt.run, tmp_path / "run", architectures=["NoSuchLMHeadModel"])
+    line = one_line_error(twa("swa", run, "-o", tmp_path / "avg", "--data", gpt.train, "--block-size", 32,
+                              check=False))
+    assert "config.json" in line and "NoSuchLMHeadModel" in line, line
+    assert not (tmp_path / "avg").exists()
+    twa("swa", run, "-o", tmp_path / "avg")  # without data: a model-free average, as before
+    assert (tmp_path / "avg" / "model.safetensors").exists()
 
 
 def test_hf_causal_lm_inspect_lists_the_checkpoint_folders_by_step(gpt: realtools.HFRun, twa):

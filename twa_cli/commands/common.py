@@ -43,15 +43,17 @@ def knows_task(request: TaskRequest, ckpt: Checkpoint) -> bool:
         return True
     if "timm_arch" in ckpt.meta and timm_knows(ckpt.meta["timm_arch"]):
         return True
-    return hf_folder(ckpt) is not None
+    # Text data is for a Hugging Face model: one that cannot be built is an error, not a model-free average.
+    return hf_folder(ckpt, required=request.data is not None) is not None
 
 
-def hf_folder(ckpt: Checkpoint) -> Path | None:
-    """The folder of a Hugging Face checkpoint whose config.json transformers can build a model from."""
+def hf_folder(ckpt: Checkpoint, *, required: bool = False) -> Path | None:
+    """The folder of a Hugging Face checkpoint whose config.json transformers can build a model from (`required`:
+    else an error saying why)."""
     from twa_cli.tasks.hf import buildable, config_dir_of
 
     folder = config_dir_of(ckpt.path)
-    return folder if folder is not None and buildable(folder) else None
+    return folder if folder is not None and buildable(folder, required=required) else None
 
 
 def task_of(request: TaskRequest, ckpt: Checkpoint, *, need_data: bool = True) -> Task:

@@ -13,6 +13,7 @@ over the tokens that have a next token. Other heads need `--task`.
 
 from __future__ import annotations
 
+import json
 from abc import abstractmethod
 from collections.abc import Mapping
 from functools import cached_property
@@ -51,17 +52,50 @@ def config_dir_of(path: Path) -> Path | None:
     return None
 
 
-def buildable(folder: Path) -> bool:
-    """Whether transformers is installed and knows the architecture this folder's config.json names."""
+class UnsafeConfig(TwaError):
+    """A config.json that asks for something twa never does (a download): refused, never passed over."""
+
+
+def buildable(folder: Path, *, required: bool = False) -> bool:
+    """Whether transformers is installed and knows the architecture this folder's config.json names. `required`:
+    say why not, as an error. An unsafe config is an error either way."""
     try:
         config = load_config(folder)
-        model_class(config, None, str(folder))
+        model_class(config, None, str(Path(folder) / CONFIG_FILE))
+    except UnsafeConfig:
+        raise
     except TwaError:
+        if required:
+            raise
         return False
     return True
 
 
+# Config keys whose value transformers may resolve to code fetched from the Hub (attention kernels).
+HUB_CODE_KEYS = ("attn_implementation", "_attn_implementation", "_attn_implementation_internal")
+
+
+def _refuse_hub_code(config: Any, where: Path) -> None:
+    """A config file never switches on a download: an attention implementation naming a Hub repository
+    ("org/kernel") is refused, in the config and in any sub-config."""
+    if isinstance(config, dict):
+        for key, value in config.items():
+            if key in HUB_CODE_KEYS and isinstance(value, str) and ("/" in value or ":" in value):
+                raise UnsafeConfig(f"{where}: its {key} {value!r} names code on the Hugging Face Hub; twa never "
+                               "downloads (set it to 'eager' or 'sdpa')")
+            _refuse_hub_code(value, where)
+    elif isinstance(config, list):
+        for value in config:
+            _refuse_hub_code(value, where)
+
+
 def load_config(folder: Path) -> Any:
+    where = Path(folder) / CONFIG_FILE
+    try:
+        raw = json.loads(where.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise TwaError(f"{where}: not a configuration transformers can read ({first_line(exc)})") from exc
+    _refuse_hub_code(raw, where)
     transformers = _transformers()
     try:
         return transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
