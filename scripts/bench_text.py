@@ -734,7 +734,7 @@ def sst2_report(out: Path, entry: dict[str, Any]) -> list[str]:
     lines += ["", *twa_details(work, entry, seeds)]
     lines += agreement(runs)
     lines += ["", "Commands (seed " + seeds[0] + "; `$OUT` = the --out folder):", "",
-              *[f"- regular runs and scoring: `{c}`" for c in entry["commands"]], *commands_of(entry, seeds), ""]
+              *[f"- this benchmark, as run: `{c}`" for c in entry["commands"]], *commands_of(entry, seeds), ""]
     lines += timing(runs)
     return lines
 
@@ -778,7 +778,7 @@ def shakespeare_report(out: Path, entry: dict[str, Any]) -> list[str]:
     lines += ["", *twa_details(work, entry, seeds)]
     lines += agreement(runs)
     lines += ["", "Commands (seed " + seeds[0] + "; `$OUT` = the --out folder):", "",
-              *[f"- regular runs and scoring: `{c}`" for c in entry["commands"]], *commands_of(entry, seeds), ""]
+              *[f"- this benchmark, as run: `{c}`" for c in entry["commands"]], *commands_of(entry, seeds), ""]
     lines += timing(runs)
     return lines
 
