@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -185,14 +186,22 @@ def test_small_cnn_distributed_accuracy_is_within_one_point_of_one_process(cnn_r
 
 
 @pytest.mark.slow
-def test_default_flags_give_the_same_coefficients_in_one_process_and_under_torchrun(mlp_run, sharded_basis, tmp_path):
-    """With every default, the lr check included (it runs under torchrun too, through the same projection)."""
-    index, _ = sharded_basis
+def test_default_flags_give_the_same_coefficients_in_one_process_and_under_torchrun(mlp_run, tmp_path):
+    """With every default, the lr check included (it runs under torchrun too, through the same projection).
+
+    On the checkpoints from the first epoch's end on: the whole run's span holds the initial weights and trains
+    at the edge of stability (coefficients of +-20 that end at 58% accuracy), where any rounding grows; here
+    the sharded sums' other order stays a rounding, as it should."""
+    tail = tmp_path / "tail"
+    tail.mkdir()
+    for path in sorted(mlp_run.glob("ckpt-*.safetensors"))[2:]:
+        shutil.copy(path, tail / path.name)
+    index = tmp_path / "basis" / "basis.safetensors"
+    torchrun("orthogonalize", tail, "-o", index, "--json")
     dist = json.loads(torchrun("train-subspace", index, "-o", tmp_path / "dist", "--epochs", "2", "--json").stdout)
     single = train_subspace(index, tmp_path / "single", SubspaceConfig(epochs=2, device="cpu"))
     checks = [json.loads((tmp_path / d / "lr-check.json").read_text()) for d in ("dist", "single")]
     assert checks[0]["used"] == pytest.approx(checks[1]["used"], rel=1e-5) and checks[1]["used"] < 2.0
     alpha_dist, alpha_single = torch.tensor(dist["coefficients"]), torch.tensor(single.coefficients)
-    # Sharded projections sum in another order; two epochs near the lr limit grow that rounding to ~1e-4 (a
-    # wrong reduction or lr shows at 1e-1).
-    assert float((alpha_dist - alpha_single).abs().max()) < 1e-3 * max(1.0, float(alpha_single.abs().max()))
+    assert float((alpha_dist - alpha_single).abs().max()) < 1e-5
+    assert dist["test"]["accuracy"] == pytest.approx(single.test.accuracy, abs=1e-9) and single.test.accuracy > 80
