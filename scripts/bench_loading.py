@@ -33,6 +33,7 @@ def rss_mb() -> float:
 def write_basis(path: Path, model: str, k: int) -> None:
     from twa_cli.core.basis import Basis
     from twa_cli.core.basis_files import save_basis
+    from twa_cli.io.checkpoints import Source
     from twa_cli.tasks.models import build_model, model_spec, trainable_names
 
     spec = model_spec(model, 10, 3, 32)
@@ -43,7 +44,7 @@ def write_basis(path: Path, model: str, k: int) -> None:
     dim = sum(params[n].numel() for n in names)
     vectors = torch.randn(k, dim) / dim**0.5
     save_basis(Basis(vectors=vectors, coords=torch.eye(k, dtype=torch.float64), layout=layout,
-                     recorded={"arch": spec}), path)
+                     sources=[Source(f"synthetic-{i}") for i in range(k)], recorded={"arch": spec}), path)
 
 
 def worker(method: str, path: str) -> dict:

@@ -9,7 +9,7 @@ from twa_cli.core.basis import Basis, orthogonality_error, orthogonalize
 from twa_cli.core.basis_files import load_basis, save_basis
 from twa_cli.core.subspace import Projection
 from twa_cli.errors import TwaError
-from twa_cli.io.checkpoints import list_folder
+from twa_cli.io.checkpoints import Source, list_folder
 from twa_cli.io.safetensors import map_tensor, save_tensors
 
 
@@ -68,7 +68,8 @@ def _mapped_files() -> set[str]:
 
 def test_basis_file_is_memory_mapped_not_read(tmp_path):
     vectors = _orthonormal(4, 10_000).float()
-    path = save_basis(Basis(vectors=vectors, coords=torch.eye(4, dtype=torch.float64), layout=[("w", (10_000,))]),
+    path = save_basis(Basis(vectors=vectors, coords=torch.eye(4, dtype=torch.float64), layout=[("w", (10_000,))],
+                            sources=[Source(f"c{i}.safetensors") for i in range(4)]),
                       tmp_path / "basis.safetensors")
     loaded = load_basis(path)
     assert str(path.resolve()) in _mapped_files()

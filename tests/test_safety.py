@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import snapshot
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from twa_cli.core.basis import orthogonalize
 from twa_cli.core.basis_files import save_basis
@@ -218,6 +220,61 @@ def test_a_folder_result_replaced_with_force_fails_whole(mlp_run, tmp_path, twa,
     _one_line_refusal(result, "No space left on device", f"{out}/model-")
     assert ".tmp" not in result.stderr  # the output it was writing, not a hidden temporary's name
     assert snapshot(tmp_path) == before  # the old folder whole, and no staging folder left beside it
+
+
+@pytest.mark.parametrize("extra", [["ckpt-00000001.safetensors", "notes.txt"], ["my-best.safetensors"],
+                                   ["results.json"]])
+def test_force_never_replaces_a_folder_of_other_files(mlp_run, tmp_path, twa, extra):
+    # Only a model folder (model.safetensors or its shards and index, with configuration and tokenizer files)
+    # is a result --force may replace; a folder of checkpoints and notes is somebody's work.
+    keep = tmp_path / "keep"
+    if extra == ["results.json"]:
+        twa("swa", mlp_run, "-o", keep)  # a folder result the tool wrote, plus a file of the user's
+    keep.mkdir(exist_ok=True)
+    for name in extra:
+        (keep / name).write_bytes(b"mine")
+    before = snapshot(tmp_path)
+    result = twa("swa", mlp_run, "-o", keep, "--force", check=False)
+    _one_line_refusal(result, str(keep), "not part of a model folder")
+    assert snapshot(tmp_path) == before
+
+
+def test_force_replaces_a_folder_result_with_its_model_files(mlp_run, tmp_path, twa):
+    out = tmp_path / "hf"
+    twa("swa", mlp_run, "-o", out, "--end", "2")
+    (out / "config.json").write_text("{}")  # as save_pretrained leaves beside the weights
+    twa("swa", mlp_run, "-o", out, "--force")
+    expected = torch.stack([load_tensors(c.path)["net.1.weight"] for c in list_folder(mlp_run)]).double().mean(0)
+    assert torch.allclose(load_tensors(out / "model.safetensors")["net.1.weight"].double(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("command", [["sample", ".", "--model", "mlp", "--data", "digits", "--epochs", "1"],
+                                     ["train-subspace", "{run}", "-o", ".", "--epochs", "1"]])
+def test_the_working_folder_as_output(mlp_run, tmp_path, twa, monkeypatch, command):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    args = [a.format(run=mlp_run) for a in command]
+    twa(*args)  # an empty working folder takes the run
+    assert (work / "metrics.jsonl").exists()
+    before = snapshot(tmp_path)
+    result = twa(*args, "--force", check=False)  # replacing it whole would pull the folder from under the shell
+    _one_line_refusal(result, "working folder")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("sources", ["[]", "[1, 2]"])
+def test_a_basis_whose_sources_do_not_match_its_coords_is_refused_before_training(mlp_run, tmp_path, twa, sources):
+    basis = tmp_path / "basis.safetensors"
+    twa("orthogonalize", mlp_run, "-o", basis)
+    with safe_open(basis, "pt") as handle:
+        meta, tensors = dict(handle.metadata()), {k: handle.get_tensor(k) for k in handle.keys()}
+    damaged = tmp_path / "damaged.safetensors"
+    save_file(tensors, damaged, {**meta, "sources": sources})
+    before = snapshot(tmp_path)
+    result = twa("train-subspace", damaged, "-o", tmp_path / "out", "--epochs", "1", check=False)
+    _one_line_refusal(result, str(damaged))
+    assert snapshot(tmp_path) == before
 
 
 _WRITE = ["swa", "{run}", "-o", "{out}", "--max-shard-size", "20KB"]

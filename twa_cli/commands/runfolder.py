@@ -30,7 +30,7 @@ class RunFolder:
 
     def __init__(self, path: Path, *, resume: bool, force: bool, inputs: Iterable[str | Path] = (),
                  ours: Callable[[Path], bool] = lambda path: False):
-        self.path = Path(path)
+        self.path = Path(os.path.abspath(path))  # '.' has no name to put '.partial' after
         self.partial = partial_folder(self.path)
         self.created = False
         self._lock: int | None = None
@@ -54,6 +54,9 @@ class RunFolder:
             if foreign is not None:
                 raise TwaError(f"{self.path}: holds {foreign.name}, which this command did not write; --force replaces "
                                "only a folder it wrote")
+            if Path.cwd() == self.path or self.path in Path.cwd().parents:
+                raise TwaError(f"{path}: is the working folder (or holds it), which --force cannot replace; run "
+                               "from another folder")
             self.work = self.partial  # built beside the old result, swapped in whole at the end
         else:
             self.work = self.path

@@ -113,12 +113,16 @@ def load_basis(path: str | Path, columns: tuple[int, int] | None = None) -> Basi
         raise TwaError(f"{path}: the basis has shape {list(vectors.shape)} but its layout describes {dim} columns")
     if coords.dim() != 2 or coords.shape[0] != vectors.shape[0]:
         raise TwaError(f"{path}: coords of shape {list(coords.shape)} do not match {vectors.shape[0]} basis vectors")
+    sources = sources_of(ckpt)
+    if len(sources) != coords.shape[1]:
+        raise TwaError(f"{path}: a damaged basis file ({len(sources)} source checkpoints recorded for "
+                       f"{coords.shape[1]} columns of coords)")
     for i, row in enumerate(vectors):  # row by row: a whole-basis isfinite would allocate a quarter of it
         check_finite(row, f"{path}: basis row {i}")
     return Basis(
         vectors=vectors, coords=coords, layout=layout,
         buffers={k[len("buffer."):]: v for k, v in tensors.items() if k.startswith("buffer.")},
-        sources=sources_of(ckpt),
+        sources=sources,
         dropped=ckpt.json_field("dropped", list) or [],
         recorded=ckpt.task_fields(),
         errors=ckpt.json_field("errors", dict) or {},

@@ -152,7 +152,10 @@ class Source:
 
 
 def sources_of(ckpt: Checkpoint) -> list[Source]:
-    return [Source.from_json(s) for s in ckpt.json_field("sources", list) or []]
+    try:
+        return [Source.from_json(s) for s in ckpt.json_field("sources", list) or []]
+    except TwaError as exc:
+        raise TwaError(f"{ckpt.path}: its 'sources' metadata is damaged ({exc})") from exc
 
 
 # ---------------------------------------------------------------------------------------------- reading

@@ -82,6 +82,8 @@ def write_result(target: ResultTarget, tensors: Mapping[str, torch.Tensor], meta
     """Write a result as `target` says; returns the path to read it back from (a file, an index or a folder)."""
     exclusive = not force
     if target.folder:
+        copied = [p.name for p in model_files(target.model_files)] if target.model_files is not None else []
+        metadata = {**metadata, FOLDER_FILES: json.dumps(copied)}
         with staged_folder(target.path, exclusive=exclusive) as staging:
             write_weights(staging, HF_STEM, tensors, metadata, target.max_shard_size, exclusive=True)
             if target.model_files is not None:
@@ -142,15 +144,46 @@ def write_weights(folder: Path, stem: str, tensors: Mapping[str, torch.Tensor], 
 
 
 def _check_replaceable_folder(path: Path, force: bool) -> None:
-    """--force replaces a folder result whole: only a folder holding what such a result holds (weights, their
-    index, configuration and tokenizer files), never one with other files in it."""
+    """--force replaces a folder result whole: only a model folder (`model.safetensors` or its shards and index,
+    with the configuration and tokenizer files save_pretrained writes or this tool copied there), never a folder
+    of checkpoints, notes or results of the user's."""
     if not (force and path.is_dir()):
         return
-    others = [p for p in path.iterdir()
-              if not (p.name.endswith((SUFFIX, readers.INDEX_SUFFIX)) or p.suffix in MODEL_FILE_SUFFIXES)]
+    present = sorted(p.name for p in path.iterdir())
+    if not present:
+        return
+    weights = readers.hf_weights(path)
+    allowed = set(KNOWN_MODEL_FILES)
+    if weights is not None and weights.parent == path and weights.name.startswith(f"{HF_STEM}{SUFFIX}"):
+        allowed |= {weights.name, *_recorded_files(weights)}
+        if weights.name.endswith(readers.INDEX_SUFFIX):
+            allowed |= {p.name for p in _existing_set(path / f"{HF_STEM}{SUFFIX}", weights)[1]}
+        others = [name for name in present if name not in allowed and not name.endswith(".model")]
+    else:
+        others = [name for name in present if name not in allowed] or present
     if others:
-        raise TwaError(f"{path}: holds {others[0].name}, which is not part of a model folder; --force replaces only "
+        raise TwaError(f"{path}: holds {others[0]}, which is not part of a model folder; --force replaces only "
                        "a folder this tool (or save_pretrained) wrote")
+
+
+# The configuration and tokenizer files save_pretrained writes beside the weights (also `*.model` SentencePiece
+# files): a model folder holding only these and its weights is one --force may replace.
+KNOWN_MODEL_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "preprocessor_config.json", "chat_template.jinja",
+    "chat_template.json",
+)
+# Metadata key of a folder result: the configuration and tokenizer files this tool copied beside its weights.
+FOLDER_FILES = "twa_folder_files"
+
+
+def _recorded_files(weights: Path) -> list[str]:
+    try:
+        with readers.reading(weights) as reader:
+            names = json.loads(reader.metadata().get(FOLDER_FILES, "[]"))
+    except (TwaError, ValueError):
+        return []
+    return [n for n in names if isinstance(n, str) and Path(n).name == n] if isinstance(names, list) else []
 
 
 # Metadata key marking a shard this tool wrote, so that a shard no index names (left by a kill) can be removed.
