@@ -157,6 +157,16 @@ def _index_escape(root: Path, run: Path) -> Path:
     return folder
 
 
+def _index_empty_shard(root: Path, run: Path) -> Path:
+    """A Hugging Face index naming a shard with no name (the folder itself)."""
+    import json
+
+    folder = root / "emptyshard"
+    folder.mkdir()
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": ""}}))
+    return folder
+
+
 # name -> builder(root, mlp run) returning a path; each case formats its command with these.
 INPUTS: dict[str, Callable[[Path, Path], Path]] = {
     "run": lambda root, run: _copy_run(run, root / "run"),
@@ -175,6 +185,7 @@ INPUTS: dict[str, Callable[[Path, Path], Path]] = {
     "nullconfig": _null_config,
     "imgs": _image_folders,
     "escape": _index_escape,
+    "emptyshard": _index_empty_shard,
 }
 
 
@@ -244,6 +255,8 @@ CASES = [
     case("resume-nothing", "sample {out}/new --resume", "nothing to resume"),
     case("resume-changed", "sample {run} --model mlp --resume --batch-size 32 --lr 0.05 --epochs 3",
          "--batch-size was 64", "now 32"),
+    case("resume-changed-model", "sample {run} --model small-cnn --resume --batch-size 64 --per-epoch 3 --lr 0.05 --epochs 3",
+         "--model was 'mlp'", "now 'small-cnn'"),
     # Damaged and hostile input (issue 16, items 7-10)
     case("text-pt-inspect", "inspect {textpt}", "{textpt}/notes.pt", "not a readable PyTorch checkpoint"),
     case("text-pt-swa", "swa {textpt} -o {out}/avg.safetensors", "{textpt}/notes.pt"),
@@ -265,6 +278,8 @@ CASES = [
     case("index-escape", "swa {escape} -o {out}/avg.safetensors", "{escape}/model.safetensors.index.json",
          "../secret.safetensors"),
     case("index-escape-inspect", "inspect {escape}", "../secret.safetensors"),
+    case("index-empty-shard", "swa {emptyshard} -o {out}/avg.safetensors", "{emptyshard}/model.safetensors.index.json",
+         "names shard ''"),
     case("tol-negative", "orthogonalize {run} -o {out}/b.safetensors --tol -1", "--tol"),
     case("tol-nan", "orthogonalize {run} -o {out}/b.safetensors --tol nan", "--tol"),
     case("user-callable-raises", "sample {out}/new --model os:getcwd --data digits", "--model os:getcwd"),

@@ -82,11 +82,17 @@ def test_the_public_api_names_every_command():
         assert callable(getattr(twa_cli, name)), name
 
 
-def test_help_and_version_do_not_import_torch():
+def test_help_and_version_do_not_import_torch(tmp_path):
     """Measured in a fresh interpreter (the process is what is tested): `twa --version` and `--help` answer
-    without loading torch."""
+    without loading torch, also when a --config-from file (read with torch) comes before -h."""
+    recorded = tmp_path / "result.safetensors"
+    recorded.write_bytes(b"not read for a help page")
+    config = tmp_path / "run.yaml"
+    config.write_text("epochs: 3\n")
     probe = ("import sys\nfrom twa_cli.cli import main\n"
-             "for argv in (['--version'], ['--help'], ['swa', '--help'], ['train-subspace', '--help']):\n"
+             "for argv in (['--version'], ['--help'], ['swa', '--help'], ['train-subspace', '--help'],\n"
+             f"             ['swa', '--config-from', {str(recorded)!r}, '--help'],\n"
+             f"             ['sample', '--config', {str(config)!r}, '--config-from', {str(recorded)!r}, '-h']):\n"
              "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
              "print('TORCH' if 'torch' in sys.modules else 'NO TORCH', file=sys.stderr)\n")
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand
 
 from twa_cli import __version__
 from twa_cli.cli.options import Flag, OptionGroup, with_groups
@@ -169,17 +170,30 @@ ScheduleOpt = Annotated[Schedule, typer.Option(help="step: 10x lower at 50% and 
                                                "cosine to zero; constant.", rich_help_panel=TRAIN)]
 
 
+class _Command(TyperCommand):
+    """Notes a help request before any option is read: --config and --config-from are eager and may come before
+    -h, and a help page reads no file (nor imports torch to read one)."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        ctx.meta["twa_help"] = any(a in ctx.help_option_names for a in args)
+        return super().parse_args(ctx, args)
+
+
+def _reading_files(ctx: typer.Context) -> bool:
+    return not (ctx.resilient_parsing or ctx.meta.get("twa_help"))
+
+
 def _load_config(ctx: typer.Context, param: typer.CallbackParam, value: Path | None) -> Path | None:
     """Eager: fills the command's defaults from the file before any other option is read, so flags win."""
     from twa_cli.cli.config import apply_config_file
 
-    return value if value is None or ctx.resilient_parsing else apply_config_file(ctx, value)
+    return apply_config_file(ctx, value) if value is not None and _reading_files(ctx) else value
 
 
 def _load_recorded(ctx: typer.Context, param: typer.CallbackParam, value: Path | None) -> Path | None:
     from twa_cli.cli.config import apply_recorded
 
-    return value if value is None or ctx.resilient_parsing else apply_recorded(ctx, value)
+    return apply_recorded(ctx, value) if value is not None and _reading_files(ctx) else value
 
 
 ConfigOpt = Annotated[Path | None, typer.Option(
@@ -264,7 +278,7 @@ def _print_shards(output: Output, shards: list[dict[str, Any]]) -> None:
 # Commands -----------------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(cls=_Command)
 @with_groups(task=SAMPLE_TASK)
 def sample(
     ctx: typer.Context,
@@ -311,7 +325,7 @@ def sample(
     output.table("SGD", ["epochs", *[k for k, _ in figures]], [[last.get("epoch"), *[v for _, v in figures]]])
 
 
-@app.command()
+@app.command(cls=_Command)
 @with_groups(selection=SELECTION, read=READ, task=TASK)
 def swa(
     ctx: typer.Context,
@@ -372,7 +386,7 @@ def swa(
         out.table("SWA", ["checkpoints", *[c for c, _ in scores]], [[len(result.sources), *[v for _, v in scores]]])
 
 
-@app.command()
+@app.command(cls=_Command)
 @with_groups(selection=SELECTION, read=READ, task=TASK.only("model", "data", "data_dir", "task"))
 def orthogonalize(
     ctx: typer.Context,
@@ -413,7 +427,7 @@ def orthogonalize(
     _print_shards(out, result.holdings)
 
 
-@app.command("train-subspace")
+@app.command("train-subspace", cls=_Command)
 @with_groups(selection=SELECTION, read=READ, task=TASK)
 def train_subspace(
     ctx: typer.Context,
@@ -504,7 +518,7 @@ def train_subspace(
     out.line(str(result.out))
 
 
-@app.command("eval")
+@app.command("eval", cls=_Command)
 @with_groups(read=READ.only("strip_prefix"), task=TASK.without("val_split"))
 def eval_(
     files: Annotated[list[Path], typer.Argument(help="Checkpoint files to score.")],
@@ -546,7 +560,7 @@ def eval_(
     out.table("Evaluation", ["model" if label else "file", *columns], rows)
 
 
-@app.command()
+@app.command(cls=_Command)
 @with_groups(selection=SELECTION.only("start", "end", "every"), task=TASK.only("model", "data", "data_dir", "task"))
 def plot(
     srcs: Annotated[list[Path], typer.Argument(metavar="SRC...", help="A train-subspace output folder, a sample "
@@ -590,7 +604,7 @@ def plot(
         out.info(f"not drawn: {reason}")
 
 
-@app.command("inspect")
+@app.command("inspect", cls=_Command)
 @with_groups(selection=SELECTION, read=READ)
 def inspect_(
     ckpts: Annotated[Path, typer.Argument(help="Checkpoint folder, file, shard index or Hugging Face checkpoint "

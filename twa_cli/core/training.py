@@ -220,8 +220,12 @@ def load_train_state(path: Path, config: Mapping[str, Any]
         if diff == "identity":
             raise TwaError(f"--resume: the checkpoints (or basis) differ from those the interrupted run in "
                            f"{path.parent} was training on; resume with the same inputs, or start a new run")
+        was, is_now = saved.get(diff), now.get(diff)
+        if isinstance(was, dict) and isinstance(is_now, dict):  # the task's own flags (--model, --data, ...)
+            diff = next(k for k in sorted(set(was) | set(is_now)) if was.get(k) != is_now.get(k))
+            was, is_now = was.get(diff), is_now.get(diff)
         flag = diff.replace("_", "-")
-        raise TwaError(f"--resume: --{flag} was {saved.get(diff)!r} in the interrupted run, now {now.get(diff)!r}")
+        raise TwaError(f"--resume: --{flag} was {was!r} in the interrupted run, now {is_now!r}")
     tensors = load_tensors(path)
     if "rng.torch" not in tensors:
         raise TwaError(f"{path}: not a training state written by this tool (no RNG state)")

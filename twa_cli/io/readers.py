@@ -378,7 +378,7 @@ def read_index(index: Path) -> dict[str, Any]:
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise TwaError(f"{index}: its 'weight_map' is not a mapping of tensor names to file names")
     for file in set(weight_map.values()):
-        if Path(file).name != file or file in (".", ".."):
+        if not file or Path(file).name != file or file in (".", ".."):
             raise TwaError(f"{index}: names shard '{file}', which is not a file in the index's own folder")
     return spec
 
