@@ -128,6 +128,12 @@ def _null_config(root: Path, run: Path) -> Path:
     return path
 
 
+def _null_section(root: Path, run: Path) -> Path:
+    path = root / "nullsection.yaml"
+    path.write_text("model: mlp\nsample: ~\n")
+    return path
+
+
 def _image_folders(root: Path, run: Path) -> Path:
     """An image folder whose val/ has a class train/ lacks, and one with a truncated JPEG."""
     from PIL import Image
@@ -183,6 +189,7 @@ INPUTS: dict[str, Callable[[Path, Path], Path]] = {
     "intweight": _int_tensor,
     "binaryconfig": _binary_config,
     "nullconfig": _null_config,
+    "nullsection": _null_section,
     "imgs": _image_folders,
     "escape": _index_escape,
     "emptyshard": _index_empty_shard,
@@ -255,7 +262,8 @@ CASES = [
     case("resume-nothing", "sample {out}/new --resume", "nothing to resume"),
     case("resume-changed", "sample {run} --model mlp --resume --batch-size 32 --lr 0.05 --epochs 3",
          "--batch-size was 64", "now 32"),
-    case("resume-changed-model", "sample {run} --model small-cnn --resume --batch-size 64 --per-epoch 3 --lr 0.05 --epochs 3",
+    case("resume-changed-model",
+         "sample {run} --model small-cnn --resume --batch-size 64 --per-epoch 3 --lr 0.05 --epochs 3",
          "--model was 'mlp'", "now 'small-cnn'"),
     # Damaged and hostile input (issue 16, items 7-10)
     case("text-pt-inspect", "inspect {textpt}", "{textpt}/notes.pt", "not a readable PyTorch checkpoint"),
@@ -268,6 +276,8 @@ CASES = [
     case("huge-seed", "sample {out}/new --model mlp --seed 99999999999999999999", "--seed"),
     case("binary-config", "sample {out}/new --config {binaryconfig}", "{binaryconfig}", "not a text file"),
     case("null-config", "sample {out}/new --config {nullconfig}", "{nullconfig}", "'epochs'", "null"),
+    case("null-section", "sample {out}/new --config {nullsection}", "{nullsection}", "section 'sample'",
+         "not a table"),
     case("val-class-missing", "sample {out}/new --model mlp --data imagefolder --data-dir {imgs}", "val/c",
          "train"),
     case("truncated-jpeg", "sample {out}/new --model mlp --data imagefolder --data-dir {root}/badjpeg", "2.jpg",

@@ -67,7 +67,11 @@ def options_for(command: str, loaded: Mapping[str, Any], names: Mapping[str, str
     """The options `loaded` gives `command`, keyed by parameter name. `names` maps every spelling of an option
     (`batch-size`, `batch_size`, `json`) to its parameter name; `commands` are the section names to expect."""
     commands = set(commands)
-    sections = {k: v for k, v in loaded.items() if k in commands and isinstance(v, Mapping)}
+    for key, value in loaded.items():
+        if key in commands and not isinstance(value, Mapping):
+            raise TwaError(f"{source}: the section '{key}' is {'empty (null)' if value is None else repr(value)}, "
+                           "not a table of options")
+    sections = {k: v for k, v in loaded.items() if k in commands}
     shared = {k: v for k, v in loaded.items() if k not in sections}
     own = dict(sections.get(command, {}))
     out: dict[str, Any] = {}
