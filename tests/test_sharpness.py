@@ -67,6 +67,26 @@ def test_train_subspace_trains_at_the_checked_lr_and_says_so(mlp_run, tmp_path, 
     assert "too large for this span" in caplog.text
 
 
+def test_a_run_that_leaves_the_basin_says_so(mlp_run, tmp_path, caplog):
+    # This span is about twice as sharp at its trained checkpoints as at its center, where the check measures:
+    # a whole epoch at the lr it allows ends far above the starting loss (near chance), and the user is told.
+    with caplog.at_level(logging.WARNING, logger="twa"):
+        left = train_subspace(mlp_run, tmp_path / "left", SubspaceConfig(epochs=1, batch_size=64,
+                                                                          eval_every_epoch=False))
+    assert left.lr_check is not None and left.lr_check.start_loss is not None
+    saved = json.loads((tmp_path / "left" / "lr-check.json").read_text())
+    assert saved["start_loss"] == left.lr_check.start_loss
+    assert left.history[-1]["train_loss"] > 1.5 * saved["start_loss"]
+    assert "left the span's basin" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="twa"):
+        kept = train_subspace(mlp_run, tmp_path / "kept", SubspaceConfig(epochs=1, lr=0.05, batch_size=64,
+                                                                          eval_every_epoch=False))
+    assert kept.lr_check is not None and kept.lr_check.used == 0.05
+    assert kept.history[-1]["train_loss"] <= 1.5 * kept.lr_check.start_loss
+    assert "left the span's basin" not in caplog.text
+
+
 class _OnceDifferentiableReLU(torch.autograd.Function):
     """A ReLU whose backward cannot itself be differentiated, as fused attention kernels' cannot: asked for a
     graph of its backward (a double backward), it raises as they do."""

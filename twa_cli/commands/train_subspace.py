@@ -39,7 +39,7 @@ from twa_cli.core.evaluation import evaluate
 from twa_cli.core.placement import Placement, placement_for
 from twa_cli.core.schedules import SCHEDULES
 from twa_cli.core.selection import Selection
-from twa_cli.core.sharpness import LrCheck, check_lr, subspace_sharpness
+from twa_cli.core.sharpness import LrCheck, check_lr, sample_loss, subspace_sharpness
 from twa_cli.core.subspace import SubspaceSGD
 from twa_cli.core.training import (
     EpochStats,
@@ -296,6 +296,10 @@ def _train(inputs: _Inputs, folder: RunFolder, cfg: SubspaceConfig, placement: P
         if cfg.bn_update:
             recalibrate_bn(model, task, max_batches=cfg.bn_batches, device=device, parts=recal_parts)
         check_state_finite(model, step, lr)
+        if check is not None and history and check.left_basin(history[-1].get("train_loss")):
+            log.warning("the training loss ended at %.4g, above the %.4g it started at: the steps left the span's "
+                        "basin at lr %.3g (the lr check measures at the start only); train again with a smaller "
+                        "--lr", history[-1]["train_loss"], check.start_loss, lr)
     except BaseException as exc:
         removed = folder.abandon()
         if isinstance(exc, Diverged):
@@ -398,7 +402,10 @@ def _learning_rate(model: torch.nn.Module, task: Task, optimizer: SubspaceSGD, c
     sample = list(islice(batches(task, dataset, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=SHARPNESS_EPOCH,
                                  parts=parts), SHARPNESS_BATCHES))
     sharpness, method = subspace_sharpness(model, task, optimizer, sample, device=device)
+    start = sample_loss(model, task, sample, device=device)
+    placement.sum_(start)
     check = check_lr(cfg.lr, cfg.momentum, sharpness, method)
+    check.start_loss = float(start)
     if placement.lead:
         write_json(path, check.to_dict())
     if check.used < check.requested:

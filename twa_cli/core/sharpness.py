@@ -37,6 +37,10 @@ FD_STEP = 1e-4
 CHECK_SEED = 0
 
 
+# A run whose last epoch's training loss ends above this multiple of the loss at its start left the basin.
+LEFT_BASIN = 1.5
+
+
 @dataclass
 class LrCheck:
     requested: float
@@ -44,6 +48,12 @@ class LrCheck:
     limit: float  # 2 (1 + momentum) / sharpness: the largest stable learning rate
     used: float
     method: str = DOUBLE_BACKWARD
+    start_loss: float | None = None  # the training loss on the check's batches at the start
+
+    def left_basin(self, end_loss: float | None) -> bool:
+        """Whether a run that ended at training loss `end_loss` left the basin it started in: the lr check
+        measures at the start only, and a span sharper further on throws the steps out at the allowed lr."""
+        return self.start_loss is not None and end_loss is not None and end_loss > LEFT_BASIN * self.start_loss
 
     def to_dict(self) -> dict[str, float | str]:
         return dict(self.__dict__)
@@ -87,6 +97,28 @@ def subspace_sharpness(model: nn.Module, task: Task, optimizer: SubspaceSGD, sam
                 state[k].copy_(saved)
         model.train(was_training)
     return value, method
+
+
+def sample_loss(model: nn.Module, task: Task, sample: Sequence[tuple[Batch, float]], *,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """This process's part of the training loss on `sample` (summed over ranks it is the mean over the sample's
+    global batches), BatchNorm in training mode as in the steps; statistics and random state left as they were."""
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if not v.is_floating_point() or "running" in k}
+    was_training = model.training
+    model.train()
+    total = torch.zeros((), device=device)
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=_cuda_devices(device)):
+            for batch, weight in sample:
+                torch.manual_seed(CHECK_SEED)
+                total += task.loss(model, move(batch, device)).float() * (weight / len(sample))
+    finally:
+        with torch.no_grad():
+            state = model.state_dict()
+            for k, saved in buffers.items():
+                state[k].copy_(saved)
+        model.train(was_training)
+    return total
 
 
 def _cuda_devices(device: torch.device | str) -> list[int]:
