@@ -288,6 +288,8 @@ CASES = [
     case("index-escape", "swa {escape} -o {out}/avg.safetensors", "{escape}/model.safetensors.index.json",
          "../secret.safetensors"),
     case("index-escape-inspect", "inspect {escape}", "../secret.safetensors"),
+    case("swa-to-ckpt", "swa {run} -o {out}/avg.ckpt", "{out}/avg.ckpt", ".safetensors"),
+    case("swa-to-pth-tar", "swa {run} -o {out}/avg.pth.tar", "{out}/avg.pth.tar", ".safetensors"),
     case("index-empty-shard", "swa {emptyshard} -o {out}/avg.safetensors", "{emptyshard}/model.safetensors.index.json",
          "names shard ''"),
     case("tol-negative", "orthogonalize {run} -o {out}/b.safetensors --tol -1", "--tol"),

@@ -75,6 +75,13 @@ def assert_some_floating_differ(a: Mapping[str, torch.Tensor], b: Mapping[str, t
     assert any(not torch.equal(a[k], b[k]) for k in common), "the two results are identical"
 
 
+def plain_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return dict(handle.metadata() or {})
+
+
 def plain_load(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -348,6 +355,16 @@ def test_hf_classifier_eval_matches_an_independent_evaluation(bert: realtools.HF
     assert trained["test"]["loss"] == pytest.approx(reported["loss"], abs=1e-6)  # the figure train-subspace printed
 
 
+def test_hf_eval_scores_every_file_on_the_data_one_of_them_records(bert: realtools.HFRun,
+                                                                     bert_twa: tuple[Path, dict[str, Any]], twa):
+    # As the README shows: the TWA result records its data; the Trainer's checkpoint beside it records none.
+    out, _ = bert_twa
+    together = summary(twa("eval", out, bert.checkpoints[-1], "--json"))["results"]
+    alone = summary(twa("eval", bert.checkpoints[-1], "--data", bert.train, "--eval-data", bert.test,
+                        "--json"))["results"][0]
+    assert together[1]["test"] == alone["test"] and together[1]["test"]["count"] == 32
+
+
 @pytest.mark.parametrize("broken", ["short tsv row", "json row without text", "null label"])
 def test_hf_classifier_data_row_without_a_value_is_named(bert: realtools.HFRun, bert_twa: tuple[Path, dict[str, Any]],
                                                          tmp_path: Path, broken: str, twa):
@@ -365,6 +382,27 @@ def test_hf_classifier_data_row_without_a_value_is_named(bert: realtools.HFRun, 
         column = "sentence" if broken == "json row without text" else "label"
     line = one_line_error(twa("eval", bert_twa[0], "--data", bert.train, "--eval-data", path, check=False))
     assert str(path) in line and "row 4" in line and f"'{column}'" in line, line
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt"])
+def test_a_run_saved_without_its_tokenizer_asks_for_one(kind: str, request: pytest.FixtureRequest, tmp_path: Path,
+                                                        twa):
+    # transformers 5 builds an empty tokenizer from config.json alone: every word [UNK], scored without a word.
+    run: realtools.HFRun = request.getfixturevalue(kind)
+    copy = tmp_path / "run"
+    shutil.copytree(run.run, copy)
+    for path in copy.glob("checkpoint-*/*"):
+        if path.name not in ("config.json", "model.safetensors", "trainer_state.json", "training_args.bin"):
+            path.unlink()
+    last = sorted(copy.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    extra = ["--block-size", "32"] if kind == "gpt" else []
+    line = one_line_error(twa("eval", last, "--data", run.train, "--eval-data", run.test, *extra, check=False))
+    assert str(last) in line and "no tokenizer" in line and "--tokenizer" in line, line
+    scored = summary(twa("eval", last, "--data", run.train, "--eval-data", run.test, *extra, "--tokenizer",
+                         run.checkpoints[-1], "--json"))["results"][0]["test"]
+    original = summary(twa("eval", run.checkpoints[-1], "--data", run.train, "--eval-data", run.test, *extra,
+                           "--json"))["results"][0]["test"]
+    assert scored == original
 
 
 # ------------------------------------------------------------------------------------------------ 2. GPT-2
@@ -582,6 +620,18 @@ def test_lightning_swa_is_the_mean_of_the_epoch_files(lightning: Callable[[str],
     assert_mean(written, expected, "Lightning SWA")
 
 
+def test_a_model_free_lightning_average_evaluates_with_the_module(lightning: Callable[[str], Path], root: Path,
+                                                                   tmp_path: Path, twa):
+    # Averaged without --model, the names lose Lightning's `model.` prefix; the module given to eval has it.
+    ckpts = lightning("none")
+    bare, named = tmp_path / "bare.safetensors", tmp_path / "named.safetensors"
+    twa("swa", ckpts, "-o", bare)
+    module = ("--model", "realtools:TinyClassifier", "--data", "realtools:lightning_data")
+    twa("swa", ckpts, "-o", named, *module, "--no-bn-update")
+    scores = [summary(twa("eval", path, *module, "--json"))["results"][0]["test"] for path in (bare, named)]
+    assert scores[0] == scores[1] and scores[0]["count"] > 0
+
+
 def test_lightning_train_subspace_uses_the_modules_training_step(lightning: Callable[[str], Path], root: Path, twa):
     ckpts = lightning("none")
     out = root / "lightning-twa"
@@ -657,6 +707,21 @@ def test_averaged_model_checkpoints_average_and_swa_folder_is_refused(averaged_m
 
 
 # ------------------------------------------------------------------------------------------------ 8. pickles
+
+
+def test_timm_run_without_data_asks_for_it_and_its_average_records_no_empty_data(
+        timm_run: Path, timm_averages: dict[bool, Path], image_folder: Path, tmp_path: Path, twa):
+    line = one_line_error(twa("train-subspace", timm_run, "-o", tmp_path / "twa", "--quiet", check=False))
+    assert "--data" in line and "{}" not in line, line
+    assert not (tmp_path / "twa").exists()
+    line = one_line_error(twa("eval", sorted(timm_run.glob("checkpoint-*.pth.tar"))[-1], check=False))
+    assert "--data" in line and "{}" not in line, line
+    assert "data" not in plain_metadata(timm_averages[False])  # nothing recorded, so nothing malformed to read
+    line = one_line_error(twa("eval", timm_averages[False], check=False))
+    assert "--data" in line and "not a description" not in line, line
+    scored = summary(twa("eval", timm_averages[False], "--data", "imagefolder", "--data-dir", image_folder,
+                         "--json"))["results"][0]
+    assert scored["test"]["count"] == 12
 
 
 def test_timm_checkpoint_with_namespace_args_is_read(timm_run: Path, twa):

@@ -86,17 +86,22 @@ def resolve_device(device: str) -> str:
 
 def aligned(ckpts: list[Checkpoint], net: Any) -> list[Checkpoint]:
     """The checkpoints, read so that their tensor names are the model's. A LightningModule names its weights
-    `model.<name>` like the files, where reading strips that prefix by default for a bare model: then they are
-    read again without stripping."""
+    `model.<name>` like its files, where reading strips that prefix by default for a bare model: then they are
+    read again without stripping; an average written without the module has lost the prefix: then it is put
+    back."""
     from dataclasses import replace
 
     from twa_cli.io.checkpoints import read_checkpoint, tensor_specs
+    from twa_cli.io.readers import AUTO_PREFIXES
 
     own = set(net.state_dict())
     if set(tensor_specs(ckpts[0])) <= own or ckpts[0].options.strip_prefix is not None:
         return ckpts
-    again = [read_checkpoint(c.path, replace(c.options, strip_prefix="")) for c in ckpts]
-    return again if set(tensor_specs(again[0])) <= own else ckpts
+    for change in ({"strip_prefix": ""}, *({"add_prefix": p} for p in AUTO_PREFIXES)):
+        again = [read_checkpoint(c.path, replace(c.options, **change)) for c in ckpts]
+        if set(tensor_specs(again[0])) <= own:
+            return again
+    return ckpts
 
 
 def subspace_names(request: TaskRequest, ckpts: list[Checkpoint]) -> tuple[list[str] | None, list[Checkpoint]]:

@@ -3,19 +3,19 @@ test split, the training split or both, and the generalization gap as in the pap
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from twa_cli.commands.common import aligned, resolve_device, task_of
+from twa_cli.commands.common import aligned, recorded, resolve_device
 from twa_cli.core.batchnorm import recalibrate_bn
 from twa_cli.core.evaluation import evaluate
 from twa_cli.errors import TwaError
-from twa_cli.io.checkpoints import load_tensors, read_checkpoint
+from twa_cli.io.checkpoints import Checkpoint, load_tensors, read_checkpoint
 from twa_cli.io.readers import ReadOptions
 from twa_cli.tasks.base import Metrics
 from twa_cli.tasks.models import load_weights
-from twa_cli.tasks.resolve import TaskRequest
+from twa_cli.tasks.resolve import TaskRequest, resolve_task
 
 SPLITS = ("test", "train", "both")
 
@@ -60,15 +60,28 @@ class EvalResult:
 
 
 def evaluate_checkpoints(paths: list[str | Path], request: EvalRequest | None = None) -> list[EvalResult]:
-    """Score each checkpoint; the task comes from the flags, else from each checkpoint's metadata."""
+    """Score each checkpoint; the task comes from the flags, else from each checkpoint's metadata (the data,
+    from the first that records one)."""
     request = request or EvalRequest()
     device = resolve_device(request.device)
-    return [_score(Path(p), request, device) for p in paths]
+    ckpts = [read_checkpoint(Path(p), request.read) for p in paths]
+    data = _shared_data(request.task, ckpts)
+    return [_score(ckpt, request, device, data) for ckpt in ckpts]
 
 
-def _score(path: Path, request: EvalRequest, device: str) -> EvalResult:
-    ckpt = read_checkpoint(path, request.read)
-    task = task_of(request.task, ckpt)
+def _shared_data(request: TaskRequest, ckpts: list[Checkpoint]) -> Any:
+    """Without --data or --task, the data the first checkpoint that records one names: the models given side by
+    side are scored on the same examples (a Trainer's or timm's checkpoint records none). Read from a file, it
+    is resolved as any recorded data is: registry names only."""
+    if request.data is not None or request.task is not None:
+        return None
+    return next((r.data for r in map(recorded, ckpts) if r.data), None)
+
+
+def _score(ckpt: Checkpoint, request: EvalRequest, device: str, data: Any) -> EvalResult:
+    path = ckpt.path
+    known = recorded(ckpt)
+    task = resolve_task(request.task, known if known.data or not data else replace(known, data=data))
     net = task.build_model()
     load_weights(net, load_tensors(aligned([ckpt], net)[0]), str(path))
     net.to(device)

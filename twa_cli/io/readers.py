@@ -59,6 +59,7 @@ class ReadOptions:
 
     strip_prefix: str | None = None
     ema: bool = False
+    add_prefix: str = ""  # put before every name after stripping: a file averaged without a module's prefix
 
 
 class Reader(ABC):
@@ -119,7 +120,7 @@ class SafetensorsReader(Reader):
         except Exception as exc:  # safetensors raises its own error types for every kind of damage
             raise TwaError(f"{path}: not a readable safetensors file ({first_line(exc)})") from exc
         try:
-            self._names = _strip_map(list(self._handle.keys()), options.strip_prefix, auto=False, where=path)
+            self._names = _strip_map(list(self._handle.keys()), options, auto=False, where=path)
         except TwaError:
             self.close()
             raise
@@ -174,7 +175,7 @@ class PickleReader(Reader):
         super().__init__(path)
         loaded = torch_load(path)
         state, self.wrapper = find_state_dict(loaded, path, options.ema)
-        names = _strip_map(list(state), options.strip_prefix, auto=True, where=path)
+        names = _strip_map(list(state), options, auto=True, where=path)
         self._tensors = {new: state[old] for new, old in names.items()}
         self._meta = _pickle_metadata(loaded, self.wrapper)
         averaged = _averaged_by(loaded, state)
@@ -210,7 +211,7 @@ class ShardedReader(Reader):
         spec = read_index(index)
         weight_map: dict[str, str] = spec["weight_map"]
         self._index_meta = spec.get("metadata") if isinstance(spec.get("metadata"), dict) else {}
-        self._names = _strip_map(list(weight_map), options.strip_prefix, auto=False, where=index)
+        self._names = _strip_map(list(weight_map), options, auto=False, where=index)
         self._shard_of = {new: index.parent / weight_map[old] for new, old in self._names.items()}
         self._open: dict[Path, Reader] = {}
         first = next(iter(self._shard_of.values()), None)
@@ -573,8 +574,13 @@ def trainer_state_metadata(folder: Path) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _strip_map(names: list[str], prefix: str | None, *, auto: bool, where: Path) -> dict[str, str]:
-    """{name without prefix: name on disk}."""
+def _strip_map(names: list[str], options: ReadOptions, *, auto: bool, where: Path) -> dict[str, str]:
+    """{name as read (prefix stripped, then options.add_prefix put before it): name on disk}."""
+    out = _stripped(names, options.strip_prefix, auto=auto, where=where)
+    return {options.add_prefix + k: v for k, v in out.items()} if options.add_prefix else out
+
+
+def _stripped(names: list[str], prefix: str | None, *, auto: bool, where: Path) -> dict[str, str]:
     if prefix is None:
         prefix = ""
         if auto:

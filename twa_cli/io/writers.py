@@ -65,6 +65,9 @@ class ResultTarget:
     def check(self, force: bool, inputs: list[Path]) -> None:
         """Before any work: the output is not in the way of an input, nor of a result without --force, and no
         file it would replace or remove is an input."""
+        if self.folder and self.path.name.endswith(readers.PICKLE_SUFFIXES):
+            raise TwaError(f"{self.path}: a result is a .safetensors file or a Hugging Face folder, not a pickle; "
+                           "name it NAME.safetensors (or a folder)")
         path = self.path if self.folder else result_file(self.path)
         check_output(path, force, inputs, folder=self.folder)
         if self.folder:

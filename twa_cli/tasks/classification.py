@@ -97,4 +97,4 @@ class ClassificationTask(Task):
         return accuracy_figures(totals)
 
     def describe(self) -> dict[str, Any]:
-        return {"arch": self.arch, "data": self.data_spec}
+        return {"arch": self.arch, "data": self.data_spec} if self.data_spec else {"arch": self.arch}

@@ -33,6 +33,8 @@ from twa_cli.units import first_line
 
 CLASSIFICATION, CAUSAL_LM = "sequence-classification", "causal-lm"
 CONFIG_FILE = "config.json"
+# The files a tokenizer is saved as (also any SentencePiece `*.model`).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt")
 
 
 def _transformers() -> Any:
@@ -172,6 +174,10 @@ class HFTask(Task):
     @cached_property
     def tokenizer(self) -> Any:
         folder = Path(self.data_spec.get("tokenizer") or self.model_dir)
+        if not any((folder / name).is_file() for name in TOKENIZER_FILES) and not any(folder.glob("*.model")):
+            # transformers would build an empty tokenizer from config.json alone: every word unknown
+            raise TwaError(f"{folder}: holds no tokenizer (no {', '.join(TOKENIZER_FILES[:3])}, ...); pass --tokenizer "
+                           "DIR, a folder the run's tokenizer was saved in")
         try:
             return _transformers().AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
                                                                  trust_remote_code=False)

@@ -70,7 +70,7 @@ NOTHING = Recorded("")
 
 
 def _name(spec: Any, field_name: str, source: str) -> str | None:
-    if spec is None:
+    if spec is None or (isinstance(spec, Mapping) and not spec):  # {}: written by 0.2 for "no data known"
         return None
     if not (isinstance(spec, Mapping) and isinstance(spec.get("name"), str)):
         raise TwaError(f"{source}: metadata field '{field_name}' is not a description with a name")
@@ -200,6 +200,9 @@ def classification_task(request: TaskRequest, recorded: Recorded, *, need_data: 
                            "input channels")
         else:
             arch = ClassificationTask.sized(request.model, data, user_data=user_data)
+        if data is None and need_data:
+            where = f"{recorded.source}: " if recorded.source else ""
+            raise TwaError(f"{where}the checkpoints name no data set; pass --data")
         return ClassificationTask(arch, data or {}, user_model=True, user_data=user_data, download=request.download)
     name = _name(recorded.arch, "arch", recorded.source)
     if name is None:
