@@ -280,6 +280,25 @@ def test_a_basis_whose_sources_do_not_match_its_coords_is_refused_before_trainin
 _WRITE = ["swa", "{run}", "-o", "{out}", "--max-shard-size", "20KB"]
 
 
+def test_a_shard_name_taken_meanwhile_names_the_output(mlp_run, tmp_path, twa, monkeypatch):
+    # Two writers of one new sharded output: the one that finds a shard name taken when it places its shards
+    # says the output exists, not a hidden temporary's name (a race the test below meets only sometimes).
+    from twa_cli.io import writers
+
+    real = os.link
+
+    def taken_meanwhile(src, dst, *args, **kwargs):
+        Path(dst).write_bytes(b"the other writer's shard")
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(writers.os, "link", taken_meanwhile)
+    out = tmp_path / "avg.safetensors"
+    result = twa(*[a.format(run=mlp_run, out=out) for a in _WRITE], check=False)
+    _one_line_refusal(result, str(out), "already exists")
+    assert ".tmp" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["avg-00001-of-00005.safetensors"]  # the other's only
+
+
 def test_two_writers_of_one_new_output_never_both_succeed(mlp_run, tmp_path):
     out = tmp_path / "avg.safetensors"
     args = [a.format(run=mlp_run, out=out) for a in _WRITE]

@@ -133,7 +133,7 @@ def reported_as(path: Path, temp: Path | None = None) -> Iterator[None]:
         raise
 
 
-def _already_written(path: Path) -> TwaError:
+def already_written(path: Path) -> TwaError:
     return TwaError(f"{path}: already exists (written by another process meanwhile?); pass --force to overwrite it")
 
 
@@ -145,7 +145,7 @@ def place(tmp: Path, path: Path, exclusive: bool) -> None:
     try:
         os.link(tmp, path)
     except FileExistsError as exc:
-        raise _already_written(path) from exc
+        raise already_written(path) from exc
     tmp.unlink()
 
 
@@ -177,7 +177,7 @@ def _atomic_file(path: Path, exclusive: bool) -> Iterator[BinaryIO]:
                         _name_unnamed(fh.fileno(), path)
                         return
                     except FileExistsError as exc:
-                        raise _already_written(path) from exc
+                        raise already_written(path) from exc
                     except OSError:  # no /proc: fall through to a named temporary
                         pass
                 named = temp_name(path)
@@ -243,15 +243,15 @@ def swap_in_folder(staging: Path, path: Path, *, exclusive: bool) -> None:
             if _renameat2(staging, path, _RENAME_NOREPLACE):
                 return
         except FileExistsError as exc:
-            raise _already_written(path) from exc
+            raise already_written(path) from exc
         try:
             os.mkdir(path)  # claims the name; an empty folder is replaced by the rename below
         except FileExistsError as exc:
-            raise _already_written(path) from exc
+            raise already_written(path) from exc
         os.rename(staging, path)
         return
     if exclusive:
-        raise _already_written(path)
+        raise already_written(path)
     if _renameat2(staging, path, _RENAME_EXCHANGE):
         shutil.rmtree(staging)  # now the old folder
         return

@@ -26,7 +26,15 @@ import torch
 
 from twa_cli.errors import TwaError
 from twa_cli.io import readers
-from twa_cli.io.atomic import parents_made, remove_stale_temps, reported_as, staged_folder, temp_name, write_bytes
+from twa_cli.io.atomic import (
+    already_written,
+    parents_made,
+    remove_stale_temps,
+    reported_as,
+    staged_folder,
+    temp_name,
+    write_bytes,
+)
 from twa_cli.io.outputs import check_not_replacing, check_output
 from twa_cli.io.safetensors import save_tensors
 
@@ -131,7 +139,10 @@ def write_weights(folder: Path, stem: str, tensors: Mapping[str, torch.Tensor], 
             with reported_as(final, tmp):
                 save_tensors(tmp, {k: tensors[k] for k in keys}, mark, exclusive=True)
         for tmp, final in temps:
-            os.link(tmp, final)  # the names were free: a name taken meanwhile fails here
+            try:
+                os.link(tmp, final)  # the names were free: a name taken meanwhile fails here
+            except FileExistsError as exc:
+                raise already_written(single) from exc  # another writer of this output won
             placed.append(final)
             tmp.unlink()
         total = sum(t.numel() * t.element_size() for t in tensors.values())
