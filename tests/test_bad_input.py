@@ -128,6 +128,14 @@ def _null_config(root: Path, run: Path) -> Path:
     return path
 
 
+def _nan_metric(root: Path, run: Path) -> Path:
+    folder = root / "nanmetric"
+    folder.mkdir()
+    for i in range(2):
+        save_tensors(folder / f"c{i}.safetensors", {"w": torch.zeros(2)}, {"step": str(i), "val_loss": "nan"})
+    return folder
+
+
 def _null_section(root: Path, run: Path) -> Path:
     path = root / "nullsection.yaml"
     path.write_text("model: mlp\nsample: ~\n")
@@ -190,6 +198,7 @@ INPUTS: dict[str, Callable[[Path, Path], Path]] = {
     "binaryconfig": _binary_config,
     "nullconfig": _null_config,
     "nullsection": _null_section,
+    "nanmetric": _nan_metric,
     "imgs": _image_folders,
     "escape": _index_escape,
     "emptyshard": _index_empty_shard,
@@ -288,6 +297,7 @@ CASES = [
     case("index-escape", "swa {escape} -o {out}/avg.safetensors", "{escape}/model.safetensors.index.json",
          "../secret.safetensors"),
     case("index-escape-inspect", "inspect {escape}", "../secret.safetensors"),
+    case("top-by-nan-metric", "inspect {nanmetric} --top 1 --by val_loss", "--by val_loss", "no finite value"),
     case("swa-to-ckpt", "swa {run} -o {out}/avg.ckpt", "{out}/avg.ckpt", ".safetensors"),
     case("swa-to-pth-tar", "swa {run} -o {out}/avg.pth.tar", "{out}/avg.pth.tar", ".safetensors"),
     case("index-empty-shard", "swa {emptyshard} -o {out}/avg.safetensors", "{emptyshard}/model.safetensors.index.json",

@@ -94,6 +94,8 @@ def _top(ckpts: list[Checkpoint], indices: list[int], n: int, by: str) -> list[i
     known = [(i, v) for i, v in scored if v is not None]
     if not known:
         available = sorted(metric_names(ckpts[indices[0]], logs)) if indices else []
+        if name in available:
+            raise TwaError(f"--by {name}: the selected checkpoints record no finite value of it (NaN or Inf)")
         raise TwaError(f"--by {name}: no selected checkpoint records this metric"
                        + (f" (metrics found: {', '.join(available)})" if available else " (no metrics found)"))
     if len(known) < len(scored):
