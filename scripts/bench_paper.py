@@ -245,7 +245,7 @@ def paired(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     diff = (gain - loss) / n
     se = math.sqrt(max(gain + loss - n * diff * diff, 0.0)) / n
     p = binomtest(gain, gain + loss).pvalue if gain + loss else 1.0
-    return {"diff": 100 * diff, "se": 100 * se, "p": float(p), "n": n}
+    return {"diff": 100 * diff, "se": 100 * se, "p": float(p), "n": n, "b_only": gain, "a_only": loss}
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -778,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         bench.prepare()
         bench.results["environment"] = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                                        "commit": _git_commit()}
+                                        "commit": git_commit()}
         if args.tune:
             bench.tune()
         for seed in args.seeds:
@@ -792,7 +792,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()

@@ -53,6 +53,7 @@ for _key, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("H
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from bench_paper import git_commit, paired  # noqa: E402  (the CIFAR benchmark's paired noise, the same test)
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT_DATA = ROOT.parent / "shared" / "data" / "text"
@@ -214,18 +215,6 @@ def tokenizer_files(folder: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- paired noise
-
-
-def mcnemar(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
-    """B minus A in points of accuracy, its paired standard error, and McNemar's exact two-sided p-value."""
-    from scipy.stats import binomtest
-
-    n = len(a)
-    gain, loss = int((~a & b).sum()), int((a & ~b).sum())
-    diff = (gain - loss) / n
-    se = math.sqrt(max(gain + loss - n * diff * diff, 0.0)) / n
-    p = binomtest(gain, gain + loss).pvalue if gain + loss else 1.0
-    return {"diff": 100 * diff, "se": 100 * se, "p": float(p), "n": n, "b_only": gain, "a_only": loss}
 
 
 def paired_blocks(a: torch.Tensor, b: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:
@@ -728,7 +717,7 @@ def sst2_report(out: Path, entry: dict[str, Any]) -> list[str]:
               "seeds' sentences:", "",
               "| A | B | B - A | sentences only B gets right / only A | sentences |", "|---|---|---|---|---|"]
     for a_name, b_name in (("final", "twa"), ("swa", "twa"), ("final", "swa"), ("half", "twa")):
-        m = mcnemar(pooled(work, seeds, a_name, "correct"), pooled(work, seeds, b_name, "correct"))
+        m = paired(pooled(work, seeds, a_name, "correct"), pooled(work, seeds, b_name, "correct"))
         lines.append(f"| {a_name} | {b_name} | {m['diff']:+.2f} ± {m['se']:.2f} ({p_text(m['p'])}) | "
                      f"{m['b_only']} / {m['a_only']} | {m['n']:,} |")
     lines += ["", *twa_details(work, entry, seeds)]
@@ -869,14 +858,6 @@ def main(argv: list[str] | None = None) -> int:
               for m in r.get("score", {}).get("mismatches", [])]
     assert not failed, "the figures computed here disagree with twa eval's:\n" + "\n".join(failed)
     return 0
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

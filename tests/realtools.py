@@ -546,7 +546,7 @@ def build_lightning_run(root: Path, seed: int = 0, callback: str = "none") -> Pa
                           weights after every optimizer step, from step 1 on)
       "ema"               EMAWeightAveraging(decay=0.9) (same mechanism, EMA avg_fn)
 
-    Files: epoch=0-val_loss=X.XXXX.ckpt ... epoch=3-val_loss=X.XXXX.ckpt and last.ckpt ("swa": also
+    Files: epoch=0-val_loss=<value>.ckpt ... epoch=3-val_loss=<value>.ckpt and last.ckpt ("swa": also
     epoch=4-...ckpt, below). Every .ckpt is a torch.save'd dict (torch.load(weights_only=True) reads it)
     with keys epoch, global_step, pytorch-lightning_version, state_dict, loops, callbacks, optimizer_states,
     lr_schedulers, hparams_name ("kwargs"), hyper_parameters ({n_in, hidden, n_classes, lr}).
@@ -567,7 +567,7 @@ def build_lightning_run(root: Path, seed: int = 0, callback: str = "none") -> Pa
       Because the model has BatchNorm, the callback adds ONE EXTRA EPOCH (max_epochs 4 -> 5): at its start
       the averaged weights are copied into the model and the BN statistics are recomputed over one pass
       of the training data (no optimizer steps). ModelCheckpoint saves that epoch too: the extra file is
-      epoch=4-val_loss=X.XXXX.ckpt with epoch=4, global_step=17 (not 20), whose state_dict holds the SWA
+      epoch=4-val_loss=<value>.ckpt with epoch=4, global_step=17 (not 20), whose state_dict holds the SWA
       average (parameters = mean of the epoch=0,1,2 files' parameters to ~1e-7; running stats recomputed,
       num_batches_tracked=4), and last.ckpt duplicates THAT file (epoch 4, step 17). Epoch files 0..3
       hold the raw weights. Every file's callbacks["StochasticWeightAveraging"] = {n_averaged (int:

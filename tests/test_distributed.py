@@ -181,7 +181,8 @@ def test_small_cnn_distributed_accuracy_is_within_one_point_of_one_process(cnn_r
     dist = json.loads(proc.stdout)
     single = train_subspace(cnn_run, tmp_path / "single",
                             SubspaceConfig(epochs=1, lr=0.5, batch_size=64, eval_every_epoch=False, device="cpu"))
-    assert abs(dist["test"]["accuracy"] - single.test.accuracy) <= 1.0
+    assert abs(dist["test"]["accuracy"] - single.test.accuracy) <= 1.0, (dist["test"], dist.get("lr_check"),
+                                                                        single.test, single.lr_check)
     assert load_basis(tmp_path / "dist" / "basis.safetensors").rank == len(single.coefficients)
 
 

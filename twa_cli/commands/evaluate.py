@@ -15,7 +15,7 @@ from twa_cli.io.checkpoints import Checkpoint, load_tensors, read_checkpoint
 from twa_cli.io.readers import ReadOptions
 from twa_cli.tasks.base import Metrics
 from twa_cli.tasks.models import load_weights
-from twa_cli.tasks.resolve import TaskRequest, resolve_task
+from twa_cli.tasks.resolve import Recorded, TaskRequest, resolve_task
 
 SPLITS = ("test", "train", "both")
 
@@ -65,23 +65,23 @@ def evaluate_checkpoints(paths: list[str | Path], request: EvalRequest | None = 
     request = request or EvalRequest()
     device = resolve_device(request.device)
     ckpts = [read_checkpoint(Path(p), request.read) for p in paths]
-    data = _shared_data(request.task, ckpts)
-    return [_score(ckpt, request, device, data) for ckpt in ckpts]
+    knowns = _with_shared_data(request.task, [recorded(c) for c in ckpts])
+    return [_score(ckpt, known, request, device) for ckpt, known in zip(ckpts, knowns, strict=True)]
 
 
-def _shared_data(request: TaskRequest, ckpts: list[Checkpoint]) -> Any:
-    """Without --data or --task, the data the first checkpoint that records one names: the models given side by
-    side are scored on the same examples (a Trainer's or timm's checkpoint records none). Read from a file, it
-    is resolved as any recorded data is: registry names only."""
-    if request.data is not None or request.task is not None:
-        return None
-    return next((r.data for r in map(recorded, ckpts) if r.data), None)
+def _with_shared_data(request: TaskRequest, knowns: list[Recorded]) -> list[Recorded]:
+    """Without --data or --task, the data the first checkpoint that records one names, for those that record
+    none: the models given side by side are scored on the same examples (a Trainer's or timm's checkpoint
+    records none). Read from a file, it is resolved as any recorded data is: registry names only."""
+    data = next((r.data for r in knowns if r.data), None)
+    if request.data is not None or request.task is not None or data is None:
+        return knowns
+    return [r if r.data else replace(r, data=data) for r in knowns]
 
 
-def _score(ckpt: Checkpoint, request: EvalRequest, device: str, data: Any) -> EvalResult:
+def _score(ckpt: Checkpoint, known: Recorded, request: EvalRequest, device: str) -> EvalResult:
     path = ckpt.path
-    known = recorded(ckpt)
-    task = resolve_task(request.task, known if known.data or not data else replace(known, data=data))
+    task = resolve_task(request.task, known)
     net = task.build_model()
     load_weights(net, load_tensors(aligned([ckpt], net)[0]), str(path))
     net.to(device)

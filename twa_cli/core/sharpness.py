@@ -17,7 +17,8 @@ the check runs unchanged, and gives the same number, in one process and under to
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -65,16 +66,13 @@ def subspace_sharpness(model: nn.Module, task: Task, optimizer: SubspaceSGD, sam
     """(largest eigenvalue of P H P^T, how the products were computed), H the training loss's Hessian on
     `sample` (batches with their weights, as the training loop gets them) at the optimizer's point. The
     weights, BatchNorm statistics and random state are left as they were."""
-    buffers = {k: v.clone() for k, v in model.state_dict().items() if not v.is_floating_point() or "running" in k}
-    was_training = model.training
     start = optimizer.coords.clone()
-    model.train()
     v = torch.ones_like(optimizer.coords)  # deterministic start
     v /= v.norm()
     value = 0.0
     method = method or DOUBLE_BACKWARD
     try:
-        with torch.random.fork_rng(devices=_cuda_devices(device)):
+        with _as_in_training(model, device):
             for _ in range(iters):
                 if method == DOUBLE_BACKWARD:
                     try:
@@ -91,11 +89,6 @@ def subspace_sharpness(model: nn.Module, task: Task, optimizer: SubspaceSGD, sam
     finally:
         optimizer.move_to(start)
         optimizer.zero_grad()
-        with torch.no_grad():
-            state = model.state_dict()
-            for k, saved in buffers.items():
-                state[k].copy_(saved)
-        model.train(was_training)
     return value, method
 
 
@@ -103,22 +96,30 @@ def sample_loss(model: nn.Module, task: Task, sample: Sequence[tuple[Batch, floa
                 device: torch.device | str = "cpu") -> torch.Tensor:
     """This process's part of the training loss on `sample` (summed over ranks it is the mean over the sample's
     global batches), BatchNorm in training mode as in the steps; statistics and random state left as they were."""
+    total = torch.zeros((), device=device)
+    with _as_in_training(model, device), torch.no_grad():
+        for batch, weight in sample:
+            torch.manual_seed(CHECK_SEED)
+            total += task.loss(model, move(batch, device)).float() * (weight / len(sample))
+    return total
+
+
+@contextmanager
+def _as_in_training(model: nn.Module, device: torch.device | str) -> Iterator[None]:
+    """The model in training mode (BatchNorm normalizing by the batch, as during the steps) in a fork of the
+    random state; its BatchNorm statistics, mode and the random state are restored after."""
     buffers = {k: v.clone() for k, v in model.state_dict().items() if not v.is_floating_point() or "running" in k}
     was_training = model.training
     model.train()
-    total = torch.zeros((), device=device)
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=_cuda_devices(device)):
-            for batch, weight in sample:
-                torch.manual_seed(CHECK_SEED)
-                total += task.loss(model, move(batch, device)).float() * (weight / len(sample))
+        with torch.random.fork_rng(devices=_cuda_devices(device)):
+            yield
     finally:
         with torch.no_grad():
             state = model.state_dict()
             for k, saved in buffers.items():
                 state[k].copy_(saved)
         model.train(was_training)
-    return total
 
 
 def _cuda_devices(device: torch.device | str) -> list[int]:
