@@ -539,6 +539,45 @@ def test_two_runs_cannot_claim_the_same_folder(tmp_path):
     second.claim()  # free again once the first is done
 
 
+
+# Three commands replacing a folder result with --force: (first run, second run), the output written to `{out}`.
+_FOLDER_WRITERS = {
+    "sample": (["sample", "{out}", "--model", "mlp", "--batch-size", "64", "--device", "cpu", "--epochs", "1"],
+               ["sample", "{out}", "--model", "mlp", "--batch-size", "64", "--device", "cpu", "--epochs", "2",
+                "--force"]),
+    "train-subspace": (["train-subspace", "{run}", "-o", "{out}", "--epochs", "1", "--device", "cpu"],
+                       ["train-subspace", "{run}", "-o", "{out}", "--epochs", "2", "--device", "cpu", "--force"]),
+    "swa": (["swa", "{run}", "-o", "{out}", "--no-bn-update", "--end", "3"],
+            ["swa", "{run}", "-o", "{out}", "--no-bn-update", "--force"]),
+}
+
+
+@pytest.mark.parametrize("command", sorted(_FOLDER_WRITERS))
+def test_force_onto_a_symlinked_output_folder_replaces_through_the_link(mlp_run, tmp_path, twa, command):
+    """F1: the new result goes where the link points, and the user's link stays, under its own name."""
+    first, second = _FOLDER_WRITERS[command]
+    target, link = tmp_path / "target", tmp_path / "link"
+    twa(*[a.format(run=mlp_run, out=target) for a in first])
+    before = snapshot(target)
+    link.symlink_to(target, target_is_directory=True)
+    twa(*[a.format(run=mlp_run, out=link) for a in second])
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert target.is_dir() and not target.is_symlink()
+    assert snapshot(target) != before  # the new result, in the folder the link names
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["link", "target"]  # no link (nor anything) left under another name
+
+
+@pytest.mark.parametrize("command", sorted(_FOLDER_WRITERS))
+def test_a_dangling_link_as_output_folder_is_refused_before_any_work(mlp_run, tmp_path, twa, command):
+    _, second = _FOLDER_WRITERS[command]
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "gone", target_is_directory=True)
+    _one_line_refusal(twa(*[a.format(run=mlp_run, out=link) for a in second], check=False), str(link),
+                      "does not exist")
+    assert [p.name for p in tmp_path.iterdir()] == ["link"] and os.readlink(link) == str(tmp_path / "gone")
+
+
 # ---------------------------------------------------------------------------------------------- found by attack
 
 

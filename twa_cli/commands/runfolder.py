@@ -5,7 +5,8 @@ the folder, held while the run writes, covers an existing empty folder and resum
 finished run builds the new one beside it, in `OUT.partial`, and swaps it in whole when it completes, so a
 failure leaves the old result as it was; `--resume` continues in whichever folder holds the newest state. A run
 that fails before its first epoch is saved leaves nothing: the folder it created is removed. After that, the
-state of the last completed epoch stays for `--resume`, and the error says so.
+state of the last completed epoch stays for `--resume`, and the error says so. An output that is a symbolic
+link to a folder is written through the link (the folder it names is the result's; the link stays).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from twa_cli.errors import TwaError
-from twa_cli.io.atomic import swap_in_folder
+from twa_cli.io.atomic import swap_in_folder, through_link
 from twa_cli.io.outputs import check_not_an_input
 from twa_cli.io.runfiles import STATE_FILE, partial_folder
 
@@ -30,7 +31,8 @@ class RunFolder:
 
     def __init__(self, path: Path, *, resume: bool, force: bool, inputs: Iterable[str | Path] = (),
                  ours: Callable[[Path], bool] = lambda path: False):
-        self.path = Path(os.path.abspath(path))  # '.' has no name to put '.partial' after
+        given = Path(os.path.abspath(path))  # '.' has no name to put '.partial' after
+        self.path = through_link(given)  # a link to a folder: that folder is replaced, the link stays
         self.partial = partial_folder(self.path)
         self.created = False
         self._lock: int | None = None

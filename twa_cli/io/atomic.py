@@ -8,7 +8,8 @@ the second fails instead of silently replacing the first.
 
 A folder result (a Hugging Face model folder) is built in a hidden staging folder beside the target and
 swapped into place in one step (renameat2 RENAME_EXCHANGE on Linux), so a reader sees the old folder or the
-new one, never a mixture; the old one is removed after.
+new one, never a mixture; the old one is removed after. An output that is a symbolic link to a folder is
+written through the link: the folder it names is replaced, and the link stays.
 """
 
 from __future__ import annotations
@@ -49,6 +50,20 @@ def parents_made(path: Path) -> Iterator[None]:
             except OSError:
                 break
         raise
+
+
+def through_link(path: Path) -> Path:
+    """Where a folder result named `path` goes: the folder a symbolic link there points to (the new result
+    replaces what the link names, and the user's link stays as it is), else `path`. A link to nothing is
+    refused: writing through it would create a folder the command line never named."""
+    path = Path(path)
+    if not path.is_symlink():
+        return path
+    target = Path(os.path.realpath(path))
+    if not target.exists():
+        raise TwaError(f"{path}: is a symbolic link to {target}, which does not exist; remove the link or create "
+                       "the folder it names")
+    return target
 
 
 def temp_name(path: Path, kind: str = "tmp") -> Path:
@@ -237,7 +252,9 @@ def _renameat2(src: Path, dst: Path, flags: int) -> bool:
 
 def swap_in_folder(staging: Path, path: Path, *, exclusive: bool) -> None:
     """Put the complete folder `staging` at `path` in one step; an existing `path` is replaced (not exclusive)
-    and removed afterwards."""
+    and removed afterwards. `staging` lies beside `path` (a symbolic link at `path`: beside the folder it
+    names, which is what is replaced)."""
+    path = through_link(path)
     if not path.exists() and not path.is_symlink():
         try:
             if _renameat2(staging, path, _RENAME_NOREPLACE):
@@ -265,6 +282,7 @@ def swap_in_folder(staging: Path, path: Path, *, exclusive: bool) -> None:
 def staged_folder(path: Path, *, exclusive: bool) -> Iterator[Path]:
     """A hidden folder beside `path` to build a folder result in; swapped into place when the block finishes
     without error, removed when it fails."""
+    path = through_link(path)
     with parents_made(path):
         remove_stale_temps(path)
         staging = temp_name(path)

@@ -33,6 +33,7 @@ from twa_cli.io.atomic import (
     reported_as,
     staged_folder,
     temp_name,
+    through_link,
     write_bytes,
 )
 from twa_cli.io.outputs import check_not_replacing, check_output
@@ -79,7 +80,7 @@ class ResultTarget:
         path = self.path if self.folder else result_file(self.path)
         check_output(path, force, inputs, folder=self.folder)
         if self.folder:
-            _check_replaceable_folder(path, force)
+            _check_replaceable_folder(through_link(path), force)
             return
         index = path.with_name(path.name + readers.INDEX_SUFFIX)
         check_output(index, force, inputs)
