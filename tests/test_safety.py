@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -469,7 +470,7 @@ def test_force_over_a_finished_run_replaces_it_whole(mlp_run, tmp_path, twa):
     report = json.loads((out / "coefficients.json").read_text())
     assert len(report["coefficients"]) == len(list_folder(mlp_run))  # the new run's, not the old 5
     assert len(json.loads(read_checkpoint(out / "basis.safetensors").meta["sources"])) == len(report["coefficients"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["twa"]  # nothing left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".twa.lock", "twa"]  # nothing beside it but its lock
 
 
 def test_force_refuses_a_run_folder_holding_files_it_did_not_write(mlp_run, tmp_path, twa):
@@ -490,7 +491,8 @@ def test_a_failed_force_run_leaves_the_old_result_as_it_was(mlp_run, tmp_path, t
                  "--device", "cpu", "--force", check=False)
     assert result.returncode == 1 and "diverged" in result.stderr, result.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["twa"]  # nothing resumable: the partial run is gone
+    # nothing resumable: the partial run is gone (the empty file of the run's lock stays)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".twa.lock", "twa"]
 
 
 def test_a_force_run_that_fails_later_resumes_beside_the_old_result(tmp_path, twa, monkeypatch):
@@ -564,7 +566,7 @@ def test_force_onto_a_symlinked_output_folder_replaces_through_the_link(mlp_run,
     assert link.is_symlink() and os.readlink(link) == str(target)
     assert target.is_dir() and not target.is_symlink()
     assert snapshot(target) != before  # the new result, in the folder the link names
-    left = sorted(p.name for p in tmp_path.iterdir())
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name != ".target.lock")  # a run folder's lock
     assert left == ["link", "target"]  # no link (nor anything) left under another name
 
 
@@ -576,6 +578,66 @@ def test_a_dangling_link_as_output_folder_is_refused_before_any_work(mlp_run, tm
     _one_line_refusal(twa(*[a.format(run=mlp_run, out=link) for a in second], check=False), str(link),
                       "does not exist")
     assert [p.name for p in tmp_path.iterdir()] == ["link"] and os.readlink(link) == str(tmp_path / "gone")
+
+
+def test_force_cannot_take_a_run_folder_another_run_is_writing(mlp_run, tmp_path, twa):
+    """F2: the lock covers the result's name, not only the folder a run writes in (OUT or OUT.partial)."""
+    out = tmp_path / "tsc"
+    env = {**os.environ, "NO_COLOR": "1", "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "first.log"
+    with log.open("w") as sink:
+        first = subprocess.Popen([sys.executable, "-m", "twa_cli", "train-subspace", str(mlp_run), "-o", str(out),
+                                  "--epochs", "100000", "--lr", "0.05", "--device", "cpu", "--no-lr-check",
+                                  "--no-eval-every-epoch"],
+                                 stdout=subprocess.DEVNULL, stderr=sink, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)  # until the first run has written its first epoch
+        assert first.poll() is None and (out / "metrics.jsonl").exists(), log.read_text()
+        result = twa("train-subspace", mlp_run, "-o", out, "--epochs", "1", "--device", "cpu", "--no-lr-check",
+                     "--force", check=False)
+        _one_line_refusal(result, str(out), "another twa process is writing")
+        assert not (tmp_path / "tsc.partial").exists()
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+
+
+def test_the_run_folder_lock_covers_force_and_resume(tmp_path):
+    from twa_cli.commands.runfolder import RunFolder
+
+    out = tmp_path / "run"
+    first = RunFolder(out, resume=False, force=False)
+    first.claim()
+    (out / "metrics.jsonl").write_text("{}\n")
+    (out / "train-state.safetensors").write_bytes(b"state")
+    for kwargs in ({"force": True, "resume": False}, {"force": False, "resume": True}):
+        with pytest.raises(TwaError, match="another twa process is writing"):
+            RunFolder(out, ours=lambda path: True, **kwargs).claim()
+    assert not (tmp_path / "run.partial").exists()
+    first.abandon()
+    again = RunFolder(out, resume=False, force=True, ours=lambda path: True)
+    again.claim()  # free again once the first is done
+    assert again.work == tmp_path / "run.partial"
+    again.abandon()
+
+
+def test_force_never_removes_the_partial_folder_of_a_running_force_run(tmp_path):
+    """A --force run builds OUT.partial; a second --force run must not clear it as left over."""
+    from twa_cli.commands.runfolder import RunFolder
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")
+    first = RunFolder(out, resume=False, force=True, ours=lambda path: True)
+    first.claim()
+    (first.work / "basis.safetensors").write_bytes(b"being written")
+    with pytest.raises(TwaError, match="another twa process is writing"):
+        RunFolder(out, resume=False, force=True, ours=lambda path: True).claim()
+    assert (tmp_path / "run.partial" / "basis.safetensors").read_bytes() == b"being written"
+    first.abandon()
 
 
 # ---------------------------------------------------------------------------------------------- found by attack

@@ -1,25 +1,29 @@
 """The folder a training command (`sample`, `train-subspace`) writes as it goes, and leaves resumable.
 
-A new run folder is claimed exclusively: of two processes starting the same run, the second fails (a lock on
-the folder, held while the run writes, covers an existing empty folder and resuming too). `--force` over a
-finished run builds the new one beside it, in `OUT.partial`, and swaps it in whole when it completes, so a
-failure leaves the old result as it was; `--resume` continues in whichever folder holds the newest state. A run
-that fails before its first epoch is saved leaves nothing: the folder it created is removed. After that, the
-state of the last completed epoch stays for `--resume`, and the error says so. An output that is a symbolic
-link to a folder is written through the link (the folder it names is the result's; the link stays).
+A new run folder is claimed exclusively: of two processes starting the same run, the second fails. A lock on
+the result's name, held from the claim until the result is in place, covers an existing empty folder,
+resuming, and `--force` too (whichever of `OUT` and `OUT.partial` a run writes in). It is a file lock
+(`filelock`, so on every OS) on `.OUT.lock` beside the folder, which stays there, empty, after the run; where
+that folder's parent cannot be written, on `OUT/.twa.lock` inside it. `--force` over a finished run builds the
+new one beside it, in `OUT.partial`, and swaps it in whole when it completes, so a failure leaves the old
+result as it was; `--resume` continues in whichever folder holds the newest state. A run that fails before its
+first epoch is saved leaves nothing: the folder it created is removed. After that, the state of the last
+completed epoch stays for `--resume`, and the error says so. An output that is a symbolic link to a folder is
+written through the link (the folder it names is the result's; the link stays).
 """
 
 from __future__ import annotations
 
-import fcntl
 import math
 import os
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 from twa_cli.errors import TwaError
-from twa_cli.io.atomic import swap_in_folder, through_link
+from twa_cli.io.atomic import remove_stale_temps, swap_in_folder, through_link
 from twa_cli.io.outputs import check_not_an_input
 from twa_cli.io.runfiles import STATE_FILE, partial_folder
 
@@ -35,7 +39,7 @@ class RunFolder:
         self.path = through_link(given)  # a link to a folder: that folder is replaced, the link stays
         self.partial = partial_folder(self.path)
         self.created = False
-        self._lock: int | None = None
+        self._lock: FileLock | None = None
         for folder in (self.path, self.partial):
             blocking = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
             if blocking is not None:
@@ -64,52 +68,86 @@ class RunFolder:
             self.work = self.path
         self.state = self.work / STATE_FILE
         self._existed = self.work.exists()
+        self._lock_file = _lock_file(self.path)
+        if self._lock_file.exists():  # fail before any work while another run holds the name (checked again)
+            self._take_lock()
+            self._unlock()
 
     def claim(self) -> None:
-        """Create the working folder (exclusively when it is new) and lock it, once every input is checked."""
-        if self.work == self.partial and self.work.exists() and not (self.work / STATE_FILE).exists():
-            shutil.rmtree(self.work)  # what an earlier --force run left before its first epoch
-            self._existed = False
-        if not self._existed:
-            try:
-                self.work.mkdir(parents=True)
-            except FileExistsError as exc:
-                raise TwaError(f"{self.work}: created by another process meanwhile; choose another output") from exc
-            self.created = True
-        fd = os.open(self.work, os.O_RDONLY | os.O_DIRECTORY)  # the folder itself is locked: no lock file
+        """Lock the result's name, then create the working folder (exclusively when it is new), once every input
+        is checked."""
+        if not self._existed and (self.work.exists() or self.work.is_symlink()):
+            raise TwaError(f"{self.work}: created by another process meanwhile; choose another output")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            os.close(fd)
-            raise TwaError(f"{self.work}: another twa process is writing this run; choose another output") from exc
-        self._lock = fd
+            remove_stale_temps(self.path)  # a folder a killed replacement set aside comes back first
+            if self.work == self.partial and self.work.exists() and not (self.work / STATE_FILE).exists():
+                shutil.rmtree(self.work)  # what an earlier --force run left before its first epoch
+                self._existed = False
+            if not self._existed:
+                try:
+                    self.work.mkdir()
+                except FileExistsError as exc:
+                    raise TwaError(f"{self.work}: created by another process meanwhile; choose another "
+                                   "output") from exc
+                self.created = True
+        except BaseException:
+            self._unlock()
+            raise
 
     def finish(self) -> Path:
         """After the run completed: the result in its place (swapped in whole from `OUT.partial`); unlocked."""
-        self._unlock()
-        if self.work == self.partial:
-            swap_in_folder(self.partial, self.path, exclusive=False)
-            self.work, self.state = self.path, self.path / STATE_FILE
+        try:
+            if self.work == self.partial:
+                swap_in_folder(self.partial, self.path, exclusive=False)
+                self.work, self.state = self.path, self.path / STATE_FILE
+        finally:
+            self._unlock()
         return self.path
 
     def abandon(self) -> bool:
         """After a failure: remove the folder this run created if nothing in it can be resumed. Returns whether
         it was removed."""
-        self._unlock()
-        if self.created and not self.state.exists() and self.work.exists():
-            shutil.rmtree(self.work, ignore_errors=True)
-            return True
-        return False
+        try:
+            if self.created and not self.state.exists() and self.work.exists():
+                shutil.rmtree(self.work, ignore_errors=True)
+                return True
+            return False
+        finally:
+            self._unlock()
+
+    def _take_lock(self) -> None:
+        lock = FileLock(self._lock_file, timeout=0)
+        try:
+            lock.acquire()
+        except Timeout as exc:
+            raise TwaError(f"{self.path}: another twa process is writing this run; choose another output") from exc
+        self._lock = lock
 
     def _unlock(self) -> None:
         if self._lock is not None:
-            os.close(self._lock)
+            self._lock.release()
             self._lock = None
 
 
+# Inside a run folder whose parent cannot be written: the lock's file (bookkeeping, never part of a result).
+INNER_LOCK = ".twa.lock"
+
+
+def _lock_file(path: Path) -> Path:
+    """The file whose lock stands for the result's name `path`: `.NAME.lock` beside it, or, where its parent
+    cannot be written (a mount point), inside it (that folder must exist then: nothing can be created beside
+    it). Every process picks the same one."""
+    parent = next((p for p in path.parents if p.exists()), path.parent)
+    if path.is_dir() and not os.access(parent, os.W_OK):
+        return path / INNER_LOCK
+    return path.with_name(f".{path.name}.lock")
+
+
 def _bookkeeping(path: Path) -> bool:
-    """The temporaries of a killed write: files of the tool's own that mean no result."""
-    return path.name.startswith(".") and path.name.endswith(".tmp")
+    """The temporaries of a killed write, and the lock: files of the tool's own that mean no result."""
+    return path.name == INNER_LOCK or (path.name.startswith(".") and path.name.endswith(".tmp"))
 
 
 def check_positive(value: float, flag: str) -> None:
