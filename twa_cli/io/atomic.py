@@ -10,6 +10,13 @@ A folder result (a Hugging Face model folder) is built in a hidden staging folde
 swapped into place in one step (renameat2 RENAME_EXCHANGE on Linux), so a reader sees the old folder or the
 new one, never a mixture; the old one is removed after. An output that is a symbolic link to a folder is
 written through the link: the folder it names is replaced, and the link stays.
+
+Elsewhere (macOS, Windows, a file system without these calls) the same guarantees hold with portable calls:
+a new name is taken with a hard link (or a rename that never replaces: Windows' own, Linux's
+RENAME_NOREPLACE), a file is replaced with os.replace, and a folder by two renames, the old one set aside
+under a hidden name (`.NAME.<pid>-<random>.old`) until the new one is in place. A process killed between
+those two renames leaves the old folder set aside; the next write of that name puts it back. Where no way to
+take a name exclusively exists, a write that must not replace anything is refused in one line.
 """
 
 from __future__ import annotations
@@ -27,9 +34,12 @@ from typing import BinaryIO
 
 from twa_cli.errors import TwaError
 
-_LINUX = sys.platform.startswith("linux")
+_LINUX = sys.platform.startswith("linux")  # O_TMPFILE, linkat and renameat2 (through ctypes)
+_WINDOWS = os.name == "nt"  # os.rename never replaces an existing name there
 _AT_FDCWD, _AT_SYMLINK_FOLLOW = -100, 0x400
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+# What link(2) says on a file system without hard links (FAT, exFAT, some network and FUSE file systems).
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
 @contextmanager
@@ -73,22 +83,34 @@ def temp_name(path: Path, kind: str = "tmp") -> Path:
 
 def remove_stale_temps(path: Path, pattern: str | None = None) -> None:
     """Temporaries that a killed write of `path` (or of any name matching the glob `pattern`) left behind:
-    those of processes no longer running, never a live writer's."""
+    those of processes no longer running, never a live writer's. An old folder a killed replacement set aside
+    (`.NAME.<pid>-<random>.old`) is put back when `path` is missing, removed when the new one is in place."""
     for stale in path.parent.glob(f".{pattern or glob.escape(path.name)}.*.tmp"):
         if _writer_alive(stale.name):
             continue
-        if stale.is_dir():
+        if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
         else:
             stale.unlink(missing_ok=True)
+    if pattern is not None:
+        return
+    for aside in path.parent.glob(f".{glob.escape(path.name)}.*.old"):
+        if _writer_alive(aside.name):
+            continue
+        if not path.exists() and not path.is_symlink():
+            os.rename(aside, path)
+        else:
+            shutil.rmtree(aside, ignore_errors=True)
 
 
 def _writer_alive(name: str) -> bool:
-    """Whether the process that named this temporary (`.NAME.<pid>-<random>.tmp`) is still running."""
+    """Whether the process that named this temporary (`.NAME.<pid>-<random>.tmp`) may still be running."""
     tag = name.rsplit(".", 2)[-2]
     pid = tag.split("-", 1)[0]
     if not pid.isdigit() or int(pid) == os.getpid():
         return False
+    if _WINDOWS:
+        return True  # os.kill(pid, 0) would end that process there: never take another's files for stale
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
@@ -158,10 +180,35 @@ def place(tmp: Path, path: Path, exclusive: bool) -> None:
         os.replace(tmp, path)
         return
     try:
-        os.link(tmp, path)
+        place_new(tmp, path)
     except FileExistsError as exc:
         raise already_written(path) from exc
+
+
+def place_new(tmp: Path, path: Path) -> None:
+    """Give the complete file `tmp` the name `path` only if that name is free: FileExistsError when it is
+    taken (so of two writers one fails, and nothing is replaced)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except (OSError, NotImplementedError) as exc:  # a file system without hard links
+        if isinstance(exc, OSError) and exc.errno not in _NO_HARD_LINKS:
+            raise
+        _rename_new(tmp, path)
+        return
     tmp.unlink()
+
+
+def _rename_new(src: Path, dst: Path) -> None:
+    """Rename `src` to `dst` only if `dst` does not exist (FileExistsError otherwise), in one step."""
+    if _renameat2(src, dst, _RENAME_NOREPLACE):
+        return
+    if _WINDOWS:
+        os.rename(src, dst)  # never replaces there
+        return
+    raise TwaError(f"{dst}: this file system can neither link nor rename a file without replacing one written "
+                   "meanwhile; pass --force to write it anyway")
 
 
 @contextmanager
@@ -259,6 +306,9 @@ def swap_in_folder(staging: Path, path: Path, *, exclusive: bool) -> None:
         try:
             if _renameat2(staging, path, _RENAME_NOREPLACE):
                 return
+            if _WINDOWS:
+                os.rename(staging, path)  # never replaces there
+                return
         except FileExistsError as exc:
             raise already_written(path) from exc
         try:
@@ -272,9 +322,15 @@ def swap_in_folder(staging: Path, path: Path, *, exclusive: bool) -> None:
     if _renameat2(staging, path, _RENAME_EXCHANGE):
         shutil.rmtree(staging)  # now the old folder
         return
+    # Two renames: between them `path` is missing (never a mixture); a kill there leaves the old folder set
+    # aside, which the next write of `path` puts back (remove_stale_temps).
     old = temp_name(path, "old")
     os.rename(path, old)
-    os.rename(staging, path)
+    try:
+        os.rename(staging, path)
+    except BaseException:
+        os.rename(old, path)
+        raise
     shutil.rmtree(old)
 
 

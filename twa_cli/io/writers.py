@@ -29,6 +29,7 @@ from twa_cli.io import readers
 from twa_cli.io.atomic import (
     already_written,
     parents_made,
+    place_new,
     remove_stale_temps,
     reported_as,
     staged_folder,
@@ -141,11 +142,10 @@ def write_weights(folder: Path, stem: str, tensors: Mapping[str, torch.Tensor], 
                 save_tensors(tmp, {k: tensors[k] for k in keys}, mark, exclusive=True)
         for tmp, final in temps:
             try:
-                os.link(tmp, final)  # the names were free: a name taken meanwhile fails here
+                place_new(tmp, final)  # the names were free: a name taken meanwhile fails here
             except FileExistsError as exc:
                 raise already_written(single) from exc  # another writer of this output won
             placed.append(final)
-            tmp.unlink()
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map = {k: name for name, keys in zip(names, groups, strict=True) for k in keys}
         body = {"metadata": {"total_size": total, **dict(metadata)}, "weight_map": weight_map}
