@@ -135,3 +135,22 @@ def described(request: TaskRequest, ckpt: Checkpoint) -> dict[str, Any]:
 
         out["data"] = data_spec(request.data, request.data_dir, request.val_split)
     return out
+
+
+def check_held_out(fit_on: str, task: Task) -> None:
+    """`--fit-on val` on data that, as the flags and the files' metadata describe it, holds nothing out: said
+    before anything is loaded or orthogonalized. Data from the user's code may hold out its own, and is checked
+    once loaded."""
+    from twa_cli.tasks.hooks import is_code_name
+
+    data = task.describe().get("data")
+    if fit_on != "val" or not isinstance(data, dict) or not data or is_code_name(str(data.get("name") or "")):
+        return
+    if not any(value for key, value in data.items() if key.startswith("val")):
+        raise TwaError("--fit-on val needs --val-split (or checkpoints sampled with one)")
+
+
+def check_init_file(init: str | Path | None, *, keywords: tuple[str, ...] = ()) -> None:
+    """`--init FILE` names a checkpoint file that exists (`keywords`: the values that name no file)."""
+    if init is not None and str(init) not in keywords and not Path(init).is_file():
+        raise TwaError(f"--init {init}: no such checkpoint file")

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from twa_cli.commands.common import check_init_file
 from twa_cli.commands.runfolder import (
     RunFolder,
     check_count,
@@ -92,6 +93,8 @@ def sample_steps(per_epoch: int, batches_per_epoch: int) -> set[int]:
 def sample(out: str | Path, cfg: SampleConfig, *, resume: bool = False, force: bool = False,
            reporter: Reporter | None = None, invocation: dict[str, Any] | None = None) -> SampleResult:
     """Train with SGD and write the initial weights plus `per_epoch` samples per epoch into `out`."""
+    if not resume:
+        check_init_file(cfg.init)
     folder = RunFolder(Path(out), resume=resume, force=force, inputs=[cfg.init] if cfg.init else [],
                        ours=_written_by_sample)
     work = folder.work

@@ -20,7 +20,15 @@ from typing import Any
 
 import torch
 
-from twa_cli.commands.common import described, pick, resolve_device, subspace_names, task_of
+from twa_cli.commands.common import (
+    check_held_out,
+    check_init_file,
+    described,
+    pick,
+    resolve_device,
+    subspace_names,
+    task_of,
+)
 from twa_cli.commands.estimates import Plan, plan_train_subspace, plan_train_subspace_basis
 from twa_cli.commands.runfolder import (
     RunFolder,
@@ -130,6 +138,8 @@ class SubspaceConfig:
             raise TwaError(f"--fit-on must be train or val (got '{self.fit_on}')")
         if self.granularity not in GRANULARITIES:
             raise TwaError(f"--granularity must be one of {', '.join(GRANULARITIES)} (got '{self.granularity}')")
+        if self.affine and self.granularity != "model":
+            raise TwaError("--affine works with --granularity model only")
         for flag, value in (("--basis-dtype", self.basis_dtype), ("--dtype", self.dtype)):
             if value is not None and value not in STORAGE_DTYPES:
                 raise TwaError(f"{flag} must be one of {', '.join(STORAGE_DTYPES)} (got '{value}')")
@@ -195,6 +205,7 @@ def train_subspace(src: str | Path, out: str | Path | None = None, cfg: Subspace
     if not src.exists():
         raise TwaError(f"{src}: no such file or folder")
     out = Path(out) if out is not None else default_output(src)
+    check_init_file(cfg.init, keywords=("center", "last"))
     if dry_run:
         return _plan(src, cfg)
     with placement_for(resolve_device(cfg.device)) as placement:
@@ -216,10 +227,12 @@ def _inputs(src: Path, work: Path, cfg: SubspaceConfig, placement: Placement, re
     if is_basis_file(src):
         basis = placement.load_basis(src)
         task = resolve_task(cfg.task, Recorded.of(src, basis.recorded))
+        check_held_out(cfg.fit_on, task)
         ckpts = None
         return _Inputs(basis, ckpts, task, False, _identity(basis, placement), str(src))
     ckpts = pick(src, cfg.selection, cfg.read)
     task = task_of(cfg.task, ckpts[0])  # before orthogonalizing: "pass --model" comes first
+    check_held_out(cfg.fit_on, task)
     names, ckpts = subspace_names(cfg.task, ckpts)
     saved = work / BASIS_FILE
     if resume and saved.exists():
