@@ -34,8 +34,10 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-# transformers 4.57 installed apart (with its huggingface_hub and tokenizers), for `build_in_subprocess`.
-TRANSFORMERS4 = Path("/tmp/tf4")
+# transformers 4.57 installed apart, with its own dependencies (scripts/test.sh installs
+# requirements/transformers4.lock there), for `build_in_subprocess` and the tests that load results in 4.x.
+TRANSFORMERS4 = Path(os.environ.get("TWA_TRANSFORMERS4") or Path(__file__).resolve().parents[1] / ".cache" /
+                     "transformers4").resolve()
 
 # The fake validation metric (higher is better) that build_timm_run hands to CheckpointSaver for epochs 0..3:
 # the best epoch is 1, so model_best.pth.tar is a copy of checkpoint-1.pth.tar, not of the last one.

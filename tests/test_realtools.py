@@ -29,11 +29,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[1]
-# transformers 4.57 installed apart (scripts/test.sh puts it in <repo>/.cache/transformers4); tests that need it
-# FAIL when it is in neither place.
-TRANSFORMERS4 = next((p for p in (REPO / ".cache" / "transformers4", Path("/tmp/tf4"))
-                      if (p / "transformers").is_dir()), REPO / ".cache" / "transformers4")
+# transformers 4.57 installed apart (scripts/test.sh puts it in $TWA_TRANSFORMERS4, by default
+# <repo>/.cache/transformers4); tests that need it FAIL when it is not there.
+TRANSFORMERS4 = realtools.TRANSFORMERS4
 
 SENTENCE = "the cat sees a tree, what a lovely movie"
 
@@ -129,13 +127,12 @@ print(json.dumps(out))
 
 
 def load_in_transformers4(kind: str, *folders: Path) -> dict[str, Any]:
-    """LOAD_SCRIPT run under transformers 4.57 (TRANSFORMERS4 first on PYTHONPATH)."""
+    """LOAD_SCRIPT run under transformers 4.57: the side environment TRANSFORMERS4 alone on the path."""
     if not (TRANSFORMERS4 / "transformers").is_dir():
-        pytest.fail(f"transformers 4.57 is not installed in {REPO / '.cache' / 'transformers4'} nor in /tmp/tf4 "
-                    "(scripts/test.sh installs it)")
+        pytest.fail(f"transformers 4.57 is not installed in {TRANSFORMERS4} (scripts/test.sh installs it)")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = os.pathsep.join([str(TRANSFORMERS4), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
-    proc = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, kind, SENTENCE, *map(str, folders)], env=env,
+    env["PYTHONPATH"] = str(TRANSFORMERS4)  # with -S: the side environment alone (it links torch from this one)
+    proc = subprocess.run([sys.executable, "-S", "-c", LOAD_SCRIPT, kind, SENTENCE, *map(str, folders)], env=env,
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
