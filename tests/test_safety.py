@@ -777,3 +777,27 @@ def test_a_bad_recorded_val_split_names_the_file_not_the_flag(mlp_run, tmp_path,
     result = twa("train-subspace", folder, "-o", tmp_path / "out", "--epochs", "1", "--model", "mlp", check=False)
     _one_line_refusal(result, str(first), "val_split", repr(fraction))
     assert "--val-split must" not in result.stderr
+
+
+def test_an_interrupted_force_run_through_a_link_says_where_to_resume(tmp_path, twa, monkeypatch):
+    from twa_cli.commands import sample as sampling
+
+    target, link = tmp_path / "target", tmp_path / "link"
+    common = ["--model", "mlp", "--batch-size", "64", "--device", "cpu"]
+    twa("sample", target, *common, "--epochs", "1")
+    link.symlink_to(target, target_is_directory=True)
+    real = sampling.save_train_state
+    calls = []
+
+    def ctrl_c_in_the_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "save_train_state", ctrl_c_in_the_second_epoch)
+    result = twa("sample", link, *common, "--epochs", "3", "--force", check=False)
+    monkeypatch.undo()
+    assert result.returncode == 130 and f"{tmp_path / 'target.partial'}" in result.stderr, result.stderr
+    twa("sample", link, *common, "--epochs", "3", "--resume")
+    assert len(list_folder(target)) == 4 and os.readlink(link) == str(target)

@@ -9,6 +9,7 @@ configuration files, for a Hugging Face model), `coefficients.json`, `metrics.js
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,9 @@ def partial_folder(path: Path) -> Path:
 
 
 def state_of(path: Path) -> Path | None:
-    """The resume state of a run writing `path` (in it, or in its `.partial` folder), if there is one."""
+    """The resume state of a run writing `path` (in it, or in its `.partial` folder), if there is one. A link to a
+    folder stands for that folder (its `.partial` lies beside it)."""
+    path = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
     return next((f / STATE_FILE for f in (partial_folder(path), path) if (f / STATE_FILE).exists()), None)
 
 
