@@ -113,7 +113,9 @@ def sample(out: str | Path, cfg: SampleConfig, *, resume: bool = False, force: b
     history: list[dict[str, Any]] = []
     start_epoch, step = 0, 0
     if resume:
-        tensors, start_epoch, step, history = load_train_state(folder.state, config)
+        expected = with_prefix("model", model.state_dict()) | with_prefix("momentum", dict(model.named_parameters()))
+        state = load_train_state(folder.state, config, command="sample", expected=expected)
+        tensors, start_epoch, step, history = state.tensors, state.epochs_done, state.step, state.history
     folder.claim()
     # The step of the state on disk (none yet: -1): samples after it are redone by --resume, or by a new run.
     saved_step = step if resume else -1
@@ -133,7 +135,7 @@ def sample(out: str | Path, cfg: SampleConfig, *, resume: bool = False, force: b
             stats.extra.update(evaluate(model, task, "test", device=cfg.device).row("test"))
         history.append(stats.to_dict())
         tensors = with_prefix("model", model.state_dict()) | with_prefix("momentum", _momenta(model, optimizer))
-        save_train_state(folder.state, tensors, stats, history, config)
+        save_train_state(folder.state, tensors, stats, history, config, command="sample")
         write_metrics(work / METRICS_FILE, history)
         nonlocal saved_step
         saved_step = stats.step

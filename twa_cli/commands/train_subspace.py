@@ -287,7 +287,7 @@ def _train(inputs: _Inputs, folder: RunFolder, cfg: SubspaceConfig, placement: P
             history.append(stats.to_dict())
             if placement.lead:
                 tensors = with_prefix("model", model.state_dict()) | with_prefix("optim", optimizer.state_tensors())
-                save_train_state(folder.state, tensors, stats, history, config)
+                save_train_state(folder.state, tensors, stats, history, config, command="train-subspace")
                 write_metrics(work / METRICS_FILE, history)
 
         loop = LoopConfig(cfg.epochs, lr, cfg.schedule, cfg.batch_size, cfg.seed, device, split=fit_split)
@@ -368,19 +368,18 @@ def _optimizer(inputs: _Inputs, cfg: SubspaceConfig, placement: Placement, flat:
 
 def _resume(folder: RunFolder, config: dict[str, Any], model: torch.nn.Module, optimizer: SubspaceSGD,
             placement: Placement) -> tuple[int, int, list[dict[str, Any]], float]:
-    tensors, start_epoch, step, history = load_train_state(folder.state, config)
-    saved_lr = float(read_checkpoint(folder.state).json_field("state")["config"]["lr"])
+    optim = with_prefix("optim", optimizer.state_tensors())
+    state = load_train_state(folder.state, config, command="train-subspace",
+                             expected=with_prefix("model", model.state_dict()) | optim, required=optim)
     if placement.lead:
-        write_metrics(folder.work / METRICS_FILE, history)
-    saved = strip_prefix("model", tensors)
+        write_metrics(folder.work / METRICS_FILE, state.history)
+    saved = strip_prefix("model", state.tensors)
     check_fits(model, {k: tuple(v.shape) for k, v in saved.items()}, str(folder.state))
     for name, value in model.state_dict().items():
         value.copy_(saved[name])  # in place: the parameters are views of the flat buffer
-    optim = strip_prefix("optim", tensors)
-    if not {"coords", "momentum", "offspan"} <= set(optim):
-        raise TwaError(f"{folder.state}: not a subspace training state (no optimizer coordinates)")
+    optim = strip_prefix("optim", state.tensors)
     optimizer.load_state_tensors(optim)
-    return start_epoch, step, history, saved_lr
+    return state.epochs_done, state.step, state.history, float(state.config["lr"])
 
 
 def _learning_rate(model: torch.nn.Module, task: Task, optimizer: SubspaceSGD, cfg: SubspaceConfig,
