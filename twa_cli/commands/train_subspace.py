@@ -55,7 +55,14 @@ from twa_cli.core.training import (
 )
 from twa_cli.core.variants import GRANULARITIES, Report, build_variant
 from twa_cli.errors import Diverged, TwaError
-from twa_cli.io.checkpoints import Checkpoint, Source, load_tensors, make_metadata, read_checkpoint
+from twa_cli.io.checkpoints import (
+    Checkpoint,
+    Source,
+    load_tensors,
+    make_metadata,
+    read_checkpoint,
+    to_storage_dtype,
+)
 from twa_cli.io.outputs import check_not_an_input
 from twa_cli.io.readers import ReadOptions
 from twa_cli.io.runfiles import (
@@ -320,7 +327,12 @@ def _train(inputs: _Inputs, folder: RunFolder, cfg: SubspaceConfig, placement: P
             write_json(work / COEFFICIENTS_FILE, report.to_json())
             state = saved_state(model)
             if cfg.dtype is not None:
-                state = {k: v.to(torch_dtype(cfg.dtype)) if v.is_floating_point() else v for k, v in state.items()}
+                try:
+                    state = {k: to_storage_dtype(v, torch_dtype(cfg.dtype), f"the result's tensor '{k}'")
+                             for k, v in state.items()}
+                except TwaError as exc:  # the training is kept: only the write is redone
+                    raise TwaError(f"{exc}; the trained state stays in {folder.state}: `--resume --dtype float32` "
+                                   "writes it without training again") from exc
             exported = task.export(state, work)
             meta = make_metadata(
                 "twa", invocation=invocation, **task.describe(), trainable=names, config=config,

@@ -205,8 +205,9 @@ def save_train_state(path: Path, tensors: Mapping[str, torch.Tensor], stats: Epo
     save_tensors(path, tensors, make_metadata("train-state", state=info))
 
 
-# Options a resumed run may change: how long it runs, where, and the learning rate (to recover from divergence).
-RESUMABLE_CHANGES = ("epochs", "device", "lr")
+# Options a resumed run may change: how long it runs, where, the learning rate (to recover from divergence), and
+# the precision the result is written in (to write a result that did not fit the first one).
+RESUMABLE_CHANGES = ("epochs", "device", "lr", "dtype")
 
 
 @dataclass

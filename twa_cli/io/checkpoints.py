@@ -202,6 +202,19 @@ def check_finite(tensor: torch.Tensor, what: str) -> None:
         raise TwaError(f"{what} contains NaN or Inf")
 
 
+def to_storage_dtype(tensor: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """`tensor` in `dtype` (a floating one; any other as it is), refused when its finite values do not fit: a
+    result is never written with Inf where what it was made of was finite. `what` names the tensor."""
+    if not tensor.is_floating_point() or tensor.dtype == dtype:
+        return tensor
+    out = tensor.to(dtype)
+    if not bool(torch.isfinite(out).all()) and bool(torch.isfinite(tensor).all()):
+        largest = float(tensor.abs().max())
+        raise TwaError(f"{what} has values up to {largest:.4g}, beyond the range of {dtype_name(dtype)} "
+                       f"(±{torch.finfo(dtype).max:.4g}); write it as float32 or bfloat16 (--dtype)")
+    return out
+
+
 def tensor_specs(ckpt: Checkpoint) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Every tensor's shape and dtype, from the header."""
     with open_tensors(ckpt) as handle:
