@@ -7,6 +7,7 @@ error line must contain. A new kind of input is one more entry in INPUTS.
 
 from __future__ import annotations
 
+import json
 import shlex
 import shutil
 import subprocess
@@ -181,6 +182,18 @@ def _index_empty_shard(root: Path, run: Path) -> Path:
     return folder
 
 
+def _recorded_arch(name: str, arch: str) -> Callable[[Path, Path], Path]:
+    """A checkpoint whose metadata names the architecture `arch` (a name the registry does not know)."""
+
+    def build(root: Path, run: Path) -> Path:
+        path = root / f"{name}.safetensors"
+        meta = dict(read_checkpoint(_first(run)).meta)
+        meta["arch"] = json.dumps({"name": arch, "kwargs": {"num_classes": 10, "in_channels": 3}})
+        return save_tensors(path, load_tensors(_first(run)), meta)
+
+    return build
+
+
 # name -> builder(root, mlp run) returning a path; each case formats its command with these.
 INPUTS: dict[str, Callable[[Path, Path], Path]] = {
     "run": lambda root, run: _copy_run(run, root / "run"),
@@ -202,6 +215,8 @@ INPUTS: dict[str, Callable[[Path, Path], Path]] = {
     "imgs": _image_folders,
     "escape": _index_escape,
     "emptyshard": _index_empty_shard,
+    "tvcode": _recorded_arch("tvcode", "torchvision:os.system"),
+    "timmpath": _recorded_arch("timmpath", "timm:../../os"),
 }
 
 
@@ -310,6 +325,8 @@ CASES = [
     case("timm-module", "sample {out}/new --model timm.models:test_resnet", "--model timm:test_resnet"),
     case("literal-markup", "sample {out}/new --model mlp --data mymod:factory", "--data mymod:factory"),
     case("literal-brackets", "eval {root}/we[ir]d.safetensors", "{root}/we[ir]d.safetensors", "no such file"),
+    case("recorded-torchvision-name", "eval {tvcode}", "{tvcode}", "'os.system'"),
+    case("recorded-timm-name", "eval {timmpath}", "{timmpath}", "'../../os'"),
     case("data-callable-raises", "sample {out}/new --model mlp --data json:loads", "--data json:loads"),
 ]
 
