@@ -51,3 +51,11 @@ def test_help_and_version(twa):
     assert "twa" in twa("--version").stdout
     for command in ("sample", "swa", "orthogonalize", "train-subspace", "eval", "plot", "inspect"):
         assert "Usage" in twa(command, "--help").stdout
+
+
+def test_swa_says_in_words_what_became_of_the_batchnorm_statistics(mlp_run, cnn_run, tmp_path, twa):
+    """Issue 21 F6: a model without BatchNorm read "BatchNorm statistics none"."""
+    plain = twa("swa", mlp_run, "-o", tmp_path / "mlp.safetensors").stderr
+    assert "no BatchNorm" in plain and "statistics none" not in plain, plain
+    recomputed = twa("swa", cnn_run, "-o", tmp_path / "cnn.safetensors", "--bn-batches", "2").stderr
+    assert "BatchNorm statistics recomputed" in recomputed, recomputed

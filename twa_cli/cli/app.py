@@ -381,7 +381,9 @@ def swa(
         out.table("Greedy soup", ["checkpoints", f"held-out {result.metric}", *[c for c, _ in scores]],
                   [[len(result.chosen), result.val, *[v for _, v in scores]]])
         return
-    out.info(f"averaged {len(result.sources)} checkpoints into {result.path} (BatchNorm statistics {result.bn})")
+    batchnorm = {"recomputed": "BatchNorm statistics recomputed", "averaged": "BatchNorm statistics averaged",
+                 "none": "the model has no BatchNorm"}[result.bn]
+    out.info(f"averaged {len(result.sources)} checkpoints into {result.path} ({batchnorm})")
     if result.test:
         out.table("SWA", ["checkpoints", *[c for c, _ in scores]], [[len(result.sources), *[v for _, v in scores]]])
 
