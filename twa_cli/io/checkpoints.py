@@ -386,6 +386,12 @@ class Layout:
         return {k: [dtype_name(d) for d in v] for k, v in self.dtypes.items() if len(set(v)) > 1}
 
 
+def no_floating_tensor(ckpt: Checkpoint, layout: Layout) -> str:
+    """The message for checkpoints holding only integer tensors (nothing to average, nothing spans a subspace)."""
+    some = ", ".join(f"'{name}'" for name in list(layout.shapes)[:3])
+    return f"{ckpt.path}: holds no floating-point tensor (only integer ones: {some}); there is nothing to average"
+
+
 def check_compatible(ckpts: list[Checkpoint]) -> Layout:
     """Every checkpoint has the same tensor names and shapes as the first, and each tensor is floating in all
     of them or in none; returns the shared layout."""
