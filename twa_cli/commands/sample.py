@@ -33,6 +33,7 @@ from twa_cli.core.training import (
 )
 from twa_cli.errors import Diverged, TwaError
 from twa_cli.io.checkpoints import load_tensors, make_metadata, read_checkpoint
+from twa_cli.io.readers import as_written
 from twa_cli.io.runfiles import METRICS_FILE, STATE_FILE, checkpoint_name, step_of_sample, write_metrics
 from twa_cli.io.safetensors import save_tensors
 from twa_cli.tasks.models import load_weights, trainable_names
@@ -164,7 +165,7 @@ def sample(out: str | Path, cfg: SampleConfig, *, resume: bool = False, force: b
 
 
 def _start_tensors(path: str) -> dict[str, torch.Tensor]:
-    if not Path(path).is_file():
+    if not as_written(path).is_file():
         raise TwaError(f"--init {path}: no such checkpoint file")
     return load_tensors(path)
 

@@ -64,7 +64,7 @@ from twa_cli.io.checkpoints import (
     to_storage_dtype,
 )
 from twa_cli.io.outputs import check_not_an_input
-from twa_cli.io.readers import ReadOptions
+from twa_cli.io.readers import ReadOptions, as_written
 from twa_cli.io.runfiles import (
     BASIS_FILE,
     COEFFICIENTS_FILE,
@@ -456,7 +456,7 @@ def _starting_point(basis: Basis, cfg: SubspaceConfig, placement: Placement
         if last is None or not Path(last).exists():
             raise TwaError(f"--init last: the last source checkpoint {last} is not readable")
         init = last
-    if not Path(init).exists():
+    if not as_written(init).exists():
         raise TwaError(f"--init {init}: no such checkpoint file")
     tensors = load_tensors(read_checkpoint(init, cfg.read))
     for name, shape in basis.layout:

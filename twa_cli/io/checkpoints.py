@@ -163,7 +163,7 @@ def sources_of(ckpt: Checkpoint) -> list[Source]:
 
 def read_checkpoint(path: str | Path, options: ReadOptions = ReadOptions()) -> Checkpoint:
     """Open a checkpoint's header (not its tensors), in any format the readers know, with its metadata."""
-    path = Path(path)
+    path = readers.as_written(path)
     if not path.exists():
         raise TwaError(f"{path}: no such file")
     with readers.reading(path, options) as reader:
@@ -268,7 +268,7 @@ def scan_folder(folder: str | Path, options: ReadOptions = ReadOptions()) -> Lis
     link, or the same tensors: timm's last and model_best, Lightning's last.ckpt, fairseq's checkpoint_last)
     counts once; a model that is itself an average (an output of this tool, Lightning's SWA model, a
     torch AveragedModel) is left out."""
-    folder = Path(folder)
+    folder = readers.as_written(folder)
     if not folder.exists():
         raise TwaError(f"{folder}: no such file or folder")
     if folder.is_file():

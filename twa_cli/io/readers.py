@@ -309,10 +309,20 @@ class HFFolderReader(Reader):
 # ---------------------------------------------------------------------------------------------- picking
 
 
+def as_written(path: str | Path) -> Path:
+    """The checkpoint a user names by the `-o` it was written to: `NAME.safetensors`, which the writer shards
+    into `NAME.safetensors.index.json` and its shards when it is large, is that index when only it exists."""
+    path = Path(path)
+    index = path.with_name(path.name + INDEX_SUFFIX)
+    if path.name.endswith(SAFETENSORS) and not path.exists() and index.is_file():
+        return index
+    return path
+
+
 def open_reader(path: str | Path, options: ReadOptions = ReadOptions()) -> Reader:
     """The reader for what is at `path`. Files are recognized by their name, and a file without a known
     suffix by its content (a safetensors header), so every file the tool writes reads back."""
-    path = Path(path)
+    path = as_written(path)
     if not path.exists():
         raise TwaError(f"{path}: no such file or folder")
     if path.is_dir():
