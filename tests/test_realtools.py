@@ -521,6 +521,18 @@ def test_hf_causal_lm_eval_matches_an_independent_per_token_evaluation(gpt: real
     assert trained["test"]["loss"] == pytest.approx(reported["loss"], abs=1e-6)
 
 
+def test_a_language_model_command_prints_no_loss_type_notice(gpt: realtools.HFRun, twa):
+    """Issue 21 F6: transformers' "`loss_type=None` ... unrecognized" notice was printed by every command on
+    GPT-2 (whose class name maps to no loss type); twa names the loss transformers falls back to, and other
+    warnings still show. Run as its own process: transformers prints the notice once per process."""
+    checkpoint = sorted(gpt.run.glob("checkpoint-*"))[-1]
+    env = {**os.environ, "NO_COLOR": "1"}
+    proc = subprocess.run([sys.executable, "-m", "twa_cli", "eval", checkpoint, "--data", gpt.train, "--eval-data",
+                           gpt.test, "--block-size", "32"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "loss_type" not in proc.stderr, proc.stderr
+
+
 # ------------------------------------------------------------------------------------------------ 3. timm
 
 

@@ -156,6 +156,10 @@ class HFTask(Task):
                            f"({first_line(exc)})") from exc
         if hasattr(model.config, "use_cache"):
             model.config.use_cache = False  # no key/value cache: training and scoring take whole sequences
+        if getattr(model, "loss_type", "") is None:
+            # A class whose name maps to no loss type (GPT2LMHeadModel) falls back to the causal-LM loss, with a
+            # notice at every forward pass that asks nothing of the user; naming that same loss silences it alone.
+            model.loss_type = "ForCausalLM"
         return model
 
     def describe(self) -> dict[str, Any]:
