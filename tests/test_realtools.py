@@ -533,6 +533,29 @@ def test_a_language_model_command_prints_no_loss_type_notice(gpt: realtools.HFRu
     assert "loss_type" not in proc.stderr, proc.stderr
 
 
+def test_eval_needs_only_the_eval_file_and_the_models_tokenizer(gpt: realtools.HFRun, bert: realtools.HFRun,
+                                                                 gpt_twa: tuple[Path, dict[str, Any]], tmp_path: Path,
+                                                                 twa):
+    """New-user item 2: `twa eval CKPT --eval-data test.tsv` without --data failed; scoring reads no training
+    text. The figures are those of the same eval given --data too."""
+    for run, extra in ((gpt, ["--block-size", "32"]), (bert, [])):
+        checkpoint = sorted(run.run.glob("checkpoint-*"))[-1]
+        alone = summary(twa("eval", checkpoint, "--eval-data", run.test, *extra, "--json"))["results"][0]["test"]
+        given = summary(twa("eval", checkpoint, "--data", run.train, "--eval-data", run.test, *extra,
+                            "--json"))["results"][0]["test"]
+        assert alone == given
+    # On a result that records its data, --eval-data (and the other text flags) take the place of what it records.
+    out, _ = gpt_twa
+    other = tmp_path / "other.txt"
+    other.write_text(gpt.test.read_text(encoding="utf-8")[: len(gpt.test.read_text(encoding="utf-8")) // 2])
+    recorded = summary(twa("eval", out, "--json"))["results"][0]["test"]
+    flagged = summary(twa("eval", out, "--eval-data", other, "--json"))["results"][0]["test"]
+    assert 0 < flagged["count"] < recorded["count"]
+    # Training still needs the training text, and says so.
+    result = twa("train-subspace", gpt.run, "-o", tmp_path / "t", "--eval-data", gpt.test, check=False)
+    assert result.returncode == 1 and "--data" in result.stderr.strip().splitlines()[-1], result.stderr
+
+
 # ------------------------------------------------------------------------------------------------ 3. timm
 
 

@@ -119,7 +119,6 @@ def _config_folder(value: str) -> Path | None:
 
 def _hf(request: TaskRequest, recorded: Recorded, model: str | None) -> Task:
     from twa_cli.tasks.hf import hf_task
-    from twa_cli.tasks.text import text_spec
 
     auto_class, folder = None, None
     if model is not None:
@@ -135,16 +134,29 @@ def _hf(request: TaskRequest, recorded: Recorded, model: str | None) -> Task:
         where = f"{recorded.source}: " if recorded.source else ""
         raise TwaError(f"{where}no config.json beside the checkpoints to build the model from; pass --model with a "
                        "folder holding one")
+    return hf_task(folder, auto_class, _text_data(request, recorded))
+
+
+def _text_data(request: TaskRequest, recorded: Recorded) -> dict[str, Any] | None:
+    """The text a Hugging Face model learns from and is scored on: the flags, else what the checkpoint records,
+    each text flag given taking the place of the recorded value. `--eval-data` alone scores, with no training
+    text."""
+    from twa_cli.tasks.text import text_spec
+
+    given = text_spec(request.data, request.eval_data, text_column=request.text_column,
+                      label_column=request.label_column, block_size=request.block_size, tokenizer=request.tokenizer,
+                      val_split=request.val_split)
     if request.data is not None:
-        data: Mapping[str, Any] | None = text_spec(
-            request.data, request.eval_data, text_column=request.text_column, label_column=request.label_column,
-            block_size=request.block_size, tokenizer=request.tokenizer, val_split=request.val_split)
-    elif isinstance(recorded.data, Mapping) and recorded.data.get("kind") == "text":
+        return given
+    if isinstance(recorded.data, Mapping) and recorded.data.get("kind") == "text":
         data = dict(recorded.data)
         _check_recorded_fraction(data, recorded.source)
-    else:
-        data = None
-    return hf_task(folder, auto_class, data)
+        return {**data, **given}
+    if request.eval_data is None:
+        return None
+    if request.val_split:
+        raise TwaError("--val-split carves held-out text from the training text: pass --data FILE too")
+    return given
 
 
 def user_task(name: str) -> Task:
