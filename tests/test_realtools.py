@@ -628,6 +628,25 @@ def test_timm_model_named_by_the_flag_is_the_one_the_checkpoints_name(timm_twa: 
     assert by_flag["coefficients"] == pytest.approx(by_arch["coefficients"], rel=1e-6, abs=1e-9)
 
 
+def test_timm_run_on_an_image_folder_is_recalibrated_on_the_view_it_names(timm_run: Path, image_folder: Path,
+                                                                          root: Path, twa):
+    """New-user item 1: a timm run records no data, so swa recomputes BatchNorm on the plain images (not CIFAR's
+    crop and flip, which lowered its accuracy), says the normalization it assumes, and records both; --augment
+    and --normalize state them."""
+    from twa_cli.io.checkpoints import read_checkpoint
+
+    flags = ["--data", "imagefolder", "--data-dir", image_folder]
+    plain, augmented = root / "timm-plain.safetensors", root / "timm-crop-flip.safetensors"
+    said = twa("swa", timm_run, "-o", plain, *flags).stderr
+    assert "--normalize" in said, said
+    twa("swa", timm_run, "-o", augmented, *flags, "--augment", "crop-flip", "--normalize", "imagenet")
+    assert read_checkpoint(plain).data["augment"] == "none" and "normalize" not in read_checkpoint(plain).data
+    assert read_checkpoint(augmented).data == {**read_checkpoint(plain).data, "augment": "crop-flip",
+                                               "normalize": "imagenet"}
+    a, b = load_file(plain), load_file(augmented)
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith("running_var"))
+
+
 # ------------------------------------------------------------------------------------------------ 4. Lightning
 
 

@@ -130,10 +130,11 @@ def described(request: TaskRequest, ckpt: Checkpoint) -> dict[str, Any]:
     folder = hf_folder(ckpt) if not out else None
     if folder is not None:  # later steps (a basis, a result) rebuild the model from this config
         out["hf"] = {"dir": str(folder.resolve()), "auto_class": None}
-    if knows_task(request, ckpt) and (request.task or request.model or request.data or not out):
+    flags = request.task or request.model or request.data or request.augment or request.normalize
+    if knows_task(request, ckpt) and (flags or not out):
         out.update(task_of(request, ckpt, need_data=False).describe())
     elif request.data is not None:
-        from twa_cli.tasks.images import data_spec
+        from twa_cli.tasks.resolve import data_request
 
-        out["data"] = data_spec(request.data, request.data_dir, request.val_split)
+        out["data"] = data_request(request, recorded(ckpt))[0]
     return out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,11 @@ class SampleConfig:
     eval_every_epoch: bool = True
 
     def __post_init__(self) -> None:
+        # A new run trains on each registry set's standard view (the paper's crop and flip for CIFAR), recorded
+        # in its checkpoints like every other choice.
+        views = {k: "standard" for k in ("augment", "normalize") if getattr(self.task, k) is None}
+        if views:
+            self.task = replace(self.task, **views)
         check_count(self.epochs, "--epochs")
         check_positive(self.lr, "--lr")
         check_momentum(self.momentum)
