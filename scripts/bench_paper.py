@@ -192,8 +192,10 @@ def _link(folder: Path, files: list[Path]) -> None:
 
 
 def image_task(model: str, data_dir: Path, val_split: float = 0.0) -> Task:
-    """The task `sample` runs on the subset: `model` on the image folder (with a validation split if asked)."""
-    return resolve_task(TaskRequest(model=model, data="imagefolder", data_dir=str(data_dir), val_split=val_split))
+    """The task `sample` runs on the subset: `model` on the image folder (with a validation split if asked), seen
+    as `sample` sees it (its standard augmentation and normalization)."""
+    return resolve_task(TaskRequest(model=model, data="imagefolder", data_dir=str(data_dir), val_split=val_split,
+                                    augment="standard", normalize="standard"))
 
 
 @dataclass

@@ -51,3 +51,26 @@ def test_help_and_version(twa):
     assert "twa" in twa("--version").stdout
     for command in ("sample", "swa", "orthogonalize", "train-subspace", "eval", "plot", "inspect"):
         assert "Usage" in twa(command, "--help").stdout
+
+
+def test_swa_says_in_words_what_became_of_the_batchnorm_statistics(mlp_run, cnn_run, tmp_path, twa):
+    """Issue 21 F6: a model without BatchNorm read "BatchNorm statistics none"."""
+    plain = twa("swa", mlp_run, "-o", tmp_path / "mlp.safetensors").stderr
+    assert "no BatchNorm" in plain and "statistics none" not in plain, plain
+    recomputed = twa("swa", cnn_run, "-o", tmp_path / "cnn.safetensors", "--bn-batches", "2").stderr
+    assert "BatchNorm statistics recomputed" in recomputed, recomputed
+
+
+def test_a_sharded_result_reads_back_by_the_name_it_was_written_to(mlp_run, tmp_path, twa):
+    """Issue 21 F6: `-o sh.safetensors --max-shard-size` writes `sh.safetensors.index.json` and shards; every
+    command takes `sh.safetensors`, the name the user gave, for it."""
+    out = tmp_path / "sh.safetensors"
+    twa("swa", mlp_run, "-o", out, "--max-shard-size", "10KB")
+    assert not out.exists() and (tmp_path / "sh.safetensors.index.json").exists()
+    assert "sh.safetensors" in twa("inspect", out).stdout
+    assert json.loads(twa("eval", out, "--json").stdout)
+    twa("swa", out, "-o", tmp_path / "again.safetensors")
+    twa("sample", tmp_path / "tail", "--init", out, "--epochs", "1", "--model", "mlp", "--data", "digits",
+        "--device", "cpu", "--no-eval-every-epoch")
+    twa("train-subspace", mlp_run, "-o", tmp_path / "twa", "--init", out, "--epochs", "1", "--device", "cpu",
+        "--no-eval-every-epoch", "--no-lr-check", "--lr", "0.1")

@@ -139,3 +139,147 @@ def test_a_truncated_image_in_a_large_folder_is_named(tmp_path, twa):
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert str(broken) in result.stderr and "not a readable image" in result.stderr, result.stderr
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------ augmentation, a stated choice
+
+
+def _stats(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in net.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+
+
+def _foreign_run(root: Path, tmp_path: Path) -> Path:
+    """A run on the image folder whose checkpoints say nothing of their data (as another tool's would): the
+    tensors of a `sample` run, metadata reduced to the step."""
+    from twa_cli.io.safetensors import save_tensors
+
+    cfg = SampleConfig(task=_request(root), epochs=2, lr=0.05, batch_size=8, per_epoch=1)
+    run = sample(tmp_path / "own", cfg).out
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    for ckpt in list_folder(run):
+        save_tensors(foreign / ckpt.name, load_tensors(ckpt), {"step": str(ckpt.step)})
+    return foreign
+
+
+def test_sample_states_and_records_its_augmentation_and_normalization(tmp_path):
+    """Issue 21 new-user item 1: `sample`'s own choice for a small image folder (the paper's CIFAR crop and flip,
+    CIFAR-10's mean and std) is recorded, and `--augment none` trains on the plain images."""
+    root = _folder(tmp_path / "imgs")
+    run = sample(tmp_path / "run", SampleConfig(task=_request(root), epochs=1, batch_size=8)).out
+    data = list_folder(run)[0].data
+    assert (data["augment"], data["normalize"]) == ("crop-flip", "cifar10")
+
+    plain = TaskRequest(model="small-cnn", data="imagefolder", data_dir=str(root), augment="none")
+    run = sample(tmp_path / "plain", SampleConfig(task=plain, epochs=1, batch_size=8)).out
+    assert list_folder(run)[0].data["augment"] == "none"
+    task = task_of(TaskRequest(), list_folder(run)[0])
+    trained_on = torch.cat([x for (x, _), _ in batches(task, task.dataset("train", augment=True), 8, shuffle=True)])
+    assert torch.equal(trained_on.sort(0).values,
+                       torch.cat([x for x, _ in plain_batches(task, task.dataset("train", augment=False), 8)])
+                       .sort(0).values)
+
+
+def test_a_run_the_tool_did_not_write_is_recalibrated_on_the_view_it_names(tmp_path, twa):
+    """Checkpoints that record no data: BatchNorm is recomputed on the plain images unless --augment says the
+    run augmented, and the average records the choice."""
+    root = _folder(tmp_path / "imgs")
+    foreign = _foreign_run(root, tmp_path)
+    flags = ["--model", "small-cnn", "--data", "imagefolder", "--data-dir", root, "--normalize", "cifar10"]
+    results = {}
+    for augment in ("none", "crop-flip"):
+        out = tmp_path / f"avg-{augment}.safetensors"
+        extra = [] if augment == "none" else ["--augment", augment]
+        twa("swa", foreign, "-o", out, *flags, *extra)
+        from twa_cli.io.checkpoints import read_checkpoint
+
+        assert read_checkpoint(out).data["augment"] == augment
+        results[augment] = load_tensors(out)
+    task = task_of(TaskRequest(), list_folder(tmp_path / "avg-none.safetensors")[0])
+    net = task.build_model()
+    net.load_state_dict(results["none"])
+    recalibrate_on(net, task, plain_batches(task, task.dataset("train", augment=False), 128))
+    plain = _stats(net)
+    assert all(torch.allclose(results["none"][k], v) for k, v in plain.items())
+    assert any(not torch.allclose(results["crop-flip"][k], v) for k, v in plain.items())
+
+
+def test_an_unstated_normalization_is_said_and_a_stated_one_is_used(tmp_path, twa):
+    root = _folder(tmp_path / "imgs")
+    foreign = _foreign_run(root, tmp_path)
+    flags = ["--model", "small-cnn", "--data", "imagefolder", "--data-dir", root]
+    guessed = twa("swa", foreign, "-o", tmp_path / "a.safetensors", *flags).stderr
+    assert "--normalize" in guessed and "cifar10" in guessed.lower().replace("-", ""), guessed
+    stated = twa("swa", foreign, "-o", tmp_path / "b.safetensors", *flags, "--normalize", "imagenet").stderr
+    assert "--normalize" not in stated, stated
+    task = task_of(TaskRequest(), list_folder(tmp_path / "b.safetensors")[0])
+    assert task.data_spec["normalize"] == "imagenet"
+    test = task.dataset("test", augment=False)
+    assert torch.allclose(test.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
+
+
+def test_resolving_standard_gives_each_registry_set_its_own_view():
+    from twa_cli.tasks.resolve import data_request
+
+    for name, augment, normalize in (("cifar10", "crop-flip", "cifar10"), ("mnist", "none", "mnist")):
+        spec, _ = data_request(TaskRequest(data=name, data_dir="/nowhere", augment="standard",
+                                           normalize="standard"), resolve_recorded())
+        assert (spec["augment"], spec["normalize"]) == (augment, normalize)
+
+
+def resolve_recorded():
+    from twa_cli.tasks.resolve import NOTHING
+
+    return NOTHING
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--augment", "resized-crop-flip"], "--augment resized-crop-flip"),
+    (["--normalize", "mnist"], "--normalize mnist"),
+])
+def test_a_view_the_data_cannot_have_is_refused(flags, fragment, tmp_path, twa):
+    root = _folder(tmp_path / "imgs")
+    result = twa("sample", tmp_path / "run", "--model", "small-cnn", "--data", "imagefolder", "--data-dir", root,
+                 "--epochs", "1", *flags, check=False)
+    assert result.returncode == 1 and fragment in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_digits_take_no_view_flags(tmp_path, twa):
+    result = twa("sample", tmp_path / "run", "--model", "mlp", "--augment", "crop-flip", check=False)
+    assert result.returncode == 1 and "--augment" in result.stderr and "digits" in result.stderr, result.stderr
+
+
+def test_a_recorded_view_of_unknown_name_names_the_file(tmp_path, twa):
+    import json
+
+    from twa_cli.io.checkpoints import read_checkpoint
+    from twa_cli.io.safetensors import save_tensors
+
+    root = _folder(tmp_path / "imgs")
+    run = sample(tmp_path / "run", SampleConfig(task=_request(root), epochs=1, batch_size=8)).out
+    victim = sorted(run.glob("ckpt-*.safetensors"))[-1]
+    meta = dict(read_checkpoint(victim).meta)
+    meta["data"] = json.dumps({**json.loads(meta["data"]), "augment": "os.system"})
+    save_tensors(victim, load_tensors(victim), meta)
+    result = twa("eval", victim, check=False)
+    assert result.returncode == 1 and str(victim) in result.stderr and "'os.system'" in result.stderr, result.stderr
+
+
+def test_the_flag_takes_the_place_of_the_recorded_view(tmp_path, twa):
+    """A run `sample` wrote records crop-flip; `swa --augment none` recomputes BatchNorm on the plain images and
+    records that."""
+    from twa_cli.io.checkpoints import read_checkpoint
+
+    root = _folder(tmp_path / "imgs")
+    run = sample(tmp_path / "run", SampleConfig(task=_request(root), epochs=2, batch_size=8)).out
+    out = tmp_path / "avg.safetensors"
+    twa("swa", run, "-o", out, "--augment", "none")
+    assert read_checkpoint(out).data["augment"] == "none"
+    assert read_checkpoint(out).data["normalize"] == "cifar10"
+    task = task_of(TaskRequest(), list_folder(out)[0])
+    net = task.build_model()
+    average = load_tensors(out)
+    net.load_state_dict(average)
+    recalibrate_on(net, task, plain_batches(task, task.dataset("train", augment=False), 128))
+    assert all(torch.allclose(average[k], v) for k, v in _stats(net).items())

@@ -286,3 +286,28 @@ def test_json_runs_print_only_json_on_stdout_and_logs_on_stderr(tmp_path):
     assert "WARNING" in proc.stderr and "{" not in proc.stderr
     quiet = real_process("swa", tmp_path / "timm", "-o", tmp_path / "q.safetensors", "--quiet")
     assert quiet.stdout == "" and quiet.stderr == ""
+
+
+def _overflowing_fp16_folder(folder, count=3):
+    """Finite fp32 checkpoints whose average holds values beyond float16's range (65504)."""
+    from twa_cli.io.checkpoints import make_metadata
+    from twa_cli.io.safetensors import save_tensors
+
+    folder.mkdir()
+    for i in range(count):
+        tensors = {"small": torch.full((4,), float(i)), "big": torch.tensor([1.0, 1e6 + i])}
+        save_tensors(folder / f"c{i}.safetensors", tensors, make_metadata("checkpoint", step=str(i)))
+    return folder
+
+
+def test_an_average_beyond_the_output_dtype_is_refused_naming_the_tensor(tmp_path, twa):
+    """Issue 21 F3: `--dtype float16` of an average that does not fit fp16 wrote Inf and exited 0."""
+    folder = _overflowing_fp16_folder(tmp_path / "big")
+    result = twa("swa", folder, "-o", tmp_path / "b16.safetensors", "--dtype", "float16", check=False)
+    line = result.stderr.strip()
+    assert result.returncode == 1 and len(line.splitlines()) == 1, result.stderr
+    assert "'big'" in line and "float16" in line and "--dtype" in line, line
+    assert not (tmp_path / "b16.safetensors").exists()
+    # bfloat16 holds it: written, finite
+    twa("swa", folder, "-o", tmp_path / "bf16.safetensors", "--dtype", "bfloat16")
+    assert torch.isfinite(load_tensors(tmp_path / "bf16.safetensors")["big"]).all()

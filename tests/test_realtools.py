@@ -518,6 +518,41 @@ def test_hf_causal_lm_eval_matches_an_independent_per_token_evaluation(gpt: real
     assert trained["test"]["loss"] == pytest.approx(reported["loss"], abs=1e-6)
 
 
+def test_a_language_model_command_prints_no_loss_type_notice(gpt: realtools.HFRun, twa):
+    """Issue 21 F6: transformers' "`loss_type=None` ... unrecognized" notice was printed by every command on
+    GPT-2 (whose class name maps to no loss type); twa names the loss transformers falls back to, and other
+    warnings still show. Run as its own process: transformers prints the notice once per process."""
+    checkpoint = sorted(gpt.run.glob("checkpoint-*"))[-1]
+    env = {**os.environ, "NO_COLOR": "1"}
+    proc = subprocess.run([sys.executable, "-m", "twa_cli", "eval", checkpoint, "--data", gpt.train, "--eval-data",
+                           gpt.test, "--block-size", "32"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "loss_type" not in proc.stderr, proc.stderr
+
+
+def test_eval_needs_only_the_eval_file_and_the_models_tokenizer(gpt: realtools.HFRun, bert: realtools.HFRun,
+                                                                 gpt_twa: tuple[Path, dict[str, Any]], tmp_path: Path,
+                                                                 twa):
+    """New-user item 2: `twa eval CKPT --eval-data test.tsv` without --data failed; scoring reads no training
+    text. The figures are those of the same eval given --data too."""
+    for run, extra in ((gpt, ["--block-size", "32"]), (bert, [])):
+        checkpoint = sorted(run.run.glob("checkpoint-*"))[-1]
+        alone = summary(twa("eval", checkpoint, "--eval-data", run.test, *extra, "--json"))["results"][0]["test"]
+        given = summary(twa("eval", checkpoint, "--data", run.train, "--eval-data", run.test, *extra,
+                            "--json"))["results"][0]["test"]
+        assert alone == given
+    # On a result that records its data, --eval-data (and the other text flags) take the place of what it records.
+    out, _ = gpt_twa
+    other = tmp_path / "other.txt"
+    other.write_text(gpt.test.read_text(encoding="utf-8")[: len(gpt.test.read_text(encoding="utf-8")) // 2])
+    recorded = summary(twa("eval", out, "--json"))["results"][0]["test"]
+    flagged = summary(twa("eval", out, "--eval-data", other, "--json"))["results"][0]["test"]
+    assert 0 < flagged["count"] < recorded["count"]
+    # Training still needs the training text, and says so.
+    result = twa("train-subspace", gpt.run, "-o", tmp_path / "t", "--eval-data", gpt.test, check=False)
+    assert result.returncode == 1 and "--data" in result.stderr.strip().splitlines()[-1], result.stderr
+
+
 # ------------------------------------------------------------------------------------------------ 3. timm
 
 
@@ -588,6 +623,25 @@ def test_timm_model_named_by_the_flag_is_the_one_the_checkpoints_name(timm_twa: 
     by_arch, by_flag = timm_twa["arch"][1], timm_twa["flag"][1]
     assert by_arch["lr_check"]["used"] == by_arch["lr_check"]["requested"]  # so both trained at the same lr
     assert by_flag["coefficients"] == pytest.approx(by_arch["coefficients"], rel=1e-6, abs=1e-9)
+
+
+def test_timm_run_on_an_image_folder_is_recalibrated_on_the_view_it_names(timm_run: Path, image_folder: Path,
+                                                                          root: Path, twa):
+    """New-user item 1: a timm run records no data, so swa recomputes BatchNorm on the plain images (not CIFAR's
+    crop and flip, which lowered its accuracy), says the normalization it assumes, and records both; --augment
+    and --normalize state them."""
+    from twa_cli.io.checkpoints import read_checkpoint
+
+    flags = ["--data", "imagefolder", "--data-dir", image_folder]
+    plain, augmented = root / "timm-plain.safetensors", root / "timm-crop-flip.safetensors"
+    said = twa("swa", timm_run, "-o", plain, *flags).stderr
+    assert "--normalize" in said, said
+    twa("swa", timm_run, "-o", augmented, *flags, "--augment", "crop-flip", "--normalize", "imagenet")
+    assert read_checkpoint(plain).data["augment"] == "none" and "normalize" not in read_checkpoint(plain).data
+    assert read_checkpoint(augmented).data == {**read_checkpoint(plain).data, "augment": "crop-flip",
+                                               "normalize": "imagenet"}
+    a, b = load_file(plain), load_file(augmented)
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith("running_var"))
 
 
 # ------------------------------------------------------------------------------------------------ 4. Lightning

@@ -801,3 +801,60 @@ def test_an_interrupted_force_run_through_a_link_says_where_to_resume(tmp_path, 
     assert result.returncode == 130 and f"{tmp_path / 'target.partial'}" in result.stderr, result.stderr
     twa("sample", link, *common, "--epochs", "3", "--resume")
     assert len(list_folder(target)) == 4 and os.readlink(link) == str(target)
+
+
+def _indexed(folder: Path, stem: str, tensors: dict, shard: Path | None = None) -> Path:
+    """`stem.safetensors.index.json` naming one shard `stem-00001-of-00001.safetensors` (written there, or a
+    symlink there to `shard`)."""
+    name = f"{stem}-00001-of-00001.safetensors"
+    if shard is None:
+        save_tensors(folder / name, tensors, {"format": "pt"})
+    else:
+        (folder / name).symlink_to(os.path.relpath(shard, folder))
+    index = folder / f"{stem}.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": dict.fromkeys(tensors, name)}))
+    return index
+
+
+def test_a_shard_symlinked_out_of_its_index_folder_is_refused(mlp_run, tmp_path, twa):
+    """Issue 21: an index may name only files of its own folder; a symlink there to a file elsewhere was
+    followed and read (the check compared names, not resolved paths)."""
+    tensors = load_tensors(sorted(mlp_run.glob("ckpt-*.safetensors"))[1])
+    secret = save_tensors(tmp_path / "elsewhere" / "secret.safetensors", tensors, {"format": "pt"})
+    folder = tmp_path / "run"
+    folder.mkdir()
+    _indexed(folder, "a", tensors)
+    index = _indexed(folder, "b", tensors, shard=secret)
+    shard = folder / "b-00001-of-00001.safetensors"
+    for command in (["swa", folder, "-o", tmp_path / "avg.safetensors"], ["inspect", folder], ["eval", index]):
+        _one_line_refusal(twa(*command, check=False), str(index), shard.name, "outside")
+    assert not (tmp_path / "avg.safetensors").exists()
+
+    # A basis index is held to the same rule.
+    ckpts = list_folder(mlp_run)
+    whole = save_basis(orthogonalize(ckpts, names=ckpts[0].trainable, hashes=False), tmp_path / "whole.safetensors")
+    basis_folder = tmp_path / "basis"
+    basis_folder.mkdir()
+    basis_index = basis_folder / "basis.safetensors"
+    meta = dict(read_checkpoint(whole).meta)
+    basis = load_tensors(whole)
+    meta["shards"] = json.dumps([{"file": "basis.00001-of-00001.safetensors",
+                                  "columns": [0, basis["basis"].shape[1]]}])
+    save_tensors(basis_index, {**basis, "basis": basis["basis"][:, :0].contiguous()}, meta)
+    (basis_folder / "basis.00001-of-00001.safetensors").symlink_to(whole)
+    result = twa("train-subspace", basis_index, "-o", tmp_path / "t", "--epochs", "1", "--device", "cpu",
+                 check=False)
+    _one_line_refusal(result, str(basis_index), "basis.00001-of-00001.safetensors", "outside")
+
+
+def test_shards_symlinked_within_one_folder_are_read(mlp_run, tmp_path, twa):
+    """The Hugging Face cache's layout: the index and its shards are symlinks into one blobs/ folder."""
+    tensors = load_tensors(sorted(mlp_run.glob("ckpt-*.safetensors"))[1])
+    blobs, snapshot_folder = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    blobs.mkdir()
+    snapshot_folder.mkdir(parents=True)
+    _indexed(blobs, "model", tensors)
+    for blob in blobs.iterdir():
+        (snapshot_folder / blob.name).symlink_to(os.path.relpath(blob, snapshot_folder))
+    listed = json.loads(twa("inspect", snapshot_folder, "--json").stdout)
+    assert listed, listed

@@ -119,3 +119,28 @@ def test_optimizer_step_keeps_parameters_in_sync_with_coordinates():
     F.cross_entropy(model(torch.randn(8, 1, 8, 8)), torch.arange(8)).backward()
     opt.step()
     assert torch.allclose(flat.params, basis.t() @ opt.coords, atol=1e-6)
+
+
+def test_a_result_beyond_the_output_dtype_is_refused_naming_the_tensor(mlp_run, tmp_path, twa):
+    """Issue 21 F3: `train-subspace --dtype float16` wrote Inf where the result does not fit fp16."""
+    from twa_cli.io.safetensors import save_tensors
+
+    big = tmp_path / "big"
+    big.mkdir()
+    for path in sorted(mlp_run.glob("ckpt-*.safetensors")):
+        tensors = load_tensors(path)
+        tensors["net.1.bias"] = tensors["net.1.bias"] * 1e6
+        save_tensors(big / path.name, tensors, read_checkpoint(path).meta)
+    out = tmp_path / "t16"
+    args = ["train-subspace", big, "-o", out, "--epochs", "1", "--lr", "1e-9", "--no-lr-check",
+            "--no-eval-every-epoch", "--device", "cpu"]
+    result = twa(*args, "--dtype", "float16", check=False)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]  # after the epoch's log
+    assert result.returncode == 1 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "'net.1.bias'" in errors[0] and "float16" in errors[0] and "--resume --dtype" in errors[0], errors[0]
+    assert not (out / "twa.safetensors").exists()
+    # The trained state stays: resuming with a dtype that holds the result writes it, without training again.
+    resumed = twa(*args, "--dtype", "bfloat16", "--resume")
+    assert "epoch" not in resumed.stderr, resumed.stderr
+    written = load_tensors(out / "twa.safetensors")["net.1.bias"]
+    assert written.dtype == torch.bfloat16 and written.abs().max() > 1e5

@@ -17,6 +17,9 @@ DTYPES: dict[str, tuple[str, int]] = {
 # Precisions a basis or a written result may be stored in.
 STORAGE_DTYPES = ("float32", "bfloat16", "float16")
 CODE_TO_NAME = {code: name for name, (code, _) in DTYPES.items()}
+# How training saw the images of a data set (twa_cli.tasks.images): `standard` is each registry set's own.
+AUGMENTATIONS = ("standard", "none", "crop-flip", "resized-crop-flip")
+NORMALIZATIONS = ("standard", "cifar10", "cifar100", "mnist", "fashion-mnist", "imagenet", "half", "none")
 
 
 def dtype_name(dtype: Any) -> str:

@@ -16,7 +16,7 @@ from twa_cli import __version__
 from twa_cli.cli.options import Flag, OptionGroup, with_groups
 from twa_cli.cli.render import Output, setup_logging
 from twa_cli.core.schedules import SCHEDULES
-from twa_cli.units import STORAGE_DTYPES, human_bytes, parse_size
+from twa_cli.units import AUGMENTATIONS, NORMALIZATIONS, STORAGE_DTYPES, human_bytes, parse_size
 
 app = typer.Typer(
     name="twa",
@@ -52,6 +52,8 @@ ComputeDtype = _choices("ComputeDtype", ("float64", "float32"))
 OutDtype = _choices("OutDtype", ("same", *STORAGE_DTYPES))
 BasisDtype = _choices("BasisDtype", STORAGE_DTYPES)
 ImageFormat = _choices("ImageFormat", ("png", "svg", "pdf"))
+Augment = _choices("Augment", AUGMENTATIONS)
+Normalize = _choices("Normalize", NORMALIZATIONS)
 
 
 def _complete_model(incomplete: str) -> list[str]:
@@ -83,6 +85,9 @@ def _task(**flags: Any) -> Any:
     for key in ("data_dir", "eval_data", "tokenizer"):
         if flags.get(key) is not None:
             flags[key] = str(Path(flags[key]).resolve())
+    for key in ("augment", "normalize"):
+        if isinstance(flags.get(key), Enum):
+            flags[key] = flags[key].value
     return TaskRequest(**flags)
 
 
@@ -121,6 +126,13 @@ TASK = OptionGroup(_task, [
     Flag("download", bool, False, "Let torchvision download the data set into --data-dir.", decls=("--download",)),
     Flag("val_split", float, 0.0, "Hold out this fraction of the training data as a validation split (the same "
          "examples in every command).", extra={"min": 0.0, "max": 0.9}),
+    Flag("augment", Augment | None, None, "Image data: the augmentation the run trained with, which BatchNorm "
+         "recomputation repeats: none, crop-flip (CIFAR's padded random crop and flip), resized-crop-flip "
+         "(ImageNet's), or standard (the set's own: crop-flip for CIFAR). Default: what the checkpoints record, "
+         "else none; sample: standard."),
+    Flag("normalize", Normalize | None, None, "Image data: the mean and std the run normalized with: a set's "
+         "(cifar10, imagenet, ...), half (0.5), none, or standard (the set's own). Default: what the checkpoints "
+         "record, else the set's own (an image folder's is said in a warning); sample: standard."),
     Flag("task", str | None, None, "A whole task of your own, package.module:callable returning a "
          "twa_cli.Task (its model, batches, loss and figures), instead of --model/--data."),
     Flag("eval_data", Path | None, None, "Hugging Face models: held-out text (a file like --data, or a saved "
@@ -381,13 +393,16 @@ def swa(
         out.table("Greedy soup", ["checkpoints", f"held-out {result.metric}", *[c for c, _ in scores]],
                   [[len(result.chosen), result.val, *[v for _, v in scores]]])
         return
-    out.info(f"averaged {len(result.sources)} checkpoints into {result.path} (BatchNorm statistics {result.bn})")
+    batchnorm = {"recomputed": "BatchNorm statistics recomputed", "averaged": "BatchNorm statistics averaged",
+                 "none": "the model has no BatchNorm"}[result.bn]
+    out.info(f"averaged {len(result.sources)} checkpoints into {result.path} ({batchnorm})")
     if result.test:
         out.table("SWA", ["checkpoints", *[c for c, _ in scores]], [[len(result.sources), *[v for _, v in scores]]])
 
 
 @app.command(cls=_Command)
-@with_groups(selection=SELECTION, read=READ, task=TASK.only("model", "data", "data_dir", "task"))
+@with_groups(selection=SELECTION, read=READ,
+             task=TASK.only("model", "data", "data_dir", "augment", "normalize", "task"))
 def orthogonalize(
     ctx: typer.Context,
     ckpts: Annotated[Path, typer.Argument(help="Checkpoint folder.")],
@@ -561,7 +576,8 @@ def eval_(
 
 
 @app.command(cls=_Command)
-@with_groups(selection=SELECTION.only("start", "end", "every"), task=TASK.only("model", "data", "data_dir", "task"))
+@with_groups(selection=SELECTION.only("start", "end", "every"),
+             task=TASK.only("model", "data", "data_dir", "augment", "normalize", "task"))
 def plot(
     srcs: Annotated[list[Path], typer.Argument(metavar="SRC...", help="A train-subspace output folder, a sample "
                                                "folder, a basis file, `twa eval --json` output or a benchmark JSON "

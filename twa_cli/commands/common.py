@@ -9,7 +9,7 @@ from typing import Any
 
 from twa_cli.core.selection import Selection, select_checkpoints
 from twa_cli.errors import TwaError
-from twa_cli.io.checkpoints import TASK_FIELDS, Checkpoint, Layout, check_compatible, list_folder
+from twa_cli.io.checkpoints import TASK_FIELDS, Checkpoint, Layout, check_compatible, list_folder, no_floating_tensor
 from twa_cli.io.readers import ReadOptions
 from twa_cli.tasks.base import Task
 from twa_cli.tasks.resolve import Recorded, TaskRequest, resolve_task
@@ -63,6 +63,8 @@ def task_of(request: TaskRequest, ckpt: Checkpoint, *, need_data: bool = True) -
 def compatible(ckpts: list[Checkpoint]) -> Layout:
     """The checkpoints' shared layout; a warning when they store a tensor in different precisions."""
     layout = check_compatible(ckpts)
+    if not any(dtypes[0].is_floating_point for dtypes in layout.dtypes.values()):
+        raise TwaError(no_floating_tensor(ckpts[0], layout))
     if layout.mixed:
         name, dtypes = next(iter(layout.mixed.items()))
         log.warning("the checkpoints store tensors in different precisions ('%s' is %s, and %d more tensors "
@@ -128,12 +130,13 @@ def described(request: TaskRequest, ckpt: Checkpoint) -> dict[str, Any]:
     folder = hf_folder(ckpt) if not out else None
     if folder is not None:  # later steps (a basis, a result) rebuild the model from this config
         out["hf"] = {"dir": str(folder.resolve()), "auto_class": None}
-    if knows_task(request, ckpt) and (request.task or request.model or request.data or not out):
+    flags = request.task or request.model or request.data or request.augment or request.normalize
+    if knows_task(request, ckpt) and (flags or not out):
         out.update(task_of(request, ckpt, need_data=False).describe())
     elif request.data is not None:
-        from twa_cli.tasks.images import data_spec
+        from twa_cli.tasks.resolve import data_request
 
-        out["data"] = data_spec(request.data, request.data_dir, request.val_split)
+        out["data"] = data_request(request, recorded(ckpt))[0]
     return out
 
 

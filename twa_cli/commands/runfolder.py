@@ -50,12 +50,14 @@ class RunFolder:
         if resume:
             work = next((f for f in (self.partial, self.path) if (f / STATE_FILE).exists()), None)  # newest first
             if work is None:
-                raise TwaError(f"{self.path}: nothing to resume (no {STATE_FILE}); run without --resume")
+                raise TwaError(self._nothing_to_resume())
             self.work = work
         elif self.path.exists() and any(not _bookkeeping(p) for p in self.path.iterdir()):
             if not force:
-                raise TwaError(f"{self.path}: already exists and is not empty (pass --force to overwrite, --resume "
-                               "to continue)")
+                # --resume is offered only where it would find a state to continue from.
+                can_resume = any((f / STATE_FILE).exists() for f in (self.partial, self.path))
+                raise TwaError(f"{self.path}: already exists and is not empty (pass --force to overwrite"
+                               f"{', --resume to continue' if can_resume else ''})")
             foreign = next((p for p in sorted(self.path.iterdir()) if not _bookkeeping(p) and not ours(p)), None)
             if foreign is not None:
                 raise TwaError(f"{self.path}: holds {foreign.name}, which this command did not write; --force replaces "
@@ -72,6 +74,12 @@ class RunFolder:
         if self._lock_file.exists():  # fail before any work while another run holds the name (checked again)
             self._take_lock()
             self._unlock()
+
+    def _nothing_to_resume(self) -> str:
+        if self.path.exists() and any(not _bookkeeping(p) for p in self.path.iterdir()):
+            return (f"{self.path}: nothing to resume (no {STATE_FILE}: the run there finished, or stopped before "
+                    "its first epoch was saved); start it again with --force instead of --resume")
+        return f"{self.path}: nothing to resume (no {STATE_FILE}); run without --resume"
 
     def claim(self) -> None:
         """Lock the result's name, then create the working folder (exclusively when it is new), once every input

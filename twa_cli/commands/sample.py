@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from twa_cli.core.training import (
 )
 from twa_cli.errors import Diverged, TwaError
 from twa_cli.io.checkpoints import load_tensors, make_metadata, read_checkpoint
+from twa_cli.io.readers import as_written
 from twa_cli.io.runfiles import METRICS_FILE, STATE_FILE, checkpoint_name, step_of_sample, write_metrics
 from twa_cli.io.safetensors import save_tensors
 from twa_cli.tasks.models import load_weights, trainable_names
@@ -60,6 +61,11 @@ class SampleConfig:
     eval_every_epoch: bool = True
 
     def __post_init__(self) -> None:
+        # A new run trains on each registry set's standard view (the paper's crop and flip for CIFAR), recorded
+        # in its checkpoints like every other choice.
+        views = {k: "standard" for k in ("augment", "normalize") if getattr(self.task, k) is None}
+        if views:
+            self.task = replace(self.task, **views)
         check_count(self.epochs, "--epochs")
         check_positive(self.lr, "--lr")
         check_momentum(self.momentum)
@@ -116,7 +122,9 @@ def sample(out: str | Path, cfg: SampleConfig, *, resume: bool = False, force: b
     history: list[dict[str, Any]] = []
     start_epoch, step = 0, 0
     if resume:
-        tensors, start_epoch, step, history = load_train_state(folder.state, config)
+        expected = with_prefix("model", model.state_dict()) | with_prefix("momentum", dict(model.named_parameters()))
+        state = load_train_state(folder.state, config, command="sample", expected=expected)
+        tensors, start_epoch, step, history = state.tensors, state.epochs_done, state.step, state.history
     folder.claim()
     # The step of the state on disk (none yet: -1): samples after it are redone by --resume, or by a new run.
     saved_step = step if resume else -1
@@ -136,7 +144,7 @@ def sample(out: str | Path, cfg: SampleConfig, *, resume: bool = False, force: b
             stats.extra.update(evaluate(model, task, "test", device=cfg.device).row("test"))
         history.append(stats.to_dict())
         tensors = with_prefix("model", model.state_dict()) | with_prefix("momentum", _momenta(model, optimizer))
-        save_train_state(folder.state, tensors, stats, history, config)
+        save_train_state(folder.state, tensors, stats, history, config, command="sample")
         write_metrics(work / METRICS_FILE, history)
         nonlocal saved_step
         saved_step = stats.step
@@ -165,7 +173,7 @@ def sample(out: str | Path, cfg: SampleConfig, *, resume: bool = False, force: b
 
 
 def _start_tensors(path: str) -> dict[str, torch.Tensor]:
-    if not Path(path).is_file():
+    if not as_written(path).is_file():
         raise TwaError(f"--init {path}: no such checkpoint file")
     return load_tensors(path)
 

@@ -28,7 +28,7 @@ from twa_cli.core.evaluation import evaluate
 from twa_cli.core.selection import Selection
 from twa_cli.core.soups import greedy_soup
 from twa_cli.errors import TwaError
-from twa_cli.io.checkpoints import Checkpoint, Source, check_compatible, make_metadata
+from twa_cli.io.checkpoints import Checkpoint, Source, check_compatible, make_metadata, to_storage_dtype
 from twa_cli.io.readers import ReadOptions
 from twa_cli.io.writers import ResultTarget, write_result
 from twa_cli.tasks.base import Metrics, Task
@@ -134,7 +134,7 @@ def swa(folder: str | Path, output: str | Path, request: SwaRequest | None = Non
         log.warning("BatchNorm statistics were averaged, not recomputed (%s)",
                     "--no-bn-update" if has_data else "no architecture or data known")
     if out_dtype is not None:  # after BatchNorm recomputation the model's fp32 state comes back
-        average = {k: v.to(out_dtype) if v.is_floating_point() else v for k, v in average.items()}
+        average = {k: to_storage_dtype(v, out_dtype, f"the average's tensor '{k}'") for k, v in average.items()}
     recorded_task = task.describe() if task is not None else described(request.task, ckpts[0])
     trainable = trainable_names(net) if net is not None else ckpts[0].trainable
     meta = make_metadata(

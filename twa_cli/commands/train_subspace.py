@@ -63,9 +63,16 @@ from twa_cli.core.training import (
 )
 from twa_cli.core.variants import GRANULARITIES, Report, build_variant
 from twa_cli.errors import Diverged, TwaError
-from twa_cli.io.checkpoints import Checkpoint, Source, load_tensors, make_metadata, read_checkpoint
+from twa_cli.io.checkpoints import (
+    Checkpoint,
+    Source,
+    load_tensors,
+    make_metadata,
+    read_checkpoint,
+    to_storage_dtype,
+)
 from twa_cli.io.outputs import check_not_an_input
-from twa_cli.io.readers import ReadOptions
+from twa_cli.io.readers import ReadOptions, as_written
 from twa_cli.io.runfiles import (
     BASIS_FILE,
     COEFFICIENTS_FILE,
@@ -300,7 +307,7 @@ def _train(inputs: _Inputs, folder: RunFolder, cfg: SubspaceConfig, placement: P
             history.append(stats.to_dict())
             if placement.lead:
                 tensors = with_prefix("model", model.state_dict()) | with_prefix("optim", optimizer.state_tensors())
-                save_train_state(folder.state, tensors, stats, history, config)
+                save_train_state(folder.state, tensors, stats, history, config, command="train-subspace")
                 write_metrics(work / METRICS_FILE, history)
 
         loop = LoopConfig(cfg.epochs, lr, cfg.schedule, cfg.batch_size, cfg.seed, device, split=fit_split)
@@ -333,7 +340,12 @@ def _train(inputs: _Inputs, folder: RunFolder, cfg: SubspaceConfig, placement: P
             write_json(work / COEFFICIENTS_FILE, report.to_json())
             state = saved_state(model)
             if cfg.dtype is not None:
-                state = {k: v.to(torch_dtype(cfg.dtype)) if v.is_floating_point() else v for k, v in state.items()}
+                try:
+                    state = {k: to_storage_dtype(v, torch_dtype(cfg.dtype), f"the result's tensor '{k}'")
+                             for k, v in state.items()}
+                except TwaError as exc:  # the training is kept: only the write is redone
+                    raise TwaError(f"{exc}; the trained state stays in {folder.state}: `--resume --dtype float32` "
+                                   "writes it without training again") from exc
             exported = task.export(state, work)
             meta = make_metadata(
                 "twa", invocation=invocation, **task.describe(), trainable=names, config=config,
@@ -381,19 +393,18 @@ def _optimizer(inputs: _Inputs, cfg: SubspaceConfig, placement: Placement, flat:
 
 def _resume(folder: RunFolder, config: dict[str, Any], model: torch.nn.Module, optimizer: SubspaceSGD,
             placement: Placement) -> tuple[int, int, list[dict[str, Any]], float]:
-    tensors, start_epoch, step, history = load_train_state(folder.state, config)
-    saved_lr = float(read_checkpoint(folder.state).json_field("state")["config"]["lr"])
+    optim = with_prefix("optim", optimizer.state_tensors())
+    state = load_train_state(folder.state, config, command="train-subspace",
+                             expected=with_prefix("model", model.state_dict()) | optim, required=optim)
     if placement.lead:
-        write_metrics(folder.work / METRICS_FILE, history)
-    saved = strip_prefix("model", tensors)
+        write_metrics(folder.work / METRICS_FILE, state.history)
+    saved = strip_prefix("model", state.tensors)
     check_fits(model, {k: tuple(v.shape) for k, v in saved.items()}, str(folder.state))
     for name, value in model.state_dict().items():
         value.copy_(saved[name])  # in place: the parameters are views of the flat buffer
-    optim = strip_prefix("optim", tensors)
-    if not {"coords", "momentum", "offspan"} <= set(optim):
-        raise TwaError(f"{folder.state}: not a subspace training state (no optimizer coordinates)")
+    optim = strip_prefix("optim", state.tensors)
     optimizer.load_state_tensors(optim)
-    return start_epoch, step, history, saved_lr
+    return state.epochs_done, state.step, state.history, float(state.config["lr"])
 
 
 def _learning_rate(model: torch.nn.Module, task: Task, optimizer: SubspaceSGD, cfg: SubspaceConfig,
@@ -458,7 +469,7 @@ def _starting_point(basis: Basis, cfg: SubspaceConfig, placement: Placement
         if last is None or not Path(last).exists():
             raise TwaError(f"--init last: the last source checkpoint {last} is not readable")
         init = last
-    if not Path(init).exists():
+    if not as_written(init).exists():
         raise TwaError(f"--init {init}: no such checkpoint file")
     tensors = load_tensors(read_checkpoint(init, cfg.read))
     for name, shape in basis.layout:

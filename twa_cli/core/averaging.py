@@ -7,7 +7,7 @@ from collections.abc import Callable, Collection
 import torch
 
 from twa_cli.errors import TwaError
-from twa_cli.io.checkpoints import Checkpoint, check_finite, open_tensors
+from twa_cli.io.checkpoints import Checkpoint, check_finite, open_tensors, to_storage_dtype
 
 
 def mean_of(
@@ -19,7 +19,8 @@ def mean_of(
 ) -> dict[str, torch.Tensor]:
     """The mean of every floating tensor, summed in `compute_dtype` in the checkpoints' order and returned in
     `dtype`, or else in the widest precision any checkpoint stores it in (fp32 and fp16 give fp32; fp16 and
-    bf16 give fp32 too). Integer tensors (BatchNorm's batch counters) are taken from the last checkpoint."""
+    bf16 give fp32 too); a mean beyond `dtype`'s range is refused. Integer tensors (BatchNorm's batch counters)
+    are taken from the last checkpoint."""
     sums: dict[str, torch.Tensor] = {}
     widest: dict[str, torch.dtype] = {}
     for done, ckpt in enumerate(ckpts, 1):
@@ -42,4 +43,5 @@ def mean_of(
         if progress is not None:
             progress(done, len(ckpts))
     n = len(ckpts)
-    return {k: (v / n).to(dtype or widest[k]) if v.is_floating_point() else v for k, v in sums.items()}
+    return {k: to_storage_dtype(v / n, dtype or widest[k], f"the average's tensor '{k}'") if v.is_floating_point()
+            else v for k, v in sums.items()}

@@ -22,7 +22,15 @@ import torch
 
 from twa_cli.core.averaging import mean_of
 from twa_cli.errors import TwaError
-from twa_cli.io.checkpoints import Checkpoint, Layout, Source, check_compatible, check_finite, open_tensors
+from twa_cli.io.checkpoints import (
+    Checkpoint,
+    Layout,
+    Source,
+    check_compatible,
+    check_finite,
+    no_floating_tensor,
+    open_tensors,
+)
 from twa_cli.units import STORAGE_DTYPES, torch_dtype
 
 log = logging.getLogger("twa")
@@ -94,9 +102,12 @@ def floating_tensors(ckpt: Checkpoint) -> list[str]:
 def subspace_layout(ckpts: list[Checkpoint], names: list[str] | None, *, warn: bool = True,
                     layout: Layout | None = None) -> list[tuple[str, tuple[int, ...]]]:
     """The tensors that span the subspace (`names`, else every floating tensor), with their shapes."""
-    shapes = (layout or check_compatible(ckpts)).shapes
+    layout = layout or check_compatible(ckpts)
+    shapes = layout.shapes
     if names is None:
         names = floating_tensors(ckpts[0])
+        if not names:
+            raise TwaError(no_floating_tensor(ckpts[0], layout))
         if warn:
             log.warning("%s: no architecture known; every floating tensor (BatchNorm statistics too) spans the "
                         "subspace", ckpts[0].path)

@@ -26,6 +26,7 @@ from twa_cli.io.checkpoints import (
     read_checkpoint,
     sources_of,
 )
+from twa_cli.io.readers import shard_beside
 from twa_cli.io.safetensors import map_tensor, save_tensors
 from twa_cli.units import dtype_name
 
@@ -138,9 +139,7 @@ def _read_shards(index: Path, shards: Any, dim: int, lo: int, hi: int, rank: int
         raise TwaError(f"{index}: its shards do not cover the {dim} columns of the basis")
     out: torch.Tensor | None = None
     for a, b, name in covered:
-        if Path(name).name != name:
-            raise TwaError(f"{index}: names shard '{name}', which is not a file in the index's own folder")
-        file = index.with_name(name)
+        file = shard_beside(index, name)
         a2, b2 = max(a, lo), min(b, hi)
         if a2 >= b2:
             continue

@@ -6,11 +6,12 @@ mode, without gradients. Afterwards every layer's momentum and the model's mode 
 `swa_utils.update_bn` and the paper's code differ in the details: the latter never resets the statistics and
 so keeps an exponential average of the last batches.)
 
-The pass sees the training data as training does, augmented: the weights were trained against the batch
-statistics of augmented images (on CIFAR, zero-padded random crops), and the statistics of the plain images
-differ. On the CIFAR-10 benchmark's validation split, recomputing them from plain images cost TWA 1.8 points
-(docs/results.md, "BatchNorm statistics"). The augmentation draws from a generator seeded here, inside a fork
-of torch's random state, so a recalibration is reproducible and leaves the training's random stream alone.
+The pass sees the training data as training did (the augmentation the data set states, none included): the
+weights were trained against the batch statistics of those images (on CIFAR, zero-padded random crops), and the
+statistics of other views differ. On the CIFAR-10 benchmark's validation split (a run trained with crops),
+recomputing them from plain images cost TWA 1.8 points (docs/results.md, "BatchNorm statistics"). The
+augmentation draws from a generator seeded here, inside a fork of torch's random state, so a recalibration is
+reproducible and leaves the training's random stream alone.
 The forward pass is the task's loss (the loss itself is thrown away), so it works for any batch structure.
 """
 
@@ -35,7 +36,7 @@ def has_batchnorm(model: nn.Module) -> bool:
 def recalibrate_bn(model: nn.Module, task: Task, *, split: str = "train", batch_size: int = 128,
                    max_batches: int | None = None, device: torch.device | str = "cpu", parts: Parts | None = None,
                    ) -> int:
-    """Recompute the running statistics of every BatchNorm layer over the augmented view of `split`; returns the
+    """Recompute the running statistics of every BatchNorm layer over the training view of `split`; returns the
     number of batches used.
 
     `parts`: under torchrun with SyncBatchNorm each rank passes its part of every batch, and the synchronized

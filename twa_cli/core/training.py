@@ -11,6 +11,7 @@ epoch's tallies stay on the device, and the host looks at them every few steps.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -193,44 +194,142 @@ def divergence_advice(state_path: Path) -> str:
 
 
 def save_train_state(path: Path, tensors: Mapping[str, torch.Tensor], stats: EpochStats,
-                     history: list[dict[str, Any]], config: Mapping[str, Any]) -> None:
+                     history: list[dict[str, Any]], config: Mapping[str, Any], *, command: str) -> None:
     """Everything needed to continue after this epoch: weights, optimizer tensors, RNG, position, metrics, and
-    the run's options (with the identity of its inputs), which a resumed run must match."""
+    the run's options (with the identity of its inputs), which a resumed run must match. `command`: the command
+    that writes it (a resumed run of another command is refused by name)."""
     tensors = dict(tensors)
     tensors["rng.torch"] = torch.get_rng_state()
-    info = {"epochs_done": stats.epoch, "step": stats.step, "history": history, "config": dict(config)}
+    info = {"command": command, "epochs_done": stats.epoch, "step": stats.step, "history": history,
+            "config": dict(config)}
     save_tensors(path, tensors, make_metadata("train-state", state=info))
 
 
-# Options a resumed run may change: how long it runs, where, and the learning rate (to recover from divergence).
-RESUMABLE_CHANGES = ("epochs", "device", "lr")
+# Options a resumed run may change: how long it runs, where, the learning rate (to recover from divergence), and
+# the precision the result is written in (to write a result that did not fit the first one).
+RESUMABLE_CHANGES = ("epochs", "device", "lr", "dtype")
 
 
-def load_train_state(path: Path, config: Mapping[str, Any]
-                     ) -> tuple[dict[str, torch.Tensor], int, int, list[dict[str, Any]]]:
-    """(tensors, epochs done, global step, metrics so far), after checking the run's options and inputs are
-    unchanged."""
+@dataclass
+class TrainState:
+    """What `load_train_state` read back and checked: the tensors to put in place (the model's and the
+    optimizer's, by the names `save_train_state` was given), the epochs and steps done, the figures so far, and
+    the options the interrupted run had."""
+
+    tensors: dict[str, torch.Tensor]
+    epochs_done: int
+    step: int
+    history: list[dict[str, Any]]
+    config: dict[str, Any]
+
+
+def load_train_state(path: Path, config: Mapping[str, Any], *, command: str,
+                     expected: Mapping[str, torch.Tensor], required: Collection[str] = ()) -> TrainState:
+    """The state of an interrupted run of `command`, after checking that it is one (every field a resumed run
+    trusts, and every tensor against `expected`: the tensors it will be loaded into, by name, of the same shape
+    and dtype; `required` names must be there) and that the run's options and inputs are unchanged. Sets
+    torch's RNG state to the saved one, last, once everything is checked."""
     info = read_checkpoint(path).json_field("state")
-    if not (isinstance(info, dict) and {"config", "epochs_done", "step", "history"} <= set(info)):
-        raise TwaError(f"{path}: not a training state written by this tool (damaged metadata)")
-    saved = {k: v for k, v in info["config"].items() if k not in RESUMABLE_CHANGES}
-    now = {k: v for k, v in json.loads(json.dumps(dict(config))).items() if k not in RESUMABLE_CHANGES}
-    if saved != now:
-        diff = next(k for k in sorted(set(now) | set(saved)) if saved.get(k) != now.get(k))
-        if diff == "identity":
-            raise TwaError(f"--resume: the checkpoints (or basis) differ from those the interrupted run in "
-                           f"{path.parent} was training on; resume with the same inputs, or start a new run")
-        was, is_now = saved.get(diff), now.get(diff)
-        if isinstance(was, dict) and isinstance(is_now, dict):  # the task's own flags (--model, --data, ...)
-            diff = next(k for k in sorted(set(was) | set(is_now)) if was.get(k) != is_now.get(k))
-            was, is_now = was.get(diff), is_now.get(diff)
-        flag = diff.replace("_", "-")
-        raise TwaError(f"--resume: --{flag} was {was!r} in the interrupted run, now {is_now!r}")
+    if not isinstance(info, dict):
+        raise TwaError(f"{path}: not a training state written by this tool (no 'state' metadata)")
+    _check_command(path, info, command, config)
+    epochs_done, step, history, saved = _checked_position(path, info)
+    _check_same_options(path, saved, config)
     tensors = load_tensors(path)
-    if "rng.torch" not in tensors:
-        raise TwaError(f"{path}: not a training state written by this tool (no RNG state)")
-    torch.set_rng_state(tensors.pop("rng.torch"))
-    return tensors, int(info["epochs_done"]), int(info["step"]), list(info["history"])
+    rng = tensors.pop("rng.torch", None)
+    rng = _check_rng(path, rng)
+    _check_tensors(path, tensors, expected, required)
+    try:
+        torch.set_rng_state(rng)
+    except (RuntimeError, ValueError) as exc:
+        raise TwaError(f"{path}: damaged training state: 'rng.torch' is not a generator state ({exc})") from exc
+    return TrainState(tensors, epochs_done, step, history, saved)
+
+
+def _check_command(path: Path, info: Mapping[str, Any], command: str, config: Mapping[str, Any]) -> None:
+    """A state of another command (a `sample` run's inside a train-subspace folder) is named as such, not read
+    as a run whose every option changed. States written before the command was recorded are told apart by
+    their options."""
+    other = info.get("command")
+    saved = info.get("config")
+    if other is None and isinstance(saved, dict) and set(saved) != set(json.loads(json.dumps(dict(config)))):
+        raise TwaError(f"{path}: the state of another command (or another version of twa), not of an interrupted "
+                       f"`twa {command}` run; start a new run (--force replaces it)")
+    if other is not None and other != command:
+        raise TwaError(f"{path}: the state of an interrupted `twa {other}` run, not of `twa {command}`; resume it "
+                       f"with `twa {other} --resume`, or start a new run (--force replaces it)")
+
+
+def _checked_position(path: Path, info: Mapping[str, Any]) -> tuple[int, int, list[dict[str, Any]], dict[str, Any]]:
+    """(epochs done, step, history, options), each as this tool writes them: an epoch count within the run's
+    --epochs, one row of figures per epoch done, the step of the last row."""
+    def bad(field: str, why: str) -> TwaError:
+        return TwaError(f"{path}: damaged training state: '{field}' {why}")
+
+    saved = info.get("config")
+    if not isinstance(saved, dict):
+        raise bad("config", "is not a table of the run's options")
+    epochs, lr = saved.get("epochs"), saved.get("lr")
+    if not _is_int(epochs) or epochs < 1:
+        raise bad("config.epochs", f"is not a positive whole number ({epochs!r})")
+    if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0):
+        raise bad("config.lr", f"is not a positive number ({lr!r})")
+    done, step, history = info.get("epochs_done"), info.get("step"), info.get("history")
+    if not _is_int(done) or not 1 <= done <= epochs:
+        raise bad("epochs_done", f"is not a whole number of epochs between 1 and the run's {epochs} ({done!r})")
+    if not isinstance(history, list) or not all(isinstance(row, dict) for row in history):
+        raise bad("history", "is not a list of per-epoch figures")
+    if len(history) != done or any(row.get("epoch") != i + 1 for i, row in enumerate(history)):
+        raise bad("history", f"does not hold one row for each of the {done} epochs done")
+    if not _is_int(step) or step < done or step != history[-1].get("step"):
+        raise bad("step", f"is not the step the last epoch ended at ({step!r})")
+    return done, step, history, saved
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_same_options(path: Path, saved: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+    saved = {k: v for k, v in saved.items() if k not in RESUMABLE_CHANGES}
+    now = {k: v for k, v in json.loads(json.dumps(dict(config))).items() if k not in RESUMABLE_CHANGES}
+    if saved == now:
+        return
+    diff = next(k for k in sorted(set(now) | set(saved)) if saved.get(k) != now.get(k))
+    if diff == "identity":
+        raise TwaError(f"--resume: the checkpoints (or basis) differ from those the interrupted run in "
+                       f"{path.parent} was training on; resume with the same inputs, or start a new run")
+    was, is_now = saved.get(diff), now.get(diff)
+    if isinstance(was, dict) and isinstance(is_now, dict):  # the task's own flags (--model, --data, ...)
+        diff = next(k for k in sorted(set(was) | set(is_now)) if was.get(k) != is_now.get(k))
+        was, is_now = was.get(diff), is_now.get(diff)
+    flag = diff.replace("_", "-")
+    raise TwaError(f"--resume: --{flag} was {was!r} in the interrupted run, now {is_now!r}")
+
+
+def _check_rng(path: Path, rng: torch.Tensor | None) -> torch.Tensor:
+    """The generator state torch.set_rng_state takes: bytes of the length this torch writes."""
+    if rng is None:
+        raise TwaError(f"{path}: not a training state written by this tool (no 'rng.torch' RNG state)")
+    own = torch.get_rng_state()
+    if rng.dtype != own.dtype or rng.shape != own.shape:
+        raise TwaError(f"{path}: damaged training state: 'rng.torch' is {rng.dtype} of shape {list(rng.shape)}, "
+                       f"not the {own.dtype} of shape {list(own.shape)} torch's generator state is")
+    return rng
+
+
+def _check_tensors(path: Path, tensors: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
+                   required: Collection[str]) -> None:
+    for name, value in tensors.items():
+        like = expected.get(name)
+        if like is None:
+            raise TwaError(f"{path}: damaged training state: tensor '{name}' has no place in this run")
+        if value.shape != like.shape or value.dtype != like.dtype:
+            raise TwaError(f"{path}: damaged training state: '{name}' is {value.dtype} of shape "
+                           f"{list(value.shape)}, this run's is {like.dtype} of shape {list(like.shape)}")
+    missing = next((name for name in required if name not in tensors), None)
+    if missing is not None:
+        raise TwaError(f"{path}: damaged training state: it has no tensor '{missing}'")
 
 
 def with_prefix(prefix: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

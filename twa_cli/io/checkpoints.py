@@ -163,7 +163,7 @@ def sources_of(ckpt: Checkpoint) -> list[Source]:
 
 def read_checkpoint(path: str | Path, options: ReadOptions = ReadOptions()) -> Checkpoint:
     """Open a checkpoint's header (not its tensors), in any format the readers know, with its metadata."""
-    path = Path(path)
+    path = readers.as_written(path)
     if not path.exists():
         raise TwaError(f"{path}: no such file")
     with readers.reading(path, options) as reader:
@@ -200,6 +200,19 @@ def load_tensors(ckpt: Checkpoint | str | Path, names: Iterable[str] | None = No
 def check_finite(tensor: torch.Tensor, what: str) -> None:
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         raise TwaError(f"{what} contains NaN or Inf")
+
+
+def to_storage_dtype(tensor: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """`tensor` in `dtype` (a floating one; any other as it is), refused when its finite values do not fit: a
+    result is never written with Inf where what it was made of was finite. `what` names the tensor."""
+    if not tensor.is_floating_point() or tensor.dtype == dtype:
+        return tensor
+    out = tensor.to(dtype)
+    if not bool(torch.isfinite(out).all()) and bool(torch.isfinite(tensor).all()):
+        largest = float(tensor.abs().max())
+        raise TwaError(f"{what} has values up to {largest:.4g}, beyond the range of {dtype_name(dtype)} "
+                       f"(±{torch.finfo(dtype).max:.4g}); write it as float32 or bfloat16 (--dtype)")
+    return out
 
 
 def tensor_specs(ckpt: Checkpoint) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -255,7 +268,7 @@ def scan_folder(folder: str | Path, options: ReadOptions = ReadOptions()) -> Lis
     link, or the same tensors: timm's last and model_best, Lightning's last.ckpt, fairseq's checkpoint_last)
     counts once; a model that is itself an average (an output of this tool, Lightning's SWA model, a
     torch AveragedModel) is left out."""
-    folder = Path(folder)
+    folder = readers.as_written(folder)
     if not folder.exists():
         raise TwaError(f"{folder}: no such file or folder")
     if folder.is_file():
@@ -371,6 +384,12 @@ class Layout:
     def mixed(self) -> dict[str, list[str]]:
         """Tensors stored in more than one floating precision across the checkpoints."""
         return {k: [dtype_name(d) for d in v] for k, v in self.dtypes.items() if len(set(v)) > 1}
+
+
+def no_floating_tensor(ckpt: Checkpoint, layout: Layout) -> str:
+    """The message for checkpoints holding only integer tensors (nothing to average, nothing spans a subspace)."""
+    some = ", ".join(f"'{name}'" for name in list(layout.shapes)[:3])
+    return f"{ckpt.path}: holds no floating-point tensor (only integer ones: {some}); there is nothing to average"
 
 
 def check_compatible(ckpts: list[Checkpoint]) -> Layout:

@@ -309,10 +309,20 @@ class HFFolderReader(Reader):
 # ---------------------------------------------------------------------------------------------- picking
 
 
+def as_written(path: str | Path) -> Path:
+    """The checkpoint a user names by the `-o` it was written to: `NAME.safetensors`, which the writer shards
+    into `NAME.safetensors.index.json` and its shards when it is large, is that index when only it exists."""
+    path = Path(path)
+    index = path.with_name(path.name + INDEX_SUFFIX)
+    if path.name.endswith(SAFETENSORS) and not path.exists() and index.is_file():
+        return index
+    return path
+
+
 def open_reader(path: str | Path, options: ReadOptions = ReadOptions()) -> Reader:
     """The reader for what is at `path`. Files are recognized by their name, and a file without a known
     suffix by its content (a safetensors header), so every file the tool writes reads back."""
-    path = Path(path)
+    path = as_written(path)
     if not path.exists():
         raise TwaError(f"{path}: no such file or folder")
     if path.is_dir():
@@ -379,9 +389,21 @@ def read_index(index: Path) -> dict[str, Any]:
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise TwaError(f"{index}: its 'weight_map' is not a mapping of tensor names to file names")
     for file in set(weight_map.values()):
-        if not file or Path(file).name != file or file in (".", ".."):
-            raise TwaError(f"{index}: names shard '{file}', which is not a file in the index's own folder")
+        shard_beside(index, file)
     return spec
+
+
+def shard_beside(index: Path, name: str) -> Path:
+    """The file `name` an index names as one of its shards, checked to lie in the index's own folder: a plain
+    name, and, symlinks resolved, a file of that folder or of the folder the index itself resolves to (the
+    Hugging Face cache links both into one blobs/ folder). A link there to a file elsewhere is refused."""
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise TwaError(f"{index}: names shard '{name}', which is not a file in the index's own folder")
+    path = index.parent / name
+    home = {index.parent.resolve(), index.resolve().parent}
+    if path.is_symlink() and path.resolve().parent not in home:
+        raise TwaError(f"{index}: its shard {name} is a link to {path.resolve()}, outside the index's own folder")
+    return path
 
 
 def shard_files(index: Path) -> list[Path]:

@@ -156,6 +156,10 @@ class HFTask(Task):
                            f"({first_line(exc)})") from exc
         if hasattr(model.config, "use_cache"):
             model.config.use_cache = False  # no key/value cache: training and scoring take whole sequences
+        if getattr(model, "loss_type", "") is None:
+            # A class whose name maps to no loss type (GPT2LMHeadModel) falls back to the causal-LM loss, with a
+            # notice at every forward pass that asks nothing of the user; naming that same loss silences it alone.
+            model.loss_type = "ForCausalLM"
         return model
 
     def describe(self) -> dict[str, Any]:
@@ -190,11 +194,12 @@ class HFTask(Task):
         if not self.data_spec:
             raise TwaError(f"{self.model_dir}: which text does it learn from? pass --data FILE (and --eval-data FILE)")
         spec = self.data_spec
-        train = self._examples(read_rows(Path(spec["train"])), spec["train"])
+        splits: dict[str, Examples] = {}
+        if spec.get("train"):  # held-out text alone (--eval-data without --data) scores, and trains nothing
+            splits["train"] = self._examples(read_rows(Path(spec["train"])), spec["train"])
+            if spec.get("val_split"):
+                splits["train"], splits["val"] = carve(splits["train"], float(spec["val_split"]))
         held = eval_rows(spec)
-        splits = {"train": train}
-        if spec.get("val_split"):
-            splits["train"], splits["val"] = carve(train, float(spec["val_split"]))
         if held is not None:
             splits["test"] = self._examples(held, spec.get("eval") or spec["train"])
         elif "val" in splits:
@@ -205,6 +210,9 @@ class HFTask(Task):
         if split == "test" and "test" not in self.splits:
             raise TwaError(f"{self.data_spec['train']}: no held-out text to score on: pass --eval-data FILE (or "
                            "--val-split)")
+        if split == "train" and "train" not in self.splits:
+            raise TwaError(f"{self.model_dir}: which text does it learn from? --eval-data is only scored on; pass "
+                           "--data FILE")
         return self.splits.get(split)
 
     @abstractmethod

@@ -1,9 +1,17 @@
 """The image data registry: digits (bundled, the default), torchvision's sets, image folders and a user's own.
 
-A data set is described by `{"name": ..., "dir": ...}`, recorded in every checkpoint `sample` writes, so later
-commands find the same data without `--data`. Each set comes as views: the augmented training set (what
-training and BatchNorm recalibration see), the same images without augmentation (training accuracy), a
-held-out validation split of both when the spec asks for one, and the test set.
+A data set is described by `{"name": ..., "dir": ..., "augment": ..., "normalize": ...}`, recorded in every
+checkpoint `sample` writes, so later commands find the same data without `--data`. Each set comes as views:
+the training set as training saw it (what training and BatchNorm recalibration see), the same images without
+augmentation (training accuracy), a held-out validation split of both when the spec asks for one, and the test
+set.
+
+How training saw the images is a stated choice, never a guess made in silence: `augment` (none, crop-flip:
+CIFAR's random crop of the image padded by 1/8 of its width and a horizontal flip, resized-crop-flip:
+ImageNet's random resized crop and flip) and `normalize` (the mean and std of a named set, half: 0.5 and 0.5,
+none: pixels in [0, 1]). `standard` names each registry set's own (`sample`'s default: the paper's crop and
+flip for CIFAR). A spec without them was written before they were recorded, by a `sample` that used the
+standard view; an image folder whose normalization nobody stated is normalized by the old rule, with a warning.
 
 A spec read from a file never switches on a download (a runtime flag, never recorded) and never names code
 to import: `package.module:callable` is loaded only when the user named it (`allow_code`).
@@ -11,6 +19,8 @@ to import: `package.module:callable` is loaded only when the user named it (`all
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -22,15 +32,21 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from twa_cli.errors import TwaError
 from twa_cli.tasks.hooks import call_hook, import_callable, is_code_name
-from twa_cli.units import first_line
+from twa_cli.units import AUGMENTATIONS, NORMALIZATIONS, first_line
+
+log = logging.getLogger("twa")
 
 KNOWN = ("digits", "cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder")
+# Image folders up to this width are decoded into memory and treated as CIFAR-like; larger ones as ImageNet-like.
+SMALL_IMAGES = 64
 _MEANS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "mnist": ((0.1307,), (0.3081,)),
     "fashion-mnist": ((0.2860,), (0.3530,)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "half": ((0.5,), (0.5,)),
+    "none": ((0.0,), (1.0,)),
 }
 
 
@@ -60,6 +76,97 @@ def data_spec(name: str, data_dir: str | Path | None = None, val_split: float = 
             raise TwaError(f"--val-split must be between 0 and 1 (got {val_split})")
         spec["val_split"] = val_split
     return spec
+
+
+def stated_views(spec: Mapping[str, Any], augment: str | None, normalize: str | None, *,
+                 run: Mapping[str, Any] | None = None, fresh: bool, source: str | None = None) -> dict[str, Any]:
+    """`spec` with the view of the images training saw stated: the flags (`standard` resolved to the set's
+    own), else what the spec records, else, for a spec made from the flags (`fresh`), what the run's recorded
+    spec `run` says of the same data set, else no augmentation (a run the tool did not write). A torchvision
+    set's normalization is its own statistics unless said otherwise; an image folder's is left unstated (the
+    loader says what it assumes)."""
+    where = f"{source}: " if source else ""
+    for key, known in (("augment", AUGMENTATIONS), ("normalize", NORMALIZATIONS)):
+        value = spec.get(key)
+        if value is not None and (not isinstance(value, str) or value not in known[1:]):
+            raise TwaError(f"{where}its recorded data set has {key} {value!r}, not one of {', '.join(known[1:])}")
+    name = spec["name"]
+    if name not in KNOWN and not is_code_name(name):
+        return dict(spec)  # the loader names what is unknown
+    if name == "digits" or is_code_name(name):
+        for flag, value, plain in (("--augment", augment, "none"), ("--normalize", normalize, None)):
+            if value not in (None, "standard", plain):
+                raise TwaError(f"{flag} {value}: the data set {name} comes as it is ("
+                               f"{'standardized 8x8 digits' if name == 'digits' else 'your code makes its views'})")
+        return dict(spec)
+    out = dict(spec)
+    same_run = run if fresh and isinstance(run, Mapping) and _same_set(run, spec) else None
+    if augment is not None:
+        out["augment"] = _standard_augment(out) if augment == "standard" else augment
+    elif "augment" not in out and fresh:
+        if same_run is None:
+            out["augment"] = "none"
+        elif "augment" in same_run:
+            out["augment"] = same_run["augment"]
+    if normalize is not None:
+        out["normalize"] = _standard_normalize(out) if normalize == "standard" else normalize
+    elif "normalize" not in out and same_run is not None and "normalize" in same_run:
+        out["normalize"] = same_run["normalize"]
+    elif "normalize" not in out and name in _MEANS:
+        out["normalize"] = name
+    return out
+
+
+def _same_set(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return a.get("name") == b.get("name") and a.get("dir") == b.get("dir")
+
+
+def _standard_augment(spec: Mapping[str, Any]) -> str:
+    """What `sample` trains a registry set on: the paper's crop and flip for CIFAR (and CIFAR-like image folders),
+    ImageNet's resized crop and flip for large image folders, none for MNIST."""
+    name = spec["name"]
+    if name.startswith("cifar"):
+        return "crop-flip"
+    if name == "imagefolder":
+        return "crop-flip" if _folder_shape(spec.get("dir"))[2] <= SMALL_IMAGES else "resized-crop-flip"
+    return "none"
+
+
+def _standard_normalize(spec: Mapping[str, Any]) -> str:
+    name = spec["name"]
+    if name in _MEANS:
+        return name
+    _, channels, width = _folder_shape(spec.get("dir"))
+    if width > SMALL_IMAGES:
+        return "imagenet"
+    return "cifar10" if channels == 3 else "half"
+
+
+def _augmentation(spec: Mapping[str, Any], allowed: tuple[str, ...]) -> str:
+    """The spec's augmentation (one written before it was recorded: the standard one `sample` used)."""
+    augment = spec.get("augment") or _standard_augment(spec)
+    if augment not in allowed:
+        raise TwaError(f"--augment {augment}: not for {spec['name']} images of this size (choose "
+                       f"{' or '.join(allowed)})")
+    return augment
+
+
+def _normalization(spec: Mapping[str, Any], channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel of the spec's normalization; an image folder's unstated one is the rule twa always
+    used, said in a warning."""
+    normalize = spec.get("normalize")
+    if normalize is None:
+        normalize = _standard_normalize(spec)
+        log.warning("%s: normalizing the images with the %s mean and std, an assumption: nothing states how the "
+                    "run normalized them; pass --normalize (%s) to say", spec.get("dir"), normalize,
+                    ", ".join(NORMALIZATIONS[1:]))
+    mean, std = _MEANS[normalize]
+    if normalize in ("half", "none"):
+        return mean * channels, std * channels
+    if len(mean) != channels:
+        raise TwaError(f"--normalize {normalize}: statistics of {len(mean)}-channel images; these images have "
+                       f"{channels}")
+    return mean, std
 
 
 # Shapes of the built-in sets, so a model can be sized without loading the data: (classes, channels, size).
@@ -133,9 +240,9 @@ def _load_views(spec: dict[str, Any], allow_code: bool, download: bool) -> Datas
     if name == "digits":
         return _digits()
     if name in ("cifar10", "cifar100", "mnist", "fashion-mnist"):
-        return _torchvision_set(name, data_dir, download)
+        return _torchvision_set(spec, data_dir, download)
     if name == "imagefolder":
-        return _image_folder(data_dir)
+        return _image_folder(spec, data_dir)
     if is_code_name(name):
         return _user_data(name, data_dir)
     raise TwaError(f"unknown data set '{name}'; known: {known_data()}")
@@ -156,19 +263,22 @@ def _digits() -> Datasets:
     return Datasets(train, train, TensorDataset(x[test_idx], y[test_idx]), 10, 1, 8)
 
 
-def _torchvision_set(name: str, data_dir: str | None, download: bool) -> Datasets:
+def _torchvision_set(spec: Mapping[str, Any], data_dir: str | None, download: bool) -> Datasets:
     from torchvision import datasets as tvd
     from torchvision import transforms as T
 
+    name = spec["name"]
     if data_dir is None:
         raise TwaError(f"--data {name} needs --data-dir (add --download to fetch it there)")
     sets = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST}
     cls = sets[name]
-    mean, std = _MEANS[name]
+    _, channels, size = SHAPES[name]
+    mean, std = _normalization(spec, channels)
     plain = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
-    augment = plain
-    if name.startswith("cifar"):
-        augment = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), plain])
+    augment = {"none": plain,
+               "crop-flip": T.Compose([T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip(), plain]),
+               "resized-crop-flip": T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), plain]),
+               }[_augmentation(spec, AUGMENTATIONS[1:])]
     if not download and not Path(data_dir).is_dir():
         raise TwaError(f"--data-dir {data_dir}: no such folder (add --download to fetch {name} there)")
     try:
@@ -179,29 +289,33 @@ def _torchvision_set(name: str, data_dir: str | None, download: bool) -> Dataset
         raise TwaError(f"--data-dir {data_dir}: {name} not found there (add --download to fetch it)") from exc
     except OSError as exc:  # a network error while downloading, or a damaged file
         raise TwaError(f"--data {name} --data-dir {data_dir}: {first_line(exc)}") from exc
-    size = 32 if name.startswith("cifar") else 28
-    return Datasets(train, train_eval, test, len(train.classes), len(mean), size)
+    return Datasets(train, train_eval, test, len(train.classes), channels, size)
 
 
-def _image_folder(data_dir: str | None) -> Datasets:
+def _image_folder(spec: Mapping[str, Any], data_dir: str | None) -> Datasets:
     from torchvision import datasets as tvd
     from torchvision import transforms as T
 
     train_dir, test_dir = _folders(data_dir)
     classes, channels, width = _folder_shape(data_dir)
-    if width <= 64:  # CIFAR-like: decoded once into memory, augmented per batch
-        mean, std = _MEANS["cifar10"] if channels == 3 else ((0.5,), (0.5,))
+    if width <= SMALL_IMAGES:  # CIFAR-like: decoded once into memory, augmented per batch
+        mean, std = _normalization(spec, channels)
+        augment = _augmentation(spec, ("none", "crop-flip"))
         images, labels = decoded_folder(train_dir)
         test_images, test_labels = decoded_folder(test_dir, reference=train_dir)
-        train = ImageTensors(images, labels, mean, std, augment=True)
+        train = ImageTensors(images, labels, mean, std, augment=augment == "crop-flip")
         train_eval = ImageTensors(images, labels, mean, std)
         test = ImageTensors(test_images, test_labels, mean, std)
         return Datasets(train, train_eval, test, classes, channels, width)
-    # ImageNet-like: as in the PyTorch ImageNet example
-    mean, std = _MEANS["imagenet"]
+    # ImageNet-like: as in the PyTorch ImageNet example (every image read as RGB)
+    mean, std = _normalization(spec, 3)
     norm = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
-    augment = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), norm])
     plain = T.Compose([T.Resize(256), T.CenterCrop(224), norm])
+    augment = {"none": plain,
+               "crop-flip": T.Compose([T.Resize(256), T.CenterCrop(224), T.RandomCrop(224, padding=28),
+                                       T.RandomHorizontalFlip(), norm]),
+               "resized-crop-flip": T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), norm]),
+               }[_augmentation(spec, AUGMENTATIONS[1:])]
     train = tvd.ImageFolder(str(train_dir), transform=augment, loader=load_rgb)
     train_eval = tvd.ImageFolder(str(train_dir), transform=plain, loader=load_rgb)
     test = tvd.ImageFolder(str(test_dir), transform=plain, loader=load_rgb)

@@ -279,7 +279,9 @@ def build_model(spec: Mapping[str, Any], *, allow_code: bool = False, source: st
         raise TwaError(f"{where}unknown model '{name}'; known: {known_models()}")
     try:
         return builder(**kwargs)
-    except TwaError:
+    except TwaError as exc:  # an unknown torchvision or timm name: the file that named it is the one to fix
+        if where:
+            raise TwaError(f"{where}{exc}") from exc
         raise
     except (TypeError, ValueError, RuntimeError) as exc:  # a damaged or hand-edited description
         raise TwaError(f"{where}model '{name}' cannot be built with {kwargs}: {exc}") from exc

@@ -40,6 +40,9 @@ class TaskRequest:
     label_column: str | None = None
     block_size: int | None = None
     tokenizer: str | None = None
+    # Image data: the view of the images training saw (twa_cli.tasks.images.stated_views); None: as recorded.
+    augment: str | None = None
+    normalize: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -87,6 +90,7 @@ def resolve_task(request: TaskRequest, recorded: Recorded = NOTHING, *, need_dat
     """The task of a command: the user's `--task`, else the model the flags or the files name, on the data the
     flags or the files name."""
     if request.task is not None:
+        _no_image_views(request, "--task")
         return user_task(request.task)
     if request.model is None:
         _refuse_code(_name(recorded.task, "task", recorded.source), "task", "--task", recorded.source)
@@ -97,6 +101,7 @@ def resolve_task(request: TaskRequest, recorded: Recorded = NOTHING, *, need_dat
         from twa_cli.tasks.lightning import LightningTask, is_lightning_module
 
         if is_lightning_module(import_callable(model, "--model")):
+            _no_image_views(request, "a LightningModule")
             hparams = recorded.hparams if isinstance(recorded.hparams, Mapping) else {}
             return LightningTask(model, hparams, request.data, request.data_dir)
     if model is None:
@@ -117,9 +122,16 @@ def _config_folder(value: str) -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
+def _no_image_views(request: TaskRequest, what: str) -> None:
+    for flag, value in (("--augment", request.augment), ("--normalize", request.normalize)):
+        if value not in (None, "standard"):
+            raise TwaError(f"{flag} {value}: describes the images of an image data set; {what} makes its own batches")
+
+
 def _hf(request: TaskRequest, recorded: Recorded, model: str | None) -> Task:
     from twa_cli.tasks.hf import hf_task
-    from twa_cli.tasks.text import text_spec
+
+    _no_image_views(request, "a Hugging Face model")
 
     auto_class, folder = None, None
     if model is not None:
@@ -135,16 +147,29 @@ def _hf(request: TaskRequest, recorded: Recorded, model: str | None) -> Task:
         where = f"{recorded.source}: " if recorded.source else ""
         raise TwaError(f"{where}no config.json beside the checkpoints to build the model from; pass --model with a "
                        "folder holding one")
+    return hf_task(folder, auto_class, _text_data(request, recorded))
+
+
+def _text_data(request: TaskRequest, recorded: Recorded) -> dict[str, Any] | None:
+    """The text a Hugging Face model learns from and is scored on: the flags, else what the checkpoint records,
+    each text flag given taking the place of the recorded value. `--eval-data` alone scores, with no training
+    text."""
+    from twa_cli.tasks.text import text_spec
+
+    given = text_spec(request.data, request.eval_data, text_column=request.text_column,
+                      label_column=request.label_column, block_size=request.block_size, tokenizer=request.tokenizer,
+                      val_split=request.val_split)
     if request.data is not None:
-        data: Mapping[str, Any] | None = text_spec(
-            request.data, request.eval_data, text_column=request.text_column, label_column=request.label_column,
-            block_size=request.block_size, tokenizer=request.tokenizer, val_split=request.val_split)
-    elif isinstance(recorded.data, Mapping) and recorded.data.get("kind") == "text":
+        return given
+    if isinstance(recorded.data, Mapping) and recorded.data.get("kind") == "text":
         data = dict(recorded.data)
         _check_recorded_fraction(data, recorded.source)
-    else:
-        data = None
-    return hf_task(folder, auto_class, data)
+        return {**data, **given}
+    if request.eval_data is None:
+        return None
+    if request.val_split:
+        raise TwaError("--val-split carves held-out text from the training text: pass --data FILE too")
+    return given
 
 
 def user_task(name: str) -> Task:
@@ -159,15 +184,20 @@ def user_task(name: str) -> Task:
 
 
 def data_request(request: TaskRequest, recorded: Recorded) -> tuple[dict[str, Any] | None, bool]:
-    """(image data spec, named by the user)."""
-    from twa_cli.tasks.images import data_spec
+    """(image data spec, named by the user): the flags, else the recorded data set, with the view training saw
+    (`--augment`, `--normalize`) stated as `twa_cli.tasks.images.stated_views` says."""
+    from twa_cli.tasks.images import data_spec, stated_views
 
     if request.data is not None:
-        return data_spec(request.data, request.data_dir, request.val_split), True
+        run = recorded.data if isinstance(recorded.data, Mapping) else None
+        spec = data_spec(request.data, request.data_dir, request.val_split)
+        return stated_views(spec, request.augment, request.normalize, run=run, fresh=True), True
     if request.data_dir is not None:
         raise TwaError("--data-dir needs --data to say which data set it holds")
     name = _name(recorded.data, "data", recorded.source)
     if name is None:
+        if request.augment is not None or request.normalize is not None:
+            raise TwaError("--augment and --normalize describe the images of a data set: pass --data too")
         return None, False
     _refuse_code(name, "data set", "--data", recorded.source)
     spec = {k: v for k, v in dict(recorded.data).items() if k != "download"}  # a file never turns on a download
@@ -175,7 +205,7 @@ def data_request(request: TaskRequest, recorded: Recorded) -> tuple[dict[str, An
         spec["val_split"] = request.val_split
     else:
         _check_recorded_fraction(spec, recorded.source)
-    return spec, False
+    return stated_views(spec, request.augment, request.normalize, fresh=False, source=recorded.source), False
 
 
 def _check_recorded_fraction(spec: Mapping[str, Any], source: str | None) -> None:

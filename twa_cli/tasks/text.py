@@ -203,11 +203,14 @@ def carve(examples: Examples, fraction: float) -> tuple[Examples, Examples]:
     return Examples([examples.rows[i] for i in keep]), Examples([examples.rows[i] for i in out])
 
 
-def text_spec(train: str | Path, eval_path: str | Path | None = None, *, text_column: str | None = None,
+def text_spec(train: str | Path | None, eval_path: str | Path | None = None, *, text_column: str | None = None,
               label_column: str | None = None, block_size: int | None = None, tokenizer: str | Path | None = None,
               val_split: float = 0.0) -> dict[str, Any]:
-    """The JSON description of text data (absolute paths, so it reads the same from any folder)."""
-    spec: dict[str, Any] = {"kind": "text", "train": str(Path(train).resolve())}
+    """The JSON description of text data (absolute paths, so it reads the same from any folder). Without a
+    training file it describes held-out text alone: enough to score a model, not to train one."""
+    spec: dict[str, Any] = {"kind": "text"}
+    if train is not None:
+        spec["train"] = str(Path(train).resolve())
     if eval_path is not None:
         spec["eval"] = str(Path(eval_path).resolve())
     for key, value in (("text_column", text_column), ("label_column", label_column), ("block_size", block_size)):

@@ -1,0 +1,181 @@
+"""A resume state that is damaged, forged or of another command is refused in one line naming it (issue 21, F4,
+F5, F6): every field a resumed run trusts is checked before anything is written, and the run folder is left
+as it was."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import snapshot
+
+from twa_cli.io.checkpoints import load_tensors, read_checkpoint
+from twa_cli.io.safetensors import save_tensors
+
+STATE = "train-state.safetensors"
+SAMPLE = ["--model", "mlp", "--data", "digits", "--batch-size", "64", "--per-epoch", "2", "--lr", "0.05",
+          "--device", "cpu", "--no-eval-every-epoch"]
+SUBSPACE = ["--batch-size", "64", "--lr", "0.5", "--device", "cpu", "--no-eval-every-epoch", "--no-lr-check"]
+
+
+def _interrupt_after_first_state(module: str):
+    """save_train_state that saves, then stops the run as Ctrl-C would: the folder keeps a resumable state."""
+    import importlib
+
+    from twa_cli.cli.signals import Interrupted
+
+    target = importlib.import_module(module)
+    real = target.save_train_state
+
+    def save_then_stop(*args, **kwargs):
+        real(*args, **kwargs)
+        raise Interrupted()
+
+    return target, save_then_stop
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, mlp_run: Path, twa) -> dict[str, Path]:
+    """A `sample` run and a `train-subspace` run, each stopped after its first epoch (state saved)."""
+    root = tmp_path_factory.mktemp("interrupted")
+    made = {}
+    for name, module, args in (
+        ("sample", "twa_cli.commands.sample", ["sample", root / "sample", *SAMPLE, "--epochs", "3"]),
+        ("subspace", "twa_cli.commands.train_subspace",
+         ["train-subspace", mlp_run, "-o", root / "subspace", *SUBSPACE, "--epochs", "3"]),
+    ):
+        target, stop = _interrupt_after_first_state(module)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(target, "save_train_state", stop)
+            result = twa(*args, check=False)
+        assert result.returncode == 130 and (root / name / STATE).exists(), result.stderr
+        made[name] = root / name
+    return made
+
+
+def _resume_command(kind: str, folder: Path, mlp_run: Path) -> list[object]:
+    if kind == "sample":
+        return ["sample", folder, *SAMPLE, "--epochs", "3", "--resume"]
+    return ["train-subspace", mlp_run, "-o", folder, *SUBSPACE, "--epochs", "3", "--resume"]
+
+
+def _edit_info(**changes: object) -> Callable[[Path], None]:
+    def edit(state: Path) -> None:
+        meta = dict(read_checkpoint(state).meta)
+        info = json.loads(meta["state"])
+        info.update(changes)
+        meta["state"] = json.dumps(info)
+        save_tensors(state, load_tensors(state), meta)
+
+    return edit
+
+
+def _edit_tensor(name: str, change: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[Path], None]:
+    def edit(state: Path) -> None:
+        tensors = load_tensors(state)
+        tensors[name] = change(tensors[name])
+        save_tensors(state, tensors, read_checkpoint(state).meta)
+
+    return edit
+
+
+def _first_momentum(state: Path) -> str:
+    return sorted(k for k in load_tensors(state) if k.startswith("momentum."))[0]
+
+
+def _cut_first_momentum(state: Path) -> None:
+    _edit_tensor(_first_momentum(state), lambda t: t.reshape(-1)[:3].clone())(state)
+
+
+def _rename_first_momentum(state: Path) -> None:
+    tensors = load_tensors(state)
+    tensors["momentum.nosuchparameter"] = tensors.pop(_first_momentum(state))
+    save_tensors(state, tensors, read_checkpoint(state).meta)
+
+
+# (id, which run, damage, fragments of the one error line besides the state's path)
+DAMAGE = [
+    ("epochs-negative", "sample", _edit_info(epochs_done=-5), ["epochs_done"]),
+    ("epochs-fraction", "sample", _edit_info(epochs_done=3.5), ["epochs_done"]),
+    ("epochs-string", "sample", _edit_info(epochs_done="3"), ["epochs_done"]),
+    ("epochs-huge", "sample", _edit_info(epochs_done=10**30), ["epochs_done"]),
+    ("epochs-bool", "sample", _edit_info(epochs_done=True), ["epochs_done"]),
+    ("step-negative", "sample", _edit_info(step=-1), ["step"]),
+    ("step-mismatch", "sample", _edit_info(step=7), ["step"]),
+    ("history-null", "sample", _edit_info(history=None), ["history"]),
+    ("history-rows", "sample", _edit_info(history=[1, 2]), ["history"]),
+    ("config-null", "sample", _edit_info(config=None), ["config"]),
+    ("rng-cut", "sample", _edit_tensor("rng.torch", lambda t: t[:100].clone()), ["rng.torch"]),
+    ("rng-float", "sample", _edit_tensor("rng.torch", lambda t: t.float()), ["rng.torch"]),
+    ("momentum-cut", "sample", _cut_first_momentum, ["momentum."]),
+    ("momentum-unknown", "sample", _rename_first_momentum, ["momentum.nosuchparameter"]),
+    ("coords-cut", "subspace", _edit_tensor("optim.coords", lambda t: t[:3].clone()), ["optim.coords"]),
+    ("momentum-int", "subspace", _edit_tensor("optim.momentum", lambda t: t.long()), ["optim.momentum"]),
+    ("offspan-cut", "subspace", _edit_tensor("optim.offspan", lambda t: t[:1].clone()), ["optim.offspan"]),
+    ("subspace-rng-cut", "subspace", _edit_tensor("rng.torch", lambda t: t[:100].clone()), ["rng.torch"]),
+    ("subspace-history-null", "subspace", _edit_info(history=None), ["history"]),
+    ("subspace-lr-string", "subspace", _edit_info(config={"lr": "fast"}), []),
+]
+
+
+@pytest.mark.parametrize("kind, damage, expect", [d[1:] for d in DAMAGE], ids=[d[0] for d in DAMAGE])
+def test_a_damaged_state_is_one_line_naming_it(kind, damage, expect, runs, mlp_run, tmp_path, twa):
+    folder = shutil.copytree(runs[kind], tmp_path / kind)
+    damage(folder / STATE)
+    before = snapshot(tmp_path)
+    result = twa(*_resume_command(kind, folder, mlp_run), check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert str(folder / STATE) in lines[0], lines[0]
+    for fragment in expect:
+        assert fragment in lines[0], lines[0]
+    assert snapshot(tmp_path) == before
+
+
+def test_the_undamaged_states_resume(runs, mlp_run, tmp_path, twa):
+    """The fixtures themselves resume (else every refusal above could be for another reason)."""
+    for kind in ("sample", "subspace"):
+        folder = shutil.copytree(runs[kind], tmp_path / kind)
+        twa(*_resume_command(kind, folder, mlp_run))
+        assert (folder / "metrics.jsonl").read_text().count("\n") == 3
+
+
+def test_the_state_of_another_command_says_so(runs, mlp_run, tmp_path, twa):
+    folder = shutil.copytree(runs["subspace"], tmp_path / "subspace")
+    shutil.copy(runs["sample"] / STATE, folder / STATE)
+    result = twa(*_resume_command("subspace", folder, mlp_run), check=False)
+    assert result.returncode == 1, result.stderr
+    line = result.stderr.strip()
+    assert str(folder / STATE) in line and "twa sample" in line and "was None" not in line, line
+
+
+def test_a_run_killed_before_its_first_epoch_is_not_offered_resume(tmp_path, twa):
+    out = tmp_path / "run"
+    env = {**os.environ, "NO_COLOR": "1", "OMP_NUM_THREADS": "1"}
+    args = ["sample", out, "--model", "mlp", "--data", "digits", "--batch-size", "1", "--epochs", "1",
+            "--device", "cpu", "--no-eval-every-epoch"]
+    proc = subprocess.Popen([sys.executable, "-m", "twa_cli", *map(str, args)], stderr=subprocess.PIPE, env=env)
+    deadline = time.monotonic() + 300
+    while not (out / "ckpt-00000000.safetensors").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / STATE).exists(), "the first epoch completed before the kill"
+
+    rerun = twa(*args, check=False)
+    assert rerun.returncode == 1 and "--force" in rerun.stderr and "--resume" not in rerun.stderr, rerun.stderr
+    resumed = twa(*args, "--resume", check=False)
+    assert resumed.returncode == 1 and "--force" in resumed.stderr, resumed.stderr
+    assert "run without --resume" not in resumed.stderr, resumed.stderr
+    twa(*args, "--force")
+    assert (out / STATE).exists()
