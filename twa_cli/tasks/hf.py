@@ -193,18 +193,17 @@ class HFTask(Task):
         train = self._examples(read_rows(Path(spec["train"])), spec["train"])
         held = eval_rows(spec)
         splits = {"train": train}
-        if spec.get("val_split"):
+        if spec.get("val"):
+            splits["val"] = self._examples(read_rows(Path(spec["val"])), spec["val"])
+        elif spec.get("val_split"):
             splits["train"], splits["val"] = carve(train, float(spec["val_split"]))
         if held is not None:
             splits["test"] = self._examples(held, spec.get("eval") or spec["train"])
-        elif "val" in splits:
+        elif "val" in splits and not spec.get("val"):
             splits["test"] = splits["val"]
         return splits
 
     def dataset(self, split: str, *, augment: bool) -> Dataset | None:
-        if split == "test" and "test" not in self.splits:
-            raise TwaError(f"{self.data_spec['train']}: no held-out text to score on: pass --eval-data FILE (or "
-                           "--val-split)")
         return self.splits.get(split)
 
     @abstractmethod

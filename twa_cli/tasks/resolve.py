@@ -36,13 +36,22 @@ class TaskRequest:
     task: str | None = None
     # Text data for Hugging Face models (twa_cli.tasks.text)
     eval_data: str | None = None
+    val_data: str | None = None  # validation data the run did not train on: what train-subspace selects on
     text_column: str | None = None
     label_column: str | None = None
     block_size: int | None = None
     tokenizer: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.val_data is not None and self.val_split:
+            raise TwaError("--val-data and --val-split both name a validation split; give one of them")
+
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+VAL_DATA_TEXT_ONLY = ("--val-data: a validation file is for text data (Hugging Face models); an image folder takes "
+                      "its validation images from DIR/val/ beside DIR/test/, a --data hook returns (train, val, test)")
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,8 @@ def resolve_task(request: TaskRequest, recorded: Recorded = NOTHING, *, need_dat
     """The task of a command: the user's `--task`, else the model the flags or the files name, on the data the
     flags or the files name."""
     if request.task is not None:
+        if request.val_data is not None:
+            raise TwaError("--val-data: a --task gives its own validation split (dataset('val'))")
         return user_task(request.task)
     if request.model is None:
         _refuse_code(_name(recorded.task, "task", recorded.source), "task", "--task", recorded.source)
@@ -97,6 +108,8 @@ def resolve_task(request: TaskRequest, recorded: Recorded = NOTHING, *, need_dat
         from twa_cli.tasks.lightning import LightningTask, is_lightning_module
 
         if is_lightning_module(import_callable(model, "--model")):
+            if request.val_data is not None:
+                raise TwaError(VAL_DATA_TEXT_ONLY)
             hparams = recorded.hparams if isinstance(recorded.hparams, Mapping) else {}
             return LightningTask(model, hparams, request.data, request.data_dir)
     if model is None:
@@ -138,7 +151,8 @@ def _hf(request: TaskRequest, recorded: Recorded, model: str | None) -> Task:
     if request.data is not None:
         data: Mapping[str, Any] | None = text_spec(
             request.data, request.eval_data, text_column=request.text_column, label_column=request.label_column,
-            block_size=request.block_size, tokenizer=request.tokenizer, val_split=request.val_split)
+            block_size=request.block_size, tokenizer=request.tokenizer, val_split=request.val_split,
+            val_path=request.val_data)
     elif isinstance(recorded.data, Mapping) and recorded.data.get("kind") == "text":
         data = dict(recorded.data)
         _check_recorded_fraction(data, recorded.source)
@@ -191,6 +205,8 @@ def _check_recorded_fraction(spec: Mapping[str, Any], source: str | None) -> Non
 def classification_task(request: TaskRequest, recorded: Recorded, *, need_data: bool = True) -> Task:
     from twa_cli.tasks.classification import ClassificationTask
 
+    if request.val_data is not None:
+        raise TwaError(VAL_DATA_TEXT_ONLY)
     data, user_data = data_request(request, recorded)
     if request.model is not None:
         if request.model.startswith("timm:") and recorded.shapes:
