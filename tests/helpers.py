@@ -46,10 +46,14 @@ def trajectory(n: int, dim: int, seed: int = 0, step: float = 1e-3) -> torch.Ten
 
 
 def snapshot(root: Path) -> dict[str, object]:
-    """Every file and folder under `root` with its size, modification time and content hash."""
+    """Every file and folder under `root` with its size, modification time and content hash, but for the empty
+    lock files a run folder's lock leaves beside it (`.OUT.lock`, twa_cli.commands.runfolder: bookkeeping, no
+    result)."""
     state: dict[str, object] = {}
     for path in sorted(root.rglob("*")):
         rel = str(path.relative_to(root))
+        if path.name.startswith(".") and path.name.endswith(".lock") and path.stat().st_size == 0:
+            continue
         if path.is_dir():
             state[rel] = "dir"
         else:

@@ -46,6 +46,8 @@ def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
 Device = _choices("Device", ("auto", "cpu", "cuda"))
 Schedule = _choices("Schedule", SCHEDULES)
 FitOn = _choices("FitOn", ("train", "val"))
+Preset = _choices("Preset", ("default", "paper"))
+SelectOn = _choices("SelectOn", ("val", "none"))
 Granularity = _choices("Granularity", ("model", "layer"))
 Split = _choices("Split", ("test", "train", "both"))
 ComputeDtype = _choices("ComputeDtype", ("float64", "float32"))
@@ -82,7 +84,7 @@ def _read(**flags: Any) -> Any:
 def _task(**flags: Any) -> Any:
     from twa_cli.tasks.resolve import TaskRequest
 
-    for key in ("data_dir", "eval_data", "tokenizer"):
+    for key in ("data_dir", "eval_data", "val_data", "tokenizer"):
         if flags.get(key) is not None:
             flags[key] = str(Path(flags[key]).resolve())
     for key in ("augment", "normalize"):
@@ -136,7 +138,10 @@ TASK = OptionGroup(_task, [
     Flag("task", str | None, None, "A whole task of your own, package.module:callable returning a "
          "twa_cli.Task (its model, batches, loss and figures), instead of --model/--data."),
     Flag("eval_data", Path | None, None, "Hugging Face models: held-out text (a file like --data, or a saved "
-         "dataset's test split) to score on; else --val-split holds some of --data out.", panel=TEXT),
+         "dataset's test split) to report scores on; never chosen on.", panel=TEXT),
+    Flag("val_data", Path | None, None, "Hugging Face models: validation text the run did not train on (a file "
+         "like --data), which train-subspace chooses its result on; else --val-split, else it holds part of --data "
+         "out itself.", panel=TEXT),
     Flag("text_column", str | None, None, "Hugging Face models: the column holding the text (default: text; or the "
          "one column besides the label).", panel=TEXT),
     Flag("label_column", str | None, None, "Hugging Face classifiers: the column holding the label (default: "
@@ -461,8 +466,20 @@ def train_subspace(
     weight_decay: Annotated[float, typer.Option(help="lambda of eq. 5: an L2 penalty on the averaging coefficients.",
                                                 rich_help_panel=TRAIN)] = 1e-5,
     batch_size: BatchSize = 128,
-    init: Annotated[str, typer.Option(help="Starting point: center (mean of the checkpoints), last, or a checkpoint "
-                                      "file.", rich_help_panel=TRAIN)] = "center",
+    preset: Annotated[Preset, typer.Option(help="default: choose the start and the result on validation data "
+                                           "(--select val, --init best) and check the lr against the span's "
+                                           "curvature; paper: the paper's Algorithm 1 as published (fit on the "
+                                           "training data from the center at the fixed lr, keep the end). Flags "
+                                           "below override it.", rich_help_panel=TRAIN)] = Preset.default,
+    init: Annotated[str | None, typer.Option(help="Starting point: best (the better of center and last on the "
+                                             "validation split), center (mean of the checkpoints), last, or a "
+                                             "checkpoint file (default: best; paper: center).",
+                                             rich_help_panel=TRAIN)] = None,
+    select: Annotated[SelectOn | None, typer.Option(help="val: score the start and the run on the validation split "
+                                                    "(--val-data, the data's own, else a part of the training data "
+                                                    "held out of the fit) and return the best point; none: return "
+                                                    "where the run ends (default: val; paper: none).",
+                                                    rich_help_panel=TRAIN)] = None,
     tol: Annotated[float, typer.Option(help="When SRC is a folder: near-duplicate tolerance of the "
                                        "orthogonalization.", rich_help_panel=SELECT)] = 1e-6,
     dtype: Annotated[OutDtype, typer.Option(help="Precision of the written result (training runs in fp32).",
@@ -487,8 +504,9 @@ def train_subspace(
     sync_bn: Annotated[bool | None, typer.Option("--sync-bn/--no-sync-bn", help="Under torchrun: synchronize "
                                                     "BatchNorm over the ranks' parts of each batch (default: on with "
                                                     "GPUs; PyTorch cannot on CPU).")] = None,
-    lr_check: Annotated[bool, typer.Option("--lr-check/--no-lr-check", help="Measure the span's sharpness first and "
-                                           "lower an --lr too large to be stable in it (with a warning).")] = True,
+    lr_check: Annotated[bool | None, typer.Option("--lr-check/--no-lr-check", help="Measure the span's sharpness "
+                                                  "first and lower an --lr too large to be stable in it (with a "
+                                                  "warning; default: on; paper: off).")] = None,
     seed: Seed = 0,
     device: DeviceOpt = Device.auto,
     dry_run: DryRun = False,
@@ -506,7 +524,8 @@ def train_subspace(
     out, invocation = _start(json_out, quiet, ctx)
     cfg = SubspaceConfig(
         epochs=epochs, lr=lr, schedule=schedule.value, momentum=momentum, weight_decay=weight_decay,
-        batch_size=batch_size, init=init, seed=seed, device=device.value, bn_update=bn_update, bn_batches=bn_batches,
+        batch_size=batch_size, preset=preset.value, init=init, select=select.value if select else None, seed=seed,
+        device=device.value, bn_update=bn_update, bn_batches=bn_batches,
         eval_every_epoch=eval_every_epoch, lr_check=lr_check, selection=selection, read=read, tol=tol, task=task,
         fit_on=fit_on.value, granularity=granularity.value, group_size=group_size, affine=affine,
         basis_dtype=basis_dtype.value if basis_dtype else None, sync_bn=sync_bn, dtype=_out_dtype(dtype),
@@ -534,7 +553,7 @@ def train_subspace(
 
 
 @app.command("eval", cls=_Command)
-@with_groups(read=READ.only("strip_prefix"), task=TASK.without("val_split"))
+@with_groups(read=READ.only("strip_prefix"), task=TASK.without("val_split", "val_data"))
 def eval_(
     files: Annotated[list[Path], typer.Argument(help="Checkpoint files to score.")],
     read: Any,

@@ -112,7 +112,7 @@ def sample(out: str | Path, cfg: SampleConfig, *, resume: bool = False, force: b
     model.to(cfg.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     names = trainable_names(model)
-    train_set = task.dataset("train", augment=True)
+    train_set = task.split("train", augment=True)
     if train_set is None:
         raise TwaError("the data has no training split")
     per_epoch_batches = num_batches(train_set, cfg.batch_size)

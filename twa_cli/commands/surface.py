@@ -100,7 +100,7 @@ def loss_surface(
 
 
 def _first_batches(task: Task, split: str, batch_size: int, count: int, device: str) -> list[Any]:
-    dataset = task.dataset(split, augment=False)
+    dataset = task.split(split, augment=False)
     if dataset is None:
         raise TwaError(f"--surface: the data has no {split} split")
     return [move(b, device) for b in islice(plain_batches(task, dataset, batch_size), count)]

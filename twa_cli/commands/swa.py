@@ -24,7 +24,7 @@ from twa_cli.commands.common import (
 from twa_cli.commands.estimates import Plan, plan_swa
 from twa_cli.core.averaging import mean_of
 from twa_cli.core.batchnorm import has_batchnorm, recalibrate_bn
-from twa_cli.core.evaluation import evaluate
+from twa_cli.core.evaluation import score_if_any
 from twa_cli.core.selection import Selection
 from twa_cli.core.soups import greedy_soup
 from twa_cli.errors import TwaError
@@ -123,7 +123,7 @@ def swa(folder: str | Path, output: str | Path, request: SwaRequest | None = Non
         coefficients = [1.0 / len(soup.chosen) if i in soup.chosen else 0.0 for i in range(len(ckpts))]
         widest = layout.widest
         average = {k: v.to(widest[k]) if v.is_floating_point() else v for k, v in average.items()}
-        result.test = evaluate(net, task, "test", device=device)
+        result.test = score_if_any(net, task, "test", device=device)
     else:
         average = mean_of(ckpts, progress=progress, compute_dtype=compute, dtype=out_dtype)
         if net is not None:
@@ -171,7 +171,7 @@ def _recalibrated(net: torch.nn.Module, task: Task, average: dict[str, torch.Ten
         bn = "recomputed"
         state = {k: v.to("cpu") for k, v in net.state_dict().items()}
         average = {k: state[k].to(average[k].dtype) if average[k].is_floating_point() else state[k] for k in average}
-    return average, bn, evaluate(net, task, "test", device=device)
+    return average, bn, score_if_any(net, task, "test", device=device)
 
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -40,10 +41,11 @@ from twa_cli.commands.runfolder import (
 )
 from twa_cli.core.basis import FINGERPRINT_PRIME, Basis, check_tol, combine, fingerprint
 from twa_cli.core.basis_files import is_basis_file
-from twa_cli.core.batching import batches
+from twa_cli.core.batching import batches, num_batches
 from twa_cli.core.batchnorm import recalibrate_bn
 from twa_cli.core.coefficients import CoefficientReport
-from twa_cli.core.evaluation import evaluate
+from twa_cli.core.evaluation import evaluate, score_if_any
+from twa_cli.core.holdout import MIN_VAL_EXAMPLES, KeepBest, Point, held_out_fraction, scored_steps
 from twa_cli.core.placement import Placement, placement_for
 from twa_cli.core.schedules import SCHEDULES
 from twa_cli.core.selection import Selection
@@ -81,6 +83,7 @@ from twa_cli.io.runfiles import (
     METRICS_FILE,
     RESULT_FILE,
     STATE_FILE,
+    VALIDATION_FILE,
     read_json,
     write_metrics,
 )
@@ -96,11 +99,23 @@ log = logging.getLogger("twa")
 # The sharpness is measured on a few batches of their own order (not the first epoch's).
 SHARPNESS_BATCHES = 2
 SHARPNESS_EPOCH = 1_000_000
+# --init values that name no file.
+INIT_KEYWORDS = ("best", "center", "last")
+
+
+# What a preset sets, unless a flag says otherwise. "default": choose on held-out data (twa_cli.core.holdout) and
+# check the lr against the span's curvature; "paper": Algorithm 1 as the paper runs it (Appendix A.2.1), fitted on
+# the training data from the center, at the fixed lr, and returned as it ends.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {"init": "best", "lr_check": True, "select": "val"},
+    "paper": {"init": "center", "lr_check": False, "select": "none"},
+}
+SELECTS = ("val", "none")
 
 
 @dataclass
 class SubspaceConfig:
-    """Subspace training; defaults from the paper's Appendix A.2.1."""
+    """Subspace training; the optimizer's defaults from the paper's Appendix A.2.1, the rest from `preset`."""
 
     epochs: int = 10
     lr: float = 2.0  # the paper's condensed rate
@@ -108,13 +123,17 @@ class SubspaceConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-5  # lambda of eq. 5: an L2 penalty on the averaging coefficients
     batch_size: int = 128
-    init: str = "center"  # center | last | a checkpoint file
+    preset: str = "default"
+    # best (the better of center and last on the validation split) | center | last | a checkpoint file
+    init: str | None = None
     seed: int = 0
     device: str = "auto"
     bn_update: bool = True
     bn_batches: int | None = None
     eval_every_epoch: bool = True
-    lr_check: bool = True  # lower an unstable lr for this span (twa_cli.core.sharpness)
+    lr_check: bool | None = None  # lower an unstable lr for this span (twa_cli.core.sharpness)
+    # val: score the start and the run on the validation split and return the best point; none: the run's end
+    select: str | None = None
     # When SRC is a checkpoint folder (orthogonalized first): which checkpoints, read how, and the tolerance.
     selection: Selection = field(default_factory=Selection)
     read: ReadOptions = field(default_factory=ReadOptions)
@@ -131,6 +150,21 @@ class SubspaceConfig:
     dtype: str | None = None  # precision of the written result (None: the model's own, fp32)
 
     def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise TwaError(f"--preset must be one of {', '.join(PRESETS)} (got '{self.preset}')")
+        defaults = dict(PRESETS[self.preset])
+        if self.fit_on == "val":  # the coefficients are fitted on the validation split: nothing is left to choose on
+            defaults.update(select="none", init="center")
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.select not in SELECTS:
+            raise TwaError(f"--select must be one of {', '.join(SELECTS)} (got '{self.select}')")
+        if self.select == "val" and self.fit_on == "val":
+            raise TwaError("--select val chooses on the validation split, which --fit-on val fits the coefficients "
+                           "on; use one of them")
+        if self.init == "best" and self.select != "val":
+            raise TwaError("--init best picks the start on the validation split: it needs --select val")
         check_count(self.epochs, "--epochs")
         check_positive(self.lr, "--lr")
         check_momentum(self.momentum)
@@ -155,6 +189,10 @@ class SubspaceConfig:
     def variant(self) -> bool:
         return self.affine or self.granularity != "model"
 
+    @property
+    def selecting(self) -> bool:
+        return self.select == "val"
+
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
 
@@ -168,17 +206,37 @@ class SubspaceResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     holdings: list[dict[str, Any]] = field(default_factory=list)  # what each rank held of the basis, under torchrun
     lr_check: LrCheck | None = None
+    validation: Validation | None = None  # the points scored on the validation split and the one kept
 
     @property
     def coefficients(self) -> list[float]:
         return self.report.alpha or []
+
+    @property
+    def selected(self) -> str | None:
+        return self.validation.kept if self.validation else None
 
     def to_dict(self) -> dict[str, Any]:
         report = self.report.to_json()
         return {"output": str(self.out), "checkpoint": str(self.result), "kind": report["kind"],
                 "coefficients": self.report.alpha, "layers": report.get("layers"), "coefficient_sum": report.get("sum"),
                 "dropped": self.report.dropped, "test": self.test.to_dict() if self.test else None,
-                "shards": self.holdings, "lr_check": self.lr_check.to_dict() if self.lr_check else None}
+                "shards": self.holdings, "lr_check": self.lr_check.to_dict() if self.lr_check else None,
+                "selected": self.selected, "validation": self.validation.to_dict() if self.validation else None}
+
+
+@dataclass
+class Validation:
+    """What `validation.json` holds: the split chosen on, the metric, every point scored, the one kept."""
+
+    split: str
+    metric: str
+    points: list[Point]
+    kept: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"split": self.split, "metric": self.metric, "kept": self.kept,
+                "points": [p.to_dict() for p in self.points]}
 
 
 def default_output(src: Path) -> Path:
@@ -212,12 +270,12 @@ def train_subspace(src: str | Path, out: str | Path | None = None, cfg: Subspace
     if not src.exists():
         raise TwaError(f"{src}: no such file or folder")
     out = Path(out) if out is not None else default_output(src)
-    check_init_file(cfg.init, keywords=("center", "last"))
+    check_init_file(cfg.init, keywords=INIT_KEYWORDS)
     if dry_run:
         return _plan(src, cfg)
     with placement_for(resolve_device(cfg.device)) as placement:
         device = placement.device
-        init_file = [cfg.init] if cfg.init not in ("center", "last") else []
+        init_file = [cfg.init] if cfg.init not in INIT_KEYWORDS else []
         folder = RunFolder(out, resume=resume, force=force, inputs=[src, *init_file], ours=_written_by_train_subspace)
         placement.barrier()  # every rank has checked `out` before any creates it
         inputs = _inputs(src, folder.work, cfg, placement, resume)
@@ -270,8 +328,9 @@ def _train(inputs: _Inputs, folder: RunFolder, cfg: SubspaceConfig, placement: P
     basis, task, work = inputs.basis, inputs.task, folder.work
     torch.manual_seed(cfg.seed)
     fit_split = "val" if cfg.fit_on == "val" else "train"
-    if fit_split == "val" and task.dataset("val", augment=True) is None:
+    if fit_split == "val" and task.split("val", augment=True) is None:
         raise TwaError("--fit-on val needs --val-split (or checkpoints sampled with one)")
+    split_name = _validation_split(task, announce=not resume and placement.lead) if cfg.selecting else None
     model = task.build_model()
     check_basis_fits(model, basis, inputs.where)
     start_coords, offspan, init_tensors = _starting_point(basis, cfg, placement)
@@ -287,6 +346,23 @@ def _train(inputs: _Inputs, folder: RunFolder, cfg: SubspaceConfig, placement: P
         folder.claim()  # now that every input has been checked
     placement.barrier()
     recal_parts = placement if sync_bn else None
+
+    def recalibrate() -> None:
+        if cfg.bn_update:
+            recalibrate_bn(model, task, max_batches=cfg.bn_batches, device=device, parts=recal_parts)
+
+    keep = KeepBest(task, optimizer, model) if cfg.selecting else None
+
+    def score(label: str, step: int, recalibrated: bool = True) -> None:
+        """Score the current point on the validation split (BatchNorm recomputed first, unless the point comes with
+        statistics of its own) and keep it if it is the best so far."""
+        assert keep is not None
+        if recalibrated:
+            recalibrate()
+        figures = evaluate(model, task, "val", device=device)
+        if keep.consider(label, step, figures, agree=lambda kept: placement.gather(kept)[0]):
+            log.debug("validation: %s is the best so far (%s)", label, figures.values)
+
     history: list[dict[str, Any]] = []
     start_epoch = step = 0
     saved_lr = None
@@ -294,32 +370,47 @@ def _train(inputs: _Inputs, folder: RunFolder, cfg: SubspaceConfig, placement: P
         if inputs.made_here and not resume:
             placement.save_basis(basis, work / BASIS_FILE, invocation=invocation, exclusive=True)
         if resume:
-            start_epoch, step, history, saved_lr = _resume(folder, config, model, optimizer, placement)
+            start_epoch, step, history, saved_lr = _resume(folder, config, model, optimizer, placement, keep)
+        elif keep is not None:
+            _choose_start(keep, score, basis, model, optimizer, cfg, device)
         check = _learning_rate(model, task, optimizer, cfg, placement, device, folder, fit_split, saved_lr)
         lr = check.used if check is not None else cfg.lr
+        per_epoch = num_batches(task.split(fit_split, augment=True), cfg.batch_size)
+        mid_epoch = scored_steps(per_epoch, cfg.epochs) if keep is not None else set()
+
+        def after_step(epoch: int, i: int, step: int) -> None:
+            if i in mid_epoch:
+                score(f"epoch {epoch + (i + 1) / per_epoch:.2f}", step)
 
         def after_epoch(stats: EpochStats) -> None:
-            if cfg.eval_every_epoch:
-                # Figures measured after recalibration: running statistics go stale when the weights move fast.
-                if cfg.bn_update:
-                    recalibrate_bn(model, task, max_batches=cfg.bn_batches, device=device, parts=recal_parts)
+            if keep is not None:
+                score(f"epoch {stats.epoch}", stats.step)
+                stats.extra.update(Metrics(keep.points[-1].figures, 0).row("val"))
+            if cfg.eval_every_epoch and task.split("test", augment=False) is not None:
+                if keep is None:  # figures after recalibration: running statistics go stale when weights move fast
+                    recalibrate()
                 stats.extra.update(evaluate(model, task, "test", device=device).row("test"))
             history.append(stats.to_dict())
             if placement.lead:
                 tensors = with_prefix("model", model.state_dict()) | with_prefix("optim", optimizer.state_tensors())
+                if keep is not None:
+                    tensors |= with_prefix("best", keep.state_tensors())
+                    write_json(work / VALIDATION_FILE, _validation(keep, split_name).to_dict())
                 save_train_state(folder.state, tensors, stats, history, config, command="train-subspace")
                 write_metrics(work / METRICS_FILE, history)
 
         loop = LoopConfig(cfg.epochs, lr, cfg.schedule, cfg.batch_size, cfg.seed, device, split=fit_split)
-        train_loop(model, optimizer, task, loop, start_epoch=start_epoch, step=step, after_epoch=after_epoch,
-                   reporter=reporter, placement=placement)
-        if cfg.bn_update:
-            recalibrate_bn(model, task, max_batches=cfg.bn_batches, device=device, parts=recal_parts)
+        train_loop(model, optimizer, task, loop, start_epoch=start_epoch, step=step, after_step=after_step,
+                   after_epoch=after_epoch, reporter=reporter, placement=placement)
+        if keep is not None:
+            keep.restore()  # the best point, with the BatchNorm statistics it was scored with
+        else:
+            recalibrate()
         check_state_finite(model, step, lr)
         if check is not None and history and check.left_basin(history[-1].get("train_loss")):
             log.warning("the training loss ended at %.4g, above the %.4g it started at: the steps left the span's "
-                        "basin at lr %.3g (the lr check measures at the start only); train again with a smaller "
-                        "--lr", history[-1]["train_loss"], check.start_loss, lr)
+                        "basin at lr %.3g (the lr check measures at the start only)%s", history[-1]["train_loss"],
+                        check.start_loss, lr, "" if keep is not None else "; train again with a smaller --lr")
     except BaseException as exc:
         removed = folder.abandon()
         if isinstance(exc, Diverged):
@@ -327,7 +418,11 @@ def _train(inputs: _Inputs, folder: RunFolder, cfg: SubspaceConfig, placement: P
                       f"{divergence_advice(folder.state)} (the basis and lr check it needs stay beside it)")
             raise Diverged(f"{exc}; no result was written; {advice}") from exc
         raise
-    test = evaluate(model, task, "test", device=device)
+    validation = _validation(keep, split_name) if keep is not None else None
+    if validation is not None and validation.kept in START_LABELS:
+        log.info("nothing trained in the span scored better on the validation split than the %s it started from: "
+                 "the result is the %s", validation.kept, _START_NAMES[validation.kept])
+    test = score_if_any(model, task, "test", device=device)
     alpha, groups = report_fn(optimizer.coords.detach().cpu())
     kind = "layer" if groups is not None else "affine" if cfg.affine else "span"
     report = CoefficientReport(kind, basis.sources, basis.rank, alpha, groups, basis.dropped,
@@ -338,6 +433,8 @@ def _train(inputs: _Inputs, folder: RunFolder, cfg: SubspaceConfig, placement: P
     if placement.lead:
         try:
             write_json(work / COEFFICIENTS_FILE, report.to_json())
+            if validation is not None:
+                write_json(work / VALIDATION_FILE, validation.to_dict())
             state = saved_state(model)
             if cfg.dtype is not None:
                 try:
@@ -352,6 +449,7 @@ def _train(inputs: _Inputs, folder: RunFolder, cfg: SubspaceConfig, placement: P
                 command="train-subspace", sources=[s.to_dict() for s in basis.sources], coefficients=alpha,
                 step=str(history[-1]["step"] if history else 0), epoch=str(cfg.epochs),
                 exported=[Path(p).name for p in exported],
+                **({"selected": validation.kept} if validation is not None else {}),
             )
             save_tensors(work / task.result_name, state, meta)
             folder.state.unlink(missing_ok=True)
@@ -360,11 +458,78 @@ def _train(inputs: _Inputs, folder: RunFolder, cfg: SubspaceConfig, placement: P
             raise
         folder.finish()
     placement.barrier()  # no rank returns before the result is on disk
-    return SubspaceResult(folder.path, folder.path / task.result_name, report, test, history, holdings, check)
+    return SubspaceResult(folder.path, folder.path / task.result_name, report, test, history, holdings, check,
+                          validation)
+
+
+# The starting points scored as candidates, by label.
+_START_NAMES = {"center": "center of the checkpoints (their uniform average, as SWA)",
+                "last": "last checkpoint", "start": "starting point given by --init"}
+START_LABELS = tuple(_START_NAMES)
+
+
+def _validation_split(task: Task, *, announce: bool) -> str:
+    """Give the task a validation split if its data has none (a fixed part of the training data, held out of the
+    fit), check it is large enough to choose on, and say what it is. `announce`: warn when the split is held out
+    (a resumed run's first part already did)."""
+    if task.split("val", augment=False) is None:
+        train = task.split("train", augment=False)
+        if train is None:
+            raise TwaError("the data has no training split")
+        fraction = held_out_fraction(len(train))  # type: ignore[arg-type]
+        task.hold_out(fraction)
+        held = len(task.split("val", augment=False))  # type: ignore[arg-type]
+        if announce:
+            log.warning("no validation data: choosing on %d training examples held out of the fit (%.0f%%); the run "
+                        "itself may have trained on them, which favours its most overfitted checkpoints: give data it "
+                        "did not train on (--val-data FILE for text, DIR/val/ beside DIR/test/ for an image folder, "
+                        "a --data hook returning (train, val, test))", held, 100 * fraction)
+        described = f"{held} examples held out of the training data"
+    else:
+        described = "the data's validation split"
+    val = task.split("val", augment=False)
+    count = len(val)  # type: ignore[arg-type]
+    if count < MIN_VAL_EXAMPLES:
+        raise TwaError(f"the validation split has {count} examples; choosing on it needs at least {MIN_VAL_EXAMPLES}: "
+                       "give more validation data, or --select none to keep the run's end")
+    return f"{described} ({count})"
+
+
+def _validation(keep: KeepBest, split: str | None) -> Validation:
+    name, higher = keep.task.selection_metric
+    return Validation(split or "", f"{'max' if higher else 'min'}:{name}", keep.points, keep.best_label)
+
+
+def _choose_start(keep: KeepBest, score: Callable[..., None], basis: Basis, model: torch.nn.Module,
+                  optimizer: SubspaceSGD, cfg: SubspaceConfig, device: str) -> None:
+    """Score the candidate starting points on the validation split and start from the best: with --init best the
+    center of the checkpoints and the last one (with its own BatchNorm statistics, as a user would run it);
+    otherwise the given start alone, so that the result is never worse on that split than where it began."""
+    if cfg.init != "best":
+        score("start", 0)
+        return
+    optimizer.move_to(basis.center_coords().to(optimizer.coords))
+    score("center", 0)
+    last = basis.sources[-1].path if basis.sources else None
+    if last is not None and Path(last).exists():
+        optimizer.move_to(basis.coords[:, -1].to(optimizer.coords))
+        _set_buffers(model, load_tensors(read_checkpoint(last, cfg.read)), device)
+        score("last", 0, False)
+    keep.restore()
+
+
+def _set_buffers(model: torch.nn.Module, tensors: dict[str, torch.Tensor], device: str) -> None:
+    """The model's floating buffers (BatchNorm statistics) from a checkpoint's tensors, where it has them."""
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if buf.is_floating_point() and name in tensors and tensors[name].shape == buf.shape:
+                state[name].copy_(tensors[name].to(device))
 
 
 # What train-subspace writes into its folder, besides the files its result's `exported` field names.
-RUN_FILES = (RESULT_FILE, HF_RESULT_FILE, COEFFICIENTS_FILE, METRICS_FILE, BASIS_FILE, LR_CHECK_FILE, STATE_FILE)
+RUN_FILES = (RESULT_FILE, HF_RESULT_FILE, COEFFICIENTS_FILE, METRICS_FILE, BASIS_FILE, LR_CHECK_FILE, STATE_FILE,
+             VALIDATION_FILE)
 
 
 def _written_by_train_subspace(path: Path) -> bool:
@@ -392,10 +557,17 @@ def _optimizer(inputs: _Inputs, cfg: SubspaceConfig, placement: Placement, flat:
 
 
 def _resume(folder: RunFolder, config: dict[str, Any], model: torch.nn.Module, optimizer: SubspaceSGD,
-            placement: Placement) -> tuple[int, int, list[dict[str, Any]], float]:
+            placement: Placement, keep: KeepBest | None) -> tuple[int, int, list[dict[str, Any]], float]:
     optim = with_prefix("optim", optimizer.state_tensors())
+    best = with_prefix("best", keep.templates()) if keep is not None else {}
     state = load_train_state(folder.state, config, command="train-subspace",
-                             expected=with_prefix("model", model.state_dict()) | optim, required=optim)
+                             expected=with_prefix("model", model.state_dict()) | optim | best, required=optim)
+    if keep is not None:
+        record = folder.work / VALIDATION_FILE
+        points = read_json(record) if record.exists() else {}
+        if not isinstance(points, dict) or not isinstance(points.get("points", []), list):
+            raise TwaError(f"{record}: not the validation record this tool writes")
+        keep.load(strip_prefix("best", state.tensors), points.get("points", []))
     if placement.lead:
         write_metrics(folder.work / METRICS_FILE, state.history)
     saved = strip_prefix("model", state.tensors)
@@ -421,7 +593,7 @@ def _learning_rate(model: torch.nn.Module, task: Task, optimizer: SubspaceSGD, c
         return None
     if saved_lr is not None and path.exists():
         return LrCheck(**read_json(path))
-    dataset = task.dataset(split, augment=True)
+    dataset = task.split(split, augment=True)
     parts = placement if placement.world > 1 else None
     sample = list(islice(batches(task, dataset, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=SHARPNESS_EPOCH,
                                  parts=parts), SHARPNESS_BATCHES))
@@ -462,7 +634,7 @@ def _starting_point(basis: Basis, cfg: SubspaceConfig, placement: Placement
     off-span part returned is this rank's slice of it.
     """
     init = cfg.init
-    if init == "center":
+    if init in ("center", "best"):  # best: the center is the first candidate (see _choose_start)
         return basis.center_coords(), None, None
     if init == "last":
         last = basis.sources[-1].path if basis.sources else None

@@ -42,7 +42,7 @@ def recalibrate_bn(model: nn.Module, task: Task, *, split: str = "train", batch_
     `parts`: under torchrun with SyncBatchNorm each rank passes its part of every batch, and the synchronized
     layers see the whole batch, as one process does.
     """
-    dataset = task.dataset(split, augment=True)
+    dataset = task.split(split, augment=True)
     return recalibrate_on(model, task, (b for b, _ in batches(task, dataset, batch_size, parts=parts)),
                           max_batches=max_batches, device=device)
 

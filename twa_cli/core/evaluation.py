@@ -16,7 +16,17 @@ EVAL_BATCH = 256
 def evaluate(model: nn.Module, task: Task, split: str = "test", *, batch_size: int = EVAL_BATCH,
              device: torch.device | str = "cpu") -> Metrics:
     """The task's figures for `model` on the plain (not augmented) view of `split`."""
-    dataset = task.dataset(split, augment=False)
+    found = score_if_any(model, task, split, batch_size=batch_size, device=device)
+    if found is None:
+        hint = " to score on (text: pass --eval-data FILE)" if split == "test" else ""
+        raise TwaError(f"the data has no {split} split{hint}")
+    return found
+
+
+def score_if_any(model: nn.Module, task: Task, split: str = "test", *, batch_size: int = EVAL_BATCH,
+                 device: torch.device | str = "cpu") -> Metrics | None:
+    """`evaluate`, or None when the task's data has no such split (text given without --eval-data)."""
+    dataset = task.split(split, augment=False)
     if dataset is None:
-        raise TwaError(f"the data has no {split} split")
+        return None
     return task.metrics(model, plain_batches(task, dataset, batch_size), device=device)

@@ -41,7 +41,7 @@ def greedy_soup(ckpts: list[Checkpoint], task: Task, net: nn.Module, *, device: 
     """The greedy soup of `ckpts`; `net` is the task's model, on `device`. With `bn_update` every candidate
     average (and the soup) is scored after its BatchNorm statistics are recomputed (on at most `bn_batches`
     batches); without, with the averaged statistics. Sums run in `compute_dtype`."""
-    if task.dataset("val", augment=False) is None:
+    if task.split("val", augment=False) is None:
         raise TwaError("--greedy needs a held-out split to score candidates: pass --val-split")
     metric, higher = task.selection_metric
     sign = 1.0 if higher else -1.0

@@ -114,7 +114,7 @@ def train_loop(
     reporter = reporter or Silent()
     placement = placement or SingleProcess(cfg.device)
     device = torch.device(cfg.device)
-    dataset = task.dataset(cfg.split, augment=True)
+    dataset = task.split(cfg.split, augment=True)
     if dataset is None:
         raise TwaError(f"the data has no {cfg.split} split to train on")
     per_epoch = num_batches(dataset, cfg.batch_size)

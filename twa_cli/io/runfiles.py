@@ -23,6 +23,7 @@ METRICS_FILE = "metrics.jsonl"
 BASIS_FILE = "basis.safetensors"
 STATE_FILE = "train-state.safetensors"
 LR_CHECK_FILE = "lr-check.json"
+VALIDATION_FILE = "validation.json"  # the points train-subspace scored on the validation split, and the one kept
 # A Hugging Face result in a train-subspace folder: the weights under their usual name, beside config.json.
 HF_RESULT_FILE = "model.safetensors"
 # Beside a run folder being replaced with --force: where the new run is built until it completes.

@@ -13,6 +13,9 @@ subclass away (`--task package.module:function` returning a Task):
 
 Batches are made of examples the core picks by index (so a torchrun job can give each rank its part of every
 batch); `collate` turns the examples into a batch, and `load` may do both at once for data held in memory.
+
+The core reads the data through `Task.split`, which is `dataset` plus, when the task has no validation split
+of its own, the one `hold_out` carves from the training examples (the same examples in every command).
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ from twa_cli.io.runfiles import RESULT_FILE
 
 Batch = Any  # a tensor, or tuples, lists and dicts of tensors
 SPLITS = ("train", "val", "test")
+# A validation split carved out of the training examples depends on nothing but their number and the fraction,
+# so `sample`, `swa --greedy` and `train-subspace` hold out the same examples.
+VAL_SPLIT_SEED = 12345
 # metrics.jsonl abbreviates the per-epoch figures as the first version of the tool did (train_acc, test_acc).
 ABBREVIATIONS = {"accuracy": "acc"}
 
@@ -84,6 +90,28 @@ def examples_in(batch: Batch) -> int:
     raise TypeError("a batch holds no tensor")
 
 
+def split_indices(n: int, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, held out): a fixed random `fraction` of n examples held out (at least one), both in order."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
+    held = max(1, round(fraction * n))
+    return order[held:].sort().values, order[:held].sort().values
+
+
+class Part(Dataset):
+    """Some examples of a data set, by index. `Task.load` reads a batch of it through the data set's own
+    whole-batch path, so data held in memory is never collated example by example."""
+
+    def __init__(self, dataset: Dataset, indices: torch.Tensor):
+        self.dataset = dataset
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[int(self.indices[i])]
+
+
 class Task(ABC):
     """A model, its data, its loss and its figures (see the module docstring)."""
 
@@ -107,12 +135,35 @@ class Task(ABC):
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """The scalar training loss of a batch (a mean, so batches of any size weigh alike)."""
 
+    #: The fraction of the training examples `hold_out` set aside as the validation split (0: none).
+    held_out: float = 0.0
+
+    def hold_out(self, fraction: float) -> None:
+        """Give the task a validation split of `fraction` of its training examples, unless it has one of its own:
+        `split("train")` then leaves them out, `split("val")` is them."""
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"a held-out fraction is between 0 and 1, not {fraction}")
+        if self.dataset("val", augment=False) is None:
+            self.held_out = fraction
+
+    def split(self, name: str, *, augment: bool) -> Dataset | None:
+        """The examples of a split as the core reads them: `dataset`, with the `hold_out` applied."""
+        if not self.held_out or name == "test":
+            return self.dataset(name, augment=augment)
+        train = self.dataset("train", augment=augment)
+        if train is None:
+            return None
+        kept, held = split_indices(len(train), self.held_out)  # type: ignore[arg-type]
+        return Part(train, kept if name == "train" else held)
+
     def collate(self, examples: Sequence[Any]) -> Batch:
         """A batch from a list of examples (as DataLoader's collate_fn)."""
         return default_collate(list(examples))
 
     def load(self, dataset: Dataset, indices: torch.Tensor) -> Batch:
         """The batch of the given examples. Data held in memory is sliced, not collated example by example."""
+        if isinstance(dataset, Part):
+            return self.load(dataset.dataset, dataset.indices[indices])
         if isinstance(dataset, TensorDataset):
             return tuple(t[indices] for t in dataset.tensors)
         batch = getattr(dataset, "batch", None)

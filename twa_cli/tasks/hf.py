@@ -200,16 +200,15 @@ class HFTask(Task):
             if spec.get("val_split"):
                 splits["train"], splits["val"] = carve(splits["train"], float(spec["val_split"]))
         held = eval_rows(spec)
+        if spec.get("val"):
+            splits["val"] = self._examples(read_rows(Path(spec["val"])), spec["val"])
         if held is not None:
             splits["test"] = self._examples(held, spec.get("eval") or spec["train"])
-        elif "val" in splits:
+        elif "val" in splits and not spec.get("val"):
             splits["test"] = splits["val"]
         return splits
 
     def dataset(self, split: str, *, augment: bool) -> Dataset | None:
-        if split == "test" and "test" not in self.splits:
-            raise TwaError(f"{self.data_spec['train']}: no held-out text to score on: pass --eval-data FILE (or "
-                           "--val-split)")
         if split == "train" and "train" not in self.splits:
             raise TwaError(f"{self.model_dir}: which text does it learn from? --eval-data is only scored on; pass "
                            "--data FILE")

@@ -63,3 +63,14 @@ def accepted_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str,
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return kwargs
     return {k: v for k, v in kwargs.items() if k in params}
+
+
+DATA_HOOK_RETURNS = "return (train_set, test_set) or (train_set, val_set, test_set)"
+
+
+def hook_splits(factory: Callable[..., Any], name: str, args: tuple[Any, ...]) -> tuple[Any, Any, Any]:
+    """(train, val or None, test) from a `--data` hook, which returns two sets, or three with a validation set."""
+    result = call_hook(factory, name, "--data", DATA_HOOK_RETURNS, *args)
+    if not (isinstance(result, tuple) and len(result) in (2, 3)):
+        raise TwaError(f"--data {name}: returned {type(result).__name__}; it should {DATA_HOOK_RETURNS}")
+    return (result[0], None, result[1]) if len(result) == 2 else result

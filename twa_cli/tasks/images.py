@@ -31,7 +31,8 @@ import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from twa_cli.errors import TwaError
-from twa_cli.tasks.hooks import call_hook, import_callable, is_code_name
+from twa_cli.tasks.base import split_indices
+from twa_cli.tasks.hooks import hook_splits, import_callable, is_code_name
 from twa_cli.units import AUGMENTATIONS, NORMALIZATIONS, first_line
 
 log = logging.getLogger("twa")
@@ -210,16 +211,8 @@ def _checked_name(spec: Any, allow_code: bool) -> str:
     return name
 
 
-# The validation split depends on nothing but the data set and the fraction, so `sample`, `train-subspace`
-# and `swa --greedy` all hold out the same images.
-VAL_SPLIT_SEED = 12345
-
-
 def _carve_validation(datasets: Datasets, fraction: float) -> None:
-    n = len(datasets.train)  # type: ignore[arg-type]
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
-    held = max(1, round(fraction * n))
-    val_idx, train_idx = order[:held].sort().values, order[held:].sort().values
+    train_idx, val_idx = split_indices(len(datasets.train), fraction)  # type: ignore[arg-type]
     datasets.val, datasets.val_eval = _subset(datasets.train, val_idx), _subset(datasets.train_eval, val_idx)
     datasets.train, datasets.train_eval = _subset(datasets.train, train_idx), _subset(datasets.train_eval, train_idx)
 
@@ -297,16 +290,17 @@ def _image_folder(spec: Mapping[str, Any], data_dir: str | None) -> Datasets:
     from torchvision import transforms as T
 
     train_dir, test_dir = _folders(data_dir)
+    val_dir = _val_folder(data_dir)
     classes, channels, width = _folder_shape(data_dir)
     if width <= SMALL_IMAGES:  # CIFAR-like: decoded once into memory, augmented per batch
         mean, std = _normalization(spec, channels)
         augment = _augmentation(spec, ("none", "crop-flip"))
         images, labels = decoded_folder(train_dir)
-        test_images, test_labels = decoded_folder(test_dir, reference=train_dir)
         train = ImageTensors(images, labels, mean, std, augment=augment == "crop-flip")
         train_eval = ImageTensors(images, labels, mean, std)
-        test = ImageTensors(test_images, test_labels, mean, std)
-        return Datasets(train, train_eval, test, classes, channels, width)
+        test = ImageTensors(*decoded_folder(test_dir, reference=train_dir), mean, std)
+        val = ImageTensors(*decoded_folder(val_dir, reference=train_dir), mean, std) if val_dir else None
+        return Datasets(train, train_eval, test, classes, channels, width, val, val)
     # ImageNet-like: as in the PyTorch ImageNet example (every image read as RGB)
     mean, std = _normalization(spec, 3)
     norm = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
@@ -318,10 +312,19 @@ def _image_folder(spec: Mapping[str, Any], data_dir: str | None) -> Datasets:
                }[_augmentation(spec, AUGMENTATIONS[1:])]
     train = tvd.ImageFolder(str(train_dir), transform=augment, loader=load_rgb)
     train_eval = tvd.ImageFolder(str(train_dir), transform=plain, loader=load_rgb)
-    test = tvd.ImageFolder(str(test_dir), transform=plain, loader=load_rgb)
-    test.samples = test.imgs = [(path, train.class_to_idx[test.classes[label]]) for path, label in test.samples]
-    test.targets = [label for _, label in test.samples]
-    return Datasets(train, train_eval, test, len(train.classes), channels, 224)
+    test = _held_out_folder(test_dir, plain, train.class_to_idx)
+    val = _held_out_folder(val_dir, plain, train.class_to_idx) if val_dir else None
+    return Datasets(train, train_eval, test, len(train.classes), channels, 224, val, val)
+
+
+def _held_out_folder(folder: Path, transform: Any, class_to_idx: dict[str, int]) -> Any:
+    """A test or validation folder with the training folder's class numbers (it may lack some classes)."""
+    from torchvision import datasets as tvd
+
+    held = tvd.ImageFolder(str(folder), transform=transform, loader=load_rgb)
+    held.samples = held.imgs = [(path, class_to_idx[held.classes[label]]) for path, label in held.samples]
+    held.targets = [label for _, label in held.samples]
+    return held
 
 
 def load_rgb(path: str) -> Any:
@@ -337,14 +340,21 @@ def load_rgb(path: str) -> Any:
 
 
 def _folders(data_dir: str | None) -> tuple[Path, Path]:
+    """(train/, the held-out folder scored as the test split): test/, else val/ (ImageNet's layout)."""
     if data_dir is None:
         raise TwaError("--data imagefolder needs --data-dir, a folder with train/ and val/ (or test/)")
     root = Path(data_dir)
     train_dir = root / "train"
-    test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
     if not train_dir.is_dir() or test_dir is None:
         raise TwaError(f"--data-dir {root}: expected train/ and val/ (or test/) sub-folders of class folders")
     return train_dir, test_dir
+
+
+def _val_folder(data_dir: str | None) -> Path | None:
+    """val/, when test/ is there too: the validation split (with test/ alone or val/ alone there is none)."""
+    root = Path(data_dir or "")
+    return root / "val" if (root / "val").is_dir() and (root / "test").is_dir() else None
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -366,10 +376,11 @@ def _folder_shape(data_dir: str | None) -> tuple[int, int, int]:
 
     train_dir, test_dir = _folders(data_dir)
     classes = _class_names(train_dir)
-    unknown = sorted(set(_class_names(test_dir)) - set(classes))
-    if unknown:
-        raise TwaError(f"{test_dir / unknown[0]}: a class that {train_dir} does not have; "
-                       "the held-out classes must be classes of train/")
+    for held in (test_dir, _val_folder(data_dir)):
+        unknown = sorted(set(_class_names(held)) - set(classes)) if held else []
+        if unknown:
+            raise TwaError(f"{held / unknown[0]}: a class that {train_dir} does not have; "
+                           "the held-out classes must be classes of train/")
     first = next((p for c in classes for p in _images(train_dir / c)), None)
     if first is None:
         raise TwaError(f"{train_dir}: no images found")
@@ -456,10 +467,7 @@ def _decode(folder: str, mtime: int, reference: str) -> tuple[torch.Tensor, torc
 def _user_data(name: str, data_dir: str | None) -> Datasets:
     factory = import_callable(name, "--data")
     args = (data_dir,) if data_dir is not None else ()
-    result = call_hook(factory, name, "--data", "return (train_set, test_set)", *args)
-    if not (isinstance(result, tuple) and len(result) == 2):
-        raise TwaError(f"--data {name}: returned {type(result).__name__}; it should return (train_set, test_set)")
-    train, test = result
+    train, val, test = hook_splits(factory, name, args)
     try:
         x0, _ = train[0]
         x0 = torch.as_tensor(x0)
@@ -468,7 +476,7 @@ def _user_data(name: str, data_dir: str | None) -> Datasets:
         raise TwaError(f"--data {name}: its training set's items are not (image tensor, integer label) pairs "
                        f"({type(exc).__name__}: {first_line(exc)}); for other data use --task") from exc
     channels = int(x0.shape[0]) if x0.dim() == 3 else 1
-    return Datasets(train, train, test, int(max(labels)) + 1, channels, int(x0.shape[-1]))
+    return Datasets(train, train, test, int(max(labels)) + 1, channels, int(x0.shape[-1]), val, val)
 
 
 def _labels(dataset: Dataset) -> list[int]:

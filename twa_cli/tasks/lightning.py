@@ -2,9 +2,9 @@
 
 The class is the user's (`--model package.module:Class`, a LightningModule subclass), built with the
 hyper-parameters its checkpoints saved (as `load_from_checkpoint` does). The data is the user's too: `--data
-package.module:function` returning (train_set, test_set), whose items the module's `training_step` takes once
-collated (default collation, as a DataLoader would). The figure is the mean of `training_step`'s loss per
-example, in eval mode; `self.log` calls, which need a Trainer, are let pass.
+package.module:function` returning (train_set, test_set), or (train_set, val_set, test_set), whose items the
+module's `training_step` takes once collated (default collation, as a DataLoader would). The figure is the mean
+of `training_step`'s loss per example, in eval mode; `self.log` calls, which need a Trainer, are let pass.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from twa_cli.errors import TwaError
 from twa_cli.tasks.base import Batch, Task
-from twa_cli.tasks.hooks import accepted_kwargs, call_hook, import_callable
+from twa_cli.tasks.hooks import accepted_kwargs, call_hook, hook_splits, import_callable
 from twa_cli.units import first_line
 
 
@@ -59,11 +59,8 @@ class LightningTask(Task):
                            "returning (train_set, test_set)")
         factory = import_callable(self.data_name, "--data")
         args = (self.data_dir,) if self.data_dir is not None else ()
-        result = call_hook(factory, self.data_name, "--data", "return (train_set, test_set)", *args)
-        if not (isinstance(result, tuple) and len(result) == 2):
-            raise TwaError(f"--data {self.data_name}: returned {type(result).__name__}; it should return "
-                           "(train_set, test_set)")
-        return {"train": result[0], "test": result[1]}
+        train, val, test = hook_splits(factory, self.data_name, args)
+        return {"train": train, "val": val, "test": test}
 
     def dataset(self, split: str, *, augment: bool) -> Dataset | None:
         return self._splits.get(split)

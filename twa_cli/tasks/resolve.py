@@ -36,6 +36,7 @@ class TaskRequest:
     task: str | None = None
     # Text data for Hugging Face models (twa_cli.tasks.text)
     eval_data: str | None = None
+    val_data: str | None = None  # validation data the run did not train on: what train-subspace selects on
     text_column: str | None = None
     label_column: str | None = None
     block_size: int | None = None
@@ -44,8 +45,16 @@ class TaskRequest:
     augment: str | None = None
     normalize: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.val_data is not None and self.val_split:
+            raise TwaError("--val-data and --val-split both name a validation split; give one of them")
+
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+VAL_DATA_TEXT_ONLY = ("--val-data: a validation file is for text data (Hugging Face models); an image folder takes "
+                      "its validation images from DIR/val/ beside DIR/test/, a --data hook returns (train, val, test)")
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,8 @@ def resolve_task(request: TaskRequest, recorded: Recorded = NOTHING, *, need_dat
     flags or the files name."""
     if request.task is not None:
         _no_image_views(request, "--task")
+        if request.val_data is not None:
+            raise TwaError("--val-data: a --task gives its own validation split (dataset('val'))")
         return user_task(request.task)
     if request.model is None:
         _refuse_code(_name(recorded.task, "task", recorded.source), "task", "--task", recorded.source)
@@ -102,6 +113,8 @@ def resolve_task(request: TaskRequest, recorded: Recorded = NOTHING, *, need_dat
 
         if is_lightning_module(import_callable(model, "--model")):
             _no_image_views(request, "a LightningModule")
+            if request.val_data is not None:
+                raise TwaError(VAL_DATA_TEXT_ONLY)
             hparams = recorded.hparams if isinstance(recorded.hparams, Mapping) else {}
             return LightningTask(model, hparams, request.data, request.data_dir)
     if model is None:
@@ -158,7 +171,7 @@ def _text_data(request: TaskRequest, recorded: Recorded) -> dict[str, Any] | Non
 
     given = text_spec(request.data, request.eval_data, text_column=request.text_column,
                       label_column=request.label_column, block_size=request.block_size, tokenizer=request.tokenizer,
-                      val_split=request.val_split)
+                      val_split=request.val_split, val_path=request.val_data)
     if request.data is not None:
         return given
     if isinstance(recorded.data, Mapping) and recorded.data.get("kind") == "text":
@@ -221,6 +234,8 @@ def _check_recorded_fraction(spec: Mapping[str, Any], source: str | None) -> Non
 def classification_task(request: TaskRequest, recorded: Recorded, *, need_data: bool = True) -> Task:
     from twa_cli.tasks.classification import ClassificationTask
 
+    if request.val_data is not None:
+        raise TwaError(VAL_DATA_TEXT_ONLY)
     data, user_data = data_request(request, recorded)
     if request.model is not None:
         if request.model.startswith("timm:") and recorded.shapes:

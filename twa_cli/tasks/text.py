@@ -9,8 +9,10 @@ saved in the checkpoint folder (or `--tokenizer DIR`), as
 - causal language modelling: the text of every row (or the whole file) tokenized, joined with the end-of-text
   token, and cut into blocks of `block_size` tokens, each its own labels (the model shifts them).
 
-A data spec is JSON (recorded in what the tool writes): `{"kind": "text", "train": path, "eval": path,
-"text_column", "label_column", "block_size", "tokenizer", "val_split"}`. Paths are read, never created.
+A data spec is JSON (recorded in what the tool writes): `{"kind": "text", "train": path, "eval": path, "val":
+path, "text_column", "label_column", "block_size", "tokenizer", "val_split"}`. `val` is the user's validation
+text (`--val-data`), which `train-subspace` selects on; `eval` is only ever reported. Paths are read, never
+created.
 """
 
 from __future__ import annotations
@@ -28,12 +30,11 @@ import torch
 from torch.utils.data import Dataset
 
 from twa_cli.errors import TwaError
+from twa_cli.tasks.base import split_indices
 from twa_cli.units import first_line
 
 TEXT_SUFFIXES = (".txt",)
 EVAL_SPLITS = ("test", "validation", "valid", "dev", "eval")
-# The fixed split of a training file into train and held-out rows when no held-out file is given.
-VAL_SPLIT_SEED = 12345
 
 
 def _open_text(path: Path) -> io.TextIOBase:
@@ -197,15 +198,13 @@ def lm_blocks(source: list[dict[str, Any]] | str, tokenizer: Any, spec: dict[str
 
 def carve(examples: Examples, fraction: float) -> tuple[Examples, Examples]:
     """(train, held out): a fixed fraction of the examples, the same in every command."""
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(VAL_SPLIT_SEED)).tolist()
-    held = max(1, round(fraction * len(examples)))
-    keep, out = sorted(order[held:]), sorted(order[:held])
-    return Examples([examples.rows[i] for i in keep]), Examples([examples.rows[i] for i in out])
+    keep, out = split_indices(len(examples), fraction)
+    return Examples([examples.rows[i] for i in keep.tolist()]), Examples([examples.rows[i] for i in out.tolist()])
 
 
 def text_spec(train: str | Path | None, eval_path: str | Path | None = None, *, text_column: str | None = None,
               label_column: str | None = None, block_size: int | None = None, tokenizer: str | Path | None = None,
-              val_split: float = 0.0) -> dict[str, Any]:
+              val_split: float = 0.0, val_path: str | Path | None = None) -> dict[str, Any]:
     """The JSON description of text data (absolute paths, so it reads the same from any folder). Without a
     training file it describes held-out text alone: enough to score a model, not to train one."""
     spec: dict[str, Any] = {"kind": "text"}
@@ -213,6 +212,8 @@ def text_spec(train: str | Path | None, eval_path: str | Path | None = None, *, 
         spec["train"] = str(Path(train).resolve())
     if eval_path is not None:
         spec["eval"] = str(Path(eval_path).resolve())
+    if val_path is not None:
+        spec["val"] = str(Path(val_path).resolve())
     for key, value in (("text_column", text_column), ("label_column", label_column), ("block_size", block_size)):
         if value is not None:
             spec[key] = value
