@@ -143,3 +143,32 @@ def test_without_a_second_derivative_the_check_uses_finite_differences_and_agree
     before = [p.detach().clone() for p in model.parameters()]
     subspace_sharpness(fused, task, optimizer, sample, iters=2, method=FINITE_DIFFERENCES)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # weights restored
+
+
+class _Quadratic(torch.nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.theta = torch.nn.Parameter(torch.full((dim,), 0.1))
+
+
+class _QuadraticTask:
+    """A loss 0.5 theta^T A theta: its Hessian is A wherever the check measures it."""
+
+    def __init__(self, eigenvalues: list[float]) -> None:
+        self.hessian = torch.diag(torch.tensor(eigenvalues))
+
+    def loss(self, model: torch.nn.Module, batch: object) -> torch.Tensor:
+        return 0.5 * model.theta @ (self.hessian @ model.theta)
+
+
+def test_sharpness_is_the_largest_positive_curvature_when_a_negative_one_is_larger():
+    """Issue 19: power iteration found the eigenvalue largest in size, -5 here, and the check then allowed any
+    lr ("limit": Infinity) though the span curves upward at 1.5 along another direction."""
+    eigenvalues = [-5.0, 1.5, 0.5, 0.25, -0.1, 0.0]
+    model, task = _Quadratic(len(eigenvalues)), _QuadraticTask(eigenvalues)
+    flat = FlatParameters(model, ["theta"])
+    basis = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(0)))[0].t().contiguous()
+    optimizer = SubspaceSGD(flat, basis, basis @ flat.params.detach(), lr=0.1)
+    measured, _ = subspace_sharpness(model, task, optimizer, [(((torch.zeros(1), torch.zeros(1)), None), 1.0)])
+    assert abs(measured - 1.5) < 1e-6, measured
+    assert abs(check_lr(2.0, 0.9, measured).used - MARGIN * 2 * 1.9 / 1.5) < 1e-6

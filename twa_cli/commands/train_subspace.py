@@ -610,6 +610,10 @@ def _learning_rate(model: torch.nn.Module, task: Task, optimizer: SubspaceSGD, c
             "diverge along it): training at lr %.3g instead (--no-lr-check keeps %g)",
             check.requested, sharpness, check.limit, check.used, check.requested,
         )
+    if not sharpness > 0:
+        log.warning("the span curves upward nowhere at the start (largest curvature %.3g): the lr check cannot "
+                    "bound the step, so --lr %g is used as given%s", sharpness, cfg.lr,
+                    "; the validation split keeps the best point it reaches" if cfg.selecting else "")
     if method != "double backward":
         log.info("--lr-check: Hessian-vector products by %s (the model has no second derivative)", method)
     return check

@@ -5,7 +5,7 @@ heavy-ball SGD on a quadratic diverges along a direction of curvature lambda onc
 The span of checkpoints sampled densely, or of a few early ones, contains the sharp directions SGD was
 bouncing along, and there lr 2 throws the weights out of the basin (test accuracy falls to chance and does not
 come back). So before training, the largest eigenvalue of the training loss's Hessian restricted to the span is
-estimated by power iteration on Hessian-vector products (a few fixed batches, BatchNorm in training mode as
+estimated by Lanczos iteration on Hessian-vector products (a few fixed batches, BatchNorm in training mode as
 during the steps), and a learning rate above half the stability limit is lowered to that, with a warning.
 
 A Hessian-vector product is a double backward through the model where the model allows it; fused attention
@@ -65,15 +65,21 @@ def subspace_sharpness(model: nn.Module, task: Task, optimizer: SubspaceSGD, sam
                        ) -> tuple[float, str]:
     """(largest eigenvalue of P H P^T, how the products were computed), H the training loss's Hessian on
     `sample` (batches with their weights, as the training loop gets them) at the optimizer's point. The
-    weights, BatchNorm statistics and random state are left as they were."""
+    weights, BatchNorm statistics and random state are left as they were.
+
+    Lanczos in the n coordinates, fully reorthogonalized (n is small): its largest Ritz value is the most
+    positive curvature, where power iteration would find the eigenvalue largest in size, a negative one as
+    often as not away from a minimum. With `iters` >= n it is exact."""
     start = optimizer.coords.clone()
     v = torch.ones_like(optimizer.coords)  # deterministic start
     v /= v.norm()
-    value = 0.0
     method = method or DOUBLE_BACKWARD
+    basis: list[torch.Tensor] = []
+    alphas: list[float] = []
+    betas: list[float] = []
     try:
         with _as_in_training(model, device):
-            for _ in range(iters):
+            for _ in range(min(iters, v.numel())):
                 if method == DOUBLE_BACKWARD:
                     try:
                         hv = _double_backward(model, task, optimizer, sample, v, device)
@@ -81,15 +87,28 @@ def subspace_sharpness(model: nn.Module, task: Task, optimizer: SubspaceSGD, sam
                         method = FINITE_DIFFERENCES
                 if method == FINITE_DIFFERENCES:
                     hv = _finite_difference(model, task, optimizer, sample, v, start, device)
-                value = float(v @ hv)
-                norm = float(hv.norm())
-                if norm == 0.0 or not math.isfinite(norm):
+                if not bool(torch.isfinite(hv).all()):
                     break
-                v = hv / norm
+                basis.append(v)
+                alphas.append(float(v @ hv))
+                done = torch.stack(basis)
+                for _ in range(2):  # twice is enough (Kahan): the Krylov vectors stay orthonormal to rounding
+                    hv = hv - done.t() @ (done @ hv)
+                beta = float(hv.norm())
+                if beta <= 1e-10 * max(abs(a) for a in alphas) or len(basis) == v.numel():
+                    break  # the Krylov space is invariant: its Ritz values are exact
+                betas.append(beta)
+                v = hv / beta
     finally:
         optimizer.move_to(start)
         optimizer.zero_grad()
-    return value, method
+    if not alphas:
+        return math.nan, method
+    tridiagonal = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if len(alphas) > 1:
+        off = torch.tensor(betas[: len(alphas) - 1], dtype=torch.float64)
+        tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
+    return float(torch.linalg.eigvalsh(tridiagonal).max()), method
 
 
 def sample_loss(model: nn.Module, task: Task, sample: Sequence[tuple[Batch, float]], *,
