@@ -174,7 +174,8 @@ class ImageScoring:
         data = self.image_sets()[split]
         correct, loss = [], []
         for i in range(0, len(data), 500):
-            x, y = data.batch(torch.arange(i, min(i + 500, len(data))))
+            index = torch.arange(i, min(i + 500, len(data)))
+            x, y = (data.tensors[0][index], data.tensors[1][index]) if hasattr(data, "tensors") else data.batch(index)
             logits = net(x).double()
             correct.append(logits.argmax(1) == y)
             loss.append(F.cross_entropy(logits, y, reduction="none"))

@@ -45,7 +45,7 @@ from twa_cli.core.batching import batches, num_batches
 from twa_cli.core.batchnorm import recalibrate_bn
 from twa_cli.core.coefficients import CoefficientReport
 from twa_cli.core.evaluation import evaluate, score_if_any
-from twa_cli.core.holdout import MIN_VAL_EXAMPLES, KeepBest, Point, held_out_fraction, scored_steps
+from twa_cli.core.holdout import MIN_VAL_EXAMPLES, KeepBest, Point, held_out_count, scored_steps
 from twa_cli.core.placement import Placement, placement_for
 from twa_cli.core.schedules import SCHEDULES
 from twa_cli.core.selection import Selection
@@ -351,7 +351,7 @@ def _train(inputs: _Inputs, folder: RunFolder, cfg: SubspaceConfig, placement: P
         if cfg.bn_update:
             recalibrate_bn(model, task, max_batches=cfg.bn_batches, device=device, parts=recal_parts)
 
-    keep = KeepBest(task, optimizer, model) if cfg.selecting else None
+    keep = KeepBest(task, optimizer, model) if split_name is not None else None
 
     def score(label: str, step: int, recalibrated: bool = True) -> None:
         """Score the current point on the validation split (BatchNorm recomputed first, unless the point comes with
@@ -400,8 +400,15 @@ def _train(inputs: _Inputs, folder: RunFolder, cfg: SubspaceConfig, placement: P
                 write_metrics(work / METRICS_FILE, history)
 
         loop = LoopConfig(cfg.epochs, lr, cfg.schedule, cfg.batch_size, cfg.seed, device, split=fit_split)
-        train_loop(model, optimizer, task, loop, start_epoch=start_epoch, step=step, after_step=after_step,
-                   after_epoch=after_epoch, reporter=reporter, placement=placement)
+        try:
+            train_loop(model, optimizer, task, loop, start_epoch=start_epoch, step=step, after_step=after_step,
+                       after_epoch=after_epoch, reporter=reporter, placement=placement)
+        except Diverged as exc:
+            if keep is None:
+                raise
+            # Every point kept was scored finite before it: the run's best stands.
+            log.warning("%s; the result is the best point scored before it (%s)", str(exc).split("; try")[0],
+                        keep.best_label)
         if keep is not None:
             keep.restore()  # the best point, with the BatchNorm statistics it was scored with
         else:
@@ -468,30 +475,36 @@ _START_NAMES = {"center": "center of the checkpoints (their uniform average, as 
 START_LABELS = tuple(_START_NAMES)
 
 
-def _validation_split(task: Task, *, announce: bool) -> str:
+def _validation_split(task: Task, *, announce: bool) -> str | None:
     """Give the task a validation split if its data has none (a fixed part of the training data, held out of the
-    fit), check it is large enough to choose on, and say what it is. `announce`: warn when the split is held out
-    (a resumed run's first part already did)."""
+    fit, `held_out_count`), check it is large enough to choose on, and say what it is; None when the training data
+    is too small to hold any out (then nothing is chosen: the fit runs as the paper's, with a warning).
+    `announce`: warn about a held-out split (a resumed run's first part already did)."""
     if task.split("val", augment=False) is None:
         train = task.split("train", augment=False)
         if train is None:
             raise TwaError("the data has no training split")
-        fraction = held_out_fraction(len(train))  # type: ignore[arg-type]
-        task.hold_out(fraction)
-        held = len(task.split("val", augment=False))  # type: ignore[arg-type]
+        count = held_out_count(len(train))  # type: ignore[arg-type]
+        if not count:
+            if announce:
+                log.warning("no validation data, and %d training examples are too few to hold %d out: the result "
+                            "is the fit's end, chosen on nothing (give --val-data FILE for text, DIR/val/ for an "
+                            "image folder, or a --data hook returning (train, val, test))", len(train),
+                            MIN_VAL_EXAMPLES)  # type: ignore[arg-type]
+            return None
+        task.hold_out(count / len(train))  # type: ignore[arg-type]
         if announce:
-            log.warning("no validation data: choosing on %d training examples held out of the fit (%.0f%%); the run "
-                        "itself may have trained on them, which favours its most overfitted checkpoints: give data it "
-                        "did not train on (--val-data FILE for text, DIR/val/ beside DIR/test/ for an image folder, "
-                        "a --data hook returning (train, val, test))", held, 100 * fraction)
-        described = f"{held} examples held out of the training data"
+            log.warning("no validation data: choosing on %d training examples held out of the fit; the run itself "
+                        "may have trained on them, which favours its most overfitted checkpoints: give data it did "
+                        "not train on (--val-data FILE for text, DIR/val/ beside DIR/test/ for an image folder, a "
+                        "--data hook returning (train, val, test))", count)
+        described = "examples held out of the training data"
     else:
         described = "the data's validation split"
-    val = task.split("val", augment=False)
-    count = len(val)  # type: ignore[arg-type]
+    count = len(task.split("val", augment=False))  # type: ignore[arg-type]
     if count < MIN_VAL_EXAMPLES:
         raise TwaError(f"the validation split has {count} examples; choosing on it needs at least {MIN_VAL_EXAMPLES}: "
-                       "give more validation data, or --select none to keep the run's end")
+                       "give more validation data, or --select none to keep the fit's end")
     return f"{described} ({count})"
 
 
@@ -504,17 +517,21 @@ def _choose_start(keep: KeepBest, score: Callable[..., None], basis: Basis, mode
                   optimizer: SubspaceSGD, cfg: SubspaceConfig, device: str) -> None:
     """Score the candidate starting points on the validation split and start from the best: with --init best the
     center of the checkpoints and the last one (with its own BatchNorm statistics, as a user would run it);
-    otherwise the given start alone, so that the result is never worse on that split than where it began."""
-    if cfg.init != "best":
-        score("start", 0)
-        return
-    optimizer.move_to(basis.center_coords().to(optimizer.coords))
-    score("center", 0)
-    last = basis.sources[-1].path if basis.sources else None
-    if last is not None and Path(last).exists():
-        optimizer.move_to(basis.coords[:, -1].to(optimizer.coords))
-        _set_buffers(model, load_tensors(read_checkpoint(last, cfg.read)), device)
-        score("last", 0, False)
+    otherwise (or for --affine and --granularity layer) the start alone, so that the result is never worse on that split than where it began."""
+    if cfg.init != "best" or cfg.variant:  # a variant's coordinates are not the basis's: its start alone
+        score("center" if cfg.init in ("best", "center") else "start", 0)
+    else:
+        optimizer.move_to(basis.center_coords().to(optimizer.coords))
+        score("center", 0)
+        last = basis.sources[-1].path if basis.sources else None
+        if last is not None and Path(last).exists():
+            optimizer.move_to(basis.coords[:, -1].to(optimizer.coords))
+            _set_buffers(model, load_tensors(read_checkpoint(last, cfg.read)), device)
+            score("last", 0, False)
+    if keep.best is None:
+        scored = "; ".join(f"{p.label}: loss {p.figures.get('loss')}" for p in keep.points)
+        raise TwaError(f"every starting point scores NaN or Inf on the validation split ({scored}): the checkpoints "
+                       "or the data hold non-finite values; nothing was written")
     keep.restore()
 
 

@@ -29,17 +29,20 @@ from twa_cli.tasks.base import Metrics, Task
 # The fewest validation examples (or, for a language model, blocks) a choice is made on: below this the noise
 # of a handful of examples decides.
 MIN_VAL_EXAMPLES = 100
-# When the data has no validation split, this fraction of the training examples is held out, at most
-# MAX_HELD_OUT of them.
+# When the data has no validation split, this fraction of the training examples is held out, at least
+# MIN_VAL_EXAMPLES and at most MAX_HELD_OUT of them. TWA fits only n coefficients, so the fit loses little to it.
 HELD_OUT_FRACTION = 0.1
 MAX_HELD_OUT = 10_000
 # At least this many scored points in a run, however few its epochs (a 1-epoch run is scored every quarter).
 MIN_POINTS = 4
 
 
-def held_out_fraction(train_examples: int) -> float:
-    """The fraction `train-subspace` holds out of `train_examples` when the data has no validation split."""
-    return min(HELD_OUT_FRACTION, MAX_HELD_OUT / max(train_examples, 1))
+def held_out_count(train_examples: int) -> int:
+    """How many of `train_examples` `train-subspace` holds out when the data has no validation split: 10%, at
+    least MIN_VAL_EXAMPLES, at most MAX_HELD_OUT; 0 when that would leave the fit less than half of them (too
+    little data to choose on)."""
+    count = min(max(round(HELD_OUT_FRACTION * train_examples), MIN_VAL_EXAMPLES), MAX_HELD_OUT)
+    return count if 2 * count <= train_examples else 0
 
 
 def points_per_epoch(epochs: int) -> int:
