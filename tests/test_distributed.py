@@ -149,11 +149,13 @@ def test_distributed_train_subspace_equals_single_process(mlp_run, sharded_basis
     start = {k: v + 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1))
              for k, v in load_tensors(last).items()}
     init = save_tensors(tmp_path / "start.safetensors", start, make_metadata("checkpoint"))
-    args = ["--epochs", "2", "--lr", "0.1", "--batch-size", "64", "--weight-decay", "1e-2", "--init", init]
+    # The fit's end on both sides (no held-out choice): the algorithm itself is compared.
+    args = ["--epochs", "2", "--lr", "0.1", "--batch-size", "64", "--weight-decay", "1e-2", "--init", init,
+            "--select", "none"]
     summary = json.loads(torchrun("train-subspace", index, "-o", tmp_path / "dist", *args, "--json").stdout)
     single_basis = _basis(mlp_run, tmp_path / "single-basis.safetensors")
     single = train_subspace(single_basis, tmp_path / "single", SubspaceConfig(
-        epochs=2, lr=0.1, batch_size=64, weight_decay=1e-2, init=str(init), device="cpu"))
+        epochs=2, lr=0.1, batch_size=64, weight_decay=1e-2, init=str(init), device="cpu", select="none"))
     scales = [json.loads((tmp_path / d / "coefficients.json").read_text())["offspan_scale"] for d in ("dist", "single")]
     assert scales[0] is not None and scales[0] == pytest.approx(scales[1], rel=1e-9) and scales[0] < 1.0
 

@@ -330,11 +330,12 @@ def _train(inputs: _Inputs, folder: RunFolder, cfg: SubspaceConfig, placement: P
     fit_split = "val" if cfg.fit_on == "val" else "train"
     if fit_split == "val" and task.split("val", augment=True) is None:
         raise TwaError("--fit-on val needs --val-split (or checkpoints sampled with one)")
-    split_name = _validation_split(task, announce=not resume and placement.lead) if cfg.selecting else None
     model = task.build_model()
     check_basis_fits(model, basis, inputs.where)
     start_coords, offspan, init_tensors = _starting_point(basis, cfg, placement)
     _load_start(model, basis, init_tensors)
+    # After every check on the inputs: a refused run says one line, not the held-out split first.
+    split_name = _validation_split(task, announce=not resume and placement.lead) if cfg.selecting else None
     sync_bn = placement.sync_batchnorm(model, cfg.sync_bn) if placement.world > 1 else False
     model.to(device)
     names = [name for name, _ in basis.layout]
