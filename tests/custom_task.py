@@ -72,3 +72,30 @@ class DigitsAsDicts(Task):
 
 def digits_as_dicts() -> Task:
     return DigitsAsDicts()
+
+
+class DigitsWithVal(DigitsAsDicts):
+    """The same digits with a validation split of their own: `val` examples, optionally all NaN (a damaged
+    validation file), cut from the end of the training part."""
+
+    def __init__(self, val: int, nan: bool = False):
+        super().__init__()
+        train = self.splits["train"]
+        x, y = train.x, train.y
+        held = x[-val:].clone()
+        if nan:
+            held.fill_(float("nan"))
+        self.splits["train"] = DictDigits(x[:-val], y[:-val])
+        self.splits["val"] = DictDigits(held, y[-val:])
+
+
+def digits_with_val() -> Task:
+    return DigitsWithVal(200)
+
+
+def digits_with_small_val() -> Task:
+    return DigitsWithVal(50)
+
+
+def digits_with_nan_val() -> Task:
+    return DigitsWithVal(200, nan=True)

@@ -155,6 +155,8 @@ class SubspaceConfig:
         defaults = dict(PRESETS[self.preset])
         if self.fit_on == "val":  # the coefficients are fitted on the validation split: nothing is left to choose on
             defaults.update(select="none", init="center")
+        if self.select == "none":  # nothing scored: no start is picked on it either
+            defaults.update(init="center")
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
