@@ -465,7 +465,7 @@ class SeedRun:
         selection = self.linked(name, ckpts)
         options = {"epochs": a.twa_epochs, "lr": a.twa_lr, "weight_decay": wd, "batch_size": a.batch_size,
                    "init": init, "seed": self.seed, "device": a.device, "eval_every_epoch": per_epoch_eval,
-                   "lr_check": lr_check}
+                   "lr_check": lr_check, "preset": "paper"}  # the paper's algorithm: fitted on train, its end kept
         cfg = SubspaceConfig(**{**options, **(variant or {})})
         result = train_subspace(selection, out, cfg, force=True)
         scores = self.score(result.result, mask_name or name) if full_scores else {"test": result.test.accuracy}

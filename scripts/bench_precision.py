@@ -52,7 +52,7 @@ def main() -> None:
         rows = []
         for dtype in ("float32", "bfloat16", "float16"):
             cfg = SubspaceConfig(epochs=args.twa_epochs, lr=args.twa_lr, basis_dtype=dtype, seed=args.seed,
-                                 device="cpu", eval_every_epoch=False)
+                                 device="cpu", eval_every_epoch=False, select="none")
             started = time.perf_counter()
             result = train_subspace(basis_path, root / f"twa-{dtype}", cfg)
             assert result.test is not None

@@ -520,7 +520,8 @@ def _choose_start(keep: KeepBest, score: Callable[..., None], basis: Basis, mode
                   optimizer: SubspaceSGD, cfg: SubspaceConfig, device: str) -> None:
     """Score the candidate starting points on the validation split and start from the best: with --init best the
     center of the checkpoints and the last one (with its own BatchNorm statistics, as a user would run it);
-    otherwise (or for --affine and --granularity layer) the start alone, so that the result is never worse on that split than where it began."""
+    otherwise (and for --affine and --granularity layer, whose coordinates are not the basis's) the start alone, so
+    that the result is never worse on that split than where it began."""
     if cfg.init != "best" or cfg.variant:  # a variant's coordinates are not the basis's: its start alone
         score("center" if cfg.init in ("best", "center") else "start", 0)
     else:
