@@ -342,6 +342,11 @@ CASES = [
     case("recorded-torchvision-name", "eval {tvcode}", "{tvcode}", "'os.system'"),
     case("recorded-timm-name", "eval {timmpath}", "{timmpath}", "'../../os'"),
     case("data-callable-raises", "sample {out}/new --model mlp --data json:loads", "--data json:loads"),
+    # The file-system root has no name to write a result or a `.partial` folder beside.
+    case("run-at-root", "sample / --model mlp", "/", "file-system root"),
+    case("run-at-root-force", "sample / --model mlp --force", "file-system root"),
+    case("train-at-root", "train-subspace {basis} -o / --force", "file-system root"),
+    case("file-at-root", "orthogonalize {run} -o / --force", "file-system root"),
 ]
 
 

@@ -24,7 +24,7 @@ from filelock import FileLock, Timeout
 
 from twa_cli.errors import TwaError
 from twa_cli.io.atomic import remove_stale_temps, swap_in_folder, through_link
-from twa_cli.io.outputs import check_not_an_input
+from twa_cli.io.outputs import check_named, check_not_an_input
 from twa_cli.io.runfiles import STATE_FILE, partial_folder
 
 
@@ -36,7 +36,9 @@ class RunFolder:
     def __init__(self, path: Path, *, resume: bool, force: bool, inputs: Iterable[str | Path] = (),
                  ours: Callable[[Path], bool] = lambda path: False):
         given = Path(os.path.abspath(path))  # '.' has no name to put '.partial' after
+        check_named(given)
         self.path = through_link(given)  # a link to a folder: that folder is replaced, the link stays
+        check_named(self.path, f"{path} (a link to {self.path})")
         self.partial = partial_folder(self.path)
         self.created = False
         self._lock: FileLock | None = None

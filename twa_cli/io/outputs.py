@@ -3,6 +3,7 @@ one of its inputs, with or without --force (paths compared after resolving symbo
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -27,12 +28,19 @@ def check_not_an_input(path: Path, inputs: Iterable[str | Path], folder: bool) -
             raise TwaError(f"{path}: holds the input {given}; the output may not contain an input")
 
 
+def check_named(path: Path, given: str | Path | None = None) -> None:
+    """A result needs a name: the file-system root has none to write it (or its temporaries) beside."""
+    if not Path(os.path.abspath(path)).name:
+        raise TwaError(f"{given or path}: is the file-system root; name a file or folder under it")
+
+
 def check_output(path: Path, force: bool, inputs: Iterable[str | Path] = (), folder: bool = False) -> None:
     """Refuse a result path that is in the way of an input or of an existing result (without --force).
 
     `folder`: the output is a folder of files (else a single file).
     """
     path = Path(path)
+    check_named(path)
     blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise TwaError(f"{path}: cannot be created, {blocking} is a file")
