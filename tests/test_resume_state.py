@@ -102,6 +102,28 @@ def _rename_first_momentum(state: Path) -> None:
     save_tensors(state, tensors, read_checkpoint(state).meta)
 
 
+def _drop_tensor(pick: Callable[[Path], str]) -> Callable[[Path], None]:
+    """Delete one tensor from the state (its record of what it holds left as it was)."""
+    def edit(state: Path) -> None:
+        tensors = load_tensors(state)
+        del tensors[pick(state)]
+        save_tensors(state, tensors, read_checkpoint(state).meta)
+
+    return edit
+
+
+def _first_model_tensor(state: Path) -> str:
+    return sorted(k for k in load_tensors(state) if k.startswith("model."))[0]
+
+
+def _drop_record(state: Path) -> None:
+    meta = dict(read_checkpoint(state).meta)
+    info = json.loads(meta["state"])
+    info.pop("tensors", None)
+    meta["state"] = json.dumps(info)
+    save_tensors(state, load_tensors(state), meta)
+
+
 # (id, which run, damage, fragments of the one error line besides the state's path)
 DAMAGE = [
     ("epochs-negative", "sample", _edit_info(epochs_done=-5), ["epochs_done"]),
@@ -124,6 +146,13 @@ DAMAGE = [
     ("subspace-rng-cut", "subspace", _edit_tensor("rng.torch", lambda t: t[:100].clone()), ["rng.torch"]),
     ("subspace-history-null", "subspace", _edit_info(history=None), ["history"]),
     ("subspace-lr-string", "subspace", _edit_info(config={"lr": "fast"}), []),
+    # A tensor deleted from the file: the state records what it holds (momentum restarting silently was the bug).
+    ("momentum-deleted", "sample", _drop_tensor(_first_momentum), ["no tensor", "momentum."]),
+    ("model-deleted", "sample", _drop_tensor(_first_model_tensor), ["no tensor", "model."]),
+    ("subspace-momentum-deleted", "subspace", _drop_tensor(lambda state: "optim.momentum"),
+     ["no tensor", "optim.momentum"]),
+    ("record-deleted", "sample", _drop_record, ["record"]),
+    ("record-not-names", "sample", _edit_info(tensors=[1, 2]), ["tensors"]),
 ]
 
 

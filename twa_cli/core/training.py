@@ -200,8 +200,10 @@ def save_train_state(path: Path, tensors: Mapping[str, torch.Tensor], stats: Epo
     that writes it (a resumed run of another command is refused by name)."""
     tensors = dict(tensors)
     tensors["rng.torch"] = torch.get_rng_state()
+    # The names it holds: a tensor lost from the file (an optimizer's momentum) is then told from one the run
+    # never had (no momentum yet), instead of silently starting afresh.
     info = {"command": command, "epochs_done": stats.epoch, "step": stats.step, "history": history,
-            "config": dict(config)}
+            "config": dict(config), "tensors": sorted(tensors)}
     save_tensors(path, tensors, make_metadata("train-state", state=info))
 
 
@@ -236,6 +238,7 @@ def load_train_state(path: Path, config: Mapping[str, Any], *, command: str,
     epochs_done, step, history, saved = _checked_position(path, info)
     _check_same_options(path, saved, config)
     tensors = load_tensors(path)
+    _check_recorded(path, info.get("tensors"), tensors)
     rng = tensors.pop("rng.torch", None)
     rng = _check_rng(path, rng)
     _check_tensors(path, tensors, expected, required)
@@ -305,6 +308,19 @@ def _check_same_options(path: Path, saved: Mapping[str, Any], config: Mapping[st
         was, is_now = was.get(diff), is_now.get(diff)
     flag = diff.replace("_", "-")
     raise TwaError(f"--resume: --{flag} was {was!r} in the interrupted run, now {is_now!r}")
+
+
+def _check_recorded(path: Path, recorded: Any, tensors: Mapping[str, torch.Tensor]) -> None:
+    """The file holds exactly the tensors its state records (save_train_state lists them)."""
+    if not (isinstance(recorded, list) and all(isinstance(name, str) for name in recorded)):
+        raise TwaError(f"{path}: damaged training state: no record of the tensors it holds ('tensors' is "
+                       f"{type(recorded).__name__}, not a list of names); start the run again with --force")
+    extra = next((name for name in sorted(tensors) if name not in recorded), None)
+    if extra is not None:
+        raise TwaError(f"{path}: damaged training state: tensor '{extra}' is not among those it records holding")
+    missing = next((name for name in sorted(recorded) if name not in tensors), None)
+    if missing is not None:
+        raise TwaError(f"{path}: damaged training state: it has no tensor '{missing}', which it records holding")
 
 
 def _check_rng(path: Path, rng: torch.Tensor | None) -> torch.Tensor:
