@@ -102,6 +102,19 @@ def _rename_first_momentum(state: Path) -> None:
     save_tensors(state, tensors, read_checkpoint(state).meta)
 
 
+def _edit_history(**changes: object) -> Callable[[Path], None]:
+    """Change figures in the first row of the state's history."""
+    def edit(state: Path) -> None:
+        meta = dict(read_checkpoint(state).meta)
+        info = json.loads(meta["state"])
+        assert set(changes) <= set(info["history"][0]), info["history"][0]  # figures the run did write
+        info["history"][0].update(changes)
+        meta["state"] = json.dumps(info)
+        save_tensors(state, load_tensors(state), meta)
+
+    return edit
+
+
 def _drop_tensor(pick: Callable[[Path], str]) -> Callable[[Path], None]:
     """Delete one tensor from the state (its record of what it holds left as it was)."""
     def edit(state: Path) -> None:
@@ -153,6 +166,11 @@ DAMAGE = [
      ["no tensor", "optim.momentum"]),
     ("record-deleted", "sample", _drop_record, ["record"]),
     ("record-not-names", "sample", _edit_info(tensors=[1, 2]), ["tensors"]),
+    # Figures of training a saved epoch cannot have: its loss was finite, or the run stopped as diverged.
+    ("history-nan-train-loss", "sample", _edit_history(train_loss=float("nan")), ["history", "train_loss", "NaN"]),
+    ("history-nan-lr", "sample", _edit_history(lr=float("nan")), ["history", "lr"]),
+    ("history-inf-seconds", "subspace", _edit_history(seconds=float("inf")), ["history", "seconds"]),
+    ("history-string-figure", "subspace", _edit_history(train_loss="low"), ["history", "train_loss"]),
 ]
 
 
@@ -176,6 +194,17 @@ def test_the_undamaged_states_resume(runs, mlp_run, tmp_path, twa):
         folder = shutil.copytree(runs[kind], tmp_path / kind)
         twa(*_resume_command(kind, folder, mlp_run))
         assert (folder / "metrics.jsonl").read_text().count("\n") == 3
+
+
+def test_a_held_out_figure_that_is_nan_resumes(runs, mlp_run, tmp_path, twa):
+    """NaN is legitimate among held-out figures: weights that are finite (so the epoch is saved) can still score
+    a NaN loss on other examples when their logits overflow, and `--resume` with a smaller --lr must then
+    recover from that state."""
+    folder = shutil.copytree(runs["subspace"], tmp_path / "subspace")
+    _edit_history(val_loss=float("nan"))(folder / STATE)
+    twa(*_resume_command("subspace", folder, mlp_run))
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and rows[0]["val_loss"] != rows[0]["val_loss"]
 
 
 def test_the_state_of_another_command_says_so(runs, mlp_run, tmp_path, twa):

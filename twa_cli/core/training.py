@@ -284,9 +284,32 @@ def _checked_position(path: Path, info: Mapping[str, Any]) -> tuple[int, int, li
         raise bad("history", "is not a list of per-epoch figures")
     if len(history) != done or any(row.get("epoch") != i + 1 for i, row in enumerate(history)):
         raise bad("history", f"does not hold one row for each of the {done} epochs done")
+    for i, row in enumerate(history):
+        for key, value in row.items():
+            why = _unwritable_figure(key, value)
+            if why is not None:
+                raise bad("history", f"epoch {i + 1}: '{key}' {why}")
     if not _is_int(step) or step < done or step != history[-1].get("step"):
         raise bad("step", f"is not the step the last epoch ended at ({step!r})")
     return done, step, history, saved
+
+
+# Figures of the held-out splits: finite weights (a saved epoch's) can still score NaN there when their logits
+# overflow on examples training never saw, and --resume with a smaller --lr must recover from such a state.
+HELD_OUT_FIGURES = ("val_", "test_")
+
+
+def _unwritable_figure(key: str, value: Any) -> str | None:
+    """Why `value` cannot be a figure a saved epoch recorded under `key` (None when it can be): every figure is
+    a number; the epoch's lr and time are finite, and its training figures are not NaN (a non-finite training
+    loss stops the run as diverged before anything is saved)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return f"is not a number ({value!r})"
+    if key in ("lr", "seconds") and not (math.isfinite(value) and value >= 0):
+        return f"is not a finite number ({value!r})"
+    if math.isnan(value) and not key.startswith(HELD_OUT_FIGURES):
+        return "is NaN, which a saved epoch's training cannot be (it would have stopped as diverged)"
+    return None
 
 
 def _is_int(value: Any) -> bool:
