@@ -381,6 +381,23 @@ def test_hf_classifier_data_row_without_a_value_is_named(bert: realtools.HFRun, 
     assert str(path) in line and "row 4" in line and f"'{column}'" in line, line
 
 
+@pytest.mark.parametrize("suffix", [".tsv", ".jsonl"])
+def test_a_text_column_the_file_lacks_is_named_not_replaced(bert: realtools.HFRun, tmp_path: Path, suffix: str, twa):
+    """`--text-column review` on a file with `sentence` and `label` columns used `sentence` in its place: a
+    column the user names must be there (guessing the one other column is only for the default name)."""
+    rows = realtools.read_tsv(bert.test)[:4]
+    path = tmp_path / f"test{suffix}"
+    if suffix == ".tsv":
+        path.write_text("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in rows))
+    else:
+        path.write_text("".join(json.dumps({"sentence": s, "label": y}) + "\n" for s, y in rows))
+    line = one_line_error(twa("eval", bert.checkpoints[-1], "--data", path, "--eval-data", path,
+                              "--text-column", "review", check=False))
+    assert str(path) in line and "'review'" in line and "--text-column" in line, line
+    # Unnamed, the one column beside the label is still the text (SST-2 calls it `sentence`).
+    twa("eval", bert.checkpoints[-1], "--data", path, "--eval-data", path)
+
+
 @pytest.mark.parametrize("kind", ["bert", "gpt"])
 def test_a_run_saved_without_its_tokenizer_asks_for_one(kind: str, request: pytest.FixtureRequest, tmp_path: Path,
                                                         twa):

@@ -111,12 +111,16 @@ def eval_rows(spec: dict[str, Any]) -> list[dict[str, Any]] | str | None:
     return None
 
 
-def column(rows: Sequence[dict[str, Any]], name: str, other: str | None, where: str, flag: str) -> str:
-    """The column `name` of the rows, else, when the rows have exactly one column besides `other`, that one (SST-2
-    names its text column `sentence` in one file and `content` in the others)."""
+def column(rows: Sequence[dict[str, Any]], named: str | None, other: str | None, where: str, flag: str) -> str:
+    """The text column of the rows: `named` (what the user gave with `flag`), which must be there; unnamed,
+    `text`, else, when the rows have exactly one column besides `other`, that one (SST-2 names its text column
+    `sentence` in one file and `content` in the others)."""
     keys = list(rows[0])
+    name = named or "text"
     if name in keys:
         return name
+    if named is not None:
+        raise TwaError(f"{where}: has no column '{name}' given by {flag} (it has {', '.join(map(str, keys))})")
     rest = [k for k in keys if k != other]
     if len(rest) == 1 and other is not None:
         return rest[0]
@@ -150,8 +154,7 @@ class Examples(Dataset):
 
 def classification_examples(rows: list[dict[str, Any]], tokenizer: Any, spec: dict[str, Any], label_ids: dict[str, int],
                             max_length: int, where: str) -> Examples:
-    text = column(rows, spec.get("text_column") or "text", spec.get("label_column") or "label", where,
-                  "--text-column")
+    text = column(rows, spec.get("text_column"), spec.get("label_column") or "label", where, "--text-column")
     label = spec.get("label_column") or "label"
     if label not in rows[0]:
         raise TwaError(f"{where}: has no column '{label}' (it has {', '.join(map(str, rows[0]))}); name it with "
@@ -181,7 +184,7 @@ def lm_blocks(source: list[dict[str, Any]] | str, tokenizer: Any, spec: dict[str
     if isinstance(source, str):
         texts = [source]
     else:
-        name = column(source, spec.get("text_column") or "text", None, where, "--text-column")
+        name = column(source, spec.get("text_column"), None, where, "--text-column")
         texts = [str(v) for v in values(source, name, where)]
     eos = tokenizer.eos_token_id
     ids: list[int] = []
