@@ -378,7 +378,8 @@ def test_hf_classifier_data_row_without_a_value_is_named(bert: realtools.HFRun, 
         path.write_text("\n".join(lines) + "\n")
         column = "sentence" if broken == "json row without text" else "label"
     line = one_line_error(twa("eval", bert_twa[0], "--data", bert.train, "--eval-data", path, check=False))
-    assert str(path) in line and "row 4" in line and f"'{column}'" in line, line
+    number = 5 if broken == "short tsv row" else 4  # the line of the file (the TSV's first is its header)
+    assert str(path) in line and f"line {number}" in line and f"'{column}'" in line, line
 
 
 @pytest.mark.parametrize("suffix", [".tsv", ".jsonl"])
@@ -396,6 +397,28 @@ def test_a_text_column_the_file_lacks_is_named_not_replaced(bert: realtools.HFRu
     assert str(path) in line and "'review'" in line and "--text-column" in line, line
     # Unnamed, the one column beside the label is still the text (SST-2 calls it `sentence`).
     twa("eval", bert.checkpoints[-1], "--data", path, "--eval-data", path)
+
+
+@pytest.mark.parametrize("row, column, blank", [
+    ({"sentence": ["the", "cat"], "label": 1}, "sentence", False),
+    ({"sentence": 42, "label": 1}, "sentence", True),
+    ({"sentence": {"text": "a"}, "label": 1}, "sentence", False),
+    ({"sentence": "the cat sees a tree", "label": True}, "label", True),
+    ({"sentence": "the cat sees a tree", "label": [1]}, "label", False),
+    ({"sentence": "the cat sees a tree", "label": 1.0}, "label", False),
+], ids=["text-list", "text-number", "text-object", "label-true", "label-list", "label-float"])
+def test_a_jsonl_value_of_the_wrong_type_is_named_by_file_and_line(bert: realtools.HFRun, tmp_path: Path,
+                                                                    row: dict[str, Any], column: str, blank: bool,
+                                                                    twa):
+    """A list or number where the text goes was read as its Python spelling ("['the', 'cat']"), and `true` as
+    label 1: JSON values other than a string (a label: a string or a whole number) are refused, naming the line
+    (blank lines counted, as an editor counts them)."""
+    good = [json.dumps({"sentence": s, "label": y}) for s, y in realtools.read_tsv(bert.test)[:3]]
+    path = tmp_path / "test.jsonl"
+    path.write_text("\n".join(good + ([""] if blank else []) + [json.dumps(row)]) + "\n")
+    line = one_line_error(twa("eval", bert.checkpoints[-1], "--data", bert.train, "--eval-data", path, check=False))
+    number = 5 if blank else 4
+    assert str(path) in line and f"line {number}" in line and f"'{column}'" in line, line
 
 
 @pytest.mark.parametrize("kind", ["bert", "gpt"])

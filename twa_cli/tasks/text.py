@@ -50,8 +50,22 @@ def _suffix(path: Path) -> str:
     return path.suffixes[-2] if path.name.endswith(".gz") and len(path.suffixes) > 1 else path.suffix
 
 
+class Rows(list):  # type: ignore[type-arg]
+    """The rows of a table file, and the line of the file each one starts on (for errors that name it)."""
+
+    def __init__(self, rows: list[dict[str, Any]], lines: list[int]):
+        super().__init__(rows)
+        self.lines = lines
+
+
+def where_in(rows: Sequence[dict[str, Any]], index: int) -> str:
+    """`line N` of a file's row (by its 0-based index), or `row N` of a saved dataset."""
+    lines = getattr(rows, "lines", None)
+    return f"line {lines[index]}" if lines is not None else f"row {index + 1}"
+
+
 def read_rows(path: Path) -> list[dict[str, Any]] | str:
-    """The rows of a table file (dicts), or the whole text of a plain text file (str)."""
+    """The rows of a table file (dicts, as `Rows`), or the whole text of a plain text file (str)."""
     path = Path(path)
     if not path.exists():
         raise TwaError(f"{path}: no such file or folder")
@@ -63,10 +77,16 @@ def read_rows(path: Path) -> list[dict[str, Any]] | str:
             if suffix in TEXT_SUFFIXES:
                 return fh.read()
             if suffix in (".jsonl", ".json"):
-                rows = [json.loads(line) for line in fh if line.strip()]
+                numbered = [(number, line) for number, line in enumerate(fh, 1) if line.strip()]
+                rows, lines = [json.loads(line) for _, line in numbered], [number for number, _ in numbered]
             elif suffix in (".tsv", ".csv"):
-                rows = list(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",", quoting=csv.QUOTE_NONE
-                                           if suffix == ".tsv" else csv.QUOTE_MINIMAL))
+                reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",", quoting=csv.QUOTE_NONE
+                                        if suffix == ".tsv" else csv.QUOTE_MINIMAL)
+                rows, lines, start = [], [], 2  # the line after the header
+                for row in reader:
+                    rows.append(row)
+                    lines.append(start)
+                    start = reader.line_num + 1
             else:
                 raise TwaError(f"{path}: a text data file is .tsv, .csv, .jsonl or .txt (optionally .gz), or a "
                                "folder saved by datasets' save_to_disk")
@@ -76,7 +96,7 @@ def read_rows(path: Path) -> list[dict[str, Any]] | str:
         raise TwaError(f"{path}: holds no rows")
     if not all(isinstance(r, dict) for r in rows):
         raise TwaError(f"{path}: each line must be a JSON object with the text (and label) columns")
-    return rows
+    return Rows(rows, lines)
 
 
 def _saved_dataset(folder: Path, split: str) -> list[dict[str, Any]]:
@@ -127,14 +147,19 @@ def column(rows: Sequence[dict[str, Any]], named: str | None, other: str | None,
     raise TwaError(f"{where}: has no column '{name}' (it has {', '.join(map(str, keys))}); name it with {flag}")
 
 
-def values(rows: Sequence[dict[str, Any]], name: str, where: str) -> list[Any]:
-    """Every row's `name`; a row without one (a short CSV line, a JSON object without the key, null) is an error
-    that names it, not a string "None" learned from."""
+def values(rows: Sequence[dict[str, Any]], name: str, where: str, *, label: bool = False) -> list[Any]:
+    """Every row's `name`: a string (a label: a string or a whole number). A row without one (a short CSV line,
+    a JSON object without the key, null) or with another JSON value (a list, an object, a number as text, `true`
+    as a label) is an error that names its line, not its Python spelling learned from, nor `true` read as 1."""
     out = []
-    for number, row in enumerate(rows, 1):
+    for index, row in enumerate(rows):
         value = row.get(name)
         if value is None:
-            raise TwaError(f"{where}: row {number} has no '{name}' value")
+            raise TwaError(f"{where}: {where_in(rows, index)} has no '{name}' value")
+        wanted = (str, int) if label else (str,)
+        if isinstance(value, bool) or not isinstance(value, wanted):
+            kind = "a string or a whole number" if label else "a string"
+            raise TwaError(f"{where}: {where_in(rows, index)}: '{name}' is {json.dumps(value)[:40]}, not {kind}")
         out.append(value)
     return out
 
@@ -160,14 +185,13 @@ def classification_examples(rows: list[dict[str, Any]], tokenizer: Any, spec: di
         raise TwaError(f"{where}: has no column '{label}' (it has {', '.join(map(str, rows[0]))}); name it with "
                        "--label-column")
     encoded = tokenizer([str(v) for v in values(rows, text, where)], truncation=True, max_length=max_length)
-    labels = [_label(v, label_ids, where) for v in values(rows, label, where)]
+    labels = [_label(v, label_ids, f"{where}: {where_in(rows, i)}")
+              for i, v in enumerate(values(rows, label, where, label=True))]
     keys = [k for k in encoded if k in ("input_ids", "attention_mask", "token_type_ids")]
     return Examples([{**{k: encoded[k][i] for k in keys}, "labels": labels[i]} for i in range(len(rows))])
 
 
 def _label(value: Any, label_ids: dict[str, int], where: str) -> int:
-    if isinstance(value, bool):
-        return int(value)
     if isinstance(value, int) and value in label_ids.values():
         return value
     text = str(value).strip()
