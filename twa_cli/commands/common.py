@@ -140,17 +140,18 @@ def described(request: TaskRequest, ckpt: Checkpoint) -> dict[str, Any]:
     return out
 
 
-def check_held_out(fit_on: str, task: Task) -> None:
-    """`--fit-on val` on data that, as the flags and the files' metadata describe it, holds nothing out: said
-    before anything is loaded or orthogonalized. Data from the user's code may hold out its own, and is checked
-    once loaded."""
+def check_held_out(task: Task, needs: str) -> None:
+    """`needs` (what scores on the validation split: `--fit-on val`, `--greedy`) on data that, as the flags and
+    the files' metadata describe it (the flag, else what the checkpoints record), holds nothing out: said before
+    anything is loaded or orthogonalized. Data from the user's code may hold out its own, and is checked once
+    loaded."""
     from twa_cli.tasks.hooks import is_code_name
 
     data = task.describe().get("data")
-    if fit_on != "val" or not isinstance(data, dict) or not data or is_code_name(str(data.get("name") or "")):
+    if not isinstance(data, dict) or not data or is_code_name(str(data.get("name") or "")):
         return
     if not any(value for key, value in data.items() if key.startswith("val")):
-        raise TwaError("--fit-on val needs --val-split (or checkpoints sampled with one)")
+        raise TwaError(f"{needs} needs --val-split (or checkpoints sampled with one; text: --val-data FILE)")
 
 
 def check_init_file(init: str | Path | None, *, keywords: tuple[str, ...] = ()) -> None:

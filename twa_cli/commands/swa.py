@@ -13,6 +13,7 @@ import torch
 
 from twa_cli.commands.common import (
     aligned,
+    check_held_out,
     compatible,
     described,
     hf_folder,
@@ -46,7 +47,7 @@ class SwaRequest:
     task: TaskRequest = field(default_factory=TaskRequest)
     bn_update: bool = True
     bn_batches: int | None = None
-    greedy: bool = False  # the greedy soup (needs --val-split)
+    greedy: bool = False  # the greedy soup (needs a validation split: the flags', else the checkpoints')
     compute_dtype: str = "float64"  # precision of the sums
     dtype: str | None = None  # precision of the result; None: each tensor's own (the widest among the checkpoints)
     max_shard_size: int | None = None
@@ -57,8 +58,6 @@ class SwaRequest:
             raise TwaError(f"--compute-dtype must be float64 or float32 (got '{self.compute_dtype}')")
         if self.dtype is not None and self.dtype not in STORAGE_DTYPES:
             raise TwaError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)} (got '{self.dtype}')")
-        if self.greedy and not self.task.val_split:
-            raise TwaError("--greedy needs a held-out split to score candidates: pass --val-split")
 
 
 @dataclass
@@ -95,6 +94,8 @@ def swa(folder: str | Path, output: str | Path, request: SwaRequest | None = Non
     layout = compatible(ckpts)
     device = resolve_device(request.device)
     task = task_of(request.task, ckpts[0], need_data=False) if _needs_model(request.task, ckpts[0]) else None
+    if request.greedy and task is not None:
+        check_held_out(task, "--greedy")  # the split the flags or the checkpoints name, before the model is built
     net = None
     if task is not None:  # before the long pass over the files: a model that does not fit fails at once
         net = task.build_model()

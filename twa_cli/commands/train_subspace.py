@@ -292,12 +292,14 @@ def _inputs(src: Path, work: Path, cfg: SubspaceConfig, placement: Placement, re
     if is_basis_file(src):
         basis = placement.load_basis(src)
         task = resolve_task(cfg.task, Recorded.of(src, basis.recorded))
-        check_held_out(cfg.fit_on, task)
+        if cfg.fit_on == "val":
+            check_held_out(task, "--fit-on val")
         ckpts = None
         return _Inputs(basis, ckpts, task, False, _identity(basis, placement), str(src))
     ckpts = pick(src, cfg.selection, cfg.read)
     task = task_of(cfg.task, ckpts[0])  # before orthogonalizing: "pass --model" comes first
-    check_held_out(cfg.fit_on, task)
+    if cfg.fit_on == "val":
+        check_held_out(task, "--fit-on val")
     names, ckpts = subspace_names(cfg.task, ckpts)
     saved = work / BASIS_FILE
     if resume and saved.exists():
