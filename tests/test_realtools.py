@@ -382,6 +382,22 @@ def test_hf_classifier_data_row_without_a_value_is_named(bert: realtools.HFRun, 
     assert str(path) in line and f"line {number}" in line and f"'{column}'" in line, line
 
 
+@pytest.mark.parametrize("with_training_text", [False, True])
+def test_greedy_soup_selects_on_the_given_validation_file(bert: realtools.HFRun, tmp_path: Path,
+                                                          with_training_text: bool, twa):
+    """`swa --greedy --val-data FILE` was refused for --val-split: a Hugging Face model has no BatchNorm, so the
+    validation file (and the checkpoints' tokenizer) is all the soup needs; it scores on that file."""
+    out = tmp_path / "soup"
+    data = ["--data", bert.train] if with_training_text else []
+    soup = summary(twa("swa", bert.run, "-o", out, "--greedy", "--val-data", bert.test, *data, "--json"))
+    assert soup["chosen"] and len(soup["individual_val"]) == soup["checkpoints"]
+    scored = summary(twa("eval", out, "--eval-data", bert.test, "--json"))["results"][0]["test"]
+    assert soup["val"] == pytest.approx(scored["accuracy"], abs=1e-9)
+    alone = summary(twa("eval", *(c / "model.safetensors" for c in bert.checkpoints), "--eval-data", bert.test,
+                        "--json"))["results"]
+    assert sorted(soup["individual_val"]) == pytest.approx(sorted(r["test"]["accuracy"] for r in alone), abs=1e-9)
+
+
 @pytest.mark.parametrize("suffix", [".tsv", ".jsonl"])
 def test_a_text_column_the_file_lacks_is_named_not_replaced(bert: realtools.HFRun, tmp_path: Path, suffix: str, twa):
     """`--text-column review` on a file with `sentence` and `label` columns used `sentence` in its place: a

@@ -151,10 +151,12 @@ def swa(folder: str | Path, output: str | Path, request: SwaRequest | None = Non
 
 def _needs_model(request: TaskRequest, ckpt: Checkpoint) -> bool:
     """Whether to build the model: to recompute BatchNorm statistics and to test. A Hugging Face model has no
-    statistics, so it is built only to be tested, on the text the user gives."""
+    statistics, so it is built only to be scored, on the text the user gives (a greedy soup's validation text
+    is enough)."""
     if not knows_task(request, ckpt):
         return False
-    return not (hf_folder(ckpt) is not None and request.data is None and request.model is None
+    given_text = request.data or request.eval_data or request.val_data
+    return not (hf_folder(ckpt) is not None and given_text is None and request.model is None
                 and "arch" not in ckpt.meta)
 
 

@@ -125,6 +125,8 @@ def eval_rows(spec: dict[str, Any]) -> list[dict[str, Any]] | str | None:
     """The held-out rows: the eval file, a saved DatasetDict's test split, or None."""
     if spec.get("eval"):
         return read_rows(Path(spec["eval"]))
+    if not spec.get("train"):  # validation text alone (--val-data): nothing else to score on
+        return None
     train = Path(spec["train"])
     if train.is_dir():
         return _saved_dataset(train, "test") or None
