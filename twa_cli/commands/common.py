@@ -146,10 +146,13 @@ def check_held_out(task: Task, needs: str) -> None:
     anything is loaded or orthogonalized. Data from the user's code may hold out its own, and is checked once
     loaded."""
     from twa_cli.tasks.hooks import is_code_name
+    from twa_cli.tasks.images import has_val_folder
 
     data = task.describe().get("data")
     if not isinstance(data, dict) or not data or is_code_name(str(data.get("name") or "")):
         return
+    if data.get("name") == "imagefolder" and has_val_folder(data.get("dir")):
+        return  # DIR/val/ beside DIR/test/
     if not any(value for key, value in data.items() if key.startswith("val")):
         raise TwaError(f"{needs} needs --val-split (or checkpoints sampled with one; text: --val-data FILE)")
 
