@@ -580,6 +580,54 @@ def test_a_dangling_link_as_output_folder_is_refused_before_any_work(mlp_run, tm
     assert [p.name for p in tmp_path.iterdir()] == ["link"] and os.readlink(link) == str(tmp_path / "gone")
 
 
+# Commands writing one file with --force: (first run, second run), the output written to `{out}`.
+_FILE_WRITERS = {
+    "swa": (["swa", "{run}", "-o", "{out}", "--no-bn-update", "--end", "3"],
+            ["swa", "{run}", "-o", "{out}", "--no-bn-update", "--force"]),
+    "orthogonalize": (["orthogonalize", "{run}", "-o", "{out}", "--end", "3"],
+                      ["orthogonalize", "{run}", "-o", "{out}", "--force"]),
+}
+
+
+@pytest.mark.parametrize("command", sorted(_FILE_WRITERS))
+def test_force_onto_a_symlinked_output_file_replaces_through_the_link(mlp_run, tmp_path, twa, command):
+    """As for a folder (F1): the new result replaces the file the link names, whole, and the link stays (it
+    was replaced by a regular file, leaving the file it named as it was)."""
+    first, second = _FILE_WRITERS[command]
+    (tmp_path / "store").mkdir()
+    target, link = tmp_path / "store" / "real.safetensors", tmp_path / "link.safetensors"
+    twa(*[a.format(run=mlp_run, out=target) for a in first])
+    before = target.read_bytes()
+    link.symlink_to(target)
+    twa(*[a.format(run=mlp_run, out=link) for a in second])
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert target.is_file() and not target.is_symlink() and target.read_bytes() != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.safetensors", "store"]
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["real.safetensors"]  # no temporary left
+
+
+@pytest.mark.parametrize("command", sorted(_FILE_WRITERS))
+def test_a_dangling_link_as_output_file_is_refused_before_any_work(mlp_run, tmp_path, twa, command):
+    _, second = _FILE_WRITERS[command]
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(tmp_path / "gone.safetensors")
+    _one_line_refusal(twa(*[a.format(run=mlp_run, out=link) for a in second], check=False), str(link),
+                      "does not exist")
+    assert [p.name for p in tmp_path.iterdir()] == ["link.safetensors"]
+
+
+def test_a_sharded_result_through_a_link_to_a_file_is_refused_before_any_work(mlp_run, tmp_path, twa):
+    """Shards and an index beside the file a link names would leave the link naming a removed file."""
+    target, link = tmp_path / "real.safetensors", tmp_path / "link.safetensors"
+    twa("swa", mlp_run, "-o", target, "--no-bn-update")
+    before = target.read_bytes()
+    link.symlink_to(target)
+    _one_line_refusal(twa("swa", mlp_run, "-o", link, "--force", "--max-shard-size", "1KB", check=False),
+                      str(link), "--max-shard-size")
+    assert target.read_bytes() == before and os.readlink(link) == str(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.safetensors", "real.safetensors"]
+
+
 def test_force_cannot_take_a_run_folder_another_run_is_writing(mlp_run, tmp_path, twa):
     """F2: the lock covers the result's name, not only the folder a run writes in (OUT or OUT.partial)."""
     out = tmp_path / "tsc"

@@ -8,8 +8,8 @@ the second fails instead of silently replacing the first.
 
 A folder result (a Hugging Face model folder) is built in a hidden staging folder beside the target and
 swapped into place in one step (renameat2 RENAME_EXCHANGE on Linux), so a reader sees the old folder or the
-new one, never a mixture; the old one is removed after. An output that is a symbolic link to a folder is
-written through the link: the folder it names is replaced, and the link stays.
+new one, never a mixture; the old one is removed after. An output that is a symbolic link (to a file or a
+folder) is written through the link: what it names is replaced, and the link stays.
 
 Elsewhere (macOS, Windows, a file system without these calls) the same guarantees hold with portable calls:
 a new name is taken with a hard link (or a rename that never replaces: Windows' own, Linux's
@@ -63,9 +63,9 @@ def parents_made(path: Path) -> Iterator[None]:
 
 
 def through_link(path: Path) -> Path:
-    """Where a folder result named `path` goes: the folder a symbolic link there points to (the new result
+    """Where a result named `path` goes: the file or folder a symbolic link there points to (the new result
     replaces what the link names, and the user's link stays as it is), else `path`. A link to nothing is
-    refused: writing through it would create a folder the command line never named."""
+    refused: writing through it would create a file or folder the command line never named."""
     path = Path(path)
     if not path.is_symlink():
         return path
@@ -215,6 +215,7 @@ def _rename_new(src: Path, dst: Path) -> None:
 def atomic_file(path: Path, *, exclusive: bool = False) -> Iterator[BinaryIO]:
     """A binary file whose content appears at `path`, complete, only when the block finishes without error.
     `exclusive`: fail if `path` exists by then (a concurrent writer won), else replace it."""
+    path = through_link(path)  # a link stays a link: the file it names is replaced
     with parents_made(path):
         remove_stale_temps(path)
         with _atomic_file(path, exclusive) as fh:
@@ -261,6 +262,7 @@ def _atomic_file(path: Path, exclusive: bool) -> Iterator[BinaryIO]:
 def atomic_path(path: Path, *, exclusive: bool = False) -> Iterator[Path]:
     """A temporary path beside `path` that is moved onto it only when the block finishes without error
     (for writers that want a path, not a file object)."""
+    path = through_link(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
     tmp = temp_name(path)

@@ -1,5 +1,6 @@
 """Where a command may write: never over an existing result without --force, and never into, over or inside
-one of its inputs, with or without --force (paths compared after resolving symbolic links)."""
+one of its inputs, with or without --force (paths compared after resolving symbolic links). An output that is
+a symbolic link is written through it (twa_cli.io.atomic.through_link)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from twa_cli.errors import TwaError
+from twa_cli.io.atomic import through_link
 
 
 def _within(path: Path, folder: Path) -> bool:
@@ -41,6 +43,7 @@ def check_output(path: Path, force: bool, inputs: Iterable[str | Path] = (), fol
     """
     path = Path(path)
     check_named(path)
+    through_link(path)  # a link is written through: one to nothing is refused here, before any work
     blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise TwaError(f"{path}: cannot be created, {blocking} is a file")

@@ -83,6 +83,9 @@ class ResultTarget:
         if self.folder:
             _check_replaceable_folder(through_link(path), force)
             return
+        if self.max_shard_size is not None and path.is_symlink():
+            raise TwaError(f"{self.path}: is a symbolic link to a file; shards and an index beside that file would "
+                           "leave the link naming a removed file: write it without --max-shard-size, or elsewhere")
         index = path.with_name(path.name + readers.INDEX_SUFFIX)
         check_output(index, force, inputs)
         old_index, old_shards = _existing_set(path, index)
