@@ -23,7 +23,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from twa_cli.errors import TwaError
-from twa_cli.io.atomic import remove_stale_temps, swap_in_folder, through_link
+from twa_cli.io.atomic import is_temp_name, remove_stale_temps, swap_in_folder, through_link
 from twa_cli.io.outputs import check_named, check_not_an_input
 from twa_cli.io.runfiles import STATE_FILE, partial_folder
 
@@ -157,7 +157,7 @@ def _lock_file(path: Path) -> Path:
 
 def _bookkeeping(path: Path) -> bool:
     """The temporaries of a killed write, and the lock: files of the tool's own that mean no result."""
-    return path.name == INNER_LOCK or (path.name.startswith(".") and path.name.endswith(".tmp"))
+    return path.name == INNER_LOCK or (is_temp_name(path.name) and path.name.endswith(".tmp"))
 
 
 def check_positive(value: float, flag: str) -> None:
