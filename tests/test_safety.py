@@ -672,6 +672,39 @@ def test_the_run_folder_lock_covers_force_and_resume(tmp_path):
     again.abandon()
 
 
+@pytest.mark.parametrize("flags", [["--resume", "--seed", "5"], ["--resume", "--lr", "0.3"], ["--resume"], []],
+                         ids=["resume-new-seed", "resume-new-lr", "resume", "plain"])
+def test_a_run_another_process_is_writing_is_said_before_anything_about_its_options(tmp_path, twa, flags):
+    """While another process holds the run's lock, that is what is said first: not a changed option (--seed), not
+    'nothing to resume' (its first epoch is not saved yet), not 'already exists'."""
+    import multiprocessing
+
+    out = tmp_path / "run"
+    common = ["--model", "mlp", "--batch-size", "64", "--device", "cpu", "--per-epoch", "1", "--quiet"]
+    twa("sample", out, *common, "--epochs", "1")
+    if flags == ["--resume"]:
+        (out / "train-state.safetensors").unlink()  # the holder has not saved its first epoch yet
+    ready, release = multiprocessing.Event(), multiprocessing.Event()
+    holder = multiprocessing.get_context("fork").Process(target=_hold_lock, args=(tmp_path / ".run.lock", ready,
+                                                                                   release))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        result = twa("sample", out, *common, "--epochs", "2", *flags, check=False)
+        _one_line_refusal(result, str(out), "another twa process is writing")
+    finally:
+        release.set()
+        holder.join(60)
+
+
+def _hold_lock(path, ready, release) -> None:
+    from filelock import FileLock
+
+    with FileLock(path, timeout=0):
+        ready.set()
+        release.wait(60)
+
+
 def test_force_never_removes_the_partial_folder_of_a_running_force_run(tmp_path):
     """A --force run builds OUT.partial; a second --force run must not clear it as left over."""
     from twa_cli.commands.runfolder import RunFolder

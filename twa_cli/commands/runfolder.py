@@ -42,6 +42,10 @@ class RunFolder:
         self.partial = partial_folder(self.path)
         self.created = False
         self._lock: FileLock | None = None
+        self._lock_file = _lock_file(self.path)
+        if self._lock_file.exists():  # said first, before anything about the folder or the options (checked again)
+            self._take_lock()
+            self._unlock()
         for folder in (self.path, self.partial):
             blocking = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
             if blocking is not None:
@@ -72,10 +76,6 @@ class RunFolder:
             self.work = self.path
         self.state = self.work / STATE_FILE
         self._existed = self.work.exists()
-        self._lock_file = _lock_file(self.path)
-        if self._lock_file.exists():  # fail before any work while another run holds the name (checked again)
-            self._take_lock()
-            self._unlock()
 
     def _nothing_to_resume(self) -> str:
         if self.path.exists() and any(not _bookkeeping(p) for p in self.path.iterdir()):
