@@ -10,7 +10,7 @@ from typing import Any
 from twa_cli.core.selection import Selection, select_checkpoints
 from twa_cli.errors import TwaError
 from twa_cli.io.checkpoints import TASK_FIELDS, Checkpoint, Layout, check_compatible, list_folder, no_floating_tensor
-from twa_cli.io.readers import ReadOptions
+from twa_cli.io.readers import ReadOptions, as_written
 from twa_cli.tasks.base import Task
 from twa_cli.tasks.resolve import Recorded, TaskRequest, resolve_task
 
@@ -158,6 +158,7 @@ def check_held_out(task: Task, needs: str) -> None:
 
 
 def check_init_file(init: str | Path | None, *, keywords: tuple[str, ...] = ()) -> None:
-    """`--init FILE` names a checkpoint file that exists (`keywords`: the values that name no file)."""
-    if init is not None and str(init) not in keywords and not Path(init).is_file():
+    """`--init FILE` names a checkpoint file that exists (`keywords`: the values that name no file), by the name
+    it was written to (`NAME.safetensors` for a sharded result's index)."""
+    if init is not None and str(init) not in keywords and not as_written(init).is_file():
         raise TwaError(f"--init {init}: no such checkpoint file")
