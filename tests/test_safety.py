@@ -616,6 +616,20 @@ def test_a_dangling_link_as_output_file_is_refused_before_any_work(mlp_run, tmp_
     assert [p.name for p in tmp_path.iterdir()] == ["link.safetensors"]
 
 
+def test_a_link_inside_a_run_folder_is_never_written_through(tmp_path, twa):
+    """Only a result the user names is written through a link: a run folder's own file that is a link (a folder
+    from elsewhere, `metrics.jsonl -> ~/notes`) is replaced on --resume, and what it named stays as it was."""
+    run, outside = tmp_path / "run", tmp_path / "notes.txt"
+    common = ["--model", "mlp", "--batch-size", "64", "--device", "cpu", "--per-epoch", "1", "--quiet"]
+    twa("sample", run, *common, "--epochs", "1")
+    outside.write_text("mine\n")
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").symlink_to(outside)
+    twa("sample", run, *common, "--epochs", "2", "--resume")
+    assert outside.read_text() == "mine\n"
+    assert not (run / "metrics.jsonl").is_symlink() and len((run / "metrics.jsonl").read_text().splitlines()) == 2
+
+
 def test_a_sharded_result_through_a_link_to_a_file_is_refused_before_any_work(mlp_run, tmp_path, twa):
     """Shards and an index beside the file a link names would leave the link naming a removed file."""
     target, link = tmp_path / "real.safetensors", tmp_path / "link.safetensors"

@@ -8,8 +8,10 @@ the second fails instead of silently replacing the first.
 
 A folder result (a Hugging Face model folder) is built in a hidden staging folder beside the target and
 swapped into place in one step (renameat2 RENAME_EXCHANGE on Linux), so a reader sees the old folder or the
-new one, never a mixture; the old one is removed after. An output that is a symbolic link (to a file or a
-folder) is written through the link: what it names is replaced, and the link stays.
+new one, never a mixture; the old one is removed after. A result the user names (`-o`) that is a symbolic
+link, to a file or a folder, is written through the link (`through_link`): what it names is replaced, and the
+link stays. A file the tool names itself (in a run folder) replaces whatever is at its name, a link included,
+and never writes through one.
 
 Elsewhere (macOS, Windows, a file system without these calls) the same guarantees hold with portable calls:
 a new name is taken with a hard link (or a rename that never replaces: Windows' own, Linux's
@@ -230,7 +232,6 @@ def _rename_new(src: Path, dst: Path) -> None:
 def atomic_file(path: Path, *, exclusive: bool = False) -> Iterator[BinaryIO]:
     """A binary file whose content appears at `path`, complete, only when the block finishes without error.
     `exclusive`: fail if `path` exists by then (a concurrent writer won), else replace it."""
-    path = through_link(path)  # a link stays a link: the file it names is replaced
     with parents_made(path):
         remove_stale_temps(path)
         with _atomic_file(path, exclusive) as fh:
@@ -277,7 +278,6 @@ def _atomic_file(path: Path, exclusive: bool) -> Iterator[BinaryIO]:
 def atomic_path(path: Path, *, exclusive: bool = False) -> Iterator[Path]:
     """A temporary path beside `path` that is moved onto it only when the block finishes without error
     (for writers that want a path, not a file object)."""
-    path = through_link(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
     tmp = temp_name(path)
