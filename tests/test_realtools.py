@@ -437,6 +437,22 @@ def test_a_jsonl_value_of_the_wrong_type_is_named_by_file_and_line(bert: realtoo
     assert str(path) in line and f"line {number}" in line and f"'{column}'" in line, line
 
 
+@pytest.mark.parametrize("name, text, number", [
+    ("broken.jsonl", '{"sentence": "a fine song", "label": 1}\n\n{"sentence": "a dull song", "label": 0}\n'
+                     '{"sentence": "oops"\n', 4),
+    ("extra.tsv", "sentence\tlabel\na fine song\t1\na dull song\t0\tmore\n", 3),
+    ("extra.csv", "sentence,label\na fine song,1\na dull song,0,more\n", 3),
+], ids=["jsonl-not-json", "tsv-extra-field", "csv-extra-field"])
+def test_a_malformed_line_of_text_data_is_named(bert: realtools.HFRun, tmp_path: Path, name: str, text: str,
+                                                number: int, twa):
+    """A JSON error was reported at the line of its own text ('line 2 column 1' for the file's line 4); a row
+    with more fields than the header was read with a column named None, and the error spoke of columns."""
+    path = tmp_path / name
+    path.write_text(text)
+    line = one_line_error(twa("eval", bert.checkpoints[-1], "--eval-data", path, check=False))
+    assert f"{path}: line {number}" in line and "None" not in line, line
+
+
 @pytest.mark.parametrize("kind", ["bert", "gpt"])
 def test_a_run_saved_without_its_tokenizer_asks_for_one(kind: str, request: pytest.FixtureRequest, tmp_path: Path,
                                                         twa):

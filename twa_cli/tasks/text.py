@@ -78,12 +78,15 @@ def read_rows(path: Path) -> list[dict[str, Any]] | str:
                 return fh.read()
             if suffix in (".jsonl", ".json"):
                 numbered = [(number, line) for number, line in enumerate(fh, 1) if line.strip()]
-                rows, lines = [json.loads(line) for _, line in numbered], [number for number, _ in numbered]
+                rows, lines = [_json_line(path, number, line) for number, line in numbered], [n for n, _ in numbered]
             elif suffix in (".tsv", ".csv"):
                 reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",", quoting=csv.QUOTE_NONE
                                         if suffix == ".tsv" else csv.QUOTE_MINIMAL)
                 rows, lines, start = [], [], 2  # the line after the header
                 for row in reader:
+                    if None in row:  # more fields than the header names: a stray delimiter in the text?
+                        raise TwaError(f"{path}: line {start} has {len(reader.fieldnames or []) + len(row[None])} "
+                                       f"fields, the header {len(reader.fieldnames or [])}")
                     rows.append(row)
                     lines.append(start)
                     start = reader.line_num + 1
@@ -97,6 +100,13 @@ def read_rows(path: Path) -> list[dict[str, Any]] | str:
     if not all(isinstance(r, dict) for r in rows):
         raise TwaError(f"{path}: each line must be a JSON object with the text (and label) columns")
     return Rows(rows, lines)
+
+
+def _json_line(path: Path, number: int, line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise TwaError(f"{path}: line {number} is not JSON ({exc.msg} at column {exc.colno})") from exc
 
 
 def _saved_dataset(folder: Path, split: str) -> list[dict[str, Any]]:
