@@ -207,6 +207,25 @@ def test_a_held_out_figure_that_is_nan_resumes(runs, mlp_run, tmp_path, twa):
     assert len(rows) == 3 and rows[0]["val_loss"] != rows[0]["val_loss"]
 
 
+def test_resume_with_fewer_epochs_than_done_is_refused(runs, mlp_run, tmp_path, twa):
+    """--epochs below the epochs a sample run has done (its state stays for more) ran nothing and said the run
+    was complete; an epoch done cannot be undone, so it is refused in one line."""
+    folder = shutil.copytree(runs["sample"], tmp_path / "sample")
+
+    def with_epochs(n: int) -> list[object]:
+        command = _resume_command("sample", folder, mlp_run)
+        command[command.index("--epochs") + 1] = str(n)
+        return command
+
+    twa(*with_epochs(2))  # 2 epochs done
+    before = snapshot(tmp_path)
+    result = twa(*with_epochs(1), check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and "--epochs 1" in lines[0] and "2 epochs" in lines[0], lines
+    assert snapshot(tmp_path) == before
+    twa(*with_epochs(2))  # as many as done: nothing to do, and no error
+
+
 def test_the_state_of_another_command_says_so(runs, mlp_run, tmp_path, twa):
     folder = shutil.copytree(runs["subspace"], tmp_path / "subspace")
     shutil.copy(runs["sample"] / STATE, folder / STATE)

@@ -237,6 +237,10 @@ def load_train_state(path: Path, config: Mapping[str, Any], *, command: str,
     _check_command(path, info, command, config)
     epochs_done, step, history, saved = _checked_position(path, info)
     _check_same_options(path, saved, config)
+    wanted = config.get("epochs")
+    if isinstance(wanted, int) and wanted < epochs_done:  # an epoch done cannot be undone: nothing would run
+        raise TwaError(f"--epochs {wanted}: the run in {path.parent} has done {epochs_done} epochs already; resume "
+                       f"with --epochs {epochs_done} or more")
     tensors = load_tensors(path)
     _check_recorded(path, info.get("tensors"), tensors)
     rng = tensors.pop("rng.torch", None)
