@@ -153,6 +153,33 @@ def test_an_output_is_never_an_input_nor_inside_one_nor_holding_one(mlp_run, tmp
     assert snapshot(tmp_path) == before
 
 
+def test_an_output_is_never_written_inside_the_data_it_reads(tmp_path, twa):
+    """The data is an input too: a run folder written into an image folder's train/ became a class of its own
+    for every later command (the flags' --data-dir, or the one the checkpoints record)."""
+    from PIL import Image
+
+    imgs = tmp_path / "imgs"
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (imgs / split / cls).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (8, 8), (60 * i, 0, 200 if cls == "b" else 0)).save(imgs / split / cls / f"{i}.png")
+    data = ["--data", "imagefolder", "--data-dir", imgs]
+    run = tmp_path / "run"
+    twa("sample", run, "--model", "mlp", *data, "--epochs", "1", "--batch-size", "8", "--per-epoch", "1", "--quiet")
+    before = snapshot(tmp_path)
+    cases = [
+        ("sample", imgs / "train" / "zz", "--model", "mlp", *data, "--epochs", "1", "--batch-size", "8"),
+        ("swa", run, "-o", imgs / "test" / "avg.safetensors"),  # the data recorded in the checkpoints
+        ("swa", run, "-o", imgs / "test" / "avg", "--data", "imagefolder", "--data-dir", imgs),
+        ("train-subspace", run, "-o", imgs / "test" / "t", "--epochs", "1", "--no-lr-check", "--select", "none",
+         "--init", "center"),
+    ]
+    for args in cases:
+        _one_line_refusal(twa(*args, check=False), "inside the input folder", str(imgs))
+    assert snapshot(tmp_path) == before
+
+
 def _sharded_average(twa, run: Path, out: Path, *extra: str) -> None:
     twa("swa", run, "-o", out, "--max-shard-size", "30KB", *extra)
 

@@ -157,6 +157,20 @@ def check_held_out(task: Task, needs: str) -> None:
         raise TwaError(f"{needs} needs --val-split (or checkpoints sampled with one; text: --val-data FILE)")
 
 
+def data_inputs(task: Task) -> list[Path]:
+    """What the task's data is read from, as the flags, else the checkpoints, name it: inputs too, which no output
+    may be written into or over. An image folder's split folders (what it holds beside them is never read), text
+    files or a saved dataset, a tokenizer folder; a torchvision set's files are its loader's own."""
+    data = task.describe().get("data")
+    if not isinstance(data, dict):
+        return []
+    if data.get("name") == "imagefolder" and isinstance(data.get("dir"), str):
+        return [Path(data["dir"]) / split for split in ("train", "val", "test")]
+    if data.get("kind") == "text":
+        return [Path(data[key]) for key in ("train", "eval", "val", "tokenizer") if isinstance(data.get(key), str)]
+    return []
+
+
 def check_init_file(init: str | Path | None, *, keywords: tuple[str, ...] = ()) -> None:
     """`--init FILE` names a checkpoint file that exists (`keywords`: the values that name no file), by the name
     it was written to (`NAME.safetensors` for a sharded result's index)."""

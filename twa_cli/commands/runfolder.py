@@ -77,6 +77,11 @@ class RunFolder:
         self.state = self.work / STATE_FILE
         self._existed = self.work.exists()
 
+    def check_not_inside(self, inputs: Iterable[str | Path]) -> None:
+        """Inputs known only once the task is resolved (its data): the result is not written into or over them."""
+        for folder in dict.fromkeys((self.path, self.work)):
+            check_not_an_input(folder, inputs, folder=True)
+
     def _nothing_to_resume(self) -> str:
         if self.path.exists() and any(not _bookkeeping(p) for p in self.path.iterdir()):
             return (f"{self.path}: nothing to resume (no {STATE_FILE}: the run there finished, or stopped before "

@@ -15,6 +15,7 @@ from twa_cli.commands.common import (
     aligned,
     check_held_out,
     compatible,
+    data_inputs,
     described,
     hf_folder,
     knows_task,
@@ -30,6 +31,7 @@ from twa_cli.core.selection import Selection
 from twa_cli.core.soups import greedy_soup
 from twa_cli.errors import TwaError
 from twa_cli.io.checkpoints import Checkpoint, Source, check_compatible, make_metadata, to_storage_dtype
+from twa_cli.io.outputs import check_not_an_input
 from twa_cli.io.readers import ReadOptions
 from twa_cli.io.writers import ResultTarget, write_result
 from twa_cli.tasks.base import Metrics, Task
@@ -94,6 +96,8 @@ def swa(folder: str | Path, output: str | Path, request: SwaRequest | None = Non
     layout = compatible(ckpts)
     device = resolve_device(request.device)
     task = task_of(request.task, ckpts[0], need_data=False) if _needs_model(request.task, ckpts[0]) else None
+    if task is not None:
+        check_not_an_input(target.path, data_inputs(task), folder=target.folder)  # the data is an input too
     if request.greedy and task is not None:
         check_held_out(task, "--greedy")  # the split the flags or the checkpoints name, before the model is built
     net = None

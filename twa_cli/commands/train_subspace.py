@@ -24,6 +24,7 @@ import torch
 from twa_cli.commands.common import (
     check_held_out,
     check_init_file,
+    data_inputs,
     described,
     pick,
     resolve_device,
@@ -73,7 +74,6 @@ from twa_cli.io.checkpoints import (
     read_checkpoint,
     to_storage_dtype,
 )
-from twa_cli.io.outputs import check_not_an_input
 from twa_cli.io.readers import ReadOptions, as_written
 from twa_cli.io.runfiles import (
     BASIS_FILE,
@@ -279,9 +279,9 @@ def train_subspace(src: str | Path, out: str | Path | None = None, cfg: Subspace
         folder = RunFolder(out, resume=resume, force=force, inputs=[src, *init_file], ours=_written_by_train_subspace)
         placement.barrier()  # every rank has checked `out` before any creates it
         inputs = _inputs(src, folder.work, cfg, placement, resume)
-        # The checkpoints a basis spans are inputs too (--init last and the variants read them): never write there.
-        for written in {folder.path, folder.work}:
-            check_not_an_input(written, {Path(s.path).parent for s in inputs.basis.sources}, folder=True)
+        # The checkpoints a basis spans are inputs too (--init last and the variants read them), and so is the
+        # data: never write there.
+        folder.check_not_inside([*{Path(s.path).parent for s in inputs.basis.sources}, *data_inputs(inputs.task)])
         if cfg.variant and placement.world > 1:
             raise TwaError("--affine and --granularity layer run in a single process, not under torchrun")
         return _train(inputs, folder, cfg, placement, device, resume, reporter, invocation)
