@@ -118,7 +118,18 @@ def apply_config_file(ctx: Any, path: Path) -> Path:
     commands = list(getattr(group, "commands", {}) or [])
     options = options_for(ctx.command.name or "", load_config_file(path), _option_names(ctx), commands, str(path))
     ctx.default_map = {**(ctx.default_map or {}), **options}
+    ctx.meta["twa_options_from"] = str(path)  # a value the option cannot take is this file's error
     return path
+
+
+def options_file(exc: Any) -> str | None:
+    """The file that gave the value a usage error `exc` is about (a config file, a --config-from result), when it
+    came from one and not from the command line."""
+    ctx, param = getattr(exc, "ctx", None), getattr(exc, "param", None)
+    if ctx is None or param is None or param.name is None or "twa_options_from" not in ctx.meta:
+        return None
+    source = ctx.get_parameter_source(param.name)
+    return ctx.meta["twa_options_from"] if getattr(source, "name", None) == "DEFAULT_MAP" else None
 
 
 def apply_recorded(ctx: Any, path: Path) -> Path:
@@ -136,6 +147,7 @@ def apply_recorded(ctx: Any, path: Path) -> Path:
             continue
         taken[key] = value
     ctx.default_map = {**(ctx.default_map or {}), **taken}
+    ctx.meta["twa_options_from"] = str(path)
     return path
 
 
