@@ -415,6 +415,14 @@ def test_a_text_column_the_file_lacks_is_named_not_replaced(bert: realtools.HFRu
     twa("eval", bert.checkpoints[-1], "--data", path, "--eval-data", path)
 
 
+@pytest.mark.parametrize("flags", [["--text-column", "label"], ["--label-column", "sentence", "--text-column",
+                                                                  "sentence"]], ids=["text-is-label", "label-is-text"])
+def test_one_column_as_both_text_and_label_is_refused(bert: realtools.HFRun, flags: list[str], twa):
+    """`--text-column label` read the labels as the text and scored them (50%), silently."""
+    line = one_line_error(twa("eval", bert.checkpoints[-1], "--eval-data", bert.test, *flags, check=False))
+    assert "--text-column" in line and "--label-column" in line and "both" in line, line
+
+
 @pytest.mark.parametrize("row, column, blank", [
     ({"sentence": ["the", "cat"], "label": 1}, "sentence", False),
     ({"sentence": 42, "label": 1}, "sentence", True),

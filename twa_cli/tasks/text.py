@@ -193,6 +193,9 @@ def classification_examples(rows: list[dict[str, Any]], tokenizer: Any, spec: di
                             max_length: int, where: str) -> Examples:
     text = column(rows, spec.get("text_column"), spec.get("label_column") or "label", where, "--text-column")
     label = spec.get("label_column") or "label"
+    if text == label:
+        raise TwaError(f"{where}: the column '{text}' is both the text (--text-column) and the label "
+                       "(--label-column); name two columns")
     if label not in rows[0]:
         raise TwaError(f"{where}: has no column '{label}' (it has {', '.join(map(str, rows[0]))}); name it with "
                        "--label-column")
