@@ -226,6 +226,40 @@ def test_resume_with_fewer_epochs_than_done_is_refused(runs, mlp_run, tmp_path, 
     twa(*with_epochs(2))  # as many as done: nothing to do, and no error
 
 
+def _points(edit: Callable[[list], object]) -> Callable[[Path], None]:
+    def change(record: Path) -> None:
+        body = json.loads(record.read_text())
+        result = edit(body["points"])
+        body["points"] = body["points"] if result is None else result
+        record.write_text(json.dumps(body))
+
+    return change
+
+
+@pytest.mark.parametrize("damage", [
+    lambda record: record.unlink(),
+    _points(lambda points: [{"label": 5}]),
+    _points(lambda points: points[0].pop("step")),
+    _points(lambda points: points[0].update(figures=None)),
+    _points(lambda points: points[0].update(kept="yes")),
+    _points(lambda points: [dict(p, kept=False) for p in points]),
+    lambda record: record.write_text('{"points": 3}'),
+], ids=["deleted", "no-step-label-number", "no-step", "figures-null", "kept-string", "none-kept", "points-number"])
+def test_a_lost_or_damaged_validation_record_is_one_line_naming_it(damage, runs, mlp_run, tmp_path, twa):
+    """The state keeps the best point scored so far, validation.json says which one it is: deleted, the resumed
+    run silently forgot its choice (and could end worse than what it had kept); damaged, a KeyError."""
+    folder = shutil.copytree(runs["subspace"], tmp_path / "subspace")
+    record = folder / "validation.json"
+    assert any(p["kept"] for p in json.loads(record.read_text())["points"])
+    damage(record)
+    before = snapshot(tmp_path)
+    result = twa(*_resume_command("subspace", folder, mlp_run), check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert str(record) in lines[0], lines[0]
+    assert snapshot(tmp_path) == before
+
+
 def test_the_state_of_another_command_says_so(runs, mlp_run, tmp_path, twa):
     folder = shutil.copytree(runs["subspace"], tmp_path / "subspace")
     shutil.copy(runs["sample"] / STATE, folder / STATE)

@@ -582,11 +582,8 @@ def _resume(folder: RunFolder, config: dict[str, Any], model: torch.nn.Module, o
     state = load_train_state(folder.state, config, command="train-subspace",
                              expected=with_prefix("model", model.state_dict()) | optim | best, required=optim)
     if keep is not None:
-        record = folder.work / VALIDATION_FILE
-        points = read_json(record) if record.exists() else {}
-        if not isinstance(points, dict) or not isinstance(points.get("points", []), list):
-            raise TwaError(f"{record}: not the validation record this tool writes")
-        keep.load(strip_prefix("best", state.tensors), points.get("points", []))
+        kept = strip_prefix("best", state.tensors)
+        keep.load(kept, _recorded_points(folder.work / VALIDATION_FILE, has_best=bool(kept)))
     if placement.lead:
         write_metrics(folder.work / METRICS_FILE, state.history)
     saved = strip_prefix("model", state.tensors)
@@ -596,6 +593,34 @@ def _resume(folder: RunFolder, config: dict[str, Any], model: torch.nn.Module, o
     optim = strip_prefix("optim", state.tensors)
     optimizer.load_state_tensors(optim)
     return state.epochs_done, state.step, state.history, float(state.config["lr"])
+
+
+def _recorded_points(record: Path, *, has_best: bool) -> list[dict[str, Any]]:
+    """The points an interrupted run scored, as its validation record lists them, checked: the state beside it
+    keeps the best of them (`has_best`), which the record must say is kept."""
+    if not record.exists():
+        if has_best:
+            raise TwaError(f"{record}: missing; the training state beside it keeps the best point this record "
+                           "names: restore it, or start the run again with --force")
+        return []
+    body = read_json(record)
+    points = body.get("points") if isinstance(body, dict) else None
+    if not isinstance(points, list) or not all(_is_point(p) for p in points):
+        raise TwaError(f"{record}: not the validation record this tool writes (each point has a label, a step, "
+                       "figures and whether it is kept)")
+    if has_best and not any(p["kept"] for p in points):
+        raise TwaError(f"{record}: names no kept point, though the training state beside it keeps one")
+    return points
+
+
+def _is_point(point: Any) -> bool:
+    if not isinstance(point, dict):
+        return False
+    label, step, figures, kept = (point.get(k) for k in ("label", "step", "figures", "kept"))
+    numbers = isinstance(figures, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                for v in figures.values())
+    return (isinstance(label, str) and isinstance(step, int) and not isinstance(step, bool) and step >= 0
+            and numbers and isinstance(kept, bool))
 
 
 def _learning_rate(model: torch.nn.Module, task: Task, optimizer: SubspaceSGD, cfg: SubspaceConfig,
