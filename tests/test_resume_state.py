@@ -260,6 +260,65 @@ def test_a_lost_or_damaged_validation_record_is_one_line_naming_it(damage, runs,
     assert snapshot(tmp_path) == before
 
 
+@pytest.fixture(scope="module")
+def checked_run(tmp_path_factory: pytest.TempPathFactory, mlp_run: Path, twa) -> Path:
+    """A train-subspace run with its lr check, stopped after its first epoch."""
+    out = tmp_path_factory.mktemp("checked") / "run"
+    target, stop = _interrupt_after_first_state("twa_cli.commands.train_subspace")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(target, "save_train_state", stop)
+        result = twa(*_checked_command(out, mlp_run), check=False)
+    assert result.returncode == 130 and (out / "lr-check.json").exists(), result.stderr
+    return out
+
+
+def _checked_command(folder: Path, mlp_run: Path, *extra: object) -> list[object]:
+    flags = [f for f in SUBSPACE if f != "--no-lr-check"]
+    return ["train-subspace", mlp_run, "-o", folder, *flags, "--epochs", "3", *extra]
+
+
+def _lr_check(**changes: object) -> Callable[[Path], None]:
+    def edit(record: Path) -> None:
+        body = json.loads(record.read_text())
+        body.update(changes)
+        record.write_text(json.dumps(body))
+
+    return edit
+
+
+@pytest.mark.parametrize("damage", [
+    lambda record: record.unlink(),
+    _lr_check(used="fast"),
+    _lr_check(used=1e9),
+    _lr_check(used=-0.1),
+    _lr_check(requested=0.25),
+    lambda record: record.write_text('{"lr": 0.5}'),
+    lambda record: record.write_text("[]"),
+], ids=["deleted", "used-string", "used-above-requested", "used-negative", "requested-other", "other-keys",
+        "not-a-table"])
+def test_a_lost_or_damaged_lr_check_is_one_line_naming_it(damage, checked_run, mlp_run, tmp_path, twa):
+    """A resumed run trains at the lr its check chose, read back from lr-check.json: other keys were a TypeError
+    traceback, any number was trained at, and a deleted record was measured again at the resumed point (another
+    lr, mid-run, silently)."""
+    folder = shutil.copytree(checked_run, tmp_path / "run")
+    record = folder / "lr-check.json"
+    damage(record)
+    before = snapshot(tmp_path)
+    result = twa(*_checked_command(folder, mlp_run, "--resume"), check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert str(record) in lines[0], lines[0]
+    assert snapshot(tmp_path) == before
+
+
+def test_the_undamaged_lr_check_resumes_at_the_lr_it_chose(checked_run, mlp_run, tmp_path, twa):
+    folder = shutil.copytree(checked_run, tmp_path / "run")
+    used = json.loads((folder / "lr-check.json").read_text())["used"]
+    twa(*_checked_command(folder, mlp_run, "--resume"))
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and rows[1]["lr"] <= used * (1 + 1e-9)
+
+
 def test_the_state_of_another_command_says_so(runs, mlp_run, tmp_path, twa):
     folder = shutil.copytree(runs["subspace"], tmp_path / "subspace")
     shutil.copy(runs["sample"] / STATE, folder / STATE)

@@ -14,7 +14,7 @@ import logging
 import math
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -376,6 +376,8 @@ def _train(inputs: _Inputs, folder: RunFolder, cfg: SubspaceConfig, placement: P
         elif keep is not None:
             _choose_start(keep, score, basis, model, optimizer, cfg, device)
         check = _learning_rate(model, task, optimizer, cfg, placement, device, folder, fit_split, saved_lr)
+        if resume and placement.lead:  # once every record the run resumes from is read and checked
+            write_metrics(work / METRICS_FILE, history)
         lr = check.used if check is not None else cfg.lr
         per_epoch = num_batches(task.split(fit_split, augment=True), cfg.batch_size)
         mid_epoch = scored_steps(per_epoch, cfg.epochs) if keep is not None else set()
@@ -584,8 +586,6 @@ def _resume(folder: RunFolder, config: dict[str, Any], model: torch.nn.Module, o
     if keep is not None:
         kept = strip_prefix("best", state.tensors)
         keep.load(kept, _recorded_points(folder.work / VALIDATION_FILE, has_best=bool(kept)))
-    if placement.lead:
-        write_metrics(folder.work / METRICS_FILE, state.history)
     saved = strip_prefix("model", state.tensors)
     check_fits(model, {k: tuple(v.shape) for k, v in saved.items()}, str(folder.state))
     for name, value in model.state_dict().items():
@@ -623,6 +623,29 @@ def _is_point(point: Any) -> bool:
             and numbers and isinstance(kept, bool))
 
 
+def _recorded_lr_check(path: Path, lr: float) -> LrCheck:
+    """The lr check an interrupted run made at its start, read back to train at the lr it chose: checked, as a
+    resumed run trusts it (measured again at the resumed point, it would change the lr mid-run)."""
+    if not path.exists():
+        raise TwaError(f"{path}: missing; it holds the lr the interrupted run trained at: restore it, or resume with "
+                       "another --lr (used as given)")
+    body = read_json(path)
+    numbers = ("requested", "sharpness", "limit", "used")
+    known = {f.name for f in fields(LrCheck)}
+    if not (isinstance(body, dict) and set(body) <= known and all(_is_number(body.get(k)) for k in numbers)
+            and isinstance(body.get("method", ""), str)
+            and (body.get("start_loss") is None or _is_number(body["start_loss"]))):
+        raise TwaError(f"{path}: not the lr check this tool writes (numbers {', '.join(numbers)}, a method)")
+    if body["requested"] != lr or not (math.isfinite(body["used"]) and 0 < body["used"] <= lr):
+        raise TwaError(f"{path}: says --lr {body['requested']!r} was trained at {body['used']!r}, which this run's "
+                       f"--lr {lr:g} cannot have chosen; restore it, or resume with another --lr (used as given)")
+    return LrCheck(**body)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _learning_rate(model: torch.nn.Module, task: Task, optimizer: SubspaceSGD, cfg: SubspaceConfig,
                    placement: Placement, device: str, folder: RunFolder, split: str, saved_lr: float | None
                    ) -> LrCheck | None:
@@ -635,8 +658,8 @@ def _learning_rate(model: torch.nn.Module, task: Task, optimizer: SubspaceSGD, c
         return None
     if not cfg.lr_check:
         return None
-    if saved_lr is not None and path.exists():
-        return LrCheck(**read_json(path))
+    if saved_lr is not None:
+        return _recorded_lr_check(path, cfg.lr)
     dataset = task.split(split, augment=True)
     parts = placement if placement.world > 1 else None
     sample = list(islice(batches(task, dataset, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=SHARPNESS_EPOCH,
