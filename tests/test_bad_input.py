@@ -137,6 +137,15 @@ def _nan_metric(root: Path, run: Path) -> Path:
     return folder
 
 
+def _text(name: str, text: str) -> Callable[[Path, Path], Path]:
+    def build(root: Path, run: Path) -> Path:
+        path = root / name
+        path.write_text(text)
+        return path
+
+    return build
+
+
 def _null_section(root: Path, run: Path) -> Path:
     path = root / "nullsection.yaml"
     path.write_text("model: mlp\nsample: ~\n")
@@ -221,6 +230,10 @@ INPUTS: dict[str, Callable[[Path, Path], Path]] = {
     "binaryconfig": _binary_config,
     "nullconfig": _null_config,
     "nullsection": _null_section,
+    "wordconfig": _text("word.yaml", "model: mlp\nepochs: two\n"),
+    "twiceconfig": _text("twice.yaml", "model: mlp\nepochs: 2\nsample:\n  lr: 0.1\n  lr: 0.5\n"),
+    "twicejson": _text("twice.json", '{"model": "mlp", "epochs": 2, "epochs": 3}'),
+    "seedconfig": _text("seed.toml", "model = \"mlp\"\n[sample]\nseed = 1.5\n"),
     "nanmetric": _nan_metric,
     "imgs": _image_folders,
     "escape": _index_escape,
@@ -342,6 +355,17 @@ CASES = [
     case("recorded-torchvision-name", "eval {tvcode}", "{tvcode}", "'os.system'"),
     case("recorded-timm-name", "eval {timmpath}", "{timmpath}", "'../../os'"),
     case("data-callable-raises", "sample {out}/new --model mlp --data json:loads", "--data json:loads"),
+    # A value a config file gives that its option cannot take is that file's error (it named only the flag, exit 2)
+    case("config-value", "sample {out}/new --config {wordconfig}", "{wordconfig}", "--epochs"),
+    case("config-section-value", "sample {out}/new --config {seedconfig}", "{seedconfig}", "--seed"),
+    # A key given twice was taken at its last value, silently (YAML, JSON; TOML's parser refuses it itself)
+    case("config-key-twice", "sample {out}/new --config {twiceconfig}", "{twiceconfig}", "'lr'", "twice"),
+    case("config-key-twice-json", "sample {out}/new --config {twicejson}", "{twicejson}", "'epochs'", "twice"),
+    # The file-system root has no name to write a result or a `.partial` folder beside.
+    case("run-at-root", "sample / --model mlp", "/", "file-system root"),
+    case("run-at-root-force", "sample / --model mlp --force", "file-system root"),
+    case("train-at-root", "train-subspace {basis} -o / --force", "file-system root"),
+    case("file-at-root", "orthogonalize {run} -o / --force", "file-system root"),
 ]
 
 

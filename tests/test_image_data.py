@@ -283,3 +283,27 @@ def test_the_flag_takes_the_place_of_the_recorded_view(tmp_path, twa):
     net.load_state_dict(average)
     recalibrate_on(net, task, plain_batches(task, task.dataset("train", augment=False), 128))
     assert all(torch.allclose(average[k], v) for k, v in _stats(net).items())
+
+
+def test_an_image_folder_s_own_val_folder_is_the_validation_split(tmp_path, twa):
+    """DIR/val/ beside DIR/test/ is the validation split (README, Data): `--fit-on val` and `swa --greedy` were
+    refused for want of --val-split, as if only a carved fraction could be one."""
+    root = _folder(tmp_path / "imgs")
+    for cls in ("cat", "dog", "frog"):
+        (root / "val" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(root / "val" / cls / f"{i}.png")
+    run = tmp_path / "run"
+    twa("sample", run, "--model", "mlp", "--data", "imagefolder", "--data-dir", root, "--epochs", "1",
+        "--per-epoch", "2", "--batch-size", "4", "--quiet")
+    soup = twa("swa", run, "--greedy", "-o", tmp_path / "soup.safetensors", "--json")
+    import json
+
+    assert len(json.loads(soup.stdout)["individual_val"]) == 3
+    fitted = json.loads(twa("train-subspace", run, "-o", tmp_path / "fit", "--fit-on", "val", "--select", "none",
+                            "--init", "center", "--epochs", "1", "--no-lr-check", "--json").stdout)
+    assert fitted["coefficients"]
+    # without val/ there is none, and the refusal still comes
+    (root / "val").rename(tmp_path / "aside")
+    refused = twa("swa", run, "--greedy", "-o", tmp_path / "no.safetensors", check=False)
+    assert refused.returncode == 1 and "--val-split" in refused.stderr

@@ -134,10 +134,10 @@ def test_a_replacement_that_fails_between_the_two_renames_puts_the_old_folder_ba
 
 @pytest.mark.parametrize("new_in_place", [False, True])
 def test_a_folder_a_killed_replacement_set_aside_comes_back(tmp_path, new_in_place):
-    """kill -9 between the two renames leaves `.NAME.<pid>-<random>.old` (the old result) and perhaps no `NAME`:
+    """kill -9 between the two renames leaves `.NAME.twa-<pid>-<random>.old` (the old result) and perhaps no `NAME`:
     the next write of that name puts the old folder back, or, when the new one was placed, removes it."""
     out = tmp_path / "hf"
-    aside = tmp_path / f".hf.{_dead_pid()}-0badc0de.old"
+    aside = tmp_path / f".hf.twa-{_dead_pid()}-0badc0de.old"
     aside.mkdir()
     (aside / "model.safetensors").write_bytes(b"old")
     if new_in_place:
@@ -156,10 +156,44 @@ def test_another_process_s_temporaries_are_never_probed_with_kill_on_windows(tmp
         raise AssertionError("os.kill called")
 
     monkeypatch.setattr(atomic.os, "kill", kill)
-    stale = tmp_path / f".out.bin.{_dead_pid()}-00000000.tmp"
+    stale = tmp_path / f".out.bin.twa-{_dead_pid()}-00000000.tmp"
     stale.write_bytes(b"x")
     atomic.write_bytes(tmp_path / "out.bin", b"new")
     assert stale.exists()
+
+
+def test_only_the_tool_s_own_dead_temporaries_are_removed(mlp_run, tmp_path, twa):
+    """Files of the user's named like a temporary beside the output (`.NAME.<anything>.tmp` or `.old`) were
+    removed, or (an `.old` folder) renamed onto the output: only names the tool writes (`.NAME.twa-<pid>-<8 hex>`)
+    of a process no longer running are its own."""
+    dead = _dead_pid()
+    out = tmp_path / "avg.safetensors"
+    users = [".avg.safetensors.backup.tmp", f".avg.safetensors.{dead}-0badc0de.tmp", ".avg.safetensors.twa-x.tmp",
+             f".avg.safetensors.twa-{dead}-0badc0de-copy.tmp"]
+    for name in users:
+        (tmp_path / name).write_bytes(b"mine")
+    (tmp_path / ".hf.notes.old").mkdir()
+    (tmp_path / ".hf.notes.old" / "keep.txt").write_bytes(b"mine")
+    stale = tmp_path / f".avg.safetensors.twa-{dead}-0badc0de.tmp"
+    stale.write_bytes(b"left by a kill")
+    twa("swa", mlp_run, "-o", out, "--no-bn-update", "--quiet")
+    atomic.remove_stale_temps(tmp_path / "hf")  # the folder is missing: only its own aside folder comes back
+    assert not stale.exists() and out.is_file() and not (tmp_path / "hf").exists()
+    assert all((tmp_path / name).read_bytes() == b"mine" for name in users)
+    assert (tmp_path / ".hf.notes.old" / "keep.txt").read_bytes() == b"mine"
+
+
+def test_force_never_takes_a_user_s_dot_tmp_file_in_a_run_folder_for_the_tool_s(tmp_path):
+    """A run folder --force may replace holds only what the command writes: a `.notes.tmp` of the user's is not
+    a temporary of a killed write."""
+    from twa_cli.commands.runfolder import RunFolder
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")
+    (out / ".notes.tmp").write_text("mine")
+    with pytest.raises(TwaError, match=r"\.notes\.tmp"):
+        RunFolder(out, resume=False, force=True, ours=lambda p: p.name == "metrics.jsonl")
 
 
 _NO_FCNTL = """

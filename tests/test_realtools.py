@@ -378,7 +378,87 @@ def test_hf_classifier_data_row_without_a_value_is_named(bert: realtools.HFRun, 
         path.write_text("\n".join(lines) + "\n")
         column = "sentence" if broken == "json row without text" else "label"
     line = one_line_error(twa("eval", bert_twa[0], "--data", bert.train, "--eval-data", path, check=False))
-    assert str(path) in line and "row 4" in line and f"'{column}'" in line, line
+    number = 5 if broken == "short tsv row" else 4  # the line of the file (the TSV's first is its header)
+    assert str(path) in line and f"line {number}" in line and f"'{column}'" in line, line
+
+
+@pytest.mark.parametrize("with_training_text", [False, True])
+def test_greedy_soup_selects_on_the_given_validation_file(bert: realtools.HFRun, tmp_path: Path,
+                                                          with_training_text: bool, twa):
+    """`swa --greedy --val-data FILE` was refused for --val-split: a Hugging Face model has no BatchNorm, so the
+    validation file (and the checkpoints' tokenizer) is all the soup needs; it scores on that file."""
+    out = tmp_path / "soup"
+    data = ["--data", bert.train] if with_training_text else []
+    soup = summary(twa("swa", bert.run, "-o", out, "--greedy", "--val-data", bert.test, *data, "--json"))
+    assert soup["chosen"] and len(soup["individual_val"]) == soup["checkpoints"]
+    scored = summary(twa("eval", out, "--eval-data", bert.test, "--json"))["results"][0]["test"]
+    assert soup["val"] == pytest.approx(scored["accuracy"], abs=1e-9)
+    alone = summary(twa("eval", *(c / "model.safetensors" for c in bert.checkpoints), "--eval-data", bert.test,
+                        "--json"))["results"]
+    assert sorted(soup["individual_val"]) == pytest.approx(sorted(r["test"]["accuracy"] for r in alone), abs=1e-9)
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".jsonl"])
+def test_a_text_column_the_file_lacks_is_named_not_replaced(bert: realtools.HFRun, tmp_path: Path, suffix: str, twa):
+    """`--text-column review` on a file with `sentence` and `label` columns used `sentence` in its place: a
+    column the user names must be there (guessing the one other column is only for the default name)."""
+    rows = realtools.read_tsv(bert.test)[:4]
+    path = tmp_path / f"test{suffix}"
+    if suffix == ".tsv":
+        path.write_text("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in rows))
+    else:
+        path.write_text("".join(json.dumps({"sentence": s, "label": y}) + "\n" for s, y in rows))
+    line = one_line_error(twa("eval", bert.checkpoints[-1], "--data", path, "--eval-data", path,
+                              "--text-column", "review", check=False))
+    assert str(path) in line and "'review'" in line and "--text-column" in line, line
+    # Unnamed, the one column beside the label is still the text (SST-2 calls it `sentence`).
+    twa("eval", bert.checkpoints[-1], "--data", path, "--eval-data", path)
+
+
+@pytest.mark.parametrize("flags", [["--text-column", "label"], ["--label-column", "sentence", "--text-column",
+                                                                  "sentence"]], ids=["text-is-label", "label-is-text"])
+def test_one_column_as_both_text_and_label_is_refused(bert: realtools.HFRun, flags: list[str], twa):
+    """`--text-column label` read the labels as the text and scored them (50%), silently."""
+    line = one_line_error(twa("eval", bert.checkpoints[-1], "--eval-data", bert.test, *flags, check=False))
+    assert "--text-column" in line and "--label-column" in line and "both" in line, line
+
+
+@pytest.mark.parametrize("row, column, blank", [
+    ({"sentence": ["the", "cat"], "label": 1}, "sentence", False),
+    ({"sentence": 42, "label": 1}, "sentence", True),
+    ({"sentence": {"text": "a"}, "label": 1}, "sentence", False),
+    ({"sentence": "the cat sees a tree", "label": True}, "label", True),
+    ({"sentence": "the cat sees a tree", "label": [1]}, "label", False),
+    ({"sentence": "the cat sees a tree", "label": 1.0}, "label", False),
+], ids=["text-list", "text-number", "text-object", "label-true", "label-list", "label-float"])
+def test_a_jsonl_value_of_the_wrong_type_is_named_by_file_and_line(bert: realtools.HFRun, tmp_path: Path,
+                                                                    row: dict[str, Any], column: str, blank: bool,
+                                                                    twa):
+    """A list or number where the text goes was read as its Python spelling ("['the', 'cat']"), and `true` as
+    label 1: JSON values other than a string (a label: a string or a whole number) are refused, naming the line
+    (blank lines counted, as an editor counts them)."""
+    good = [json.dumps({"sentence": s, "label": y}) for s, y in realtools.read_tsv(bert.test)[:3]]
+    path = tmp_path / "test.jsonl"
+    path.write_text("\n".join(good + ([""] if blank else []) + [json.dumps(row)]) + "\n")
+    line = one_line_error(twa("eval", bert.checkpoints[-1], "--data", bert.train, "--eval-data", path, check=False))
+    number = 5 if blank else 4
+    assert str(path) in line and f"line {number}" in line and f"'{column}'" in line, line
+
+
+@pytest.mark.parametrize("name, text, number", [
+    ("broken.jsonl", '{"sentence": "a fine song", "label": 1}\n\n{"sentence": "a dull song", "label": 0}\n'
+                     '{"sentence": "oops"\n', 4),
+    ("extra.tsv", "sentence\tlabel\na fine song\t1\na dull song\t0\tmore\n", 3),
+    ("extra.csv", "sentence,label\na fine song,1\na dull song,0,more\n", 3),
+], ids=["jsonl-not-json", "tsv-extra-field", "csv-extra-field"])
+def test_a_malformed_line_of_text_data_is_named(bert: realtools.HFRun, tmp_path: Path, name: str, text: str,
+                                                number: int, twa):
+    """A JSON error was reported at the line of its own text ('line 2 column 1' for the file's line 4); a row
+    with more fields than the header was read with a column named None, and the error spoke of columns."""
+    path = tmp_path / name
+    path.write_text(text)
+    line = one_line_error(twa("eval", bert.checkpoints[-1], "--eval-data", path, check=False))
+    assert f"{path}: line {number}" in line and "None" not in line, line
 
 
 @pytest.mark.parametrize("kind", ["bert", "gpt"])

@@ -153,6 +153,33 @@ def test_an_output_is_never_an_input_nor_inside_one_nor_holding_one(mlp_run, tmp
     assert snapshot(tmp_path) == before
 
 
+def test_an_output_is_never_written_inside_the_data_it_reads(tmp_path, twa):
+    """The data is an input too: a run folder written into an image folder's train/ became a class of its own
+    for every later command (the flags' --data-dir, or the one the checkpoints record)."""
+    from PIL import Image
+
+    imgs = tmp_path / "imgs"
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (imgs / split / cls).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (8, 8), (60 * i, 0, 200 if cls == "b" else 0)).save(imgs / split / cls / f"{i}.png")
+    data = ["--data", "imagefolder", "--data-dir", imgs]
+    run = tmp_path / "run"
+    twa("sample", run, "--model", "mlp", *data, "--epochs", "1", "--batch-size", "8", "--per-epoch", "1", "--quiet")
+    before = snapshot(tmp_path)
+    cases = [
+        ("sample", imgs / "train" / "zz", "--model", "mlp", *data, "--epochs", "1", "--batch-size", "8"),
+        ("swa", run, "-o", imgs / "test" / "avg.safetensors"),  # the data recorded in the checkpoints
+        ("swa", run, "-o", imgs / "test" / "avg", "--data", "imagefolder", "--data-dir", imgs),
+        ("train-subspace", run, "-o", imgs / "test" / "t", "--epochs", "1", "--no-lr-check", "--select", "none",
+         "--init", "center"),
+    ]
+    for args in cases:
+        _one_line_refusal(twa(*args, check=False), "inside the input folder", str(imgs))
+    assert snapshot(tmp_path) == before
+
+
 def _sharded_average(twa, run: Path, out: Path, *extra: str) -> None:
     twa("swa", run, "-o", out, "--max-shard-size", "30KB", *extra)
 
@@ -580,6 +607,68 @@ def test_a_dangling_link_as_output_folder_is_refused_before_any_work(mlp_run, tm
     assert [p.name for p in tmp_path.iterdir()] == ["link"] and os.readlink(link) == str(tmp_path / "gone")
 
 
+# Commands writing one file with --force: (first run, second run), the output written to `{out}`.
+_FILE_WRITERS = {
+    "swa": (["swa", "{run}", "-o", "{out}", "--no-bn-update", "--end", "3"],
+            ["swa", "{run}", "-o", "{out}", "--no-bn-update", "--force"]),
+    "orthogonalize": (["orthogonalize", "{run}", "-o", "{out}", "--end", "3"],
+                      ["orthogonalize", "{run}", "-o", "{out}", "--force"]),
+}
+
+
+@pytest.mark.parametrize("command", sorted(_FILE_WRITERS))
+def test_force_onto_a_symlinked_output_file_replaces_through_the_link(mlp_run, tmp_path, twa, command):
+    """As for a folder (F1): the new result replaces the file the link names, whole, and the link stays (it
+    was replaced by a regular file, leaving the file it named as it was)."""
+    first, second = _FILE_WRITERS[command]
+    (tmp_path / "store").mkdir()
+    target, link = tmp_path / "store" / "real.safetensors", tmp_path / "link.safetensors"
+    twa(*[a.format(run=mlp_run, out=target) for a in first])
+    before = target.read_bytes()
+    link.symlink_to(target)
+    twa(*[a.format(run=mlp_run, out=link) for a in second])
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert target.is_file() and not target.is_symlink() and target.read_bytes() != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.safetensors", "store"]
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["real.safetensors"]  # no temporary left
+
+
+@pytest.mark.parametrize("command", sorted(_FILE_WRITERS))
+def test_a_dangling_link_as_output_file_is_refused_before_any_work(mlp_run, tmp_path, twa, command):
+    _, second = _FILE_WRITERS[command]
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(tmp_path / "gone.safetensors")
+    _one_line_refusal(twa(*[a.format(run=mlp_run, out=link) for a in second], check=False), str(link),
+                      "does not exist")
+    assert [p.name for p in tmp_path.iterdir()] == ["link.safetensors"]
+
+
+def test_a_link_inside_a_run_folder_is_never_written_through(tmp_path, twa):
+    """Only a result the user names is written through a link: a run folder's own file that is a link (a folder
+    from elsewhere, `metrics.jsonl -> ~/notes`) is replaced on --resume, and what it named stays as it was."""
+    run, outside = tmp_path / "run", tmp_path / "notes.txt"
+    common = ["--model", "mlp", "--batch-size", "64", "--device", "cpu", "--per-epoch", "1", "--quiet"]
+    twa("sample", run, *common, "--epochs", "1")
+    outside.write_text("mine\n")
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").symlink_to(outside)
+    twa("sample", run, *common, "--epochs", "2", "--resume")
+    assert outside.read_text() == "mine\n"
+    assert not (run / "metrics.jsonl").is_symlink() and len((run / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_sharded_result_through_a_link_to_a_file_is_refused_before_any_work(mlp_run, tmp_path, twa):
+    """Shards and an index beside the file a link names would leave the link naming a removed file."""
+    target, link = tmp_path / "real.safetensors", tmp_path / "link.safetensors"
+    twa("swa", mlp_run, "-o", target, "--no-bn-update")
+    before = target.read_bytes()
+    link.symlink_to(target)
+    _one_line_refusal(twa("swa", mlp_run, "-o", link, "--force", "--max-shard-size", "1KB", check=False),
+                      str(link), "--max-shard-size")
+    assert target.read_bytes() == before and os.readlink(link) == str(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.safetensors", "real.safetensors"]
+
+
 def test_force_cannot_take_a_run_folder_another_run_is_writing(mlp_run, tmp_path, twa):
     """F2: the lock covers the result's name, not only the folder a run writes in (OUT or OUT.partial)."""
     out = tmp_path / "tsc"
@@ -622,6 +711,39 @@ def test_the_run_folder_lock_covers_force_and_resume(tmp_path):
     again.claim()  # free again once the first is done
     assert again.work == tmp_path / "run.partial"
     again.abandon()
+
+
+@pytest.mark.parametrize("flags", [["--resume", "--seed", "5"], ["--resume", "--lr", "0.3"], ["--resume"], []],
+                         ids=["resume-new-seed", "resume-new-lr", "resume", "plain"])
+def test_a_run_another_process_is_writing_is_said_before_anything_about_its_options(tmp_path, twa, flags):
+    """While another process holds the run's lock, that is what is said first: not a changed option (--seed), not
+    'nothing to resume' (its first epoch is not saved yet), not 'already exists'."""
+    import multiprocessing
+
+    out = tmp_path / "run"
+    common = ["--model", "mlp", "--batch-size", "64", "--device", "cpu", "--per-epoch", "1", "--quiet"]
+    twa("sample", out, *common, "--epochs", "1")
+    if flags == ["--resume"]:
+        (out / "train-state.safetensors").unlink()  # the holder has not saved its first epoch yet
+    ready, release = multiprocessing.Event(), multiprocessing.Event()
+    holder = multiprocessing.get_context("fork").Process(target=_hold_lock, args=(tmp_path / ".run.lock", ready,
+                                                                                   release))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        result = twa("sample", out, *common, "--epochs", "2", *flags, check=False)
+        _one_line_refusal(result, str(out), "another twa process is writing")
+    finally:
+        release.set()
+        holder.join(60)
+
+
+def _hold_lock(path, ready, release) -> None:
+    from filelock import FileLock
+
+    with FileLock(path, timeout=0):
+        ready.set()
+        release.wait(60)
 
 
 def test_force_never_removes_the_partial_folder_of_a_running_force_run(tmp_path):

@@ -117,6 +117,21 @@ def test_greedy_soup_is_the_mean_of_the_chosen_checkpoints(tmp_path, twa):
     assert result.val >= max(own) - 1e-9
 
 
+def test_greedy_soup_selects_on_the_val_split_the_checkpoints_record(tmp_path, twa):
+    """`twa sample --val-split 0.2` then `twa swa --greedy` asked for --val-split again: the flag, else the
+    metadata, as every other command reads it."""
+    run = tiny_run(tmp_path / "run", model="mlp", epochs=2, per_epoch=1, val_split=0.2)
+    recorded = json.loads(twa("swa", run, "--greedy", "-o", tmp_path / "a.safetensors", "--json").stdout)
+    flagged = json.loads(twa("swa", run, "--greedy", "--val-split", "0.2", "-o", tmp_path / "b.safetensors",
+                             "--json").stdout)
+    assert recorded["chosen"] == flagged["chosen"] and recorded["val"] == flagged["val"]
+    assert recorded["individual_val"] == flagged["individual_val"] and len(recorded["individual_val"]) == 3
+    # a flag given takes the place of what is recorded: another split, other figures
+    other = json.loads(twa("swa", run, "--greedy", "--val-split", "0.5", "-o", tmp_path / "c.safetensors",
+                           "--json").stdout)
+    assert other["individual_val"] != recorded["individual_val"]
+
+
 def test_sample_init_starts_from_the_given_weights(tmp_path, twa):
     base = tiny_run(tmp_path / "base", model="mlp", epochs=1, per_epoch=1)
     init = list_folder(base)[-1].path

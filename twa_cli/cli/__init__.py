@@ -32,8 +32,15 @@ def main(argv: list[str] | None = None) -> None:
         except usage_error as exc:
             if debug:
                 raise
+            from twa_cli.cli.config import options_file
+
+            message = " ".join(exc.format_message().split())
+            source = options_file(exc)
+            if source is not None:  # a value a file gave: that file's error, as bad input
+                Output().error(f"{source}: {message}")
+                sys.exit(1)
             where = f" (see '{exc.ctx.command_path} -h')" if exc.ctx is not None else ""
-            Output().error(f"{' '.join(exc.format_message().split())}{where}")
+            Output().error(f"{message}{where}")
             sys.exit(exc.exit_code)
         except typer.Abort:
             Output().error("interrupted")

@@ -356,7 +356,8 @@ def swa(
                                             "the training data (needs architecture and data).")] = True,
     bn_batches: BnBatches = None,
     greedy: Annotated[bool, typer.Option("--greedy", help="Greedy soup: add a checkpoint only if held-out accuracy "
-                                         "(on --val-split) does not drop.")] = False,
+                                         "on the validation split (--val-split or --val-data, else the "
+                                         "checkpoints') does not drop.")] = False,
     compute_dtype: Annotated[ComputeDtype, typer.Option(help="Precision the sums are accumulated in.")
                              ] = ComputeDtype.float64,
     dtype: Annotated[OutDtype, typer.Option(help="Precision of the written average: same keeps each tensor's own "

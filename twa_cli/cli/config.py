@@ -36,9 +36,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     suffix = path.suffix.lower()
     try:
         if suffix in (".yaml", ".yml"):
-            import yaml
-
-            loaded = yaml.safe_load(text)
+            loaded = _yaml_once(text)
         elif suffix == ".toml":
             try:
                 import tomllib
@@ -47,7 +45,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
             loaded = tomllib.loads(text)
         elif suffix == ".json":
-            loaded = json.loads(text)
+            loaded = json.loads(text, object_pairs_hook=_once)
         else:
             raise TwaError(f"{path}: a config file ends in .yaml, .yml, .toml or .json")
     except TwaError:
@@ -60,6 +58,40 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(loaded, Mapping):
         raise TwaError(f"{path}: must hold a mapping of option names to values")
     return dict(loaded)
+
+
+class _GivenTwice(ValueError):
+    pass
+
+
+def _once(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """A mapping whose keys are each given once (YAML and JSON parsers keep the last silently)."""
+    out: dict[Any, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _GivenTwice(f"'{key}' is given twice")
+        out[key] = value
+    return out
+
+
+def _yaml_once(text: str) -> Any:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+        # The keys written in this mapping (a merged-in `<<: *defaults` may be overridden, as YAML says).
+        own = [(loader.construct_object(k, deep=True), None) for k, _ in node.value
+               if k.tag != "tag:yaml.org,2002:merge"]
+        try:
+            _once(own)
+        except _GivenTwice as exc:
+            raise _GivenTwice(f"{exc} in the mapping at line {node.start_mark.line + 1}") from None
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=True)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return yaml.load(text, Loader=Loader)  # a SafeLoader with its mapping constructor checking keys
 
 
 def options_for(command: str, loaded: Mapping[str, Any], names: Mapping[str, str], commands: Iterable[str],
@@ -118,7 +150,18 @@ def apply_config_file(ctx: Any, path: Path) -> Path:
     commands = list(getattr(group, "commands", {}) or [])
     options = options_for(ctx.command.name or "", load_config_file(path), _option_names(ctx), commands, str(path))
     ctx.default_map = {**(ctx.default_map or {}), **options}
+    ctx.meta["twa_options_from"] = str(path)  # a value the option cannot take is this file's error
     return path
+
+
+def options_file(exc: Any) -> str | None:
+    """The file that gave the value a usage error `exc` is about (a config file, a --config-from result), when it
+    came from one and not from the command line."""
+    ctx, param = getattr(exc, "ctx", None), getattr(exc, "param", None)
+    if ctx is None or param is None or param.name is None or "twa_options_from" not in ctx.meta:
+        return None
+    source = ctx.get_parameter_source(param.name)
+    return ctx.meta["twa_options_from"] if getattr(source, "name", None) == "DEFAULT_MAP" else None
 
 
 def apply_recorded(ctx: Any, path: Path) -> Path:
@@ -136,6 +179,7 @@ def apply_recorded(ctx: Any, path: Path) -> Path:
             continue
         taken[key] = value
     ctx.default_map = {**(ctx.default_map or {}), **taken}
+    ctx.meta["twa_options_from"] = str(path)
     return path
 
 

@@ -140,20 +140,39 @@ def described(request: TaskRequest, ckpt: Checkpoint) -> dict[str, Any]:
     return out
 
 
-def check_held_out(fit_on: str, task: Task) -> None:
-    """`--fit-on val` on data that, as the flags and the files' metadata describe it, holds nothing out: said
-    before anything is loaded or orthogonalized. Data from the user's code may hold out its own, and is checked
-    once loaded."""
+def check_held_out(task: Task, needs: str) -> None:
+    """`needs` (what scores on the validation split: `--fit-on val`, `--greedy`) on data that, as the flags and
+    the files' metadata describe it (the flag, else what the checkpoints record), holds nothing out: said before
+    anything is loaded or orthogonalized. Data from the user's code may hold out its own, and is checked once
+    loaded."""
     from twa_cli.tasks.hooks import is_code_name
+    from twa_cli.tasks.images import has_val_folder
 
     data = task.describe().get("data")
-    if fit_on != "val" or not isinstance(data, dict) or not data or is_code_name(str(data.get("name") or "")):
+    if not isinstance(data, dict) or not data or is_code_name(str(data.get("name") or "")):
         return
+    if data.get("name") == "imagefolder" and has_val_folder(data.get("dir")):
+        return  # DIR/val/ beside DIR/test/
     if not any(value for key, value in data.items() if key.startswith("val")):
-        raise TwaError("--fit-on val needs --val-split (or checkpoints sampled with one)")
+        raise TwaError(f"{needs} needs --val-split (or checkpoints sampled with one; text: --val-data FILE)")
+
+
+def data_inputs(task: Task) -> list[Path]:
+    """What the task's data is read from, as the flags, else the checkpoints, name it: inputs too, which no output
+    may be written into or over. An image folder's split folders (what it holds beside them is never read), text
+    files or a saved dataset, a tokenizer folder; a torchvision set's files are its loader's own."""
+    data = task.describe().get("data")
+    if not isinstance(data, dict):
+        return []
+    if data.get("name") == "imagefolder" and isinstance(data.get("dir"), str):
+        return [Path(data["dir"]) / split for split in ("train", "val", "test")]
+    if data.get("kind") == "text":
+        return [Path(data[key]) for key in ("train", "eval", "val", "tokenizer") if isinstance(data.get(key), str)]
+    return []
 
 
 def check_init_file(init: str | Path | None, *, keywords: tuple[str, ...] = ()) -> None:
-    """`--init FILE` names a checkpoint file that exists (`keywords`: the values that name no file)."""
+    """`--init FILE` names a checkpoint file that exists (`keywords`: the values that name no file), by the name
+    it was written to (`NAME.safetensors` for a sharded result's index)."""
     if init is not None and str(init) not in keywords and not as_written(init).is_file():
         raise TwaError(f"--init {init}: no such checkpoint file")

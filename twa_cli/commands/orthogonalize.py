@@ -15,6 +15,7 @@ from twa_cli.core.basis import check_tol
 from twa_cli.core.placement import placement_for
 from twa_cli.core.selection import Selection
 from twa_cli.errors import TwaError
+from twa_cli.io.atomic import through_link
 from twa_cli.io.outputs import check_output
 from twa_cli.io.readers import ReadOptions
 from twa_cli.tasks.resolve import TaskRequest
@@ -68,7 +69,9 @@ def orthogonalize(folder: str | Path, output: str | Path, request: Orthogonalize
         basis = placement.orthogonalize(ckpts, names=names, tol=request.tol, dtype=request.dtype,
                                         progress=progress if placement.lead else None,
                                         recorded=described(request.task, ckpts[0]))
-        path = placement.save_basis(basis, output, invocation=invocation, exclusive=not force)
+        # A link the user named is written through: the file it names is replaced, the link stays.
+        placement.save_basis(basis, through_link(output), invocation=invocation, exclusive=not force)
+        path = output
         holdings = placement.holdings(basis)
     dim = sum(math.prod(shape) for _, shape in basis.layout)
     return OrthogonalizeResult(path, len(ckpts), basis.rank, dim, basis.dropped, basis.errors, holdings,

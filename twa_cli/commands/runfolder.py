@@ -23,8 +23,8 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from twa_cli.errors import TwaError
-from twa_cli.io.atomic import remove_stale_temps, swap_in_folder, through_link
-from twa_cli.io.outputs import check_not_an_input
+from twa_cli.io.atomic import is_temp_name, remove_stale_temps, swap_in_folder, through_link
+from twa_cli.io.outputs import check_named, check_not_an_input
 from twa_cli.io.runfiles import STATE_FILE, partial_folder
 
 
@@ -36,10 +36,16 @@ class RunFolder:
     def __init__(self, path: Path, *, resume: bool, force: bool, inputs: Iterable[str | Path] = (),
                  ours: Callable[[Path], bool] = lambda path: False):
         given = Path(os.path.abspath(path))  # '.' has no name to put '.partial' after
+        check_named(given)
         self.path = through_link(given)  # a link to a folder: that folder is replaced, the link stays
+        check_named(self.path, f"{path} (a link to {self.path})")
         self.partial = partial_folder(self.path)
         self.created = False
         self._lock: FileLock | None = None
+        self._lock_file = _lock_file(self.path)
+        if self._lock_file.exists():  # said first, before anything about the folder or the options (checked again)
+            self._take_lock()
+            self._unlock()
         for folder in (self.path, self.partial):
             blocking = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
             if blocking is not None:
@@ -70,10 +76,11 @@ class RunFolder:
             self.work = self.path
         self.state = self.work / STATE_FILE
         self._existed = self.work.exists()
-        self._lock_file = _lock_file(self.path)
-        if self._lock_file.exists():  # fail before any work while another run holds the name (checked again)
-            self._take_lock()
-            self._unlock()
+
+    def check_not_inside(self, inputs: Iterable[str | Path]) -> None:
+        """Inputs known only once the task is resolved (its data): the result is not written into or over them."""
+        for folder in dict.fromkeys((self.path, self.work)):
+            check_not_an_input(folder, inputs, folder=True)
 
     def _nothing_to_resume(self) -> str:
         if self.path.exists() and any(not _bookkeeping(p) for p in self.path.iterdir()):
@@ -155,7 +162,7 @@ def _lock_file(path: Path) -> Path:
 
 def _bookkeeping(path: Path) -> bool:
     """The temporaries of a killed write, and the lock: files of the tool's own that mean no result."""
-    return path.name == INNER_LOCK or (path.name.startswith(".") and path.name.endswith(".tmp"))
+    return path.name == INNER_LOCK or (is_temp_name(path.name) and path.name.endswith(".tmp"))
 
 
 def check_positive(value: float, flag: str) -> None:

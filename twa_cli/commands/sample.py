@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from twa_cli.commands.common import check_init_file
+from twa_cli.commands.common import check_init_file, data_inputs
 from twa_cli.commands.runfolder import (
     RunFolder,
     check_count,
@@ -125,6 +125,7 @@ def sample(out: str | Path, cfg: SampleConfig, *, resume: bool = False, force: b
         expected = with_prefix("model", model.state_dict()) | with_prefix("momentum", dict(model.named_parameters()))
         state = load_train_state(folder.state, config, command="sample", expected=expected)
         tensors, start_epoch, step, history = state.tensors, state.epochs_done, state.step, state.history
+    folder.check_not_inside(data_inputs(task))
     folder.claim()
     # The step of the state on disk (none yet: -1): samples after it are redone by --resume, or by a new run.
     saved_step = step if resume else -1

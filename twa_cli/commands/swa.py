@@ -13,7 +13,9 @@ import torch
 
 from twa_cli.commands.common import (
     aligned,
+    check_held_out,
     compatible,
+    data_inputs,
     described,
     hf_folder,
     knows_task,
@@ -29,6 +31,7 @@ from twa_cli.core.selection import Selection
 from twa_cli.core.soups import greedy_soup
 from twa_cli.errors import TwaError
 from twa_cli.io.checkpoints import Checkpoint, Source, check_compatible, make_metadata, to_storage_dtype
+from twa_cli.io.outputs import check_not_an_input
 from twa_cli.io.readers import ReadOptions
 from twa_cli.io.writers import ResultTarget, write_result
 from twa_cli.tasks.base import Metrics, Task
@@ -46,7 +49,7 @@ class SwaRequest:
     task: TaskRequest = field(default_factory=TaskRequest)
     bn_update: bool = True
     bn_batches: int | None = None
-    greedy: bool = False  # the greedy soup (needs --val-split)
+    greedy: bool = False  # the greedy soup (needs a validation split: the flags', else the checkpoints')
     compute_dtype: str = "float64"  # precision of the sums
     dtype: str | None = None  # precision of the result; None: each tensor's own (the widest among the checkpoints)
     max_shard_size: int | None = None
@@ -57,8 +60,6 @@ class SwaRequest:
             raise TwaError(f"--compute-dtype must be float64 or float32 (got '{self.compute_dtype}')")
         if self.dtype is not None and self.dtype not in STORAGE_DTYPES:
             raise TwaError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)} (got '{self.dtype}')")
-        if self.greedy and not self.task.val_split:
-            raise TwaError("--greedy needs a held-out split to score candidates: pass --val-split")
 
 
 @dataclass
@@ -95,6 +96,10 @@ def swa(folder: str | Path, output: str | Path, request: SwaRequest | None = Non
     layout = compatible(ckpts)
     device = resolve_device(request.device)
     task = task_of(request.task, ckpts[0], need_data=False) if _needs_model(request.task, ckpts[0]) else None
+    if task is not None:
+        check_not_an_input(target.path, data_inputs(task), folder=target.folder)  # the data is an input too
+    if request.greedy and task is not None:
+        check_held_out(task, "--greedy")  # the split the flags or the checkpoints name, before the model is built
     net = None
     if task is not None:  # before the long pass over the files: a model that does not fit fails at once
         net = task.build_model()
@@ -150,10 +155,12 @@ def swa(folder: str | Path, output: str | Path, request: SwaRequest | None = Non
 
 def _needs_model(request: TaskRequest, ckpt: Checkpoint) -> bool:
     """Whether to build the model: to recompute BatchNorm statistics and to test. A Hugging Face model has no
-    statistics, so it is built only to be tested, on the text the user gives."""
+    statistics, so it is built only to be scored, on the text the user gives (a greedy soup's validation text
+    is enough)."""
     if not knows_task(request, ckpt):
         return False
-    return not (hf_folder(ckpt) is not None and request.data is None and request.model is None
+    given_text = request.data or request.eval_data or request.val_data
+    return not (hf_folder(ckpt) is not None and given_text is None and request.model is None
                 and "arch" not in ckpt.meta)
 
 

@@ -14,7 +14,7 @@ import logging
 import math
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import torch
 from twa_cli.commands.common import (
     check_held_out,
     check_init_file,
+    data_inputs,
     described,
     pick,
     resolve_device,
@@ -73,7 +74,6 @@ from twa_cli.io.checkpoints import (
     read_checkpoint,
     to_storage_dtype,
 )
-from twa_cli.io.outputs import check_not_an_input
 from twa_cli.io.readers import ReadOptions, as_written
 from twa_cli.io.runfiles import (
     BASIS_FILE,
@@ -281,9 +281,9 @@ def train_subspace(src: str | Path, out: str | Path | None = None, cfg: Subspace
         folder = RunFolder(out, resume=resume, force=force, inputs=[src, *init_file], ours=_written_by_train_subspace)
         placement.barrier()  # every rank has checked `out` before any creates it
         inputs = _inputs(src, folder.work, cfg, placement, resume)
-        # The checkpoints a basis spans are inputs too (--init last and the variants read them): never write there.
-        for written in {folder.path, folder.work}:
-            check_not_an_input(written, {Path(s.path).parent for s in inputs.basis.sources}, folder=True)
+        # The checkpoints a basis spans are inputs too (--init last and the variants read them), and so is the
+        # data: never write there.
+        folder.check_not_inside([*{Path(s.path).parent for s in inputs.basis.sources}, *data_inputs(inputs.task)])
         if cfg.variant and placement.world > 1:
             raise TwaError("--affine and --granularity layer run in a single process, not under torchrun")
         return _train(inputs, folder, cfg, placement, device, resume, reporter, invocation)
@@ -294,12 +294,14 @@ def _inputs(src: Path, work: Path, cfg: SubspaceConfig, placement: Placement, re
     if is_basis_file(src):
         basis = placement.load_basis(src)
         task = resolve_task(cfg.task, Recorded.of(src, basis.recorded))
-        check_held_out(cfg.fit_on, task)
+        if cfg.fit_on == "val":
+            check_held_out(task, "--fit-on val")
         ckpts = None
         return _Inputs(basis, ckpts, task, False, _identity(basis, placement), str(src))
     ckpts = pick(src, cfg.selection, cfg.read)
     task = task_of(cfg.task, ckpts[0])  # before orthogonalizing: "pass --model" comes first
-    check_held_out(cfg.fit_on, task)
+    if cfg.fit_on == "val":
+        check_held_out(task, "--fit-on val")
     names, ckpts = subspace_names(cfg.task, ckpts)
     saved = work / BASIS_FILE
     if resume and saved.exists():
@@ -377,6 +379,8 @@ def _train(inputs: _Inputs, folder: RunFolder, cfg: SubspaceConfig, placement: P
         elif keep is not None:
             _choose_start(keep, score, basis, model, optimizer, cfg, device)
         check = _learning_rate(model, task, optimizer, cfg, placement, device, folder, fit_split, saved_lr)
+        if resume and placement.lead:  # once every record the run resumes from is read and checked
+            write_metrics(work / METRICS_FILE, history)
         lr = check.used if check is not None else cfg.lr
         per_epoch = num_batches(task.split(fit_split, augment=True), cfg.batch_size)
         mid_epoch = scored_steps(per_epoch, cfg.epochs) if keep is not None else set()
@@ -584,13 +588,8 @@ def _resume(folder: RunFolder, config: dict[str, Any], model: torch.nn.Module, o
     state = load_train_state(folder.state, config, command="train-subspace",
                              expected=with_prefix("model", model.state_dict()) | optim | best, required=optim)
     if keep is not None:
-        record = folder.work / VALIDATION_FILE
-        points = read_json(record) if record.exists() else {}
-        if not isinstance(points, dict) or not isinstance(points.get("points", []), list):
-            raise TwaError(f"{record}: not the validation record this tool writes")
-        keep.load(strip_prefix("best", state.tensors), points.get("points", []))
-    if placement.lead:
-        write_metrics(folder.work / METRICS_FILE, state.history)
+        kept = strip_prefix("best", state.tensors)
+        keep.load(kept, _recorded_points(folder.work / VALIDATION_FILE, has_best=bool(kept)))
     saved = strip_prefix("model", state.tensors)
     check_fits(model, {k: tuple(v.shape) for k, v in saved.items()}, str(folder.state))
     for name, value in model.state_dict().items():
@@ -598,6 +597,57 @@ def _resume(folder: RunFolder, config: dict[str, Any], model: torch.nn.Module, o
     optim = strip_prefix("optim", state.tensors)
     optimizer.load_state_tensors(optim)
     return state.epochs_done, state.step, state.history, float(state.config["lr"])
+
+
+def _recorded_points(record: Path, *, has_best: bool) -> list[dict[str, Any]]:
+    """The points an interrupted run scored, as its validation record lists them, checked: the state beside it
+    keeps the best of them (`has_best`), which the record must say is kept."""
+    if not record.exists():
+        if has_best:
+            raise TwaError(f"{record}: missing; the training state beside it keeps the best point this record "
+                           "names: restore it, or start the run again with --force")
+        return []
+    body = read_json(record)
+    points = body.get("points") if isinstance(body, dict) else None
+    if not isinstance(points, list) or not all(_is_point(p) for p in points):
+        raise TwaError(f"{record}: not the validation record this tool writes (each point has a label, a step, "
+                       "figures and whether it is kept)")
+    if has_best and not any(p["kept"] for p in points):
+        raise TwaError(f"{record}: names no kept point, though the training state beside it keeps one")
+    return points
+
+
+def _is_point(point: Any) -> bool:
+    if not isinstance(point, dict):
+        return False
+    label, step, figures, kept = (point.get(k) for k in ("label", "step", "figures", "kept"))
+    numbers = isinstance(figures, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                for v in figures.values())
+    return (isinstance(label, str) and isinstance(step, int) and not isinstance(step, bool) and step >= 0
+            and numbers and isinstance(kept, bool))
+
+
+def _recorded_lr_check(path: Path, lr: float) -> LrCheck:
+    """The lr check an interrupted run made at its start, read back to train at the lr it chose: checked, as a
+    resumed run trusts it (measured again at the resumed point, it would change the lr mid-run)."""
+    if not path.exists():
+        raise TwaError(f"{path}: missing; it holds the lr the interrupted run trained at: restore it, or resume with "
+                       "another --lr (used as given)")
+    body = read_json(path)
+    numbers = ("requested", "sharpness", "limit", "used")
+    known = {f.name for f in fields(LrCheck)}
+    if not (isinstance(body, dict) and set(body) <= known and all(_is_number(body.get(k)) for k in numbers)
+            and isinstance(body.get("method", ""), str)
+            and (body.get("start_loss") is None or _is_number(body["start_loss"]))):
+        raise TwaError(f"{path}: not the lr check this tool writes (numbers {', '.join(numbers)}, a method)")
+    if body["requested"] != lr or not (math.isfinite(body["used"]) and 0 < body["used"] <= lr):
+        raise TwaError(f"{path}: says --lr {body['requested']!r} was trained at {body['used']!r}, which this run's "
+                       f"--lr {lr:g} cannot have chosen; restore it, or resume with another --lr (used as given)")
+    return LrCheck(**body)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _learning_rate(model: torch.nn.Module, task: Task, optimizer: SubspaceSGD, cfg: SubspaceConfig,
@@ -612,8 +662,8 @@ def _learning_rate(model: torch.nn.Module, task: Task, optimizer: SubspaceSGD, c
         return None
     if not cfg.lr_check:
         return None
-    if saved_lr is not None and path.exists():
-        return LrCheck(**read_json(path))
+    if saved_lr is not None:
+        return _recorded_lr_check(path, cfg.lr)
     dataset = task.split(split, augment=True)
     parts = placement if placement.world > 1 else None
     sample = list(islice(batches(task, dataset, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=SHARPNESS_EPOCH,

@@ -3,7 +3,7 @@
 The uniform soup is `twa swa`. The greedy soup ranks the checkpoints by their own held-out figure (the task's
 selection metric: accuracy for classifiers), starts from the best, and adds each next one to the average only
 if the average's held-out figure does not get worse. Held-out means the validation split of the task's data
-(`--val-split`), never the test set.
+(`--val-split` or `--val-data`, else the one the checkpoints record), never the test set.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def greedy_soup(ckpts: list[Checkpoint], task: Task, net: nn.Module, *, device: 
     average (and the soup) is scored after its BatchNorm statistics are recomputed (on at most `bn_batches`
     batches); without, with the averaged statistics. Sums run in `compute_dtype`."""
     if task.split("val", augment=False) is None:
-        raise TwaError("--greedy needs a held-out split to score candidates: pass --val-split")
+        raise TwaError("--greedy needs a validation split to score candidates: pass --val-split (text: --val-data "
+                       "FILE)")
     metric, higher = task.selection_metric
     sign = 1.0 if higher else -1.0
     bn = has_batchnorm(net) and bn_update

@@ -200,8 +200,10 @@ def save_train_state(path: Path, tensors: Mapping[str, torch.Tensor], stats: Epo
     that writes it (a resumed run of another command is refused by name)."""
     tensors = dict(tensors)
     tensors["rng.torch"] = torch.get_rng_state()
+    # The names it holds: a tensor lost from the file (an optimizer's momentum) is then told from one the run
+    # never had (no momentum yet), instead of silently starting afresh.
     info = {"command": command, "epochs_done": stats.epoch, "step": stats.step, "history": history,
-            "config": dict(config)}
+            "config": dict(config), "tensors": sorted(tensors)}
     save_tensors(path, tensors, make_metadata("train-state", state=info))
 
 
@@ -235,7 +237,12 @@ def load_train_state(path: Path, config: Mapping[str, Any], *, command: str,
     _check_command(path, info, command, config)
     epochs_done, step, history, saved = _checked_position(path, info)
     _check_same_options(path, saved, config)
+    wanted = config.get("epochs")
+    if isinstance(wanted, int) and wanted < epochs_done:  # an epoch done cannot be undone: nothing would run
+        raise TwaError(f"--epochs {wanted}: the run in {path.parent} has done {epochs_done} epochs already; resume "
+                       f"with --epochs {epochs_done} or more")
     tensors = load_tensors(path)
+    _check_recorded(path, info.get("tensors"), tensors)
     rng = tensors.pop("rng.torch", None)
     rng = _check_rng(path, rng)
     _check_tensors(path, tensors, expected, required)
@@ -281,9 +288,32 @@ def _checked_position(path: Path, info: Mapping[str, Any]) -> tuple[int, int, li
         raise bad("history", "is not a list of per-epoch figures")
     if len(history) != done or any(row.get("epoch") != i + 1 for i, row in enumerate(history)):
         raise bad("history", f"does not hold one row for each of the {done} epochs done")
+    for i, row in enumerate(history):
+        for key, value in row.items():
+            why = _unwritable_figure(key, value)
+            if why is not None:
+                raise bad("history", f"epoch {i + 1}: '{key}' {why}")
     if not _is_int(step) or step < done or step != history[-1].get("step"):
         raise bad("step", f"is not the step the last epoch ended at ({step!r})")
     return done, step, history, saved
+
+
+# Figures of the held-out splits: finite weights (a saved epoch's) can still score NaN there when their logits
+# overflow on examples training never saw, and --resume with a smaller --lr must recover from such a state.
+HELD_OUT_FIGURES = ("val_", "test_")
+
+
+def _unwritable_figure(key: str, value: Any) -> str | None:
+    """Why `value` cannot be a figure a saved epoch recorded under `key` (None when it can be): every figure is
+    a number; the epoch's lr and time are finite, and its training figures are not NaN (a non-finite training
+    loss stops the run as diverged before anything is saved)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return f"is not a number ({value!r})"
+    if key in ("lr", "seconds") and not (math.isfinite(value) and value >= 0):
+        return f"is not a finite number ({value!r})"
+    if math.isnan(value) and not key.startswith(HELD_OUT_FIGURES):
+        return "is NaN, which a saved epoch's training cannot be (it would have stopped as diverged)"
+    return None
 
 
 def _is_int(value: Any) -> bool:
@@ -305,6 +335,19 @@ def _check_same_options(path: Path, saved: Mapping[str, Any], config: Mapping[st
         was, is_now = was.get(diff), is_now.get(diff)
     flag = diff.replace("_", "-")
     raise TwaError(f"--resume: --{flag} was {was!r} in the interrupted run, now {is_now!r}")
+
+
+def _check_recorded(path: Path, recorded: Any, tensors: Mapping[str, torch.Tensor]) -> None:
+    """The file holds exactly the tensors its state records (save_train_state lists them)."""
+    if not (isinstance(recorded, list) and all(isinstance(name, str) for name in recorded)):
+        raise TwaError(f"{path}: damaged training state: no record of the tensors it holds ('tensors' is "
+                       f"{type(recorded).__name__}, not a list of names); start the run again with --force")
+    extra = next((name for name in sorted(tensors) if name not in recorded), None)
+    if extra is not None:
+        raise TwaError(f"{path}: damaged training state: tensor '{extra}' is not among those it records holding")
+    missing = next((name for name in sorted(recorded) if name not in tensors), None)
+    if missing is not None:
+        raise TwaError(f"{path}: damaged training state: it has no tensor '{missing}', which it records holding")
 
 
 def _check_rng(path: Path, rng: torch.Tensor | None) -> torch.Tensor:

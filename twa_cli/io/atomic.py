@@ -8,13 +8,15 @@ the second fails instead of silently replacing the first.
 
 A folder result (a Hugging Face model folder) is built in a hidden staging folder beside the target and
 swapped into place in one step (renameat2 RENAME_EXCHANGE on Linux), so a reader sees the old folder or the
-new one, never a mixture; the old one is removed after. An output that is a symbolic link to a folder is
-written through the link: the folder it names is replaced, and the link stays.
+new one, never a mixture; the old one is removed after. A result the user names (`-o`) that is a symbolic
+link, to a file or a folder, is written through the link (`through_link`): what it names is replaced, and the
+link stays. A file the tool names itself (in a run folder) replaces whatever is at its name, a link included,
+and never writes through one.
 
 Elsewhere (macOS, Windows, a file system without these calls) the same guarantees hold with portable calls:
 a new name is taken with a hard link (or a rename that never replaces: Windows' own, Linux's
 RENAME_NOREPLACE), a file is replaced with os.replace, and a folder by two renames, the old one set aside
-under a hidden name (`.NAME.<pid>-<random>.old`) until the new one is in place. A process killed between
+under a hidden name (`.NAME.twa-<pid>-<random>.old`) until the new one is in place. A process killed between
 those two renames leaves the old folder set aside; the next write of that name puts it back. Where no way to
 take a name exclusively exists, a write that must not replace anything is refused in one line.
 """
@@ -25,6 +27,7 @@ import ctypes
 import errno
 import glob
 import os
+import re
 import shutil
 import sys
 from collections.abc import Iterator
@@ -63,9 +66,9 @@ def parents_made(path: Path) -> Iterator[None]:
 
 
 def through_link(path: Path) -> Path:
-    """Where a folder result named `path` goes: the folder a symbolic link there points to (the new result
+    """Where a result named `path` goes: the file or folder a symbolic link there points to (the new result
     replaces what the link names, and the user's link stays as it is), else `path`. A link to nothing is
-    refused: writing through it would create a folder the command line never named."""
+    refused: writing through it would create a file or folder the command line never named."""
     path = Path(path)
     if not path.is_symlink():
         return path
@@ -76,17 +79,29 @@ def through_link(path: Path) -> Path:
     return target
 
 
+# The tail of a name only this tool gives a temporary: `.NAME.twa-<pid>-<8 hex digits>.tmp` (or `.old`, a folder
+# set aside). Cleaning up touches nothing else, however it is named: `.NAME.backup.tmp` is the user's.
+_TEMP_TAIL = re.compile(r"\.twa-(\d{1,10})-[0-9a-f]{8}\.(tmp|old)")
+
+
 def temp_name(path: Path, kind: str = "tmp") -> Path:
-    """A hidden name beside `path` that says which process writes it (`.NAME.<pid>-<random>.tmp`)."""
-    return path.parent / f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.{kind}"
+    """A hidden name beside `path` that says this tool writes it, and which process (`.NAME.twa-<pid>-<random>.tmp`)."""
+    return path.parent / f".{path.name}.twa-{os.getpid()}-{os.urandom(4).hex()}.{kind}"
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether `name` is one `temp_name` gives (of any process)."""
+    match = _TEMP_TAIL.search(name)
+    return name.startswith(".") and match is not None and match.end() == len(name)
 
 
 def remove_stale_temps(path: Path, pattern: str | None = None) -> None:
     """Temporaries that a killed write of `path` (or of any name matching the glob `pattern`) left behind:
-    those of processes no longer running, never a live writer's. An old folder a killed replacement set aside
-    (`.NAME.<pid>-<random>.old`) is put back when `path` is missing, removed when the new one is in place."""
-    for stale in path.parent.glob(f".{pattern or glob.escape(path.name)}.*.tmp"):
-        if _writer_alive(stale.name):
+    names `temp_name` gives, of processes no longer running; never a live writer's, never a file named otherwise.
+    An old folder a killed replacement set aside (`.NAME.twa-<pid>-<random>.old`) is put back when `path` is
+    missing, removed when the new one is in place."""
+    for stale in path.parent.glob(f".{pattern or glob.escape(path.name)}.twa-*.tmp"):
+        if not is_temp_name(stale.name) or _writer_alive(stale.name):
             continue
         if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
@@ -94,8 +109,8 @@ def remove_stale_temps(path: Path, pattern: str | None = None) -> None:
             stale.unlink(missing_ok=True)
     if pattern is not None:
         return
-    for aside in path.parent.glob(f".{glob.escape(path.name)}.*.old"):
-        if _writer_alive(aside.name):
+    for aside in path.parent.glob(f".{glob.escape(path.name)}.twa-*.old"):
+        if not is_temp_name(aside.name) or _writer_alive(aside.name):
             continue
         if not path.exists() and not path.is_symlink():
             os.rename(aside, path)
@@ -104,15 +119,17 @@ def remove_stale_temps(path: Path, pattern: str | None = None) -> None:
 
 
 def _writer_alive(name: str) -> bool:
-    """Whether the process that named this temporary (`.NAME.<pid>-<random>.tmp`) may still be running."""
-    tag = name.rsplit(".", 2)[-2]
-    pid = tag.split("-", 1)[0]
-    if not pid.isdigit() or int(pid) == os.getpid():
+    """Whether the process that named this temporary (`temp_name`) may still be running."""
+    match = _TEMP_TAIL.search(name)
+    if match is None:
+        return True  # not ours: never treated as stale
+    pid = int(match.group(1))
+    if pid == os.getpid():
         return False
     if _WINDOWS:
         return True  # os.kill(pid, 0) would end that process there: never take another's files for stale
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:

@@ -1,12 +1,15 @@
 """Where a command may write: never over an existing result without --force, and never into, over or inside
-one of its inputs, with or without --force (paths compared after resolving symbolic links)."""
+one of its inputs, with or without --force (paths compared after resolving symbolic links). An output that is
+a symbolic link is written through it (twa_cli.io.atomic.through_link)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from twa_cli.errors import TwaError
+from twa_cli.io.atomic import through_link
 
 
 def _within(path: Path, folder: Path) -> bool:
@@ -27,12 +30,20 @@ def check_not_an_input(path: Path, inputs: Iterable[str | Path], folder: bool) -
             raise TwaError(f"{path}: holds the input {given}; the output may not contain an input")
 
 
+def check_named(path: Path, given: str | Path | None = None) -> None:
+    """A result needs a name: the file-system root has none to write it (or its temporaries) beside."""
+    if not Path(os.path.abspath(path)).name:
+        raise TwaError(f"{given or path}: is the file-system root; name a file or folder under it")
+
+
 def check_output(path: Path, force: bool, inputs: Iterable[str | Path] = (), folder: bool = False) -> None:
     """Refuse a result path that is in the way of an input or of an existing result (without --force).
 
     `folder`: the output is a folder of files (else a single file).
     """
     path = Path(path)
+    check_named(path)
+    through_link(path)  # a link is written through: one to nothing is refused here, before any work
     blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise TwaError(f"{path}: cannot be created, {blocking} is a file")

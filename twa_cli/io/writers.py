@@ -83,6 +83,15 @@ class ResultTarget:
         if self.folder:
             _check_replaceable_folder(through_link(path), force)
             return
+        if path.is_symlink():
+            named = through_link(path)
+            if self.max_shard_size is not None:
+                raise TwaError(f"{self.path}: is a symbolic link to a file; shards and an index beside that file "
+                               "would leave the link naming a removed file: write it without --max-shard-size, or "
+                               "elsewhere")
+            if not named.name.endswith(SUFFIX):
+                raise TwaError(f"{self.path}: is a symbolic link to {named}, not a {SUFFIX} file; write the result "
+                               "elsewhere")
         index = path.with_name(path.name + readers.INDEX_SUFFIX)
         check_output(index, force, inputs)
         old_index, old_shards = _existing_set(path, index)
@@ -103,6 +112,10 @@ def write_result(target: ResultTarget, tensors: Mapping[str, torch.Tensor], meta
                 copy_model_files(target.model_files, staging)
         return target.path
     path = result_file(target.path)
+    if path.is_symlink():  # the file the link names is replaced, the link stays (checked: one file, .safetensors)
+        named = through_link(path)
+        write_weights(named.parent, named.name[: -len(SUFFIX)], tensors, metadata, None, exclusive=exclusive)
+        return path
     with parents_made(path):
         return write_weights(path.parent, path.name[: -len(SUFFIX)], tensors, metadata, target.max_shard_size,
                              exclusive=exclusive)

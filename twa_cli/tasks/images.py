@@ -357,6 +357,11 @@ def _val_folder(data_dir: str | None) -> Path | None:
     return root / "val" if (root / "val").is_dir() and (root / "test").is_dir() else None
 
 
+def has_val_folder(data_dir: Any) -> bool:
+    """Whether an image folder holds its own validation split (`_val_folder`), seen before any image is read."""
+    return isinstance(data_dir, str) and _val_folder(data_dir) is not None
+
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 

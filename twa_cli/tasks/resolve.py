@@ -165,8 +165,8 @@ def _hf(request: TaskRequest, recorded: Recorded, model: str | None) -> Task:
 
 def _text_data(request: TaskRequest, recorded: Recorded) -> dict[str, Any] | None:
     """The text a Hugging Face model learns from and is scored on: the flags, else what the checkpoint records,
-    each text flag given taking the place of the recorded value. `--eval-data` alone scores, with no training
-    text."""
+    each text flag given taking the place of the recorded value. `--eval-data` or `--val-data` alone scores, with
+    no training text."""
     from twa_cli.tasks.text import text_spec
 
     given = text_spec(request.data, request.eval_data, text_column=request.text_column,
@@ -178,7 +178,7 @@ def _text_data(request: TaskRequest, recorded: Recorded) -> dict[str, Any] | Non
         data = dict(recorded.data)
         _check_recorded_fraction(data, recorded.source)
         return {**data, **given}
-    if request.eval_data is None:
+    if request.eval_data is None and request.val_data is None:
         return None
     if request.val_split:
         raise TwaError("--val-split carves held-out text from the training text: pass --data FILE too")

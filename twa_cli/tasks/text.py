@@ -50,8 +50,22 @@ def _suffix(path: Path) -> str:
     return path.suffixes[-2] if path.name.endswith(".gz") and len(path.suffixes) > 1 else path.suffix
 
 
+class Rows(list):  # type: ignore[type-arg]
+    """The rows of a table file, and the line of the file each one starts on (for errors that name it)."""
+
+    def __init__(self, rows: list[dict[str, Any]], lines: list[int]):
+        super().__init__(rows)
+        self.lines = lines
+
+
+def where_in(rows: Sequence[dict[str, Any]], index: int) -> str:
+    """`line N` of a file's row (by its 0-based index), or `row N` of a saved dataset."""
+    lines = getattr(rows, "lines", None)
+    return f"line {lines[index]}" if lines is not None else f"row {index + 1}"
+
+
 def read_rows(path: Path) -> list[dict[str, Any]] | str:
-    """The rows of a table file (dicts), or the whole text of a plain text file (str)."""
+    """The rows of a table file (dicts, as `Rows`), or the whole text of a plain text file (str)."""
     path = Path(path)
     if not path.exists():
         raise TwaError(f"{path}: no such file or folder")
@@ -63,10 +77,19 @@ def read_rows(path: Path) -> list[dict[str, Any]] | str:
             if suffix in TEXT_SUFFIXES:
                 return fh.read()
             if suffix in (".jsonl", ".json"):
-                rows = [json.loads(line) for line in fh if line.strip()]
+                numbered = [(number, line) for number, line in enumerate(fh, 1) if line.strip()]
+                rows, lines = [_json_line(path, number, line) for number, line in numbered], [n for n, _ in numbered]
             elif suffix in (".tsv", ".csv"):
-                rows = list(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",", quoting=csv.QUOTE_NONE
-                                           if suffix == ".tsv" else csv.QUOTE_MINIMAL))
+                reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",", quoting=csv.QUOTE_NONE
+                                        if suffix == ".tsv" else csv.QUOTE_MINIMAL)
+                rows, lines, start = [], [], 2  # the line after the header
+                for row in reader:
+                    if None in row:  # more fields than the header names: a stray delimiter in the text?
+                        raise TwaError(f"{path}: line {start} has {len(reader.fieldnames or []) + len(row[None])} "
+                                       f"fields, the header {len(reader.fieldnames or [])}")
+                    rows.append(row)
+                    lines.append(start)
+                    start = reader.line_num + 1
             else:
                 raise TwaError(f"{path}: a text data file is .tsv, .csv, .jsonl or .txt (optionally .gz), or a "
                                "folder saved by datasets' save_to_disk")
@@ -76,7 +99,14 @@ def read_rows(path: Path) -> list[dict[str, Any]] | str:
         raise TwaError(f"{path}: holds no rows")
     if not all(isinstance(r, dict) for r in rows):
         raise TwaError(f"{path}: each line must be a JSON object with the text (and label) columns")
-    return rows
+    return Rows(rows, lines)
+
+
+def _json_line(path: Path, number: int, line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise TwaError(f"{path}: line {number} is not JSON ({exc.msg} at column {exc.colno})") from exc
 
 
 def _saved_dataset(folder: Path, split: str) -> list[dict[str, Any]]:
@@ -105,32 +135,43 @@ def eval_rows(spec: dict[str, Any]) -> list[dict[str, Any]] | str | None:
     """The held-out rows: the eval file, a saved DatasetDict's test split, or None."""
     if spec.get("eval"):
         return read_rows(Path(spec["eval"]))
+    if not spec.get("train"):  # validation text alone (--val-data): nothing else to score on
+        return None
     train = Path(spec["train"])
     if train.is_dir():
         return _saved_dataset(train, "test") or None
     return None
 
 
-def column(rows: Sequence[dict[str, Any]], name: str, other: str | None, where: str, flag: str) -> str:
-    """The column `name` of the rows, else, when the rows have exactly one column besides `other`, that one (SST-2
-    names its text column `sentence` in one file and `content` in the others)."""
+def column(rows: Sequence[dict[str, Any]], named: str | None, other: str | None, where: str, flag: str) -> str:
+    """The text column of the rows: `named` (what the user gave with `flag`), which must be there; unnamed,
+    `text`, else, when the rows have exactly one column besides `other`, that one (SST-2 names its text column
+    `sentence` in one file and `content` in the others)."""
     keys = list(rows[0])
+    name = named or "text"
     if name in keys:
         return name
+    if named is not None:
+        raise TwaError(f"{where}: has no column '{name}' given by {flag} (it has {', '.join(map(str, keys))})")
     rest = [k for k in keys if k != other]
     if len(rest) == 1 and other is not None:
         return rest[0]
     raise TwaError(f"{where}: has no column '{name}' (it has {', '.join(map(str, keys))}); name it with {flag}")
 
 
-def values(rows: Sequence[dict[str, Any]], name: str, where: str) -> list[Any]:
-    """Every row's `name`; a row without one (a short CSV line, a JSON object without the key, null) is an error
-    that names it, not a string "None" learned from."""
+def values(rows: Sequence[dict[str, Any]], name: str, where: str, *, label: bool = False) -> list[Any]:
+    """Every row's `name`: a string (a label: a string or a whole number). A row without one (a short CSV line,
+    a JSON object without the key, null) or with another JSON value (a list, an object, a number as text, `true`
+    as a label) is an error that names its line, not its Python spelling learned from, nor `true` read as 1."""
     out = []
-    for number, row in enumerate(rows, 1):
+    for index, row in enumerate(rows):
         value = row.get(name)
         if value is None:
-            raise TwaError(f"{where}: row {number} has no '{name}' value")
+            raise TwaError(f"{where}: {where_in(rows, index)} has no '{name}' value")
+        wanted = (str, int) if label else (str,)
+        if isinstance(value, bool) or not isinstance(value, wanted):
+            kind = "a string or a whole number" if label else "a string"
+            raise TwaError(f"{where}: {where_in(rows, index)}: '{name}' is {json.dumps(value)[:40]}, not {kind}")
         out.append(value)
     return out
 
@@ -150,21 +191,22 @@ class Examples(Dataset):
 
 def classification_examples(rows: list[dict[str, Any]], tokenizer: Any, spec: dict[str, Any], label_ids: dict[str, int],
                             max_length: int, where: str) -> Examples:
-    text = column(rows, spec.get("text_column") or "text", spec.get("label_column") or "label", where,
-                  "--text-column")
+    text = column(rows, spec.get("text_column"), spec.get("label_column") or "label", where, "--text-column")
     label = spec.get("label_column") or "label"
+    if text == label:
+        raise TwaError(f"{where}: the column '{text}' is both the text (--text-column) and the label "
+                       "(--label-column); name two columns")
     if label not in rows[0]:
         raise TwaError(f"{where}: has no column '{label}' (it has {', '.join(map(str, rows[0]))}); name it with "
                        "--label-column")
     encoded = tokenizer([str(v) for v in values(rows, text, where)], truncation=True, max_length=max_length)
-    labels = [_label(v, label_ids, where) for v in values(rows, label, where)]
+    labels = [_label(v, label_ids, f"{where}: {where_in(rows, i)}")
+              for i, v in enumerate(values(rows, label, where, label=True))]
     keys = [k for k in encoded if k in ("input_ids", "attention_mask", "token_type_ids")]
     return Examples([{**{k: encoded[k][i] for k in keys}, "labels": labels[i]} for i in range(len(rows))])
 
 
 def _label(value: Any, label_ids: dict[str, int], where: str) -> int:
-    if isinstance(value, bool):
-        return int(value)
     if isinstance(value, int) and value in label_ids.values():
         return value
     text = str(value).strip()
@@ -181,7 +223,7 @@ def lm_blocks(source: list[dict[str, Any]] | str, tokenizer: Any, spec: dict[str
     if isinstance(source, str):
         texts = [source]
     else:
-        name = column(source, spec.get("text_column") or "text", None, where, "--text-column")
+        name = column(source, spec.get("text_column"), None, where, "--text-column")
         texts = [str(v) for v in values(source, name, where)]
     eos = tokenizer.eos_token_id
     ids: list[int] = []
