@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from twa_cli.core.subspace import FlatParameters, SubspaceSGD
+from twa_cli.engine.subspace import FlatParameters, SubspaceSGD
 from twa_cli.tasks.models import build_model
 
 

@@ -39,7 +39,7 @@ from twa_cli.commands.runfolder import (
     check_positive,
     check_seed,
 )
-from twa_cli.core.basis import FINGERPRINT_PRIME, Basis, check_tol, combine, fingerprint
+from twa_cli.core.basis import FINGERPRINT_PRIME, Basis, check_tol, fingerprint
 from twa_cli.core.basis_files import is_basis_file
 from twa_cli.core.batching import batches, num_batches
 from twa_cli.core.batchnorm import recalibrate_bn
@@ -47,15 +47,10 @@ from twa_cli.core.coefficients import CoefficientReport
 from twa_cli.core.evaluation import evaluate, score_if_any
 from twa_cli.core.holdout import MIN_VAL_EXAMPLES, KeepBest, Point, held_out_count, scored_steps
 from twa_cli.core.placement import Placement, placement_for
-from twa_cli.core.schedules import SCHEDULES
 from twa_cli.core.selection import Selection
 from twa_cli.core.sharpness import LrCheck, check_lr, sample_loss, subspace_sharpness
-from twa_cli.core.subspace import SubspaceSGD
 from twa_cli.core.training import (
-    EpochStats,
     LoopConfig,
-    Reporter,
-    check_state_finite,
     divergence_advice,
     load_train_state,
     save_train_state,
@@ -64,6 +59,10 @@ from twa_cli.core.training import (
     with_prefix,
 )
 from twa_cli.core.variants import GRANULARITIES, Report, build_variant
+from twa_cli.engine.loop import EpochStats, Reporter, check_state_finite
+from twa_cli.engine.orthogonalizer import combine
+from twa_cli.engine.schedules import SCHEDULES
+from twa_cli.engine.subspace import SubspaceSGD
 from twa_cli.errors import Diverged, TwaError
 from twa_cli.io.checkpoints import (
     Checkpoint,
@@ -517,7 +516,8 @@ def _choose_start(keep: KeepBest, score: Callable[..., None], basis: Basis, mode
                   optimizer: SubspaceSGD, cfg: SubspaceConfig, device: str) -> None:
     """Score the candidate starting points on the validation split and start from the best: with --init best the
     center of the checkpoints and the last one (with its own BatchNorm statistics, as a user would run it);
-    otherwise (or for --affine and --granularity layer) the start alone, so that the result is never worse on that split than where it began."""
+    otherwise (or for --affine and --granularity layer) the start alone, so that the result is never worse on that
+    split than where it began."""
     if cfg.init != "best" or cfg.variant:  # a variant's coordinates are not the basis's: its start alone
         score("center" if cfg.init in ("best", "center") else "start", 0)
     else:
