@@ -32,3 +32,28 @@ def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
     x = torch.cat([a[n].reshape(-1).double() for n in names])
     y = torch.cat([b[n].reshape(-1).double() for n in names])
     return float((x - y).norm() / y.norm())
+
+
+class CommandBatches:
+    """A task's batches exactly as `twa train-subspace` builds them (`twa_cli.core.batching.batches`), one epoch
+    per iteration: for a data set whose batches a DataLoader would collate differently (text blocks)."""
+
+    def __init__(self, task, dataset, batch_size: int, seed: int = 0):
+        self.task, self.dataset, self.batch_size, self.seed, self.epoch = task, dataset, batch_size, seed, 0
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)
+
+    def __iter__(self):
+        from twa_cli.core.batching import batches
+
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        for batch, _ in batches(self.task, self.dataset, self.batch_size, shuffle=True, seed=self.seed, epoch=epoch):
+            yield batch
+
+
+def in_order(task, dataset, batch_size: int = 128) -> list:
+    """The batches the command recomputes BatchNorm on: in order, 128 examples at a time."""
+    from twa_cli.core.batching import plain_batches
+
+    return list(plain_batches(task, dataset, batch_size))
