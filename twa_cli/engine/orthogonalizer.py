@@ -49,7 +49,7 @@ class Orthogonalizer:
     def __init__(self, dim: int, *, tol: float = 1e-6, capacity: int = 8, device: torch.device | str = "cpu",
                  reduce: Reduce | None = None):
         if not (0.0 <= tol < 1.0):
-            raise TwaError(f"--tol must be a number in [0, 1) (got {tol})")
+            raise TwaError(f"tol must be a number in [0, 1) (got {tol})")
         self.dim = dim
         self.tol = tol
         self.reduce = reduce

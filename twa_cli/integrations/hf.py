@@ -6,7 +6,7 @@
     trainer.train()          # trains half the steps, then TWA in the span of the weights seen; stops there
 
 Weights join the basis every `every_steps` optimizer steps (default: the steps the Trainer saves a checkpoint
-at, or each epoch's end when it saves by epoch). Once `fit_at` of `max_steps` is reached the callback trains in
+at when it saves by steps, else each epoch's end). Once `fit_at` of `max_steps` is reached the callback trains in
 their span (`twa_cli.TWA.fit`, the paper's Algorithm 1) on the Trainer's training batches with the model's own
 loss (`model(**batch).loss`, as `Trainer.compute_loss`), unless `data` and `loss` say otherwise; the result is
 left in the Trainer's model and a checkpoint is saved right after it. With `stop` the run ends there.
