@@ -34,7 +34,7 @@ def _row_step(p: torch.Tensor, g: torch.Tensor, w: torch.Tensor, c_r: torch.Tens
 
 def _worker(rank: int, world: int, port: int, dim: int, n: int, repeats: int) -> None:
     from twa_cli.core.placement import ColumnShardedSGD, ColumnShards
-    from twa_cli.core.subspace import FlatParameters
+    from twa_cli.engine.subspace import FlatParameters
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

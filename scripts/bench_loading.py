@@ -49,7 +49,7 @@ def write_basis(path: Path, model: str, k: int) -> None:
 
 def worker(method: str, path: str) -> dict:
     from twa_cli.core.basis_files import load_basis
-    from twa_cli.core.subspace import FlatParameters, SubspaceSGD
+    from twa_cli.engine.subspace import FlatParameters, SubspaceSGD
     from twa_cli.io.checkpoints import load_tensors
     from twa_cli.tasks.models import build_model
 

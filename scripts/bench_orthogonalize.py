@@ -91,8 +91,9 @@ def reference_classical_gram_schmidt(ckpts, names) -> torch.Tensor:
 
 def run_method(method: str, folder: str, start: int, end: int | None) -> dict:
     from twa_cli.commands.common import subspace_names
-    from twa_cli.core.basis import orthogonality_error, orthogonalize, reconstruction_errors, subspace_layout
+    from twa_cli.core.basis import orthogonalize, reconstruction_errors, subspace_layout
     from twa_cli.core.basis_files import save_basis
+    from twa_cli.engine.orthogonalizer import orthogonality_error
     from twa_cli.tasks.resolve import TaskRequest
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))

@@ -23,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from twa_cli.core.subspace import FlatParameters, Projection, SubspaceSGD
+from twa_cli.engine.subspace import FlatParameters, Projection, SubspaceSGD
 from twa_cli.tasks.models import build_model, model_spec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

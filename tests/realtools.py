@@ -121,14 +121,15 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def _train(trainer, save_final: bool) -> None:
-    """trainer.train() (and trainer.save_model()) on one thread, without the Trainer's prints."""
+def _train(trainer, save_final: bool, resume: Path | None = None) -> None:
+    """trainer.train() (resuming from `resume`, a checkpoint folder) and trainer.save_model(), on one thread,
+    without the Trainer's prints."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     with _quiet_transformers():
-        trainer.train()
+        trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
         if save_final:
             trainer.save_model()
 
@@ -314,7 +315,8 @@ def _byte_bpe_tokenizer(texts: list[str]):
 
 
 @_isolated
-def build_hf_causal_lm_run(root: Path, seed: int = 0, save_final: bool = True) -> HFRun:
+def build_hf_causal_lm_run(root: Path, seed: int = 0, save_final: bool = True, callbacks: tuple = (),
+                           resume: Path | None = None) -> HFRun:
     """A tiny GPT-2 language model trained from scratch with the real `transformers.Trainer`.
 
     Data: root/data/train.txt (~160 lines, ~6 KB) and root/data/test.txt (~40 lines) of simple sentences.
@@ -328,6 +330,9 @@ def build_hf_causal_lm_run(root: Path, seed: int = 0, save_final: bool = True) -
     generation_config.json, tokenizer.json, tokenizer_config.json, trainer_state.json (eval_loss at
     steps 4, 8, 12, 16), optimizer.pt, scheduler.pt, rng_state.pth, training_args.bin; with save_final the
     final model, config and tokenizer directly in root/run too.
+
+    `callbacks`: TrainerCallbacks added to the Trainer (the in-loop tests attach twa's); `resume`: a checkpoint
+    folder of this run that `trainer.train(resume_from_checkpoint=...)` goes on from.
 
     Tied weights: model.safetensors holds `transformer.wte.weight` but NOT `lm_head.weight` (28 tensors;
     checked with transformers 5.24 and 4.57.6); the head is rebuilt from `wte` on loading.
@@ -363,8 +368,9 @@ def build_hf_causal_lm_run(root: Path, seed: int = 0, save_final: bool = True) -
     run = root / "run"
     trainer = Trainer(model=model, args=_trainer_args(run, seed, learning_rate=3e-3),
                       train_dataset=blocks(train_txt), eval_dataset=blocks(test_txt),
-                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), processing_class=tokenizer)
-    _train(trainer, save_final)
+                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), processing_class=tokenizer,
+                      callbacks=list(callbacks))
+    _train(trainer, save_final, resume)
     return HFRun(run=run, train=train_txt, test=test_txt)
 
 
@@ -535,7 +541,8 @@ def lightning_data(seed: int = 0):
 
 
 @_isolated
-def build_lightning_run(root: Path, seed: int = 0, callback: str = "none") -> Path:
+def build_lightning_run(root: Path, seed: int = 0, callback: str = "none", extra: tuple = (),
+                        ckpt_path: Path | None = None) -> Path:
     """TinyClassifier trained with the real `lightning.Trainer` and ModelCheckpoint; returns root/"ckpts".
 
     Trainer(max_epochs=4, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False),
@@ -547,6 +554,9 @@ def build_lightning_run(root: Path, seed: int = 0, callback: str = "none") -> Pa
       "weight_averaging"  WeightAveraging() (AveragedModel, use_buffers=True, equal-weight average of the
                           weights after every optimizer step, from step 1 on)
       "ema"               EMAWeightAveraging(decay=0.9) (same mechanism, EMA avg_fn)
+
+    `extra`: more Callback objects for the Trainer (the in-loop tests attach twa's); `ckpt_path`: a checkpoint
+    the fit resumes from (`trainer.fit(..., ckpt_path=...)`).
 
     Files: epoch=0-val_loss=<value>.ckpt ... epoch=3-val_loss=<value>.ckpt and last.ckpt ("swa": also
     epoch=4-...ckpt, below). Every .ckpt is a torch.save'd dict (torch.load(weights_only=True) reads it)
@@ -614,13 +624,14 @@ def build_lightning_run(root: Path, seed: int = 0, callback: str = "none") -> Pa
         callbacks.append(WeightAveraging())
     elif callback == "ema":
         callbacks.append(EMAWeightAveraging(decay=0.9))
+    callbacks.extend(extra)
     model = _tiny_classifier_class()()
     trainer = pl.Trainer(max_epochs=4, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=str(root), callbacks=callbacks,
                          log_every_n_steps=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(model, train, val)
+        trainer.fit(model, train, val, ckpt_path=None if ckpt_path is None else str(ckpt_path))
     return ckpts
 
 

@@ -1,8 +1,9 @@
 import torch
 from helpers import flat_trainable, trajectory, write_synthetic_folder
 
-from twa_cli.core.basis import orthogonality_error, orthogonalize, reconstruction_errors
+from twa_cli.core.basis import orthogonalize, reconstruction_errors
 from twa_cli.core.basis_files import load_basis, save_basis
+from twa_cli.engine.orthogonalizer import orthogonality_error
 from twa_cli.io.checkpoints import list_folder, read_checkpoint
 
 

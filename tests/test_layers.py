@@ -14,8 +14,13 @@ import twa_cli
 
 PACKAGE = Path(twa_cli.__file__).parent
 # Lowest first. A module may import its own layer and the layers before it, never one after it.
-LAYERS = ["twa_cli.errors", "twa_cli.units", "twa_cli.io", "twa_cli.tasks", "twa_cli.core", "twa_cli.commands",
-          "twa_cli.cli"]
+LAYERS = ["twa_cli.errors", "twa_cli.units", "twa_cli.io", "twa_cli.engine", "twa_cli.tasks", "twa_cli.core",
+          "twa_cli.commands", "twa_cli.cli", "twa_cli.integrations"]
+# The tensor core takes tensors, never files: besides the layers above it, it imports no io.
+NO_FILES = "twa_cli.engine"
+# The training-loop callbacks are built on the tensor core's public API (the package, not its modules) alone.
+INTEGRATIONS = "twa_cli.integrations"
+INTEGRATIONS_MAY_IMPORT = {"twa_cli.engine", "twa_cli.errors"}
 
 
 def _module_name(path: Path) -> str:
@@ -53,6 +58,25 @@ def test_no_module_imports_from_a_layer_above_its_own(module):
     own = _layer(module)
     above = sorted(m for m in _imports(MODULES[module], top_level_only=False) if (_layer(m) or 0) > own)
     assert not above, f"{module} (layer {LAYERS[own]}) imports {above}"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m == NO_FILES or m.startswith(NO_FILES + ".")))
+def test_the_tensor_core_imports_no_file_handling(module):
+    files = sorted(m for m in _imports(MODULES[module], top_level_only=False)
+                   if m == "twa_cli.io" or m.startswith("twa_cli.io."))
+    assert not files, f"{module} (the tensor core) imports {files}"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith(INTEGRATIONS + ".")))
+def test_integrations_import_only_the_tensor_cores_public_api(module):
+    used = _imports(MODULES[module], top_level_only=False)
+    assert used <= INTEGRATIONS_MAY_IMPORT, f"{module} imports {sorted(used - INTEGRATIONS_MAY_IMPORT)}"
+
+
+def test_the_rooms_these_rules_name_exist():
+    """The rules above are about modules that exist (a renamed room would pass them vacuously)."""
+    assert {"twa_cli.engine.api", "twa_cli.engine.orthogonalizer", "twa_cli.engine.subspace",
+            "twa_cli.integrations.hf", "twa_cli.integrations.lightning"} <= set(MODULES)
 
 
 def test_no_import_cycle_among_the_modules():

@@ -5,9 +5,10 @@ import torch
 from helpers import flat_trainable, trajectory, write_synthetic_folder
 
 from twa_cli.commands.train_subspace import SubspaceConfig, train_subspace
-from twa_cli.core.basis import Basis, orthogonality_error, orthogonalize
+from twa_cli.core.basis import Basis, orthogonalize
 from twa_cli.core.basis_files import load_basis, save_basis
-from twa_cli.core.subspace import Projection
+from twa_cli.engine.orthogonalizer import orthogonality_error
+from twa_cli.engine.subspace import Projection
 from twa_cli.errors import TwaError
 from twa_cli.io.checkpoints import Source, list_folder
 from twa_cli.io.safetensors import map_tensor, save_tensors

@@ -14,9 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from twa_cli.core.averaging import mean_of
-from twa_cli.core.basis import orthogonality_error, orthogonalize, reconstruction_errors
+from twa_cli.core.basis import orthogonalize, reconstruction_errors
 from twa_cli.core.basis_files import load_basis, save_basis
 from twa_cli.core.training import load_train_state
+from twa_cli.engine.orthogonalizer import orthogonality_error
 from twa_cli.errors import TwaError
 from twa_cli.io.checkpoints import check_compatible, list_folder, load_tensors, read_checkpoint
 

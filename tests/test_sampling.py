@@ -44,7 +44,7 @@ def test_init_must_be_a_file(tmp_path):
 
 def test_the_step_schedule_cuts_at_half_and_three_quarters_of_any_number_of_epochs():
     """As the paper's code: lr while epoch < 0.5 E, lr/10 while epoch < 0.75 E, then lr/100."""
-    from twa_cli.core.schedules import learning_rate
+    from twa_cli.engine.schedules import learning_rate
 
     def lrs(epochs):
         return [learning_rate("step", 2.0, epochs, e) for e in range(epochs)]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from twa_cli.commands.train_subspace import SubspaceConfig, train_subspace
 from twa_cli.core.batching import batches
 from twa_cli.core.sharpness import DOUBLE_BACKWARD, MARGIN, check_lr, subspace_sharpness
-from twa_cli.core.subspace import FlatParameters, SubspaceSGD
+from twa_cli.engine.subspace import FlatParameters, SubspaceSGD
 from twa_cli.tasks.classification import ClassificationTask
 from twa_cli.tasks.images import data_spec
 

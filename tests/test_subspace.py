@@ -10,8 +10,8 @@ from twa_cli.core.basis_files import load_basis
 from twa_cli.core.batching import batches
 from twa_cli.core.batchnorm import recalibrate_bn
 from twa_cli.core.evaluation import evaluate
-from twa_cli.core.schedules import learning_rate
-from twa_cli.core.subspace import FlatParameters, SubspaceSGD
+from twa_cli.engine.schedules import learning_rate
+from twa_cli.engine.subspace import FlatParameters, SubspaceSGD
 from twa_cli.io.checkpoints import list_folder, load_tensors, read_checkpoint
 from twa_cli.tasks.models import build_model
 from twa_cli.tasks.resolve import Recorded, TaskRequest, resolve_task

@@ -9,8 +9,16 @@ Every command is a function here, taking the same options as the command line, a
     result = twa.train_subspace("runs/digits", "runs/twa", twa.SubspaceConfig(selection=twa.Selection(end=7)))
     print(result.test.accuracy, result.report.alpha)
 
+Inside a training loop, without files (`twa_cli.engine`; callbacks for the Hugging Face Trainer and Lightning in
+`twa_cli.integrations`):
+
+    averager = twa.TWA(model)
+    ...; averager.add(model)                      # after some epochs or steps
+    averager.fit(model, train_loader, loss)       # loss(model, batch) -> scalar; the model holds the result
+
 The package is layered, each layer importing only those below it: `units`/`errors`, then `io` (files),
-`tasks` (models, data, the Task interface), `core` (the algorithms), `commands` (one per command), `cli`.
+`engine` (the tensor core: no files), `tasks` (models, data, the Task interface), `core` (the algorithms on
+checkpoint files), `commands` (one per command), `cli`; `integrations` (training-loop callbacks) use `engine`.
 Nothing is imported until it is used, so `twa --version` does not load torch.
 """
 
@@ -32,6 +40,9 @@ _API = {
     "Selection": "twa_cli.core.selection", "ReadOptions": "twa_cli.io.readers", "TaskRequest": "twa_cli.tasks.resolve",
     "Task": "twa_cli.tasks.base", "Metrics": "twa_cli.tasks.base",
     "TwaError": "twa_cli.errors",
+    # in a training loop (twa_cli.engine, the tensor core; callbacks in twa_cli.integrations)
+    "TWA": "twa_cli.engine", "FitResult": "twa_cli.engine", "update_bn": "twa_cli.engine",
+    "Orthogonalizer": "twa_cli.engine", "RunningMean": "twa_cli.engine", "SubspaceSGD": "twa_cli.engine",
 }
 
 __all__ = ["__version__", *_API]

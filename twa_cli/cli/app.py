@@ -15,7 +15,7 @@ from typer.core import TyperCommand
 from twa_cli import __version__
 from twa_cli.cli.options import Flag, OptionGroup, with_groups
 from twa_cli.cli.render import Output, setup_logging
-from twa_cli.core.schedules import SCHEDULES
+from twa_cli.engine.schedules import SCHEDULES
 from twa_cli.units import AUGMENTATIONS, NORMALIZATIONS, STORAGE_DTYPES, human_bytes, parse_size
 
 app = typer.Typer(

@@ -21,10 +21,7 @@ from twa_cli.commands.runfolder import (
 from twa_cli.core.batching import num_batches
 from twa_cli.core.evaluation import evaluate
 from twa_cli.core.training import (
-    EpochStats,
     LoopConfig,
-    Reporter,
-    check_state_finite,
     divergence_advice,
     load_train_state,
     save_train_state,
@@ -32,6 +29,7 @@ from twa_cli.core.training import (
     train_loop,
     with_prefix,
 )
+from twa_cli.engine.loop import EpochStats, Reporter, check_state_finite
 from twa_cli.errors import Diverged, TwaError
 from twa_cli.io.checkpoints import load_tensors, make_metadata, read_checkpoint
 from twa_cli.io.readers import as_written

@@ -20,10 +20,12 @@ import torch
 
 from twa_cli.core.basis import Basis
 from twa_cli.core.batching import plain_batches
-from twa_cli.core.batchnorm import has_batchnorm, recalibrate_on
+from twa_cli.core.batchnorm import recalibrate_on
 from twa_cli.core.pca import Pca
+from twa_cli.engine.batch import move
+from twa_cli.engine.batchnorm import has_batchnorm
 from twa_cli.errors import TwaError
-from twa_cli.tasks.base import Task, move
+from twa_cli.tasks.base import Task
 
 
 @dataclass

@@ -25,10 +25,11 @@ from twa_cli.commands.common import (
 )
 from twa_cli.commands.estimates import Plan, plan_swa
 from twa_cli.core.averaging import mean_of
-from twa_cli.core.batchnorm import has_batchnorm, recalibrate_bn
+from twa_cli.core.batchnorm import recalibrate_bn
 from twa_cli.core.evaluation import score_if_any
 from twa_cli.core.selection import Selection
 from twa_cli.core.soups import greedy_soup
+from twa_cli.engine.batchnorm import has_batchnorm
 from twa_cli.errors import TwaError
 from twa_cli.io.checkpoints import Checkpoint, Source, check_compatible, make_metadata, to_storage_dtype
 from twa_cli.io.outputs import check_not_an_input

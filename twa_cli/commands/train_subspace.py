@@ -40,7 +40,7 @@ from twa_cli.commands.runfolder import (
     check_positive,
     check_seed,
 )
-from twa_cli.core.basis import FINGERPRINT_PRIME, Basis, check_tol, combine, fingerprint
+from twa_cli.core.basis import FINGERPRINT_PRIME, Basis, check_tol, fingerprint
 from twa_cli.core.basis_files import is_basis_file
 from twa_cli.core.batching import batches, num_batches
 from twa_cli.core.batchnorm import recalibrate_bn
@@ -48,15 +48,10 @@ from twa_cli.core.coefficients import CoefficientReport
 from twa_cli.core.evaluation import evaluate, score_if_any
 from twa_cli.core.holdout import MIN_VAL_EXAMPLES, KeepBest, Point, held_out_count, scored_steps
 from twa_cli.core.placement import Placement, placement_for
-from twa_cli.core.schedules import SCHEDULES
 from twa_cli.core.selection import Selection
 from twa_cli.core.sharpness import LrCheck, check_lr, sample_loss, subspace_sharpness
-from twa_cli.core.subspace import SubspaceSGD
 from twa_cli.core.training import (
-    EpochStats,
     LoopConfig,
-    Reporter,
-    check_state_finite,
     divergence_advice,
     load_train_state,
     save_train_state,
@@ -65,6 +60,10 @@ from twa_cli.core.training import (
     with_prefix,
 )
 from twa_cli.core.variants import GRANULARITIES, Report, build_variant
+from twa_cli.engine.loop import EpochStats, Reporter, check_state_finite
+from twa_cli.engine.orthogonalizer import combine
+from twa_cli.engine.schedules import SCHEDULES
+from twa_cli.engine.subspace import SubspaceSGD
 from twa_cli.errors import Diverged, TwaError
 from twa_cli.io.checkpoints import (
     Checkpoint,

@@ -1,10 +1,8 @@
-"""An orthonormal basis of the span of the checkpoints (the first half of Algorithm 1).
+"""An orthonormal basis of the span of checkpoint files (the first half of Algorithm 1).
 
-Successive checkpoints are nearly collinear, so classical Gram-Schmidt in fp32 (the reference code's)
-loses orthogonality. Here checkpoints are streamed from disk in blocks, each block is orthogonalized against
-the basis so far twice ("twice is enough", block classical Gram-Schmidt with reorthogonalization) with
-inner products accumulated in fp64, then column by column within the block. A checkpoint whose residual
-is below `tol` of its norm adds no direction: it is dropped with a warning, never divided by almost zero.
+The files are streamed from disk in blocks and handed to the tensor core's `Orthogonalizer`
+(`twa_cli.engine.orthogonalizer`: block Gram-Schmidt with reorthogonalization, inner products in fp64, a
+checkpoint adding no direction dropped); this module reads, names and hashes the files around it.
 
 Only the trainable parameters are in the subspace; buffers (BatchNorm statistics) are averaged and stored
 beside the basis, to be recomputed after training anyway.
@@ -21,6 +19,14 @@ from typing import Any
 import torch
 
 from twa_cli.core.averaging import mean_of
+from twa_cli.engine.orthogonalizer import (
+    ORTHOGONALITY_BOUND,
+    Orthogonalizer,
+    Reduce,
+    combine,
+    inner_products,
+    orthogonality_error,
+)
 from twa_cli.errors import TwaError
 from twa_cli.io.checkpoints import (
     Checkpoint,
@@ -35,9 +41,6 @@ from twa_cli.units import STORAGE_DTYPES, torch_dtype
 
 log = logging.getLogger("twa")
 
-# A basis whose rows are further than this from orthonormal (max |P P^T - I|, measured in fp64 before any
-# narrowing to half precision) is refused: training in it would not be training in the span.
-ORTHOGONALITY_BOUND = 1e-4
 
 
 @dataclass
@@ -76,7 +79,7 @@ class Basis:
 
     def coords_of(self, vector: torch.Tensor) -> torch.Tensor:
         """vectors @ vector in fp64, chunk by chunk (no fp64 copy of the basis)."""
-        return _inner_products(self.vectors, vector.reshape(1, -1), exact=True)[:, 0]
+        return inner_products(self.vectors, vector.reshape(1, -1))[:, 0]
 
     def point(self, coords: torch.Tensor) -> torch.Tensor:
         return combine(self.vectors, coords).float()
@@ -167,75 +170,6 @@ def _read_range(handle: Any, name: str, shape: tuple[int, ...], a: int, b: int) 
     return rows[a - first * row : b - first * row]
 
 
-# Columns of the parameter vector handled at once when widening to fp64: small enough that the fp64 copies
-# stay in cache and cost no memory worth counting next to the basis.
-CHUNK_BYTES = 1 << 22
-
-
-def _chunk(rows: int) -> int:
-    return max(4096, CHUNK_BYTES // (8 * max(rows, 1)))
-
-
-Reduce = Callable[[torch.Tensor], None]  # sums a tensor in place over the ranks that each hold some columns
-
-
-def _project_out(q: torch.Tensor, x: torch.Tensor, coords: torch.Tensor, reduce: Reduce | None = None) -> None:
-    """x <- x - q.T (q x.T), twice; the removed components are added to coords (k, b).
-
-    Both passes form their inner products in fp64 from cache-sized fp64 copies. An fp32 first pass would be
-    as orthogonal, but its rounding moves the residual of a nearly dependent checkpoint by ~1e-7 of the
-    checkpoint's norm, differently for each summation order, so bases made with different shardings
-    (torchrun) or thread counts would differ by that over the residual's size (1e-4 measured on a small MLP's
-    checkpoints, tests/test_distributed.py); in fp64 they agree within the 1e-5 that test asserts. The updates
-    are fp32 GEMMs in place: their rounding is noise of the size of x's own fp32
-    rounding, random with respect to q. Together with `_norms`, this is the only place that reduces over D.
-    """
-    if q.shape[0] == 0:
-        return
-    for _ in range(2):
-        c = _inner_products(q, x, exact=True)
-        if reduce is not None:
-            reduce(c)
-        x.addmm_(c.t().to(x.dtype), q, alpha=-1.0)
-        coords += c
-
-
-def _inner_products(q: torch.Tensor, x: torch.Tensor, exact: bool) -> torch.Tensor:
-    """q x.T (k, b) in fp64, summed chunk by chunk over D; `exact` also multiplies in fp64."""
-    dim = x.shape[1]
-    out = torch.zeros(q.shape[0], x.shape[0], dtype=torch.float64)
-    if not exact:
-        step = 1 << 16
-        for s in range(0, dim, step):
-            out += (q[:, s : s + step] @ x[:, s : s + step].t()).double()
-        return out
-    step = _chunk(q.shape[0] + x.shape[0])
-    q64 = torch.empty(q.shape[0], step, dtype=torch.float64)
-    x64 = torch.empty(x.shape[0], step, dtype=torch.float64)
-    for s in range(0, dim, step):
-        width = min(step, dim - s)
-        qc, xc = q64[:, :width], x64[:, :width]
-        qc.copy_(q[:, s : s + width])
-        xc.copy_(x[:, s : s + width])
-        out.addmm_(qc, xc.t())
-    return out
-
-
-def _norms(x: torch.Tensor, reduce: Reduce | None = None) -> torch.Tensor:
-    """Euclidean norm of each row of x, accumulated in fp64 chunk by chunk over D."""
-    out = torch.zeros(x.shape[0], dtype=torch.float64)
-    step = _chunk(x.shape[0])
-    x64 = torch.empty(x.shape[0], step, dtype=torch.float64)
-    for s in range(0, x.shape[1], step):
-        width = min(step, x.shape[1] - s)
-        xc = x64[:, :width]
-        xc.copy_(x[:, s : s + width])
-        out += (xc * xc).sum(dim=1)
-    if reduce is not None:
-        reduce(out)
-    return out.sqrt()
-
-
 Progress = Callable[[int, int], None]
 
 
@@ -272,50 +206,33 @@ def orthogonalize(
     n = len(ckpts)
     block = block or block_size(n)
     lo, hi = columns if columns is not None else (0, dim)
-    q = torch.empty(n, hi - lo, dtype=torch.float32)
-    coords = torch.zeros(n, n, dtype=torch.float64)
+    grower = Orthogonalizer(hi - lo, tol=tol, capacity=n, reduce=reduce)
     x = torch.empty(block, hi - lo, dtype=torch.float32)
-    k = 0
-    dropped: list[dict[str, Any]] = []
     for b0 in range(0, n, block):
         cols = list(range(b0, min(n, b0 + block)))
         xb = x[: len(cols)]
         for j, i in enumerate(cols):
             read_flat(ckpts[i], layout, xb[j], (lo, hi))
-        norms = _norms(xb, reduce)
-        c_old = torch.zeros(k, len(cols), dtype=torch.float64)
-        _project_out(q[:k], xb, c_old, reduce)
-        coords[:k, b0 : b0 + len(cols)] = c_old
-        block_start = k  # directions added by this block so far are q[block_start:k]
-        for j, i in enumerate(cols):
-            row = xb[j : j + 1]
-            c_blk = torch.zeros(k - block_start, 1, dtype=torch.float64)
-            _project_out(q[block_start:k], row, c_blk, reduce)
-            coords[block_start:k, i] += c_blk[:, 0]
-            residual = float(_norms(row, reduce)[0])
-            relative = residual / max(float(norms[j]), 1e-300)
-            if relative <= tol:
-                dropped.append({"index": i, "path": str(ckpts[i].path), "relative_residual": relative})
-                (log.warning if warn else log.debug)(
-                    "%s: dropped, it adds no direction (residual %.1e of its norm, below --tol %.0e): "
-                    "a duplicate or near-duplicate of earlier checkpoints",
-                    ckpts[i].path, relative, tol,
-                )
-                continue
-            torch.div(row[0], residual, out=q[k])
-            coords[k, i] = residual
-            k += 1
+        grower.add_block(xb)
         if progress is not None:
             progress(cols[-1] + 1, n)
     del x
-    if k == 0:
+    dropped = [{"index": d.index, "path": str(ckpts[d.index].path), "relative_residual": d.relative_residual}
+               for d in grower.dropped]
+    for d in dropped:
+        (log.warning if warn else log.debug)(
+            "%s: dropped, it adds no direction (residual %.1e of its norm, below --tol %.0e): "
+            "a duplicate or near-duplicate of earlier checkpoints", d["path"], d["relative_residual"], tol,
+        )
+    if grower.rank == 0:
         raise TwaError(f"{ckpts[0].path.parent}: the selected checkpoints are all zero on the trained tensors; "
                        "they span no direction")
-    vectors = q[:k]  # a view: copying would hold the basis twice
-    del q
+    vectors = grower.vectors  # a view: copying would hold the basis twice
+    coords = grower.coords.clone()
+    del grower
     basis = Basis(
         vectors=vectors,
-        coords=coords[:k].clone(),
+        coords=coords,
         layout=layout,
         buffers=mean_of(ckpts, skip={name for name, _ in layout}),
         sources=[Source.of(c, hashes) for c in ckpts],
@@ -344,30 +261,6 @@ def _narrow_in_place(vectors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         row.copy_(vectors[i])
         out[i].copy_(row)
     return out
-
-
-def combine(vectors: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
-    """vectors.T @ coefficients in fp64, chunk by chunk over D (no fp64 copy of the basis)."""
-    k, dim = vectors.shape
-    coefficients = coefficients.to(torch.float64).cpu()
-    out = torch.empty(dim, dtype=torch.float64)
-    step = _chunk(k)
-    scratch = torch.empty(k, step, dtype=torch.float64)
-    for s in range(0, dim, step):
-        width = min(step, dim - s)
-        chunk = scratch[:, :width]
-        chunk.copy_(vectors[:, s : s + width])
-        torch.mv(chunk.t(), coefficients, out=out[s : s + width])
-    return out
-
-
-def orthogonality_error(vectors: torch.Tensor, reduce: Reduce | None = None) -> float:
-    """max |P P^T - I|, with fp64 accumulation."""
-    k = vectors.shape[0]
-    gram = _inner_products(vectors, vectors, exact=True)
-    if reduce is not None:
-        reduce(gram)
-    return float((gram - torch.eye(k, dtype=torch.float64)).abs().max()) if k else 0.0
 
 
 def reconstruction_errors(basis: Basis, ckpts: list[Checkpoint]) -> list[float]:

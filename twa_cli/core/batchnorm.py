@@ -23,14 +23,9 @@ import torch
 from torch import nn
 
 from twa_cli.core.batching import Parts, batches
-from twa_cli.tasks.base import Batch, Task, move
-
-_BN = nn.modules.batchnorm._BatchNorm
-RECALIBRATION_SEED = 0
-
-
-def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, _BN) and m.track_running_stats for m in model.modules())
+from twa_cli.engine.batch import Batch
+from twa_cli.engine.batchnorm import recompute_bn
+from twa_cli.tasks.base import Task
 
 
 def recalibrate_bn(model: nn.Module, task: Task, *, split: str = "train", batch_size: int = 128,
@@ -47,32 +42,7 @@ def recalibrate_bn(model: nn.Module, task: Task, *, split: str = "train", batch_
                           max_batches=max_batches, device=device)
 
 
-@torch.no_grad()
 def recalibrate_on(model: nn.Module, task: Task, batches_: Iterable[Batch], *, max_batches: int | None = None,
                    device: torch.device | str = "cpu") -> int:
-    """Recompute the running statistics over the given batches (drawn inside a seeded fork of the random
-    state, so an augmenting data set augments the same way every time)."""
-    layers = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
-    if not layers:
-        return 0
-    momenta = [m.momentum for m in layers]
-    was_training = model.training
-    for m in layers:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over all batches of the pass
-    model.train()
-    used = 0
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RECALIBRATION_SEED)
-            for batch in batches_:
-                if max_batches is not None and used >= max_batches:
-                    break
-                task.loss(model, move(batch, device))
-                used += 1
-    finally:
-        for m, momentum in zip(layers, momenta, strict=True):
-            m.momentum = momentum
-        model.train(was_training)
-    return used
-
+    """Recompute the running statistics over the given batches, the task's loss as the forward pass."""
+    return recompute_bn(model, batches_, task.loss, max_batches=max_batches, device=device)

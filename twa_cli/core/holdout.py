@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from twa_cli.core.subspace import SubspaceSGD
+from twa_cli.engine.subspace import SubspaceSGD
 from twa_cli.tasks.base import Metrics, Task
 
 # The fewest validation examples (or, for a language model, blocks) a choice is made on: below this the noise

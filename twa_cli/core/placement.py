@@ -37,7 +37,7 @@ from torch import nn
 
 from twa_cli.core.basis import Basis, orthogonalize
 from twa_cli.core.basis_files import load_basis, save_basis, save_columns, save_index
-from twa_cli.core.subspace import FlatParameters, SubspaceSGD
+from twa_cli.engine.subspace import FlatParameters, SubspaceSGD
 from twa_cli.errors import TwaError
 from twa_cli.io.checkpoints import Checkpoint
 
@@ -262,7 +262,7 @@ class ColumnShards(Placement):
 
     def sync_batchnorm(self, model: nn.Module, wanted: bool | None) -> bool:
         """SyncBatchNorm where torch has it (nccl); on gloo say once why results differ from one process."""
-        from twa_cli.core.batchnorm import has_batchnorm
+        from twa_cli.engine.batchnorm import has_batchnorm
 
         if not has_batchnorm(model):
             return False

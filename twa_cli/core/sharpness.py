@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from twa_cli.core.subspace import SubspaceSGD
-from twa_cli.tasks.base import Batch, Task, move
+from twa_cli.engine.batch import Batch, move
+from twa_cli.engine.subspace import SubspaceSGD
+from twa_cli.tasks.base import Task
 
 # Half the stability limit: the estimate comes from a few batches at the start point, and the curvature
 # seen along the way is larger than at the start (the steps go where the loss is lower and sharper).

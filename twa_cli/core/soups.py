@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from twa_cli.core.averaging import mean_of
-from twa_cli.core.batchnorm import has_batchnorm, recalibrate_bn
+from twa_cli.core.batchnorm import recalibrate_bn
 from twa_cli.core.evaluation import evaluate
+from twa_cli.engine.batchnorm import has_batchnorm
 from twa_cli.errors import TwaError
 from twa_cli.io.checkpoints import Checkpoint, load_tensors
 from twa_cli.tasks.base import Task

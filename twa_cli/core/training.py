@@ -1,36 +1,30 @@
-"""The one training loop, shared by `sample` (plain SGD) and `train-subspace` (projected SGD).
-
-The loop knows nothing about checkpoints or subspaces: the optimizer decides what a step does, the task what
-a batch is and what its loss is, and hooks decide what happens after a step and at the end of an epoch
-(saving samples, evaluating, saving the resume state). Its data order and augmentation randomness depend only
-on (seed, epoch), so a run resumed from the end of an epoch replays exactly the batches an uninterrupted run
-would have seen. The step itself allocates nothing D-sized and never waits for the device: the loss and the
-epoch's tallies stay on the device, and the host looks at them every few steps.
+"""Training on a task: the tensor core's loop (`twa_cli.engine.loop`) fed a task's split, shared by `sample` (plain
+SGD) and `train-subspace` (projected SGD), and the files that let an interrupted run resume exactly. The data order
+and augmentation randomness depend only on (seed, epoch), so a run resumed from the end of an epoch replays
+exactly the batches an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import time
-from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
-from twa_cli.core.batching import batches, num_batches
+from twa_cli.core.batching import Parts, batches, num_batches
 from twa_cli.core.placement import Placement, SingleProcess
-from twa_cli.core.schedules import learning_rate
-from twa_cli.errors import Diverged, TwaError
+from twa_cli.engine.batch import Batch
+from twa_cli.engine.loop import EpochHook, EpochStats, Reporter, StepHook, train_epochs
+from twa_cli.errors import TwaError
 from twa_cli.io.checkpoints import load_tensors, make_metadata, read_checkpoint
 from twa_cli.io.safetensors import save_tensors
-from twa_cli.tasks.base import Task, move
-
-# How often (in steps) the loop looks at the loss on the host; between looks it never synchronizes.
-DIVERGENCE_CHECK_EVERY = 25
+from twa_cli.tasks.base import Task
 
 
 @dataclass
@@ -45,49 +39,32 @@ class LoopConfig:
 
 
 @dataclass
-class EpochStats:
-    epoch: int  # epochs completed, 1-based
-    step: int
-    lr: float
-    seconds: float
-    train: dict[str, float] = field(default_factory=dict)  # the task's figures over the epoch: train_loss, ...
-    extra: dict[str, Any] = field(default_factory=dict)  # added by hooks: test figures
+class TaskBatches:
+    """A task's split as the loop's batch source: an order of examples that depends only on (seed, epoch), and
+    under torchrun each rank's part of every global batch (`twa_cli.core.batching`)."""
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "step": self.step, "lr": self.lr, **self.train, "seconds": self.seconds,
-                **self.extra}
+    task: Task
+    dataset: Dataset
+    batch_size: int
+    seed: int
+    parts: Parts | None = None
 
+    @property
+    def width(self) -> int:
+        return len(self.task.tallies)
 
-class Reporter(Protocol):
-    """What the loop tells whoever is watching (the CLI draws progress bars from it; tests pass nothing)."""
+    def per_epoch(self) -> int:
+        return num_batches(self.dataset, self.batch_size)
 
-    def epoch_started(self, epoch: int, epochs: int, batches: int) -> None: ...
-    def batch_done(self) -> None: ...
-    def epoch_done(self, stats: EpochStats) -> None: ...
+    def epoch(self, epoch: int) -> Iterator[tuple[Batch, float]]:
+        return batches(self.task, self.dataset, self.batch_size, shuffle=True, seed=self.seed, epoch=epoch,
+                       parts=self.parts)
 
+    def measure(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.task.measure(model, batch)
 
-class Silent:
-    def epoch_started(self, epoch: int, epochs: int, batches: int) -> None:
-        pass
-
-    def batch_done(self) -> None:
-        pass
-
-    def epoch_done(self, stats: EpochStats) -> None:
-        pass
-
-
-StepHook = Callable[[int, int, int], None]  # (epoch, batch index, global step) after each step
-EpochHook = Callable[[EpochStats], None]
-
-
-def augmentation_seed(seed: int, epoch: int) -> int:
-    return (seed * 7919 + epoch * 104_729 + 1) % (2**63)
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    def summarize(self, sums: torch.Tensor) -> dict[str, float]:
+        return self.task.summarize(sums).row("train")
 
 
 def train_loop(
@@ -104,81 +81,20 @@ def train_loop(
     checked_steps: Collection[int] = (),
     placement: Placement | None = None,
 ) -> int:
-    """Train from `start_epoch` to `cfg.epochs`; returns the global step count at the end.
+    """The tensor core's loop (`twa_cli.engine.loop.train_epochs`) on a task's split; returns the global step.
 
-    `checked_steps`: batch indices (within an epoch) after which `after_step` writes the weights out, so the
-    loop checks for divergence first: a diverged sample is never saved. Under torchrun (`placement` of several
-    ranks) this process computes its part of each global batch, and the epoch's figures and the divergence
-    check are combined over all ranks.
+    Under torchrun (`placement` of several ranks) this process computes its part of each global batch, and the
+    epoch's figures and the divergence check are combined over all ranks.
     """
-    reporter = reporter or Silent()
     placement = placement or SingleProcess(cfg.device)
-    device = torch.device(cfg.device)
     dataset = task.split(cfg.split, augment=True)
     if dataset is None:
         raise TwaError(f"the data has no {cfg.split} split to train on")
-    per_epoch = num_batches(dataset, cfg.batch_size)
-    parts = placement if placement.world > 1 else None
-    for epoch in range(start_epoch, cfg.epochs):
-        torch.manual_seed(augmentation_seed(cfg.seed, epoch))
-        model.train()
-        reporter.epoch_started(epoch, cfg.epochs, per_epoch)
-        started = time.perf_counter()
-        sums = torch.zeros(len(task.tallies), dtype=torch.float64, device=device)
-        bad_step = torch.full((), -1, dtype=torch.long, device=device)
-        lr = cfg.lr
-        loader = batches(task, dataset, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, parts=parts)
-        for i, (batch, weight) in enumerate(loader):
-            lr = learning_rate(cfg.schedule, cfg.lr, cfg.epochs, epoch, i / per_epoch)
-            set_lr(optimizer, lr)
-            loss, tallies = task.measure(model, move(batch, device))
-            optimizer.zero_grad(set_to_none=False)
-            (loss if weight == 1.0 else loss * weight).backward()
-            optimizer.step()
-            step += 1
-            with torch.no_grad():
-                if weight:  # an example that only keeps a rank in step (weight 0) is not counted
-                    sums += tallies
-                # Record the first non-finite step on the device; the host looks only every few steps.
-                bad_step.copy_(torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step))
-            if step % DIVERGENCE_CHECK_EVERY == 0 or i in checked_steps:
-                _check_divergence(bad_step, lr, placement)
-            if after_step is not None:
-                after_step(epoch, i, step)
-            reporter.batch_done()
-        _check_divergence(bad_step, lr, placement)
-        check_state_finite(model, step, lr)  # the last step's update can overflow with a finite loss
-        placement.sum_(sums)
-        stats = EpochStats(epoch=epoch + 1, step=step, lr=lr, seconds=time.perf_counter() - started,
-                           train=task.summarize(sums).row("train"))
-        if after_epoch is not None:
-            after_epoch(stats)
-        reporter.epoch_done(stats)
-    return step
-
-
-def _check_divergence(bad_step: torch.Tensor, lr: float, placement: Placement) -> None:
-    if placement.world > 1:
-        # Every rank must stop together, at the earliest bad step any of them saw.
-        never = torch.iinfo(torch.long).max
-        earliest = torch.where(bad_step < 0, never, bad_step)
-        placement.min_(earliest)
-        bad_step = torch.where(earliest == never, -1, earliest)
-    first = int(bad_step)
-    if first >= 0:
-        raise Diverged(f"training diverged: the loss became NaN or Inf at step {first} (lr {lr:g}); try a smaller --lr")
-
-
-def check_state_finite(model: nn.Module, step: int, lr: float) -> None:
-    """Raise `Diverged` when a weight or a floating buffer (BatchNorm's running statistics) is NaN or Inf (one
-    host sync: call it before writing the model out)."""
-    with torch.no_grad():
-        tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
-        finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all() if tensors else torch.tensor(True)
-    if not bool(finite):
-        bad = next(name for name, t in model.state_dict().items()
-                   if t.is_floating_point() and not bool(torch.isfinite(t).all()))
-        raise Diverged(f"training diverged: '{bad}' became NaN or Inf by step {step} (lr {lr:g}); try a smaller --lr")
+    source = TaskBatches(task, dataset, cfg.batch_size, cfg.seed, placement if placement.world > 1 else None)
+    return train_epochs(model, optimizer, source, epochs=cfg.epochs, lr=cfg.lr, schedule=cfg.schedule,
+                        seed=cfg.seed, device=cfg.device, start_epoch=start_epoch, step=step, after_step=after_step,
+                        after_epoch=after_epoch, reporter=reporter, checked_steps=checked_steps,
+                        collective=placement)
 
 
 def divergence_advice(state_path: Path) -> str:

@@ -20,7 +20,7 @@ import torch
 
 from twa_cli.core.basis import Basis, orthogonalize
 from twa_cli.core.coefficients import LayerGroup
-from twa_cli.core.subspace import FlatParameters, SubspaceSGD
+from twa_cli.engine.subspace import FlatParameters, SubspaceSGD
 from twa_cli.errors import TwaError
 from twa_cli.io.checkpoints import Checkpoint
 

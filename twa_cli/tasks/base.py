@@ -30,9 +30,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
+from twa_cli.engine.batch import Batch, move
 from twa_cli.io.runfiles import RESULT_FILE
 
-Batch = Any  # a tensor, or tuples, lists and dicts of tensors
 SPLITS = ("train", "val", "test")
 # A validation split carved out of the training examples depends on nothing but their number and the fraction,
 # so `sample`, `swa --greedy` and `train-subspace` hold out the same examples.
@@ -64,19 +64,6 @@ class Metrics:
     def row(self, prefix: str) -> dict[str, float]:
         """The figures as columns of metrics.jsonl: `test_loss`, `test_acc`, ..."""
         return {f"{prefix}_{ABBREVIATIONS.get(k, k)}": v for k, v in self.values.items()}
-
-
-def move(batch: Batch, device: torch.device | str) -> Batch:
-    """A batch of any structure with its tensors on `device`."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {k: move(v, device) for k, v in batch.items()}
-    if isinstance(batch, tuple):
-        return tuple(move(v, device) for v in batch)
-    if isinstance(batch, list):
-        return [move(v, device) for v in batch]
-    return batch
 
 
 def examples_in(batch: Batch) -> int:

@@ -14,6 +14,7 @@ off-span part r, which eq. 8 only shrinks by weight decay: w = P^T a + s r with 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -87,6 +88,9 @@ class SubspaceSGD(torch.optim.Optimizer):
         self.reduce = reduce  # sums c in place over ranks that each hold some columns of the basis, or None
         self.offspan_scale = 1.0  # s
         self.offspan_momentum = 0.0
+        self.steps = 0
+        # Where torch.optim keeps an optimizer's state, so `optimizer.state` shows it as for any other optimizer.
+        self.state[flat.params] = {"coords": self.coords, "momentum": self.momentum}
         self._write_params()
 
     @torch.no_grad()
@@ -109,6 +113,7 @@ class SubspaceSGD(torch.optim.Optimizer):
         if self.offspan is not None and self.offspan_decays:
             self.offspan_momentum = mu * self.offspan_momentum + wd * self.offspan_scale
             self.offspan_scale -= lr * self.offspan_momentum
+        self.steps += 1
         self._write_params()
         return None
 
@@ -143,16 +148,44 @@ class SubspaceSGD(torch.optim.Optimizer):
         """out = P^T coords."""
         self.projection.point_of(coords, out)
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's layout: {"state": {0: coords, momentum, step, offspan}, "param_groups": [...]}. The
+        whole state of the iteration is here (the basis and the start's off-span part are inputs, like the
+        parameters), so a loop that checkpoints its optimizer the standard way resumes the same run."""
+        own = self.state[self.flat.params]
+        own["step"] = torch.tensor(self.steps, dtype=torch.int64)
+        # s and its momentum in fp64, as the step computes them: restored bit for bit.
+        own["offspan"] = torch.tensor([self.offspan_scale, self.offspan_momentum], dtype=torch.float64)
+        return super().state_dict()
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned, bit for bit, into this optimizer's own tensors (the weights are
+        rewritten from the coordinates). torch's base class would cast the fp64 offspan to the parameters'
+        dtype and rebind the tensors this optimizer steps, so the copy is done here."""
+        groups, states = state_dict.get("param_groups"), state_dict.get("state")
+        if not isinstance(groups, list) or len(groups) != 1 or not isinstance(states, dict) or len(states) != 1:
+            raise ValueError("not the state of a SubspaceSGD (one parameter group, one state)")
+        saved = next(iter(states.values()))
+        for name in ("coords", "momentum"):
+            if tuple(saved[name].shape) != tuple(self.coords.shape):
+                raise ValueError(f"the saved {name} have shape {list(saved[name].shape)}, this optimizer's "
+                                 f"{list(self.coords.shape)}: a state of another basis")
+        self.coords.copy_(saved["coords"])
+        self.momentum.copy_(saved["momentum"])
+        self.steps = int(saved["step"])
+        self.offspan_scale, self.offspan_momentum = (float(v) for v in saved["offspan"])
+        for key, value in groups[0].items():
+            if key != "params":
+                self.param_groups[0][key] = value
+        self._write_params()
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {"coords": self.coords, "momentum": self.momentum}
-        out["offspan"] = torch.tensor([self.offspan_scale, self.offspan_momentum], dtype=torch.float64)
-        return out
+        """The state as named tensors (what the CLI's resume file holds under `optim.`)."""
+        return dict(next(iter(self.state_dict()["state"].values())))
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.coords.copy_(tensors["coords"])
-        self.momentum.copy_(tensors["momentum"])
-        self.offspan_scale, self.offspan_momentum = (float(v) for v in tensors["offspan"])
-        self._write_params()
+        self.load_state_dict({"state": {0: tensors}, "param_groups": self.state_dict()["param_groups"]})
 
 
 def _params_of(flat: FlatParameters) -> list[torch.Tensor]:
