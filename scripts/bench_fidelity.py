@@ -284,7 +284,7 @@ class Cifar(ImageScoring, Family):
             heldout = _image_tensors(self.shared / "heldout", self.data / "train", 3)
             from twa_cli.tasks.images import ImageTensors
 
-            both = ImageTensors(torch.cat([test.images, heldout.images]), torch.cat([test.labels, heldout.labels]),
+            both = ImageTensors(torch.cat([test.images, heldout.images]), torch.cat([test.targets, heldout.targets]),
                                 (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
             self._sets = {"test": both, "dev": _image_tensors(self.shared / "dev", self.data / "train", 3)}
         return self._sets

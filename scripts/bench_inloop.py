@@ -5,7 +5,8 @@ without it, and the memory of the in-memory basis against the model's.
 The model is the small GPT-2 of scripts/bench_text.py (GPT2Config: vocab 1024, 128 positions, n_embd 128, 2 layers,
 4 heads, tied embeddings), trained by the real Trainer with AdamW on random token blocks (128 tokens, batch 8).
 Runs without and with the callback alternate, round after round, in one process (a noisy machine slows them
-alike), each going first every other round. Each run trains --steps steps; the callback adds the weights every --every steps and fits in their span
+alike), each going first every other round. Each run trains --steps steps; the callback adds the weights every
+--every steps and fits in their span
 at the last step (fit_at=1.0, one epoch of the run's data). A clock callback placed after twa's records the end
 of every step, so a step's time includes what the callback does after it.
 
