@@ -153,9 +153,9 @@ class SubspaceConfig:
             raise TwaError(f"--preset must be one of {', '.join(PRESETS)} (got '{self.preset}')")
         defaults = dict(PRESETS[self.preset])
         if self.fit_on == "val":  # the coefficients are fitted on the validation split: nothing is left to choose on
-            defaults.update(select="none", init="center")
-        if self.select == "none":  # nothing scored: no start is picked on it either
-            defaults.update(init="center")
+            defaults["select"] = "none"
+        if (self.select or defaults["select"]) == "none":  # nothing scored: no start is picked on it either
+            defaults["init"] = "center"
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
