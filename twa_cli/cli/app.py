@@ -553,6 +553,75 @@ def train_subspace(
     out.line(str(result.out))
 
 
+@app.command("watch", cls=_Command)
+@with_groups(read=READ, task=TASK)
+def watch(
+    ctx: typer.Context,
+    run: Annotated[Path, typer.Argument(help="The folder a training job is writing its checkpoints into.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for SWA, the basis, TWA, watch.jsonl and "
+                                         "the state to resume from.", rich_help_panel=OUTPUT)],
+    read: Any,
+    task: Any,
+    every: Annotated[int, typer.Option(help="Train TWA in the span after this many new checkpoints.", min=1)] = 4,
+    interval: Annotated[float, typer.Option(help="Seconds between looks at the folder.")] = 30.0,
+    settle: Annotated[float, typer.Option(help="Seconds a checkpoint's files must stay unchanged before it is "
+                                          "read (a checkpoint still being written is waited for).")] = 10.0,
+    idle_exit: Annotated[float | None, typer.Option(help="End (after a last TWA round) when no new checkpoint came "
+                                                    "for this many seconds (default: keep watching).")] = None,
+    target: Annotated[float | None, typer.Option(help="End with exit code 0 as soon as TWA's held-out figure "
+                                                 "(accuracy, or loss for a language model) is this good; if the "
+                                                 "watch ends otherwise, exit code 3.")] = None,
+    polls: Annotated[int | None, typer.Option(help="End after this many looks.", min=1)] = None,
+    epochs: Annotated[int, typer.Option(help="Epochs of each TWA round.", min=1, rich_help_panel=TRAIN)] = 2,
+    lr: Annotated[float, typer.Option(help="Learning rate of each round (checked against the span's "
+                                      "curvature by default).", rich_help_panel=TRAIN)] = 2.0,
+    batch_size: BatchSize = 128,
+    preset: Annotated[Preset, typer.Option(help="As train-subspace's --preset.", rich_help_panel=TRAIN)
+                      ] = Preset.default,
+    bn_batches: BnBatches = None,
+    seed: Seed = 0,
+    device: DeviceOpt = Device.auto,
+    resume: Annotated[bool, typer.Option("--resume", help="Go on from what an earlier watch of the same run into "
+                                         "OUTPUT took in (after a crash or kill -9).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Start over in an OUTPUT an earlier watch wrote.",
+                                        rich_help_panel=OUTPUT)] = False,
+    json_out: Json = False,
+    quiet: Quiet = False,
+    config: ConfigOpt = None,
+    config_from: ConfigFrom = None,
+) -> None:
+    """Follow a run as it trains: SWA kept up to date, TWA every few checkpoints, held-out scores as it goes.
+
+    The basis grows with each checkpoint (never rebuilt); a checkpoint still being written is waited for, one
+    deleted is skipped, and a killed watch resumes with --resume."""
+    from twa_cli.commands.train_subspace import SubspaceConfig
+    from twa_cli.commands.watch import WatchRequest
+    from twa_cli.commands.watch import watch as run_watch
+
+    out, invocation = _start(json_out, quiet, ctx)
+    request = WatchRequest(
+        subspace=SubspaceConfig(epochs=epochs, lr=lr, batch_size=batch_size, preset=preset.value, seed=seed,
+                                device=device.value, bn_batches=bn_batches, read=read, task=task),
+        every=every, interval=interval, settle=settle, idle_exit=idle_exit, target=target, polls=polls)
+
+    def said(round_: Any) -> None:
+        figures = ", ".join(f"{name} {value:.4g}" for name, value in (("SWA", round_.swa), ("TWA", round_.twa))
+                            if value is not None)
+        metric = round_.metric.split(":", 1)[1] if round_.metric else "held-out"
+        out.info(f"round {round_.round}: {round_.checkpoints} checkpoints (rank {round_.rank}); held-out {metric}: "
+                 f"{figures or 'not scored'} (kept: {round_.kept})")
+
+    result = run_watch(run, output, request, resume=resume, force=force, on_round=said, invocation=invocation)
+    if json_out:
+        out.emit_json(result.to_dict())
+    else:
+        how = {"target": "the target was reached", "idle": "no new checkpoint came", "polls": "the looks ran out"}
+        out.info(f"watched {result.checkpoints} checkpoints in {len(result.rounds)} rounds; ended: "
+                 f"{how[result.ended]} -> {result.out}")
+    if target is not None and not result.reached:
+        raise typer.Exit(3)
+
+
 @app.command("eval", cls=_Command)
 @with_groups(read=READ.only("strip_prefix"), task=TASK.without("val_split", "val_data"))
 def eval_(

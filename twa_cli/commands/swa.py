@@ -132,22 +132,32 @@ def swa(folder: str | Path, output: str | Path, request: SwaRequest | None = Non
         result.test = score_if_any(net, task, "test", device=device)
     else:
         average = mean_of(ckpts, progress=progress, compute_dtype=compute, dtype=out_dtype)
-        if net is not None:
-            average, result.bn, result.test = _recalibrated(net, task, average, request, device, has_data)
-        elif any("running_mean" in k or "running_var" in k for k in average):
-            result.bn = "averaged"
+        average, result.bn, result.test = recalibrated(net, task, average, request, device)
+    sources = [Source.of(c, with_hash=False) for c in ckpts]
+    trainable = trainable_names(net) if net is not None else ckpts[0].trainable
+    return write_average(target, average, result, request, task=task, first=ckpts[0], sources=sources,
+                         trainable=trainable, coefficients=coefficients, force=force, invocation=invocation,
+                         command="swa --greedy" if request.greedy else "swa")
+
+
+def write_average(target: ResultTarget, average: dict[str, torch.Tensor], result: SwaResult, request: SwaRequest, *,
+                  task: Task | None, first: Checkpoint, sources: list[Source], trainable: list[str] | None,
+                  coefficients: list[float],
+                  force: bool, invocation: dict[str, Any] | None, command: str = "swa") -> SwaResult:
+    """Write an average (its BatchNorm statistics as `result.bn` says) with the metadata every average carries;
+    `first` is the first checkpoint averaged (what it records about its task), `sources` all of them."""
+    has_data = task is not None and task.has_data
     if result.bn == "averaged":
         log.warning("BatchNorm statistics were averaged, not recomputed (%s)",
                     "--no-bn-update" if has_data else "no architecture or data known")
+    out_dtype = torch_dtype(request.dtype) if request.dtype else None
     if out_dtype is not None:  # after BatchNorm recomputation the model's fp32 state comes back
         average = {k: to_storage_dtype(v, out_dtype, f"the average's tensor '{k}'") for k, v in average.items()}
-    recorded_task = task.describe() if task is not None else described(request.task, ckpts[0])
-    trainable = trainable_names(net) if net is not None else ckpts[0].trainable
+    recorded_task = task.describe() if task is not None else described(request.task, first)
     meta = make_metadata(
-        "average", invocation=invocation, **recorded_task, trainable=trainable,
-        command="swa --greedy" if request.greedy else "swa",
-        sources=[Source.of(c, with_hash=False).to_dict() for c in ckpts], coefficients=coefficients,
-        step=str(ckpts[-1].step) if ckpts[-1].step is not None else None, bn=result.bn,
+        "average", invocation=invocation, **recorded_task, trainable=trainable, command=command,
+        sources=[s.to_dict() for s in sources], coefficients=coefficients,
+        step=str(sources[-1].step) if sources[-1].step is not None else None, bn=result.bn,
         compute_dtype=request.compute_dtype, dtype=request.dtype or "same as input",
     )
     result.path = write_result(target, average, meta, force=force)
@@ -165,13 +175,15 @@ def _needs_model(request: TaskRequest, ckpt: Checkpoint) -> bool:
                 and "arch" not in ckpt.meta)
 
 
-def _recalibrated(net: torch.nn.Module, task: Task, average: dict[str, torch.Tensor], request: SwaRequest,
-                  device: str, has_data: bool) -> tuple[dict[str, torch.Tensor], str, Metrics | None]:
+def recalibrated(net: torch.nn.Module | None, task: Task | None, average: dict[str, torch.Tensor],
+                 request: SwaRequest, device: str) -> tuple[dict[str, torch.Tensor], str, Metrics | None]:
     """The average loaded into the model, its BatchNorm statistics recomputed and its test figures, when the
-    data is known."""
+    data is known; without a model, the average as it is ("averaged" statistics where it holds some)."""
+    if net is None or task is None:
+        return average, "averaged" if any("running_mean" in k or "running_var" in k for k in average) else "none", None
     load_weights(net, average, "the average")
     bn = "averaged" if has_batchnorm(net) else "none"
-    if not has_data:
+    if not task.has_data:
         return average, bn, None
     net.to(device)
     if request.bn_update and has_batchnorm(net):

@@ -1,0 +1,206 @@
+"""`twa watch`: following a run folder while a job writes it. The basis it grows one checkpoint at a time equals
+`twa orthogonalize` of the same files, its SWA equals `twa swa`; it waits for a checkpoint still being written,
+forgets one deleted before it settled, sets aside one that does not fit, survives its own kill -9 (--resume),
+and ends with exit 0 once TWA reaches --target (3 when it does not)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import trajectory, write_synthetic_folder
+
+from twa_cli.commands.orthogonalize import orthogonalize
+from twa_cli.commands.train_subspace import SubspaceConfig
+from twa_cli.commands.watch import WatchRequest, watch
+from twa_cli.core.basis_files import load_basis
+from twa_cli.errors import TwaError
+from twa_cli.io.checkpoints import load_tensors
+from twa_cli.tasks.resolve import TaskRequest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Writer:
+    """Stands for the training job: each time the watcher sleeps, the next action runs (copy a checkpoint in,
+    write half a file, delete one)."""
+
+    def __init__(self, actions):
+        self.actions = list(actions)
+
+    def __call__(self, _seconds: float) -> None:
+        if self.actions:
+            self.actions.pop(0)()
+
+
+def _copy(src: Path, run: Path):
+    return lambda: shutil.copy(src, run / src.name)
+
+
+def _model_free(polls: int, every: int = 100) -> WatchRequest:
+    # No architecture and no data: the basis and SWA only (a TWA round needs data to train on).
+    return WatchRequest(every=every, interval=0.01, settle=0, polls=polls)
+
+
+def _same_span(a: torch.Tensor, b: torch.Tensor) -> float:
+    """How far the rows of `a` are from the span of the orthonormal rows of `b` (0 when a lies in it; with
+    as many orthonormal rows each, they span the same subspace)."""
+    a, b = a.double(), b.double()
+    assert a.shape == b.shape
+    return float((a - (a @ b.T) @ b).norm(dim=1).max())
+
+
+@pytest.fixture
+def synthetic(tmp_path: Path) -> list[Path]:
+    return write_synthetic_folder(tmp_path / "src", trajectory(6, 300, step=1e-2))
+
+
+def test_the_grown_basis_and_swa_equal_the_commands_on_the_same_files(tmp_path: Path, synthetic, twa):
+    run = tmp_path / "run"
+    run.mkdir()
+    result = watch(run, tmp_path / "out", _model_free(polls=14), sleep=Writer(_copy(p, run) for p in synthetic))
+    assert result.checkpoints == 6 and result.ended == "polls"
+    # The last round of a model-free run writes the basis only (TWA needs the model and its data).
+    assert [(r.checkpoints, r.twa) for r in result.rounds] == [(6, None)]
+    ref = load_basis(orthogonalize(run, tmp_path / "ref.safetensors").path)
+    assert _same_span(load_basis(tmp_path / "out" / "basis.safetensors").vectors, ref.vectors) < 1e-6
+    state = json.loads((tmp_path / "out" / "watch-state" / "state.json").read_text())
+    assert state["rank"] == ref.rank == 6
+    rows = torch.stack([load_tensors(tmp_path / "out" / "watch-state" / "rows" / f"row-{i:05d}.safetensors")["row"]
+                        for i in range(6)])
+    assert _same_span(rows, ref.vectors) < 1e-6
+    twa("swa", run, "-o", tmp_path / "swa.safetensors")
+    ours, theirs = load_tensors(tmp_path / "out" / "swa.safetensors"), load_tensors(tmp_path / "swa.safetensors")
+    assert ours.keys() == theirs.keys()
+    assert torch.allclose(ours["w"], theirs["w"], rtol=0, atol=1e-6)
+
+
+def test_a_checkpoint_being_written_is_waited_for_and_a_deleted_one_forgotten(tmp_path: Path, synthetic):
+    run = tmp_path / "run"
+    run.mkdir()
+    whole = synthetic[0].read_bytes()
+    half = run / synthetic[0].name
+    gone = run / synthetic[1].name
+    actions = [
+        lambda: half.write_bytes(whole[: len(whole) // 2]),  # the writer is halfway through
+        lambda: None,  # ... and stays there (a settled but unreadable file)
+        lambda: shutil.copy(synthetic[1], gone),
+        lambda: gone.unlink(),  # deleted before it settled
+        lambda: half.write_bytes(whole),  # the write completes
+        lambda: None,
+    ]
+    result = watch(run, tmp_path / "out", _model_free(polls=8), sleep=Writer(actions))
+    state = json.loads((tmp_path / "out" / "watch-state" / "state.json").read_text())
+    assert result.checkpoints == 1
+    assert [Path(s["path"]).name for s in state["sources"]] == [synthetic[0].name]
+    assert state["set_aside"] == {}
+
+
+def test_a_checkpoint_that_does_not_fit_or_holds_nan_is_set_aside(tmp_path: Path, synthetic):
+    run = tmp_path / "run"
+    run.mkdir()
+    odd = write_synthetic_folder(tmp_path / "odd", torch.ones(1, 7), name="w")[0]
+    nan = write_synthetic_folder(tmp_path / "nan", torch.full((1, 300), float("nan")), name="w")[0]
+    actions = [_copy(synthetic[0], run), lambda: shutil.copy(odd, run / "c9000.safetensors"),
+               lambda: shutil.copy(nan, run / "c9001.safetensors")]
+    result = watch(run, tmp_path / "out", _model_free(polls=6), sleep=Writer(actions))
+    assert result.checkpoints == 1
+    reasons = {Path(k).name: v for k, v in result.set_aside.items()}
+    assert set(reasons) == {"c9000.safetensors", "c9001.safetensors"}
+    assert "does not fit" in reasons["c9000.safetensors"] and "NaN" in reasons["c9001.safetensors"]
+
+
+def test_resume_after_a_stop_goes_on_with_the_same_basis(tmp_path: Path, synthetic):
+    run = tmp_path / "run"
+    run.mkdir()
+    for p in synthetic[:3]:
+        shutil.copy(p, run)
+    watch(run, tmp_path / "out", _model_free(polls=2), sleep=lambda s: None)
+    for p in synthetic[3:]:
+        shutil.copy(p, run)
+    with pytest.raises(TwaError, match="already exists"):
+        watch(run, tmp_path / "out", _model_free(polls=2), sleep=lambda s: None)
+    result = watch(run, tmp_path / "out", _model_free(polls=2), sleep=lambda s: None, resume=True)
+    assert result.checkpoints == 6
+    state = json.loads((tmp_path / "out" / "watch-state" / "state.json").read_text())
+    assert [Path(s["path"]).name for s in state["sources"]] == [p.name for p in synthetic]
+
+
+def test_killed_with_sigkill_it_resumes_to_the_basis_of_an_uninterrupted_watch(tmp_path: Path):
+    src = write_synthetic_folder(tmp_path / "src", trajectory(12, 200_000, step=1e-2))
+    run = tmp_path / "run"
+    run.mkdir()
+    for p in src:
+        shutil.copy(p, run)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "twa_cli", "watch", str(run), "-o", str(out), "--settle", "0", "--interval", "0.05",
+            "--polls", "3"]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state = out / "watch-state" / "state.json"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state.exists() and json.loads(state.read_text() or "{}").get("count", 0) >= 2:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = subprocess.run([*argv, "--resume"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    saved = json.loads(state.read_text())
+    assert saved["count"] == 12 and [Path(s["path"]).name for s in saved["sources"]] == [p.name for p in src]
+    rows = torch.stack([load_tensors(out / "watch-state" / "rows" / f"row-{i:05d}.safetensors")["row"]
+                        for i in range(saved["rank"])])
+    reference = load_basis(orthogonalize(run, tmp_path / "ref.safetensors").path)
+    assert saved["rank"] == reference.rank
+    assert _same_span(rows, reference.vectors) < 1e-5
+
+
+def test_rounds_train_in_the_grown_span_and_target_ends_the_watch(tmp_path: Path, mlp_run: Path, twa):
+    ckpts = sorted(p for p in mlp_run.iterdir() if p.name.startswith("ckpt"))
+    run = tmp_path / "run"
+    run.mkdir()
+    seen = []
+    request = WatchRequest(subspace=SubspaceConfig(epochs=1, device="cpu", task=TaskRequest(data="digits")),
+                           every=3, interval=0.01, settle=0, polls=len(ckpts) + 2)
+    result = watch(run, tmp_path / "out", request, sleep=Writer(_copy(p, run) for p in ckpts), on_round=seen.append)
+    assert [r.checkpoints for r in result.rounds] == [3, 6, len(ckpts)][: len(result.rounds)]
+    assert result.rounds[-1].checkpoints == len(ckpts)
+    last = result.rounds[-1]
+    assert last.metric == "max:accuracy" and last.twa >= last.swa  # never worse than its start on the split
+    lines = [json.loads(x) for x in (tmp_path / "out" / "watch.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [r.round for r in seen] == list(range(1, len(seen) + 1))
+    coefficients = json.loads((tmp_path / "out" / "twa" / "coefficients.json").read_text())
+    assert len(coefficients["coefficients"]) == len(coefficients["sources"]) == len(ckpts)
+    # The CLI: a target already met ends it at the first round with 0; one that cannot be met, with 3.
+    met = twa("watch", run, "-o", tmp_path / "met", "--data", "digits", "--device", "cpu", "--epochs", "1",
+              "--every", "3", "--settle", "0", "--interval", "0.01", "--polls", "5", "--target", "0", "--json")
+    report = json.loads(met.stdout)
+    assert report["ended"] == "target" and report["reached"] and len(report["rounds"]) == 1
+    missed = twa("watch", run, "-o", tmp_path / "missed", "--data", "digits", "--device", "cpu", "--epochs", "1",
+                 "--every", "100", "--settle", "0", "--interval", "0.01", "--polls", "2", "--target", "101",
+                 check=False)
+    assert missed.returncode == 3, missed.stderr
+
+
+@pytest.mark.parametrize("case", ["not-a-folder", "output-inside-run", "nothing-to-resume", "bad-every"])
+def test_bad_input_is_one_line(tmp_path: Path, synthetic, twa, case):
+    run = synthetic[0].parent
+    args = {"not-a-folder": [synthetic[0], "-o", tmp_path / "out"],
+            "output-inside-run": [run, "-o", run / "watch"],
+            "nothing-to-resume": [run, "-o", tmp_path / "out", "--resume"],
+            "bad-every": [run, "-o", tmp_path / "out", "--interval", "-1"]}[case]
+    before = sorted(p.name for p in run.iterdir())
+    result = twa("watch", *args, "--polls", "1", check=False)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in run.iterdir()) == before
+    assert not (tmp_path / "out").exists() or case == "nothing-to-resume"

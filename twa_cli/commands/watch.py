@@ -1,0 +1,520 @@
+"""`twa watch RUN -o OUT`: follow a run folder that a training job is still writing.
+
+Every `interval` seconds it looks at RUN. A checkpoint whose files have not changed for `settle` seconds and that
+reads whole is taken in: its trained tensors join the basis (the tensor core's `Orthogonalizer`: the basis
+grows, it is never rebuilt), the rest join a running mean. After each look that took something in, SWA is
+written again (`OUT/swa`, BatchNorm recomputed); every `every` new checkpoints, and when the watch ends, the
+basis is written (`OUT/basis.safetensors`) and `twa train-subspace` trains in its span (`OUT/twa`, held-out
+selection by default, so the center, SWA, is scored there too). Each such round is a line of `OUT/watch.jsonl`.
+
+It ends when TWA's held-out figure reaches `target` (exit 0, for a CI job to stop the run), when no new checkpoint
+came for `idle_exit` seconds, or after `polls` looks. What it took in is saved after each checkpoint
+(`watch_state`): a watcher killed at any point resumes with `--resume`. A checkpoint still being written is
+waited for; one deleted before it was read is forgotten; one that cannot be read once it has settled, or that
+does not fit the run, is set aside with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from twa_cli.commands.common import aligned, hf_folder, knows_task, subspace_names, task_of
+from twa_cli.commands.runfolder import check_positive
+from twa_cli.commands.swa import SwaRequest, SwaResult, recalibrated, write_average
+from twa_cli.commands.train_subspace import SubspaceConfig, SubspaceResult, train_subspace
+from twa_cli.commands.watch_state import STATE_FILE, STATE_FOLDER, Signature, Taken
+from twa_cli.core.basis import Basis, subspace_layout
+from twa_cli.core.basis_files import save_basis
+from twa_cli.engine.orthogonalizer import orthogonality_error
+from twa_cli.errors import TwaError
+from twa_cli.io import readers
+from twa_cli.io.atomic import write_bytes
+from twa_cli.io.checkpoints import (
+    ALIAS,
+    OTHER_KINDS,
+    Checkpoint,
+    Source,
+    check_compatible,
+    open_tensors,
+    read_checkpoint,
+)
+from twa_cli.io.outputs import check_named, check_not_an_input
+from twa_cli.io.writers import ResultTarget
+from twa_cli.tasks.base import Task
+from twa_cli.tasks.models import check_fits
+
+log = logging.getLogger("twa")
+
+LOG_FILE = "watch.jsonl"
+BASIS_FILE = "basis.safetensors"
+
+
+@dataclass
+class WatchRequest:
+    """How to follow the run; `subspace` is how each TWA round trains (its task names the data)."""
+
+    subspace: SubspaceConfig = field(default_factory=SubspaceConfig)
+    every: int = 4  # a TWA round after this many new checkpoints
+    interval: float = 30.0  # seconds between looks at the run folder
+    settle: float = 10.0  # a checkpoint unchanged this long (and readable) is complete
+    idle_exit: float | None = None  # end after this long without a new checkpoint (None: never)
+    target: float | None = None  # end (reached) once TWA's held-out figure is this good
+    polls: int | None = None  # end after this many looks (None: no limit)
+    swa: bool = True  # keep OUT/swa up to date
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise TwaError(f"--every must be at least 1 (got {self.every})")
+        check_positive(self.interval, "--interval")
+        if not (math.isfinite(self.settle) and self.settle >= 0):
+            raise TwaError(f"--settle must be zero or a positive number of seconds (got {self.settle})")
+        if self.idle_exit is not None:
+            check_positive(self.idle_exit, "--idle-exit")
+        if self.target is not None and not math.isfinite(self.target):
+            raise TwaError(f"--target must be a finite number (got {self.target})")
+        if self.polls is not None and self.polls < 1:
+            raise TwaError(f"--polls must be at least 1 (got {self.polls})")
+        if self.target is not None and not self.subspace.selecting:
+            raise TwaError("--target is judged on the validation split: it needs --select val (the default)")
+
+
+@dataclass
+class Round:
+    """One TWA round: the checkpoints spanned, the held-out figures of SWA (the center) and TWA, the point kept."""
+
+    round: int
+    checkpoints: int
+    rank: int
+    metric: str | None
+    swa: float | None
+    twa: float | None
+    kept: str | None
+    seconds: float
+    output: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class WatchResult:
+    out: Path
+    checkpoints: int
+    rounds: list[Round]
+    ended: str  # target | idle | polls
+    reached: bool
+    set_aside: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"output": str(self.out), "checkpoints": self.checkpoints, "ended": self.ended,
+                "reached": self.reached, "rounds": [r.to_dict() for r in self.rounds], "set_aside": self.set_aside}
+
+
+class _Unreadable(Exception):
+    """A checkpoint's files could not be read (yet): its cause says why."""
+
+
+class _NotFinite(TwaError):
+    """A checkpoint holds NaN or Inf in a trained tensor: it cannot join the basis."""
+
+
+@dataclass
+class _Pending:
+    signature: Signature
+    since: float
+    failed: str | None = None  # why the last read failed (retried when the files change)
+
+
+class Watcher:
+    """The state of one watch: the run, what was taken in, the checkpoints waiting to settle."""
+
+    def __init__(self, run: Path, out: Path, request: WatchRequest, taken: Taken | None,
+                 clock: Callable[[], float], invocation: dict[str, Any] | None):
+        self.run, self.out, self.request, self.taken = run, out, request, taken
+        self.clock, self.invocation = clock, invocation
+        self.pending: dict[str, _Pending] = {}
+        self.ignored: dict[str, Signature] = {}  # files of the tool's own (averages, a basis) met in the run
+        self.task: Task | None = None
+        self.net: torch.nn.Module | None = None
+        self.first: Checkpoint | None = None
+        self.last_new = clock()
+        self.rounds: list[Round] = []
+        self._said_basis_only = False
+
+    # ------------------------------------------------------------------------------------ looking
+    def look(self) -> int:
+        """Take in every checkpoint that has settled; returns how many were."""
+        now, new = self.clock(), 0
+        for path in _candidates(self.run):
+            key = str(path.resolve())
+            taken = self.taken
+            if taken is not None and key in taken.seen:
+                continue
+            try:
+                signature = _signature(path)
+            except (OSError, TwaError):  # deleted, or a shard set not all there yet
+                self.pending.pop(key, None)
+                continue
+            if self.ignored.get(key) == signature:
+                continue
+            waiting = self.pending.get(key)
+            if waiting is None or waiting.signature != signature:
+                self.pending[key] = _Pending(signature, now)
+                continue
+            if now - waiting.since < self.request.settle or waiting.failed:
+                continue
+            try:
+                new += self._take(path, key, signature)
+            except _Unreadable as exc:
+                if not path.exists():  # deleted under us
+                    self.pending.pop(key, None)
+                    continue
+                # Settled but unreadable: a writer that died mid-file, or one that keeps the size and time while
+                # it writes. Tried again when the files change; said once.
+                waiting.failed = str(exc.__cause__)
+                log.warning("%s: cannot be read (%s); waiting for it to change", path, exc.__cause__)
+        done = set(self.taken.seen) if self.taken is not None else set()
+        self.pending = {k: v for k, v in self.pending.items() if k not in done and k not in self.ignored}
+        if new:
+            self.last_new = now
+        return new
+
+    def _take(self, path: Path, key: str, signature: Signature) -> int:
+        try:
+            ckpt = read_checkpoint(path, self.request.subspace.read)
+        except (OSError, TwaError) as exc:
+            raise _Unreadable(exc) from exc
+        other = _not_a_checkpoint(ckpt)
+        if other is not None:  # a file of the tool's own in the run folder: not the run's, not remembered
+            log.info("%s: not taken in, %s", path, other)
+            self.ignored[key] = signature
+            return 0
+        if self.taken is None:
+            self._start(ckpt)
+        taken = self.taken
+        assert taken is not None
+        why = _misfit(self.first, ckpt)
+        if why is None:
+            try:
+                vector, others = _read_once(ckpt, taken.layout)
+            except _NotFinite as exc:
+                why = str(exc)
+            except (OSError, TwaError) as exc:
+                raise _Unreadable(exc) from exc
+        if why is not None:
+            log.warning("%s: set aside, %s", path, why)
+            taken.seen[key], taken.set_aside[key] = signature, why
+            taken.save(self.out)
+            return 0
+        taken.basis.add_block(vector)
+        taken.others.add(others, where=f"{path}: ")
+        taken.sources.append(Source.of(ckpt))
+        taken.seen[key] = signature
+        taken.save(self.out)
+        log.info("%s: taken in (%d checkpoints, rank %d)", path, taken.count, taken.basis.rank)
+        return 1
+
+    def _start(self, first: Checkpoint) -> None:
+        """The first checkpoint fixes the subspace's layout (the model's trained tensors) and the task."""
+        self.first = first
+        if self.taken is not None:
+            return
+        request = self.request.subspace.task
+        names, _ = subspace_names(request, [first])
+        layout = subspace_layout([first], names)
+        recorded = dict(first.task_fields())
+        folder = hf_folder(first)
+        if folder is not None and not recorded:
+            recorded["hf"] = {"dir": str(folder.resolve()), "auto_class": None}
+        self.taken = Taken.new(self.run.resolve(), layout, self.request.subspace.tol, recorded)
+
+    # ------------------------------------------------------------------------------------ writing
+    def due(self, ending: bool) -> bool:
+        taken = self.taken
+        if taken is None or taken.basis.rank == 0 or taken.count == taken.fitted_at:
+            return False
+        return ending or taken.count - taken.fitted_at >= self.request.every
+
+    def write_swa(self) -> SwaResult | None:
+        """The uniform average of everything taken in (the basis's center on the trained tensors)."""
+        taken = self.taken
+        if not self.request.swa or taken is None or taken.basis.rank == 0:
+            return None
+        first = self._first()
+        target = ResultTarget(self.out / ("swa" if _is_folder_run(first) else "swa.safetensors"), None,
+                              _model_files(taken))
+        average = _average(taken)
+        request = SwaRequest(task=self.request.subspace.task, bn_batches=self.request.subspace.bn_batches,
+                             bn_update=self.request.subspace.bn_update, device=self.request.subspace.device)
+        task, net = self._model(first)
+        device = self.request.subspace.device if self.request.subspace.device != "auto" else (
+            "cuda" if torch.cuda.is_available() else "cpu")
+        average, bn, test = recalibrated(net, task, average, request, device)
+        result = SwaResult(target.path, [Path(s.path) for s in taken.sources], bn, test)
+        return write_average(target, average, result, request, task=task, first=first, sources=taken.sources,
+                             trainable=[n for n, _ in taken.layout], coefficients=[1.0 / taken.count] * taken.count,
+                             force=True, invocation=self.invocation, command="watch")
+
+    def fit(self, reporter: Any = None) -> Round:
+        """Write the basis as it is and train in its span (`train-subspace` on the basis file)."""
+        taken = self.taken
+        assert taken is not None
+        started = time.monotonic()
+        basis = Basis(vectors=taken.basis.vectors, coords=taken.basis.coords.clone(), layout=taken.layout,
+                      buffers=_others_mean(taken), sources=list(taken.sources),
+                      dropped=[{"index": d.index, "path": taken.sources[d.index].path,
+                                "relative_residual": d.relative_residual} for d in taken.basis.dropped],
+                      recorded=taken.recorded)
+        basis.errors["orthogonality"] = orthogonality_error(basis.vectors)
+        save_basis(basis, self.out / BASIS_FILE, invocation=self.invocation)
+        if not self._trains():
+            taken.rounds += 1
+            taken.fitted_at = taken.count
+            taken.save(self.out)
+            return self._logged(Round(taken.rounds, taken.count, taken.basis.rank, None, None, None, None,
+                                      round(time.monotonic() - started, 2), str(self.out / BASIS_FILE)))
+        result = train_subspace(self.out / BASIS_FILE, self.out / "twa", self.request.subspace, force=True,
+                                reporter=reporter, invocation=self.invocation)
+        assert isinstance(result, SubspaceResult)
+        taken.rounds += 1
+        taken.fitted_at = taken.count
+        taken.save(self.out)
+        found = _figures(result)
+        seconds = round(time.monotonic() - started, 2)
+        return self._logged(Round(taken.rounds, taken.count, taken.basis.rank, *found, seconds=seconds,
+                                  output=str(result.out)))
+
+    def _logged(self, round_: Round) -> Round:
+        self.rounds.append(round_)
+        with open(self.out / LOG_FILE, "a", encoding="utf-8") as fh:  # a log: a torn last line is only a lost line
+            fh.write(json.dumps(round_.to_dict()) + "\n")
+        return round_
+
+    def _trains(self) -> bool:
+        """Whether a round can train: the model and its data are known (else it writes the basis only, for a
+        later `twa train-subspace BASIS --model ... --data ...`; said once)."""
+        task, _ = self._model(self._first())
+        if task is not None and task.has_data:
+            return True
+        if not self._said_basis_only:
+            log.warning("%s: no architecture or data known (--model, --data): each round writes the basis only, "
+                        "TWA needs them to train", self.run)
+            self._said_basis_only = True
+        return False
+
+    def reached(self, round_: Round) -> bool:
+        target = self.request.target
+        if target is None or round_.twa is None or round_.metric is None:
+            return False
+        return round_.twa >= target if round_.metric.startswith("max:") else round_.twa <= target
+
+    def _first(self) -> Checkpoint:
+        """A checkpoint of the run that is still there (for its config files and metadata): the first taken in,
+        else the newest still on disk."""
+        if self.first is not None and self.first.path.exists():
+            return self.first
+        taken = self.taken
+        assert taken is not None
+        for source in reversed(taken.sources):
+            if Path(source.path).exists():
+                self.first = read_checkpoint(source.path, self.request.subspace.read)
+                return self.first
+        raise TwaError(f"{self.run}: every checkpoint taken in was deleted, so the model's files are gone; "
+                       "nothing to write the average with")
+
+    def _model(self, first: Checkpoint) -> tuple[Task | None, torch.nn.Module | None]:
+        if self.net is None and knows_task(self.request.subspace.task, first):
+            self.task = task_of(self.request.subspace.task, first, need_data=False)
+            net = self.task.build_model()
+            aligned([first], net)
+            check_fits(net, check_compatible([first]).shapes, str(first.path))
+            self.net = net
+        return self.task, self.net
+
+
+def watch(run: str | Path, out: str | Path, request: WatchRequest | None = None, *, resume: bool = False,
+          force: bool = False, clock: Callable[[], float] = time.monotonic,
+          sleep: Callable[[float], None] = time.sleep, reporter: Any = None,
+          on_round: Callable[[Round], None] | None = None,
+          invocation: dict[str, Any] | None = None) -> WatchResult:
+    """Follow `run` (see the module's docstring) and write SWA, the basis and TWA into `out`."""
+    request = request or WatchRequest()
+    run, out = Path(run), Path(out)
+    if not run.is_dir():
+        raise TwaError(f"{run}: not a folder (twa watch follows the folder a run writes its checkpoints into)")
+    taken = _claim(run, out, resume=resume, force=force)
+    watcher = Watcher(run, out, request, taken, clock, invocation)
+    polls = 0
+    while True:
+        polls += 1
+        if watcher.look() and watcher.taken is not None:
+            watcher.write_swa()
+        if watcher.due(ending=False):
+            round_ = watcher.fit(reporter)
+            if on_round is not None:
+                on_round(round_)
+            if watcher.reached(round_):
+                return _result(watcher, "target", True)
+        idle = request.idle_exit is not None and clock() - watcher.last_new >= request.idle_exit
+        if idle or (request.polls is not None and polls >= request.polls):
+            if watcher.due(ending=True):
+                round_ = watcher.fit(reporter)
+                if on_round is not None:
+                    on_round(round_)
+            reached = bool(watcher.rounds) and watcher.reached(watcher.rounds[-1])
+            return _result(watcher, "idle" if idle else "polls", reached)
+        sleep(request.interval)
+
+
+def _claim(run: Path, out: Path, *, resume: bool, force: bool) -> Taken | None:
+    """The output folder, checked and made; with `resume`, what an earlier watcher of the same run took in."""
+    check_named(out)
+    check_not_an_input(out, [run], folder=True)
+    if out.exists() and not out.is_dir():
+        raise TwaError(f"{out}: is a file; the output of twa watch is a folder")
+    state = out / STATE_FOLDER / STATE_FILE
+    if resume:
+        if not state.exists():
+            raise TwaError(f"{out}: nothing to resume (no {STATE_FOLDER}/{STATE_FILE}); run without --resume")
+        taken = Taken.load(out)
+        if Path(taken.run) != run.resolve():
+            raise TwaError(f"{out}: was watching {taken.run}, not {run.resolve()}; resume with the same run")
+        return taken
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise TwaError(f"{out}: already exists and is not empty (pass --force to start over"
+                           f"{', --resume to continue' if state.exists() else ''})")
+        if not state.exists():
+            raise TwaError(f"{out}: holds files twa watch did not write; --force replaces only a watch's folder")
+        import shutil
+
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_bytes(out / LOG_FILE, b"")
+    return None
+
+
+def _result(watcher: Watcher, ended: str, reached: bool) -> WatchResult:
+    taken = watcher.taken
+    return WatchResult(watcher.out, taken.count if taken else 0, watcher.rounds, ended, reached,
+                       dict(taken.set_aside) if taken else {})
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _candidates(run: Path) -> list[Path]:
+    """The run's checkpoints as the folder lists them now, in name order: not the second copies tools save
+    (last.ckpt, model_best), nor a Trainer's `tmp-checkpoint-*` folder before its rename."""
+    try:
+        paths = readers.checkpoint_paths(run)
+    except OSError:
+        return []
+    return [p for p in paths if not ALIAS.match(p.name) and not p.name.startswith("tmp-")]
+
+
+def _signature(path: Path) -> Signature:
+    """(file, size, mtime) of every file of a checkpoint: for a folder, everything in it (a Trainer writes the
+    weights first and its state last)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else readers.checkpoint_files(path)
+    out = []
+    for f in files:
+        stat = f.stat()
+        out.append([str(f), stat.st_size, stat.st_mtime_ns])
+    return out
+
+
+def _not_a_checkpoint(ckpt: Checkpoint) -> str | None:
+    if ckpt.kind in OTHER_KINDS:
+        return f"it is a {ckpt.kind} file, not a checkpoint"
+    if ckpt.kind in ("average", "twa"):
+        return f"it is itself an average (written by `twa {ckpt.meta.get('command', ckpt.kind)}`)"
+    if ckpt.meta.get("averaged"):
+        return f"it is itself an average ({ckpt.meta['averaged']})"
+    return None
+
+
+def _misfit(first: Checkpoint | None, ckpt: Checkpoint) -> str | None:
+    if first is None or not first.path.exists():
+        return None
+    try:
+        check_compatible([first, ckpt])
+    except TwaError as exc:
+        return f"it does not fit the run's first checkpoint ({exc})"
+    return None
+
+
+def _read_once(ckpt: Checkpoint, layout: list[tuple[str, tuple[int, ...]]]) -> tuple[torch.Tensor, dict]:
+    """One pass over the file: the trained tensors flattened into one row, every other tensor by name."""
+    offsets, offset = {}, 0
+    for name, shape in layout:
+        offsets[name] = (offset, math.prod(shape))
+        offset += math.prod(shape)
+    row = torch.empty(1, offset, dtype=torch.float32)
+    others: dict[str, torch.Tensor] = {}
+    with open_tensors(ckpt) as handle:
+        keys = set(handle.keys())
+        missing = [n for n in offsets if n not in keys]
+        if missing:
+            raise TwaError(f"{ckpt.path}: has no tensor '{missing[0]}', which the run's first checkpoint trains")
+        for name in handle.keys():
+            tensor = handle.get(name)
+            if name in offsets:
+                start, size = offsets[name]
+                if not bool(torch.isfinite(tensor).all()):
+                    raise _NotFinite(f"its tensor '{name}' holds NaN or Inf")
+                row[0, start : start + size].copy_(tensor.reshape(-1))
+            else:
+                others[name] = tensor
+    return row, others
+
+
+def _others_mean(taken: Taken) -> dict[str, torch.Tensor]:
+    """The running mean of the tensors outside the subspace, each in the widest precision it came in."""
+    if not taken.others.count:
+        return {}
+    return {k: v.to(taken.others.widest[k]) if v.is_floating_point() else v
+            for k, v in taken.others.average().items()}
+
+
+def _average(taken: Taken) -> dict[str, torch.Tensor]:
+    """SWA of everything taken in: the center of the basis on the trained tensors, the running mean elsewhere."""
+    basis = Basis(taken.basis.vectors, taken.basis.coords, taken.layout)
+    out = dict(basis.unflatten(basis.point(basis.center_coords())))
+    out.update(_others_mean(taken))
+    return out
+
+
+def _is_folder_run(first: Checkpoint) -> bool:
+    return first.path.is_dir()
+
+
+def _model_files(taken: Taken) -> Path | None:
+    """A Hugging Face checkpoint folder of the run still on disk, whose config and tokenizer go beside the
+    average's weights."""
+    for source in reversed(taken.sources):
+        path = Path(source.path)
+        if path.is_dir():
+            return path
+    return None
+
+
+def _figures(result: SubspaceResult) -> tuple[str | None, float | None, float | None, str | None]:
+    """(metric, SWA's figure, TWA's figure, the point kept) from a round's validation record."""
+    validation = result.validation
+    if validation is None:
+        return None, None, None, None
+    name = validation.metric.split(":", 1)[1]
+    center = next((p.figures.get(name) for p in validation.points if p.label == "center"), None)
+    kept = [p for p in validation.points if p.kept]
+    return validation.metric, center, kept[-1].figures.get(name) if kept else None, validation.kept
+
