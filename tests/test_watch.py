@@ -204,3 +204,54 @@ def test_bad_input_is_one_line(tmp_path: Path, synthetic, twa, case):
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in run.iterdir()) == before
     assert not (tmp_path / "out").exists() or case == "nothing-to-resume"
+
+
+def test_watching_a_live_transformers_trainer_run(tmp_path: Path, twa):
+    """The real Trainer writes its checkpoint-* folders (and its final model beside them) in another process
+    while the watch follows the folder; the watch ends after the writer has been idle. Every checkpoint folder is
+    taken in once, the final model copy is not, and SWA and TWA are Hugging Face folders that load back."""
+    from realtools import _write_tsv, sentiment_sentences
+    from transformers import AutoModelForSequenceClassification
+
+    root = tmp_path / "bert"
+    val = _write_tsv(tmp_path / "val.tsv", sentiment_sentences(128, 2000))  # held-out sentences to choose on
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
+    writer = subprocess.Popen([sys.executable, str(ROOT / "tests" / "realtools.py"), "build_hf_classifier_run",
+                               str(root), "0"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (root / "run").is_dir() and time.monotonic() < deadline:  # the Trainer makes its output_dir
+            time.sleep(0.1)
+        request = WatchRequest(subspace=SubspaceConfig(epochs=1, device="cpu", batch_size=16,
+                                                       task=TaskRequest(data=str(root / "data" / "train.tsv"),
+                                                                        val_data=str(val))),
+                               every=2, interval=0.2, settle=0.5, idle_exit=12)
+        result = watch(root / "run", tmp_path / "out", request)
+    finally:
+        writer.wait(timeout=120)
+    assert writer.returncode == 0, writer.stderr.read().decode()[-2000:] if writer.stderr else ""
+    checkpoints = sorted((root / "run").glob("checkpoint-*"))
+    assert result.checkpoints == len(checkpoints) == 4 and result.ended == "idle"
+    state = json.loads((tmp_path / "out" / "watch-state" / "state.json").read_text())
+    assert sorted(Path(s["path"]).name for s in state["sources"]) == [p.name for p in checkpoints]
+    assert result.rounds[-1].checkpoints == 4 and result.rounds[-1].twa is not None
+    reference = load_basis(orthogonalize(root / "run", tmp_path / "ref.safetensors").path)
+    assert _same_span(load_basis(tmp_path / "out" / "basis.safetensors").vectors, reference.vectors) < 1e-5
+    loaded = {}
+    for name in ("swa", "twa"):
+        loaded[name], info = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / name,
+                                                                               output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], (name, info)
+    twa("swa", root / "run", "-o", tmp_path / "reference-swa")
+    reference_swa = AutoModelForSequenceClassification.from_pretrained(tmp_path / "reference-swa").state_dict()
+    for key, value in loaded["swa"].state_dict().items():
+        assert torch.allclose(value, reference_swa[key], rtol=0, atol=1e-6), key
+
+
+def test_two_watchers_of_one_output_the_second_is_refused(tmp_path: Path, synthetic):
+    from filelock import FileLock
+
+    out = tmp_path / "out"
+    with FileLock(tmp_path / ".out.lock"), pytest.raises(TwaError, match="another twa watch"):
+        watch(synthetic[0].parent, out, _model_free(polls=1), sleep=lambda s: None)
+    assert not out.exists()

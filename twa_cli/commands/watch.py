@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 
 from twa_cli.commands.common import aligned, hf_folder, knows_task, subspace_names, task_of
 from twa_cli.commands.runfolder import check_positive
@@ -44,6 +45,7 @@ from twa_cli.io.checkpoints import (
     Checkpoint,
     Source,
     check_compatible,
+    is_hf_final_model,
     open_tensors,
     read_checkpoint,
 )
@@ -351,8 +353,26 @@ def watch(run: str | Path, out: str | Path, request: WatchRequest | None = None,
     run, out = Path(run), Path(out)
     if not run.is_dir():
         raise TwaError(f"{run}: not a folder (twa watch follows the folder a run writes its checkpoints into)")
-    taken = _claim(run, out, resume=resume, force=force)
-    watcher = Watcher(run, out, request, taken, clock, invocation)
+    check_named(out)
+    check_not_an_input(out, [run], folder=True)  # before the lock file beside it is made
+    if out.exists() and not out.is_dir():
+        raise TwaError(f"{out}: is a file; the output of twa watch is a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out.with_name(f".{out.name}.lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout as exc:
+        raise TwaError(f"{out}: another twa watch is writing there; choose another output") from exc
+    try:
+        taken = _claim(run, out, resume=resume, force=force)
+        return _follow(Watcher(run, out, request, taken, clock, invocation), sleep, reporter, on_round)
+    finally:
+        lock.release()
+
+
+def _follow(watcher: Watcher, sleep: Callable[[float], None], reporter: Any,
+            on_round: Callable[[Round], None] | None) -> WatchResult:
+    request, clock = watcher.request, watcher.clock
     polls = 0
     while True:
         polls += 1
@@ -377,10 +397,6 @@ def watch(run: str | Path, out: str | Path, request: WatchRequest | None = None,
 
 def _claim(run: Path, out: Path, *, resume: bool, force: bool) -> Taken | None:
     """The output folder, checked and made; with `resume`, what an earlier watcher of the same run took in."""
-    check_named(out)
-    check_not_an_input(out, [run], folder=True)
-    if out.exists() and not out.is_dir():
-        raise TwaError(f"{out}: is a file; the output of twa watch is a folder")
     state = out / STATE_FOLDER / STATE_FILE
     if resume:
         if not state.exists():
@@ -414,12 +430,15 @@ def _result(watcher: Watcher, ended: str, reached: bool) -> WatchResult:
 
 def _candidates(run: Path) -> list[Path]:
     """The run's checkpoints as the folder lists them now, in name order: not the second copies tools save
-    (last.ckpt, model_best), nor a Trainer's `tmp-checkpoint-*` folder before its rename."""
+    (last.ckpt, model_best, a Trainer's final model beside its checkpoint-* folders), nor a Trainer's
+    `tmp-checkpoint-*` folder before its rename."""
     try:
         paths = readers.checkpoint_paths(run)
     except OSError:
         return []
-    return [p for p in paths if not ALIAS.match(p.name) and not p.name.startswith("tmp-")]
+    if any(p.is_dir() for p in paths) and paths != [run]:
+        paths = [p for p in paths if p.is_dir() or not is_hf_final_model(p)]
+    return [p for p in paths if p != run and not ALIAS.match(p.name) and not p.name.startswith("tmp-")]
 
 
 def _signature(path: Path) -> Signature:

@@ -275,7 +275,7 @@ def scan_folder(folder: str | Path, options: ReadOptions = ReadOptions()) -> Lis
         return Listing([read_checkpoint(folder, options)])
     paths = readers.checkpoint_paths(folder)
     if any(p.is_dir() for p in paths) and paths != [folder]:
-        paths = [p for p in paths if p.is_dir() or not _is_hf_final_model(p)]
+        paths = [p for p in paths if p.is_dir() or not is_hf_final_model(p)]
     paths.sort(key=lambda p: (bool(ALIAS.match(p.name)), _natural_key(p.name)))  # originals before aliases
     ckpts = [c for c in (read_checkpoint(p, options) for p in paths) if c.kind not in OTHER_KINDS]
     listing = Listing([])
@@ -358,7 +358,7 @@ def _tensor_hash(ckpt: Checkpoint, small_only: bool) -> str:
     return digest.hexdigest()
 
 
-def _is_hf_final_model(path: Path) -> bool:
+def is_hf_final_model(path: Path) -> bool:
     return path.name in readers.HF_WEIGHT_FILES or bool(readers.SHARD.match(path.name))
 
 
