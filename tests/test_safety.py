@@ -174,7 +174,13 @@ def test_an_output_is_never_written_inside_the_data_it_reads(tmp_path, twa):
         ("swa", run, "-o", imgs / "test" / "avg", "--data", "imagefolder", "--data-dir", imgs),
         ("train-subspace", run, "-o", imgs / "test" / "t", "--epochs", "1", "--no-lr-check", "--select", "none",
          "--init", "center"),
+        ("orthogonalize", run, "-o", imgs / "test" / "basis.safetensors"),  # the recorded data
+        ("plot", run, "-o", imgs / "test" / "pictures", "--surface", "--resolution", "2"),
+        ("watch", run, "-o", imgs / "train" / "w", "--polls", "2", "--settle", "0", "--interval", "0.01"),
+        ("watch", tmp_path / "empty-run", "-o", imgs / "test" / "w", *data, "--polls", "1"),  # the flags' data
     ]
+    (tmp_path / "empty-run").mkdir()
+    before = snapshot(tmp_path)
     for args in cases:
         _one_line_refusal(twa(*args, check=False), "inside the input folder", str(imgs))
     assert snapshot(tmp_path) == before

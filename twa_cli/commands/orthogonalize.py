@@ -9,14 +9,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from twa_cli.commands.common import compatible, described, pick, subspace_names
+from twa_cli.commands.common import (
+    compatible,
+    data_inputs,
+    described,
+    knows_task,
+    pick,
+    subspace_names,
+    task_of,
+)
 from twa_cli.commands.estimates import Plan, plan_orthogonalize
 from twa_cli.core.basis import check_tol
 from twa_cli.core.placement import placement_for
 from twa_cli.core.selection import Selection
 from twa_cli.errors import TwaError
 from twa_cli.io.atomic import through_link
-from twa_cli.io.outputs import check_output
+from twa_cli.io.outputs import check_not_an_input, check_output
 from twa_cli.io.readers import ReadOptions
 from twa_cli.tasks.resolve import TaskRequest
 from twa_cli.units import STORAGE_DTYPES
@@ -63,6 +71,8 @@ def orthogonalize(folder: str | Path, output: str | Path, request: Orthogonalize
         check_output(output, force, inputs=[folder])
         ckpts = pick(folder, request.selection, request.read)
         compatible(ckpts)
+        if knows_task(request.task, ckpts[0]):  # the data the flags or the checkpoints name is an input too
+            check_not_an_input(output, data_inputs(task_of(request.task, ckpts[0], need_data=False)), folder=False)
         names, ckpts = subspace_names(request.task, ckpts)
         if dry_run:
             return plan_orthogonalize(ckpts, dtype=request.dtype, trainable=names)

@@ -27,7 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from twa_cli.commands import figures
-from twa_cli.commands.common import compatible, pick, resolve_device, subspace_names
+from twa_cli.commands.common import (
+    compatible,
+    data_inputs,
+    knows_task,
+    pick,
+    resolve_device,
+    subspace_names,
+    task_of,
+)
 from twa_cli.core.basis import Basis, orthogonalize
 from twa_cli.core.basis_files import is_basis_file, load_basis
 from twa_cli.core.coefficients import CoefficientReport
@@ -126,6 +134,20 @@ def classify(srcs: list[Path]) -> Inputs:
     return found
 
 
+def _data_read(inputs: Inputs, opts: PlotOptions) -> list[Path]:
+    """The data the inputs' checkpoints record (or the flags name): inputs too, which no picture may be written
+    into (an image folder's class folders, a text file)."""
+    ckpts = []
+    if inputs.sample_dir is not None:
+        ckpts.append(pick(inputs.sample_dir)[0])
+    if inputs.twa_dir is not None:
+        ckpts += [read_checkpoint(p) for p in sorted(inputs.twa_dir.glob("*.safetensors"))[:1]]
+    if inputs.basis_file is not None:
+        ckpts.append(read_checkpoint(inputs.basis_file))
+    return [path for ckpt in ckpts if knows_task(opts.task, ckpt)
+            for path in data_inputs(task_of(opts.task, ckpt, need_data=False))]
+
+
 def _set_once(found: Inputs, name: str, value: Path) -> None:
     if getattr(found, name) is not None:
         raise TwaError(f"{value}: a second {name.replace('_', ' ')} (already have {getattr(found, name)})")
@@ -146,6 +168,7 @@ def plot(srcs: list[str | Path], out: str | Path, opts: PlotOptions | None = Non
     out = Path(out)
     check_not_an_input(out, paths, folder=True)
     inputs = classify(paths)
+    check_not_an_input(out, _data_read(inputs, opts), folder=True)
     result = PlotResult()
     plans = _plans(inputs, opts, result, progress)
     if not plans:

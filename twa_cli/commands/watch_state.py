@@ -59,7 +59,7 @@ class Taken:
 
     def save(self, out: Path) -> None:
         folder = out / STATE_FOLDER
-        (folder / "rows").mkdir(parents=True, exist_ok=True)
+        (folder / "rows").mkdir(parents=True, exist_ok=True)  # OUT itself too, at the first checkpoint
         for i in range(self._rows_saved(folder), self.basis.rank):  # the committed ones are final
             save_tensors(folder / "rows" / f"row-{i:05d}.safetensors", {"row": self.basis.vectors[i]}, {})
         others = f"others-{self.count:05d}.safetensors"
