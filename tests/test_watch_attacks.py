@@ -1,0 +1,86 @@
+"""`twa watch` against a hostile run folder and a damaged or hand-edited output: what a training job, a flaky
+file system or a user may do to either while a watch follows the run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import trajectory
+
+from twa_cli.commands.watch import WatchRequest, watch
+from twa_cli.io.checkpoints import load_tensors, make_metadata
+from twa_cli.io.safetensors import save_tensors
+
+
+def _model_free(polls: int) -> WatchRequest:
+    return WatchRequest(every=100, interval=0.01, settle=0, polls=polls)
+
+
+def _save(path: Path, **tensors: torch.Tensor) -> Path:
+    return save_tensors(path, tensors, make_metadata("checkpoint", trainable=["w"]))
+
+
+def _state(out: Path) -> dict:
+    return json.loads((out / "watch-state" / "state.json").read_text())
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Path:
+    """Two checkpoints of a trained `w` (300) and an untrained `bn` (3)."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for i, row in enumerate(trajectory(2, 300, step=1e-2)):
+        _save(folder / f"c{i:04d}.safetensors", w=row.float(), bn=torch.full((3,), float(i)))
+    return folder
+
+
+ODD = ["trained-shape", "other-shape", "other-missing", "other-integer"]
+
+
+def _odd(run: Path, odd: str) -> None:
+    """A checkpoint that does not fit the run (c9000), then one that does (c9001)."""
+    w, bn = torch.randn(300), torch.ones(3)
+    tensors = {"trained-shape": {"w": torch.randn(7), "bn": bn}, "other-shape": {"w": w, "bn": torch.ones(5)},
+               "other-missing": {"w": w}, "other-integer": {"w": w, "bn": torch.ones(3, dtype=torch.int64)}}[odd]
+    _save(run / "c9000.safetensors", **tensors)
+    _save(run / "c9001.safetensors", w=torch.randn(300), bn=bn)
+
+
+def _set_aside_then_taken(result, out: Path) -> None:
+    reasons = {Path(k).name: v for k, v in result.set_aside.items()}
+    assert list(reasons) == ["c9000.safetensors"] and "does not fit" in reasons["c9000.safetensors"], reasons
+    assert [Path(s["path"]).name for s in _state(out)["sources"]][-1] == "c9001.safetensors"
+
+
+@pytest.mark.parametrize("odd", ODD)
+def test_a_resumed_watch_sets_aside_a_checkpoint_that_does_not_fit(tmp_path: Path, run: Path, odd):
+    out = tmp_path / "out"
+    watch(run, out, _model_free(polls=2), sleep=lambda s: None)
+    _odd(run, odd)
+    _set_aside_then_taken(watch(run, out, _model_free(polls=2), sleep=lambda s: None, resume=True), out)
+
+
+@pytest.mark.parametrize("odd", ODD)
+def test_a_checkpoint_that_does_not_fit_is_set_aside_once_the_first_is_deleted(tmp_path: Path, run: Path, odd):
+    out = tmp_path / "out"
+    sleeps = []
+
+    def job(_seconds: float) -> None:  # once both are taken in, the first is rotated away and an odd one comes
+        sleeps.append(_seconds)
+        if len(sleeps) == 2:
+            (run / "c0000.safetensors").unlink()
+            _odd(run, odd)
+
+    _set_aside_then_taken(watch(run, out, _model_free(polls=4), sleep=job), out)
+
+
+def test_nan_outside_the_trained_tensors_is_set_aside_not_averaged(tmp_path: Path, run: Path):
+    _save(run / "c9000.safetensors", w=torch.randn(300), bn=torch.tensor([float("nan"), 1.0, 1.0]))
+    result = watch(run, tmp_path / "out", _model_free(polls=2), sleep=lambda s: None)
+    assert result.checkpoints == 2
+    assert "NaN" in result.set_aside[str((run / "c9000.safetensors").resolve())]
+    swa = load_tensors(tmp_path / "out" / "swa.safetensors")
+    assert torch.equal(swa["bn"], torch.full((3,), 0.5))
