@@ -84,3 +84,11 @@ def test_nan_outside_the_trained_tensors_is_set_aside_not_averaged(tmp_path: Pat
     assert "NaN" in result.set_aside[str((run / "c9000.safetensors").resolve())]
     swa = load_tensors(tmp_path / "out" / "swa.safetensors")
     assert torch.equal(swa["bn"], torch.full((3,), 0.5))
+
+
+def test_a_link_beside_the_checkpoint_it_names_is_taken_in_once(tmp_path: Path, run: Path):
+    (run / "newest.safetensors").symlink_to(run / "c0001.safetensors")
+    result = watch(run, tmp_path / "out", _model_free(polls=3), sleep=lambda s: None)
+    assert result.checkpoints == 2
+    assert [Path(s["path"]).name for s in _state(tmp_path / "out")["sources"]] == ["c0000.safetensors",
+                                                                                  "c0001.safetensors"]

@@ -156,11 +156,13 @@ class Watcher:
     def look(self) -> int:
         """Take in every checkpoint that has settled; returns how many were."""
         now, new = self.clock(), 0
+        looked: set[str] = set()
         for path in _candidates(self.run):
             key = str(path.resolve())
             taken = self.taken
-            if taken is not None and key in taken.seen:
-                continue
+            if key in looked or (taken is not None and key in taken.seen):
+                continue  # a link beside the file it names is that checkpoint (else each resets the other's wait)
+            looked.add(key)
             try:
                 signature = _signature(path)
             except (OSError, TwaError):  # deleted, or a shard set not all there yet
