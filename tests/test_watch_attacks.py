@@ -11,6 +11,7 @@ import torch
 from helpers import trajectory
 
 from twa_cli.commands.watch import WatchRequest, watch
+from twa_cli.errors import TwaError
 from twa_cli.io.checkpoints import load_tensors, make_metadata
 from twa_cli.io.safetensors import save_tensors
 
@@ -92,3 +93,14 @@ def test_a_link_beside_the_checkpoint_it_names_is_taken_in_once(tmp_path: Path, 
     assert result.checkpoints == 2
     assert [Path(s["path"]).name for s in _state(tmp_path / "out")["sources"]] == ["c0000.safetensors",
                                                                                   "c0001.safetensors"]
+
+
+def test_an_output_left_by_a_watch_that_took_nothing_in_can_be_started_over(tmp_path: Path, run: Path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out"
+    watch(empty, out, _model_free(polls=1), sleep=lambda s: None)  # stopped before any checkpoint came
+    assert sorted(p.name for p in out.iterdir()) == ["watch.jsonl"]
+    with pytest.raises(TwaError, match="already exists"):
+        watch(run, out, _model_free(polls=2), sleep=lambda s: None)
+    assert watch(run, out, _model_free(polls=2), sleep=lambda s: None, force=True).checkpoints == 2

@@ -38,7 +38,7 @@ from twa_cli.core.basis_files import save_basis
 from twa_cli.engine.orthogonalizer import orthogonality_error
 from twa_cli.errors import TwaError
 from twa_cli.io import readers
-from twa_cli.io.atomic import write_bytes
+from twa_cli.io.atomic import is_temp_name, write_bytes
 from twa_cli.io.checkpoints import (
     ALIAS,
     OTHER_KINDS,
@@ -407,7 +407,7 @@ def _claim(run: Path, out: Path, *, resume: bool, force: bool) -> Taken | None:
         if not force:
             raise TwaError(f"{out}: already exists and is not empty (pass --force to start over"
                            f"{', --resume to continue' if state.exists() else ''})")
-        if not state.exists():
+        if not _a_watch_folder(out):
             raise TwaError(f"{out}: holds files twa watch did not write; --force replaces only a watch's folder")
         import shutil
 
@@ -415,6 +415,14 @@ def _claim(run: Path, out: Path, *, resume: bool, force: bool) -> Taken | None:
     out.mkdir(parents=True, exist_ok=True)
     write_bytes(out / LOG_FILE, b"")
     return None
+
+
+def _a_watch_folder(out: Path) -> bool:
+    """Whether `out` was written by a watch: it holds the state, or only what a watch stopped before its first
+    checkpoint leaves (its empty log, the state folder it was starting, a temporary of either)."""
+    if (out / STATE_FOLDER / STATE_FILE).exists():
+        return True
+    return all(p.name in (LOG_FILE, STATE_FOLDER) or is_temp_name(p.name) for p in out.iterdir())
 
 
 def _result(watcher: Watcher, ended: str, reached: bool) -> WatchResult:
