@@ -104,3 +104,21 @@ def test_an_output_left_by_a_watch_that_took_nothing_in_can_be_started_over(tmp_
     with pytest.raises(TwaError, match="already exists"):
         watch(run, out, _model_free(polls=2), sleep=lambda s: None)
     assert watch(run, out, _model_free(polls=2), sleep=lambda s: None, force=True).checkpoints == 2
+
+
+def test_force_over_an_output_that_is_a_link_to_a_watch_folder(tmp_path: Path, run: Path):
+    real = tmp_path / "real"
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    with pytest.raises(TwaError, match="does not exist"):  # a link to nothing: refused before anything is made
+        watch(run, link, _model_free(polls=2), sleep=lambda s: None)
+    real.mkdir()
+    watch(run, link, _model_free(polls=2), sleep=lambda s: None)
+    assert watch(run, link, _model_free(polls=2), sleep=lambda s: None, force=True).checkpoints == 2
+    assert link.is_symlink() and (real / "watch-state" / "state.json").exists()
+
+
+def test_an_output_under_a_file_is_refused_by_name(tmp_path: Path, run: Path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TwaError, match=r"cannot be created, .*file is a file"):
+        watch(run, tmp_path / "file" / "out", _model_free(polls=1), sleep=lambda s: None)

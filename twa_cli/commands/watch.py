@@ -38,7 +38,7 @@ from twa_cli.core.basis_files import save_basis
 from twa_cli.engine.orthogonalizer import orthogonality_error
 from twa_cli.errors import TwaError
 from twa_cli.io import readers
-from twa_cli.io.atomic import is_temp_name, write_bytes
+from twa_cli.io.atomic import is_temp_name, through_link, write_bytes
 from twa_cli.io.checkpoints import (
     ALIAS,
     OTHER_KINDS,
@@ -352,6 +352,10 @@ def watch(run: str | Path, out: str | Path, request: WatchRequest | None = None,
     if not run.is_dir():
         raise TwaError(f"{run}: not a folder (twa watch follows the folder a run writes its checkpoints into)")
     check_named(out)
+    out = through_link(out)  # a link to a folder: that folder is the output (--force replaces it, the link stays)
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise TwaError(f"{out}: cannot be created, {blocking} is a file")
     check_not_an_input(out, [run], folder=True)  # before the lock file beside it is made
     if out.exists() and not out.is_dir():
         raise TwaError(f"{out}: is a file; the output of twa watch is a folder")
