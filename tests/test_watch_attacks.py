@@ -122,3 +122,29 @@ def test_an_output_under_a_file_is_refused_by_name(tmp_path: Path, run: Path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(TwaError, match=r"cannot be created, .*file is a file"):
         watch(run, tmp_path / "file" / "out", _model_free(polls=1), sleep=lambda s: None)
+
+
+def _edited(tmp_path: Path, run: Path, edit) -> Path:
+    out = tmp_path / "out"
+    watch(run, out, _model_free(polls=2), sleep=lambda s: None)
+    state = _state(out)
+    edit(state)
+    (out / "watch-state" / "state.json").write_text(json.dumps(state))
+    return out
+
+
+@pytest.mark.parametrize("edit", [
+    lambda s: s.update(rank=10**30),
+    lambda s: s.update(count=10**30),  # torch's error for it is many lines
+    lambda s: s.update(version=99),
+    lambda s: s.update(dropped=[[99, 0.1]]),
+    lambda s: s.update(coords=[[float("nan")] * 2] * 2),
+    lambda s: s.update(count=2.5),
+], ids=["huge-rank", "huge-count", "unknown-version", "dropped-out-of-range", "nan-coords", "fractional-count"])
+def test_a_hand_edited_state_is_refused_in_one_line(tmp_path: Path, run: Path, twa, edit):
+    out = _edited(tmp_path, run, edit)
+    _save(run / "c9000.safetensors", w=torch.randn(300), bn=torch.ones(3))  # a round would be due
+    result = twa("watch", run, "-o", out, "--resume", "--polls", "2", "--settle", "0", "--interval", "0.01",
+                 check=False)
+    assert result.returncode == 1, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "cannot resume" in result.stderr, result.stderr
