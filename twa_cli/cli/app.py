@@ -607,8 +607,8 @@ def watch(
     def said(round_: Any) -> None:
         figures = ", ".join(f"{name} {value:.4g}" for name, value in (("SWA", round_.swa), ("TWA", round_.twa))
                             if value is not None)
-        metric = round_.metric.split(":", 1)[1] if round_.metric else "held-out"
-        out.info(f"round {round_.round}: {round_.checkpoints} checkpoints (rank {round_.rank}); held-out {metric}: "
+        metric = f"held-out {round_.metric.split(':', 1)[1]}" if round_.metric else "held-out"
+        out.info(f"round {round_.round}: {round_.checkpoints} checkpoints (rank {round_.rank}); {metric}: "
                  f"{figures or 'not scored'} (kept: {round_.kept})")
 
     result = run_watch(run, output, request, resume=resume, force=force, on_round=said, invocation=invocation)

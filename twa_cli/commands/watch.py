@@ -38,6 +38,7 @@ from twa_cli.core.basis_files import save_basis
 from twa_cli.engine.orthogonalizer import orthogonality_error
 from twa_cli.errors import TwaError
 from twa_cli.io import readers
+from twa_cli.io.atomic import is_temp_name, through_link
 from twa_cli.io.checkpoints import (
     ALIAS,
     OTHER_KINDS,
@@ -125,8 +126,8 @@ class _Unreadable(Exception):
     """A checkpoint's files could not be read (yet): its cause says why."""
 
 
-class _NotFinite(TwaError):
-    """A checkpoint holds NaN or Inf in a trained tensor: it cannot join the basis."""
+class _SetAside(TwaError):
+    """A checkpoint that reads but cannot join the run: NaN or Inf in a tensor, or tensors unlike those taken in."""
 
 
 @dataclass
@@ -156,11 +157,13 @@ class Watcher:
     def look(self) -> int:
         """Take in every checkpoint that has settled; returns how many were."""
         now, new = self.clock(), 0
+        looked: set[str] = set()
         for path in _candidates(self.run):
             key = str(path.resolve())
             taken = self.taken
-            if taken is not None and key in taken.seen:
-                continue
+            if key in looked or (taken is not None and key in taken.seen):
+                continue  # a link beside the file it names is that checkpoint (else each resets the other's wait)
+            looked.add(key)
             try:
                 signature = _signature(path)
             except (OSError, TwaError):  # deleted, or a shard set not all there yet
@@ -204,19 +207,15 @@ class Watcher:
             self._start(ckpt)
         taken = self.taken
         assert taken is not None
-        why = _misfit(self.first, ckpt)
-        if why is None:
-            try:
-                vector, others = _read_once(ckpt, taken.layout)
-            except _NotFinite as exc:
-                why = str(exc)
-            except (OSError, TwaError) as exc:
-                raise _Unreadable(exc) from exc
-        if why is not None:
-            log.warning("%s: set aside, %s", path, why)
-            taken.seen[key], taken.set_aside[key] = signature, why
+        try:
+            vector, others = _read_once(ckpt, taken)
+        except _SetAside as exc:
+            log.warning("%s: set aside, %s", path, exc)
+            taken.seen[key], taken.set_aside[key] = signature, str(exc)
             taken.save(self.out)
             return 0
+        except (OSError, TwaError) as exc:
+            raise _Unreadable(exc) from exc
         taken.basis.add_block(vector)
         taken.others.add(others, where=f"{path}: ")
         taken.sources.append(Source.of(ckpt))
@@ -357,6 +356,10 @@ def watch(run: str | Path, out: str | Path, request: WatchRequest | None = None,
     if not run.is_dir():
         raise TwaError(f"{run}: not a folder (twa watch follows the folder a run writes its checkpoints into)")
     check_named(out)
+    out = through_link(out)  # a link to a folder: that folder is the output (--force replaces it, the link stays)
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise TwaError(f"{out}: cannot be created, {blocking} is a file")
     check_not_an_input(out, [run, *_named_data(request.subspace.task)], folder=True)  # before the lock file
     if out.exists() and not out.is_dir():
         raise TwaError(f"{out}: is a file; the output of twa watch is a folder")
@@ -412,7 +415,7 @@ def _claim(run: Path, out: Path, *, resume: bool, force: bool) -> Taken | None:
         if not force:
             raise TwaError(f"{out}: already exists and is not empty (pass --force to start over"
                            f"{', --resume to continue' if state.exists() else ''})")
-        if not state.exists():
+        if not _a_watch_folder(out):
             raise TwaError(f"{out}: holds files twa watch did not write; --force replaces only a watch's folder")
         import shutil
 
@@ -427,6 +430,14 @@ def _named_data(request: TaskRequest) -> list[Path]:
     if request.data_dir:
         named += [str(Path(request.data_dir) / split) for split in ("train", "val", "test")]
     return [Path(p) for p in named if p]
+
+
+def _a_watch_folder(out: Path) -> bool:
+    """Whether `out` was written by a watch: it holds the state, or only what a watch stopped before its first
+    checkpoint leaves (its empty log, the state folder it was starting, a temporary of either)."""
+    if (out / STATE_FOLDER / STATE_FILE).exists():
+        return True
+    return all(p.name in (LOG_FILE, STATE_FOLDER) or is_temp_name(p.name) for p in out.iterdir())
 
 
 def _result(watcher: Watcher, ended: str, reached: bool) -> WatchResult:
@@ -472,35 +483,44 @@ def _not_a_checkpoint(ckpt: Checkpoint) -> str | None:
     return None
 
 
-def _misfit(first: Checkpoint | None, ckpt: Checkpoint) -> str | None:
-    if first is None or not first.path.exists():
-        return None
-    try:
-        check_compatible([first, ckpt])
-    except TwaError as exc:
-        return f"it does not fit the run's first checkpoint ({exc})"
+def _misfit(taken: Taken, specs: dict[str, tuple[tuple[int, ...], bool]]) -> str | None:
+    """Why a checkpoint whose tensors have these (shape, floating) does not fit the run, or None. Judged on what
+    was taken in, not on the run's first checkpoint: that file may be gone (rotated away by the job) or never
+    read by this process (a resumed watch)."""
+    expected = {name: (shape, True) for name, shape in taken.layout}
+    if taken.others.count:  # the tensors averaged beside the subspace are known once a checkpoint was taken in
+        expected.update({name: (tuple(t.shape), t.is_floating_point()) for name, t in taken.others.sums.items()})
+        extra = sorted(set(specs) - set(expected))
+        if extra:
+            return f"it has a tensor '{extra[0]}' that the checkpoints taken in before do not"
+    for name, (shape, floating) in expected.items():
+        if name not in specs:
+            return f"it has no tensor '{name}', which the checkpoints taken in before have"
+        if specs[name][0] != shape:
+            return f"its tensor '{name}' has shape {list(specs[name][0])}, not {list(shape)} as before"
+        if specs[name][1] != floating:
+            return f"its tensor '{name}' is {'integer' if floating else 'floating-point'}, unlike before"
     return None
 
 
-def _read_once(ckpt: Checkpoint, layout: list[tuple[str, tuple[int, ...]]]) -> tuple[torch.Tensor, dict]:
+def _read_once(ckpt: Checkpoint, taken: Taken) -> tuple[torch.Tensor, dict]:
     """One pass over the file: the trained tensors flattened into one row, every other tensor by name."""
     offsets, offset = {}, 0
-    for name, shape in layout:
+    for name, shape in taken.layout:
         offsets[name] = (offset, math.prod(shape))
         offset += math.prod(shape)
     row = torch.empty(1, offset, dtype=torch.float32)
     others: dict[str, torch.Tensor] = {}
     with open_tensors(ckpt) as handle:
-        keys = set(handle.keys())
-        missing = [n for n in offsets if n not in keys]
-        if missing:
-            raise TwaError(f"{ckpt.path}: has no tensor '{missing[0]}', which the run's first checkpoint trains")
+        why = _misfit(taken, {k: (tuple(handle.shape(k)), handle.dtype(k).is_floating_point) for k in handle.keys()})
+        if why is not None:
+            raise _SetAside(f"it does not fit the run ({why})")
         for name in handle.keys():
             tensor = handle.get(name)
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise _SetAside(f"its tensor '{name}' holds NaN or Inf")  # in SWA's running mean for good else
             if name in offsets:
                 start, size = offsets[name]
-                if not bool(torch.isfinite(tensor).all()):
-                    raise _NotFinite(f"its tensor '{name}' holds NaN or Inf")
                 row[0, start : start + size].copy_(tensor.reshape(-1))
             else:
                 others[name] = tensor

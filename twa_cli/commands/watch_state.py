@@ -24,7 +24,7 @@ from twa_cli.errors import TwaError
 from twa_cli.io.atomic import write_bytes
 from twa_cli.io.checkpoints import Source, load_tensors
 from twa_cli.io.safetensors import save_tensors
-from twa_cli.units import dtype_name, torch_dtype
+from twa_cli.units import dtype_name, first_line, torch_dtype
 
 STATE_FOLDER = "watch-state"
 STATE_FILE = "state.json"
@@ -92,14 +92,22 @@ class Taken:
         path = folder / STATE_FILE
         try:
             state = json.loads(path.read_text())
+            if state["version"] != VERSION:
+                raise TwaError(f"it is of version {state['version']!r}; this twa reads version {VERSION}")
             layout = [(str(n), tuple(int(x) for x in s)) for n, s in state["layout"]]
-            rank, count = int(state["rank"]), int(state["count"])
+            rank, count = _whole(state, "rank"), _whole(state, "count")
+            if rank > count:
+                raise TwaError(f"its basis has rank {rank}, more than its {count} checkpoints")
             coords = torch.tensor(state["coords"], dtype=torch.float64).reshape(rank, count)
+            if not bool(torch.isfinite(coords).all()):
+                raise TwaError("its coordinates hold NaN or Inf")
             taken = Taken.new(Path(state["run"]), layout, float(state["tol"]), dict(state["recorded"]))
             vectors = torch.stack([load_tensors(folder / "rows" / f"row-{i:05d}.safetensors")["row"]
                                    for i in range(rank)]) if rank else torch.empty(0, taken.basis.dim)
             taken.basis.load_state_dict({"vectors": vectors, "coords": coords, "count": count, "tol": state["tol"],
                                          "dropped": state["dropped"]})
+            if any(not 0 <= d.index < count for d in taken.basis.dropped):
+                raise TwaError(f"a checkpoint it says was dropped is not one of its {count}")
             sums = load_tensors(folder / str(state["others"]))
             taken.others.load_state_dict({"sums": sums, "count": int(state["others_count"])})
             widest = json.loads(_metadata(folder / str(state["others"])).get("widest", "{}"))
@@ -111,11 +119,19 @@ class Taken:
         except TwaError as exc:
             raise TwaError(f"{path}: cannot resume from it ({exc})") from exc
         except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as exc:
-            raise TwaError(f"{path}: cannot resume from it, it is damaged or not a watch state ({exc})") from exc
+            raise TwaError(f"{path}: cannot resume from it, it is damaged or not a watch state "
+                           f"({first_line(exc)})") from exc
         if len(taken.sources) != count:
             raise TwaError(f"{path}: cannot resume from it, it names {len(taken.sources)} checkpoints for {count} "
                            "in its basis")
         return taken
+
+
+def _whole(state: dict[str, Any], key: str) -> int:
+    value = state[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TwaError(f"its '{key}' is {value!r}, not a count")
+    return value
 
 
 def _metadata(path: Path) -> dict[str, str]:
