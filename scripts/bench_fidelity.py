@@ -489,8 +489,11 @@ class ShakespeareTail(Family):
                             n_head=4, tie_word_embeddings=True, bos_token_id=tokenizer.eos_token_id,
                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id, use_cache=False)
         started = time.perf_counter()
+        # Whole batches of whole save intervals: the Trainer's epochs end on a checkpoint, so the tail is
+        # exactly the last TAIL_EPOCHS epochs' checkpoints (the few blocks left over are not trained on).
+        train = self.blocks["train"][: self.steps // self.EPOCHS * self.BATCH]
         out = train_with_trainer(GPT2LMHeadModel(config), tokenizer, run, seed,
-                                 [{"input_ids": b} for b in self.blocks["train"]], lm_collate,
+                                 [{"input_ids": b} for b in train], lm_collate,
                                  num_train_epochs=self.EPOCHS, per_device_train_batch_size=self.BATCH,
                                  learning_rate=self.LR, lr_scheduler_type="constant_with_warmup",
                                  warmup_steps=self.every, save_steps=self.every, logging_steps=self.every)
