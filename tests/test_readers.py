@@ -199,3 +199,16 @@ def test_legacy_torch_format_and_peft_adapter_folders(tmp_path):
     ckpts = list_folder(run)
     assert [c.step for c in ckpts] == [10, 20]
     assert float(load_tensors(ckpts[1].path)["base_model.model.q.lora_A.weight"][0, 0]) == 20.0
+
+
+def test_a_checkpoint_name_that_is_not_a_regular_file_is_refused_not_skipped(tmp_path):
+    """A FIFO (or socket, device) named like a checkpoint was left out of the listing without a word, so an
+    average silently had one checkpoint fewer than the folder shows; reading it would block forever."""
+    import os
+
+    from helpers import write_synthetic_folder
+
+    write_synthetic_folder(tmp_path, torch.randn(2, 5))
+    os.mkfifo(tmp_path / "c9999.safetensors")
+    with pytest.raises(TwaError, match=r"c9999\.safetensors: is not a regular file"):
+        list_folder(tmp_path)

@@ -132,6 +132,27 @@ def test_greedy_soup_selects_on_the_val_split_the_checkpoints_record(tmp_path, t
     assert other["individual_val"] != recorded["individual_val"]
 
 
+def test_greedy_soup_of_runs_recording_different_val_splits_asks_which(tmp_path, twa):
+    """A soup of two runs' checkpoints that recorded different --val-split took the first one's split without a
+    word; which split to choose on is ambiguous, so the flag must say it."""
+    import shutil
+
+    soup = tmp_path / "soup"
+    soup.mkdir()
+    for name, split in (("a", 0.2), ("b", 0.3)):
+        run = tiny_run(tmp_path / name, model="mlp", epochs=1, per_epoch=1, val_split=split)
+        last = list_folder(run)[-1].path
+        shutil.copy(last, soup / f"{name}-{last.name}")
+    refused = twa("swa", soup, "--greedy", "-o", tmp_path / "s.safetensors", check=False)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 1 and len(lines) == 1 and "--val-split" in lines[0], refused.stderr
+    assert "a-" in lines[0] and "b-" in lines[0]  # both files named
+    assert not (tmp_path / "s.safetensors").exists()
+    chosen = json.loads(twa("swa", soup, "--greedy", "--val-split", "0.3", "-o", tmp_path / "s.safetensors",
+                            "--json").stdout)
+    assert len(chosen["individual_val"]) == 2
+
+
 def test_sample_init_starts_from_the_given_weights(tmp_path, twa):
     base = tiny_run(tmp_path / "base", model="mlp", epochs=1, per_epoch=1)
     init = list_folder(base)[-1].path

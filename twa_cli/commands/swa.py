@@ -100,6 +100,7 @@ def swa(folder: str | Path, output: str | Path, request: SwaRequest | None = Non
     if task is not None:
         check_not_an_input(target.path, data_inputs(task), folder=target.folder)  # the data is an input too
     if request.greedy and task is not None:
+        _one_recorded_split(request.task, ckpts)
         check_held_out(task, "--greedy")  # the split the flags or the checkpoints name, before the model is built
     net = None
     if task is not None:  # before the long pass over the files: a model that does not fit fails at once
@@ -162,6 +163,20 @@ def write_average(target: ResultTarget, average: dict[str, torch.Tensor], result
     )
     result.path = write_result(target, average, meta, force=force)
     return result
+
+
+def _one_recorded_split(request: TaskRequest, ckpts: list[Checkpoint]) -> None:
+    """A greedy soup chooses on one validation split: without a flag naming it, the checkpoints (of several runs,
+    as soups usually are) must record the same one."""
+    if request.val_split or request.val_data is not None:
+        return
+    first: dict[str, Checkpoint] = {}
+    for ckpt in ckpts:
+        first.setdefault(repr((ckpt.data or {}).get("val_split")), ckpt)
+    if len(first) > 1:
+        (a, ca), (b, cb) = list(first.items())[:2]
+        raise TwaError(f"{ca.path.name} and {cb.path.name} record different validation splits (val_split {a} and "
+                       f"{b}): pass --val-split or --val-data to say which one the greedy soup chooses on")
 
 
 def _needs_model(request: TaskRequest, ckpt: Checkpoint) -> bool:

@@ -416,6 +416,11 @@ def checkpoint_paths(folder: Path) -> list[Path]:
     beside `NAME.safetensors.index.json` is superseded by the index (the writer's order keeps the index current).
     A folder that is itself one model is returned alone."""
     entries = sorted(folder.iterdir())
+    odd = next((p for p in entries if p.exists() and not p.is_file() and not p.is_dir() and is_checkpoint_file(p)),
+               None)
+    if odd is not None:  # a FIFO, socket or device: reading it could block forever, leaving it out is silent
+        raise TwaError(f"{odd}: is not a regular file (a FIFO, socket or device named like a checkpoint); move it "
+                       "out of the folder")
     indexes = [p for p in entries if p.is_file() and p.name.endswith(INDEX_SUFFIX) and is_checkpoint_file(p)]
     superseded = {p.with_name(p.name[: -len(INDEX_SUFFIX)]) for p in indexes}
     files = [p for p in entries if p.is_file() and is_checkpoint_file(p) and not SHARD.match(p.name)
