@@ -99,3 +99,29 @@ def test_fit_without_weights_added_says_so():
     model = torch.nn.Linear(3, 2)
     with pytest.raises(twa_cli.TwaError, match="add"):
         twa_cli.TWA(model).fit(model, [], lambda m, b: m(b).sum())
+
+
+def test_a_basis_in_a_mapped_file_fits_exactly_as_one_in_memory(cnn_run, tmp_path):
+    """`allocate=MappedRows(folder)`: the basis lives in a file mapped into memory (grown past its capacity, the
+    old file removed), and the fit is bit for bit the in-memory one."""
+    ckpts = list_folder(cnn_run)
+    task = task_of(TaskRequest(), ckpts[0])
+    train = task.split("train", augment=False)
+    results = {}
+    for kind in ("memory", "mapped"):
+        model = task.build_model()
+        storage = twa_cli.MappedRows(tmp_path / "scratch") if kind == "mapped" else None
+        averager = twa_cli.TWA(model, capacity=2, allocate=storage)  # 7 checkpoints: grown twice
+        for ckpt in ckpts:
+            model.load_state_dict(load_tensors(ckpt.path))
+            averager.add(model)
+        if storage is not None:
+            files = sorted((tmp_path / "scratch").iterdir())
+            assert files == [storage.path]  # the older, smaller files were removed as the basis grew
+            assert storage.path.stat().st_size == averager.basis._q.numel() * 4 >= 7 * averager.basis.dim * 4
+            assert averager.basis.vectors.untyped_storage().filename == str(storage.path)
+        result = averager.fit(model, DataLoader(train, batch_size=64), task.loss, epochs=1, lr=0.5)
+        results[kind] = (model.state_dict(), result.coefficients)
+    memory, mapped = results["memory"], results["mapped"]
+    assert all(torch.equal(memory[0][k], mapped[0][k]) for k in memory[0])
+    assert memory[1] == mapped[1]

@@ -43,6 +43,7 @@ _API = {
     # in a training loop (twa_cli.engine, the tensor core; callbacks in twa_cli.integrations)
     "TWA": "twa_cli.engine", "FitResult": "twa_cli.engine", "update_bn": "twa_cli.engine",
     "Orthogonalizer": "twa_cli.engine", "RunningMean": "twa_cli.engine", "SubspaceSGD": "twa_cli.engine",
+    "MappedRows": "twa_cli.io.mapped",  # a basis in a file mapped into memory (TWA(..., allocate=MappedRows(dir)))
 }
 
 __all__ = ["__version__", *_API]

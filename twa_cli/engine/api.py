@@ -28,7 +28,7 @@ from twa_cli.engine.batch import Batch
 from twa_cli.engine.batchnorm import recompute_bn
 from twa_cli.engine.loop import LoaderBatches, Reporter, check_state_finite, train_epochs
 from twa_cli.engine.mean import RunningMean
-from twa_cli.engine.orthogonalizer import Orthogonalizer
+from twa_cli.engine.orthogonalizer import Allocate, Orthogonalizer
 from twa_cli.engine.subspace import FlatParameters, SubspaceSGD
 from twa_cli.errors import TwaError
 
@@ -50,12 +50,14 @@ class TWA:
 
     `names`: the parameters that span the subspace, in order (default: every parameter that requires grad).
     `capacity`: how many additions to make room for at once (more grow it). `device`: where the basis lives
-    (default: the model's). The other floating tensors of the state dict (BatchNorm statistics, frozen
-    weights) are averaged beside it, as `twa orthogonalize` averages them, to start from.
+    (default: the model's). `allocate`: the basis's storage instead, e.g. `twa_cli.MappedRows(folder)` for a file
+    mapped into memory (CPU), when the basis would not fit in memory. The other floating tensors of the state dict
+    (BatchNorm statistics, frozen weights) are averaged beside it, as `twa orthogonalize` averages them, to start
+    from.
     """
 
     def __init__(self, model: nn.Module, *, names: list[str] | None = None, tol: float = 1e-6, capacity: int = 8,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, allocate: Allocate | None = None):
         params = dict(model.named_parameters())
         self.names = list(names) if names is not None else [n for n, p in params.items() if p.requires_grad]
         missing = [n for n in self.names if n not in params]
@@ -64,7 +66,7 @@ class TWA:
         self.layout = [(n, tuple(params[n].shape)) for n in self.names]
         dim = sum(math.prod(shape) for _, shape in self.layout)
         device = device if device is not None else params[self.names[0]].device
-        self.basis = Orthogonalizer(dim, tol=tol, capacity=capacity, device=device)
+        self.basis = Orthogonalizer(dim, tol=tol, capacity=capacity, device=device, allocate=allocate)
         self.others = RunningMean()
         self._scratch = torch.empty(1, dim, dtype=torch.float32, device=device)
 

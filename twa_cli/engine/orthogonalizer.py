@@ -28,6 +28,9 @@ ORTHOGONALITY_BOUND = 1e-4
 CHUNK_BYTES = 1 << 22
 
 Reduce = Callable[[torch.Tensor], None]  # sums a tensor in place over the ranks that each hold some columns
+# Storage for `rows` fp32 vectors of `dim` weights: memory by default, or what the caller provides (a file mapped
+# into memory, `twa_cli.io.mapped.MappedRows`, for a basis larger than the memory it may use).
+Allocate = Callable[[int, int], torch.Tensor]
 
 
 @dataclass
@@ -47,13 +50,14 @@ class Orthogonalizer:
     """
 
     def __init__(self, dim: int, *, tol: float = 1e-6, capacity: int = 8, device: torch.device | str = "cpu",
-                 reduce: Reduce | None = None):
+                 reduce: Reduce | None = None, allocate: Allocate | None = None):
         if not (0.0 <= tol < 1.0):
             raise TwaError(f"tol must be a number in [0, 1) (got {tol})")
         self.dim = dim
         self.tol = tol
         self.reduce = reduce
-        self._q = torch.empty(max(capacity, 1), dim, dtype=torch.float32, device=device)
+        self._allocate = allocate or (lambda rows, width: torch.empty(rows, width, dtype=torch.float32, device=device))
+        self._q = self._allocate(max(capacity, 1), dim)
         self._coords = torch.zeros(max(capacity, 1), max(capacity, 1), dtype=torch.float64)
         self.rank = 0  # directions so far
         self.count = 0  # vectors added so far
@@ -113,7 +117,7 @@ class Orthogonalizer:
     def _make_room(self, more: int) -> None:
         rows, cols = self._q.shape[0], self._coords.shape[1]
         if self.rank + more > rows:
-            grown = torch.empty(max(2 * rows, self.rank + more), self.dim, dtype=torch.float32, device=self._q.device)
+            grown = self._allocate(max(2 * rows, self.rank + more), self.dim)
             grown[: self.rank].copy_(self._q[: self.rank])
             self._q = grown
         if self.count + more > cols or self.rank + more > self._coords.shape[0]:

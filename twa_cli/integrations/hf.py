@@ -41,19 +41,21 @@ def model_loss(model: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor
 
 class TWACallback(TrainerCallback):
     """See the module docstring. `fit_options`: keyword arguments of `TWA.fit` (epochs, lr, schedule, momentum,
-    weight_decay, seed, bn_loader, bn_batches). `basis_device`: where the basis lives (default: the model's)."""
+    weight_decay, seed, bn_loader, bn_batches). `basis_device`: where the basis lives (default: the model's);
+    `allocate`: its storage instead (`twa_cli.MappedRows(folder)`: a file mapped into memory)."""
 
     def __init__(self, *, every_steps: int | None = None, fit_at: float = 1.0, stop: bool = False,
                  loss: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None, data: Iterable[Any] | None = None,
                  fit_options: Mapping[str, Any] | None = None, tol: float = 1e-6,
-                 basis_device: torch.device | str | None = None):
+                 basis_device: torch.device | str | None = None,
+                 allocate: Callable[[int, int], torch.Tensor] | None = None):
         if not 0.0 < fit_at <= 1.0:
             raise TwaError(f"fit_at is the fraction of the training after which TWA trains, in (0, 1] (got {fit_at})")
         if every_steps is not None and every_steps < 1:
             raise TwaError(f"every_steps must be at least 1 (got {every_steps})")
         self.every_steps, self.fit_at, self.stop = every_steps, fit_at, stop
         self.loss, self.data, self.fit_options = loss or model_loss, data, dict(fit_options or {})
-        self.tol, self.basis_device = tol, basis_device
+        self.tol, self.basis_device, self.allocate = tol, basis_device, allocate
         self.twa: TWA | None = None
         self.result: FitResult | None = None
 
@@ -62,7 +64,8 @@ class TWACallback(TrainerCallback):
                        **kwargs: Any) -> None:
         every = self._every(args, state)
         capacity = max(1, state.max_steps // every) if every else max(1, math.ceil(args.num_train_epochs))
-        self.twa = TWA(model, tol=self.tol, capacity=capacity, device=self.basis_device)
+        self.twa = TWA(model, tol=self.tol, capacity=capacity, device=self.basis_device,
+                       allocate=self.allocate)
         if state.global_step == 0:
             return
         # Resumed: go on with the basis the checkpoint of this step holds, in the run's folder (or the one the

@@ -40,19 +40,21 @@ def training_step_loss(module: pl.LightningModule, batch: Any) -> torch.Tensor:
 
 class TWACallback(pl.Callback):
     """See the module docstring. `fit_options`: keyword arguments of `TWA.fit` (epochs, lr, schedule, momentum,
-    weight_decay, seed, bn_loader, bn_batches). `basis_device`: where the basis lives (default: the module's)."""
+    weight_decay, seed, bn_loader, bn_batches). `basis_device`: where the basis lives (default: the module's);
+    `allocate`: its storage instead (`twa_cli.MappedRows(folder)`: a file mapped into memory)."""
 
     def __init__(self, *, every_epochs: int | None = 1, every_steps: int | None = None, fit_at: float = 1.0,
                  stop: bool = False, loss: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None,
                  data: Iterable[Any] | None = None, fit_options: Mapping[str, Any] | None = None, tol: float = 1e-6,
-                 basis_device: torch.device | str | None = None):
+                 basis_device: torch.device | str | None = None,
+                 allocate: Callable[[int, int], torch.Tensor] | None = None):
         if not 0.0 < fit_at <= 1.0:
             raise TwaError(f"fit_at is the fraction of the training after which TWA trains, in (0, 1] (got {fit_at})")
         if (every_epochs is None) == (every_steps is None):
             raise TwaError("give one of every_epochs and every_steps")
         self.every_epochs, self.every_steps, self.fit_at, self.stop = every_epochs, every_steps, fit_at, stop
         self.loss, self.data, self.fit_options = loss or training_step_loss, data, dict(fit_options or {})
-        self.tol, self.basis_device = tol, basis_device
+        self.tol, self.basis_device, self.allocate = tol, basis_device, allocate
         self.twa: TWA | None = None
         self.result: FitResult | None = None
         self._saved: dict[str, Any] | None = None  # a checkpoint's state, until the module is there to take it
@@ -63,7 +65,8 @@ class TWACallback(pl.Callback):
         epochs = max(1, trainer.max_epochs or 1)
         capacity = epochs // self.every_epochs if self.every_epochs else max(1, trainer.estimated_stepping_batches
                                                                             // self.every_steps)
-        self.twa = TWA(pl_module, tol=self.tol, capacity=max(1, int(capacity)), device=self.basis_device)
+        self.twa = TWA(pl_module, tol=self.tol, capacity=max(1, int(capacity)), device=self.basis_device,
+                       allocate=self.allocate)
         if self._saved is not None:
             self.twa.load_state_dict(self._saved["basis"])
             self._saved = None
