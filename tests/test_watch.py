@@ -255,3 +255,42 @@ def test_two_watchers_of_one_output_the_second_is_refused(tmp_path: Path, synthe
     with FileLock(tmp_path / ".out.lock"), pytest.raises(TwaError, match="another twa watch"):
         watch(synthetic[0].parent, out, _model_free(polls=1), sleep=lambda s: None)
     assert not out.exists()
+
+
+def test_a_sharded_checkpoint_is_taken_in_once_its_index_and_every_shard_are_there(tmp_path: Path):
+    """A shard set arrives file by file (here the index first, as a writer that names its shards up front would):
+    the watch waits until every shard the index names is there and settled, then reads it whole."""
+    from twa_cli.io.checkpoints import make_metadata
+    from twa_cli.io.writers import ResultTarget, write_result
+
+    staging = tmp_path / "staging"
+    weights = trajectory(2, 300, seed=5).float()
+    sets = []
+    for i, step in enumerate((100, 200)):
+        folder = staging / str(step)
+        folder.mkdir(parents=True)
+        tensors = {"w": weights[i], "v": torch.full((40,), float(i))}
+        index = write_result(ResultTarget(folder / f"c{step:04d}.safetensors", max_shard_size=800), tensors,
+                             make_metadata("checkpoint", step=str(step), trainable=["w"]), force=False)
+        shards = sorted(p for p in folder.iterdir() if p != index)
+        assert index.name.endswith(".index.json") and len(shards) >= 2
+        sets.append((index, shards))
+    run = tmp_path / "run"
+    run.mkdir()
+    (first_index, first_shards), (index, shards) = sets
+    actions = [lambda: [shutil.copy(p, run) for p in (*first_shards, first_index)],
+               _copy(index, run), lambda: None, lambda: None, *[_copy(p, run) for p in shards], lambda: None]
+    counts = []
+
+    def sleeping(seconds: float) -> None:
+        state = tmp_path / "out" / "watch-state" / "state.json"
+        counts.append(json.loads(state.read_text())["count"] if state.exists() else 0)
+        writer(seconds)
+
+    writer = Writer(actions)
+    result = watch(run, tmp_path / "out", _model_free(polls=len(actions) + 2), sleep=sleeping)
+    assert result.checkpoints == 2 and result.set_aside == {}
+    assert counts[len(actions) - 1] == 1  # nothing taken from the second set while one of its shards was missing
+    swa = load_tensors(tmp_path / "out" / "swa.safetensors")
+    assert torch.allclose(swa["w"], weights.mean(dim=0), rtol=0, atol=1e-6)
+    assert torch.allclose(swa["v"], torch.full((40,), 0.5))
