@@ -294,3 +294,25 @@ def test_a_sharded_checkpoint_is_taken_in_once_its_index_and_every_shard_are_the
     swa = load_tensors(tmp_path / "out" / "swa.safetensors")
     assert torch.allclose(swa["w"], weights.mean(dim=0), rtol=0, atol=1e-6)
     assert torch.allclose(swa["v"], torch.full((40,), 0.5))
+
+
+def test_a_trainer_deleting_its_oldest_checkpoints_does_not_break_the_rounds(tmp_path: Path):
+    """save_total_limit: the Trainer deletes its oldest checkpoint folders, the first one taken in (whose config
+    and tokenizer the basis had named) among them; later rounds build the model from a folder still there."""
+    from realtools import _write_tsv, build_hf_classifier_run, sentiment_sentences
+
+    bert = build_hf_classifier_run(tmp_path / "bert", save_final=False)
+    val = _write_tsv(tmp_path / "val.tsv", sentiment_sentences(128, 2000))
+    checkpoints = sorted(bert.run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    run = tmp_path / "run"
+    run.mkdir()
+    actions = [lambda: shutil.copytree(checkpoints[0], run / checkpoints[0].name), lambda: None,
+               lambda: shutil.rmtree(run / checkpoints[0].name),  # rotated away once taken in
+               *[lambda c=c: shutil.copytree(c, run / c.name) for c in checkpoints[1:]], lambda: None]
+    request = WatchRequest(subspace=SubspaceConfig(epochs=1, device="cpu", batch_size=16,
+                                                   task=TaskRequest(data=str(bert.train), val_data=str(val))),
+                           every=2, interval=0.01, settle=0, polls=len(actions) + 2)
+    result = watch(run, tmp_path / "out", request, sleep=Writer(actions))
+    assert result.checkpoints == len(checkpoints) == 4
+    assert [r.checkpoints for r in result.rounds] == [2, 4] and all(r.twa is not None for r in result.rounds)
+    assert (tmp_path / "out" / "twa" / "config.json").exists() and (tmp_path / "out" / "swa" / "config.json").exists()

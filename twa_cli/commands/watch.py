@@ -277,7 +277,7 @@ class Watcher:
                       buffers=_others_mean(taken), sources=list(taken.sources),
                       dropped=[{"index": d.index, "path": taken.sources[d.index].path,
                                 "relative_residual": d.relative_residual} for d in taken.basis.dropped],
-                      recorded=taken.recorded)
+                      recorded=_recorded_now(taken))
         basis.errors["orthogonality"] = orthogonality_error(basis.vectors)
         save_basis(basis, self.out / BASIS_FILE, invocation=self.invocation)
         if not self._trains():
@@ -541,6 +541,16 @@ def _average(taken: Taken) -> dict[str, torch.Tensor]:
     out = dict(basis.unflatten(basis.point(basis.center_coords())))
     out.update(_others_mean(taken))
     return out
+
+
+def _recorded_now(taken: Taken) -> dict[str, Any]:
+    """What the basis records about the task, its model folder (config, tokenizer) one of the run's that is still
+    there: a Trainer with save_total_limit deletes its oldest checkpoints, the first one taken in among them."""
+    recorded = dict(taken.recorded)
+    folder = _model_files(taken)
+    if isinstance(recorded.get("hf"), dict) and folder is not None:
+        recorded["hf"] = {**recorded["hf"], "dir": str(folder.resolve())}
+    return recorded
 
 
 def _is_folder_run(first: Checkpoint) -> bool:
