@@ -225,8 +225,19 @@ def test_watching_a_live_transformers_trainer_run(tmp_path: Path, twa):
         request = WatchRequest(subspace=SubspaceConfig(epochs=1, device="cpu", batch_size=16,
                                                        task=TaskRequest(data=str(root / "data" / "train.tsv"),
                                                                         val_data=str(val))),
-                               every=2, interval=0.2, settle=0.5, idle_exit=12)
-        result = watch(root / "run", tmp_path / "out", request)
+                               every=2, interval=0.2, settle=0.5, idle_exit=3600)
+        calls_after_exit = []
+
+        def clock() -> float:
+            # Idle for good once the writer has exited and the watch has looked a dozen times more, seconds apart
+            # (however slowly a loaded machine runs the Trainer, its pauses never end the watch early).
+            if writer.poll() is not None:
+                calls_after_exit.append(time.monotonic())
+                if len(calls_after_exit) > 24 and calls_after_exit[-1] - calls_after_exit[0] > 3:
+                    return time.monotonic() + 1e6
+            return time.monotonic()
+
+        result = watch(root / "run", tmp_path / "out", request, clock=clock)
     finally:
         writer.wait(timeout=120)
     assert writer.returncode == 0, writer.stderr.read().decode()[-2000:] if writer.stderr else ""
