@@ -32,21 +32,17 @@ from twa_cli.commands.common import aligned, data_inputs, hf_folder, knows_task,
 from twa_cli.commands.runfolder import check_positive
 from twa_cli.commands.swa import SwaRequest, SwaResult, recalibrated, write_average
 from twa_cli.commands.train_subspace import SubspaceConfig, SubspaceResult, train_subspace
+from twa_cli.commands.watch_files import SetAside, candidates, files_signature, not_a_checkpoint, read_once
 from twa_cli.commands.watch_state import STATE_FILE, STATE_FOLDER, Signature, Taken
 from twa_cli.core.basis import Basis, subspace_layout
 from twa_cli.core.basis_files import save_basis
 from twa_cli.engine.orthogonalizer import orthogonality_error
 from twa_cli.errors import TwaError
-from twa_cli.io import readers
 from twa_cli.io.atomic import is_temp_name, through_link
 from twa_cli.io.checkpoints import (
-    ALIAS,
-    OTHER_KINDS,
     Checkpoint,
     Source,
     check_compatible,
-    is_hf_final_model,
-    open_tensors,
     read_checkpoint,
 )
 from twa_cli.io.outputs import check_named, check_not_an_input
@@ -126,10 +122,6 @@ class _Unreadable(Exception):
     """A checkpoint's files could not be read (yet): its cause says why."""
 
 
-class _SetAside(TwaError):
-    """A checkpoint that reads but cannot join the run: NaN or Inf in a tensor, or tensors unlike those taken in."""
-
-
 @dataclass
 class _Pending:
     signature: Signature
@@ -158,14 +150,14 @@ class Watcher:
         """Take in every checkpoint that has settled; returns how many were."""
         now, new = self.clock(), 0
         looked: set[str] = set()
-        for path in _candidates(self.run):
+        for path in candidates(self.run):
             key = str(path.resolve())
             taken = self.taken
             if key in looked or (taken is not None and key in taken.seen):
                 continue  # a link beside the file it names is that checkpoint (else each resets the other's wait)
             looked.add(key)
             try:
-                signature = _signature(path)
+                signature = files_signature(path)
             except (OSError, TwaError):  # deleted, or a shard set not all there yet
                 self.pending.pop(key, None)
                 continue
@@ -198,7 +190,7 @@ class Watcher:
             ckpt = read_checkpoint(path, self.request.subspace.read)
         except (OSError, TwaError) as exc:
             raise _Unreadable(exc) from exc
-        other = _not_a_checkpoint(ckpt)
+        other = not_a_checkpoint(ckpt)
         if other is not None:  # a file of the tool's own in the run folder: not the run's, not remembered
             log.info("%s: not taken in, %s", path, other)
             self.ignored[key] = signature
@@ -208,8 +200,8 @@ class Watcher:
         taken = self.taken
         assert taken is not None
         try:
-            vector, others = _read_once(ckpt, taken)
-        except _SetAside as exc:
+            vector, others = read_once(ckpt, taken)
+        except SetAside as exc:
             log.warning("%s: set aside, %s", path, exc)
             taken.seen[key], taken.set_aside[key] = signature, str(exc)
             taken.save(self.out)
@@ -447,84 +439,6 @@ def _result(watcher: Watcher, ended: str, reached: bool) -> WatchResult:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def _candidates(run: Path) -> list[Path]:
-    """The run's checkpoints as the folder lists them now, in name order: not the second copies tools save
-    (last.ckpt, model_best, a Trainer's final model beside its checkpoint-* folders), nor a Trainer's
-    `tmp-checkpoint-*` folder before its rename."""
-    try:
-        paths = readers.checkpoint_paths(run)
-    except OSError:
-        return []
-    if any(p.is_dir() for p in paths) and paths != [run]:
-        paths = [p for p in paths if p.is_dir() or not is_hf_final_model(p)]
-    return [p for p in paths if p != run and not ALIAS.match(p.name) and not p.name.startswith("tmp-")]
-
-
-def _signature(path: Path) -> Signature:
-    """(file, size, mtime) of every file of a checkpoint: for a folder, everything in it (a Trainer writes the
-    weights first and its state last)."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else readers.checkpoint_files(path)
-    out = []
-    for f in files:
-        stat = f.stat()
-        out.append([str(f), stat.st_size, stat.st_mtime_ns])
-    return out
-
-
-def _not_a_checkpoint(ckpt: Checkpoint) -> str | None:
-    if ckpt.kind in OTHER_KINDS:
-        return f"it is a {ckpt.kind} file, not a checkpoint"
-    if ckpt.kind in ("average", "twa"):
-        return f"it is itself an average (written by `twa {ckpt.meta.get('command', ckpt.kind)}`)"
-    if ckpt.meta.get("averaged"):
-        return f"it is itself an average ({ckpt.meta['averaged']})"
-    return None
-
-
-def _misfit(taken: Taken, specs: dict[str, tuple[tuple[int, ...], bool]]) -> str | None:
-    """Why a checkpoint whose tensors have these (shape, floating) does not fit the run, or None. Judged on what
-    was taken in, not on the run's first checkpoint: that file may be gone (rotated away by the job) or never
-    read by this process (a resumed watch)."""
-    expected = {name: (shape, True) for name, shape in taken.layout}
-    if taken.others.count:  # the tensors averaged beside the subspace are known once a checkpoint was taken in
-        expected.update({name: (tuple(t.shape), t.is_floating_point()) for name, t in taken.others.sums.items()})
-        extra = sorted(set(specs) - set(expected))
-        if extra:
-            return f"it has a tensor '{extra[0]}' that the checkpoints taken in before do not"
-    for name, (shape, floating) in expected.items():
-        if name not in specs:
-            return f"it has no tensor '{name}', which the checkpoints taken in before have"
-        if specs[name][0] != shape:
-            return f"its tensor '{name}' has shape {list(specs[name][0])}, not {list(shape)} as before"
-        if specs[name][1] != floating:
-            return f"its tensor '{name}' is {'integer' if floating else 'floating-point'}, unlike before"
-    return None
-
-
-def _read_once(ckpt: Checkpoint, taken: Taken) -> tuple[torch.Tensor, dict]:
-    """One pass over the file: the trained tensors flattened into one row, every other tensor by name."""
-    offsets, offset = {}, 0
-    for name, shape in taken.layout:
-        offsets[name] = (offset, math.prod(shape))
-        offset += math.prod(shape)
-    row = torch.empty(1, offset, dtype=torch.float32)
-    others: dict[str, torch.Tensor] = {}
-    with open_tensors(ckpt) as handle:
-        why = _misfit(taken, {k: (tuple(handle.shape(k)), handle.dtype(k).is_floating_point) for k in handle.keys()})
-        if why is not None:
-            raise _SetAside(f"it does not fit the run ({why})")
-        for name in handle.keys():
-            tensor = handle.get(name)
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise _SetAside(f"its tensor '{name}' holds NaN or Inf")  # in SWA's running mean for good else
-            if name in offsets:
-                start, size = offsets[name]
-                row[0, start : start + size].copy_(tensor.reshape(-1))
-            else:
-                others[name] = tensor
-    return row, others
 
 
 def _others_mean(taken: Taken) -> dict[str, torch.Tensor]:

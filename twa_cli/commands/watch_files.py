@@ -1,0 +1,98 @@
+"""What a run folder that a job is still writing holds, for `twa watch`: which of its entries are checkpoints
+of the run (not second copies, not a Trainer's folder before its rename), when one has settled (the size and time
+of every file it is made of), and reading one whole, once, into the basis's row and the tensors beside it, or
+setting it aside when it does not fit what was taken in before."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from twa_cli.commands.watch_state import Signature, Taken
+from twa_cli.errors import TwaError
+from twa_cli.io import readers
+from twa_cli.io.checkpoints import ALIAS, OTHER_KINDS, Checkpoint, is_hf_final_model, open_tensors
+
+
+class SetAside(TwaError):
+    """A checkpoint that reads but cannot join the run: NaN or Inf in a tensor, or tensors unlike those taken in."""
+
+
+def candidates(run: Path) -> list[Path]:
+    """The run's checkpoints as the folder lists them now, in name order: not the second copies tools save
+    (last.ckpt, model_best, a Trainer's final model beside its checkpoint-* folders), nor a Trainer's
+    `tmp-checkpoint-*` folder before its rename."""
+    try:
+        paths = readers.checkpoint_paths(run)
+    except OSError:
+        return []
+    if any(p.is_dir() for p in paths) and paths != [run]:
+        paths = [p for p in paths if p.is_dir() or not is_hf_final_model(p)]
+    return [p for p in paths if p != run and not ALIAS.match(p.name) and not p.name.startswith("tmp-")]
+
+
+def files_signature(path: Path) -> Signature:
+    """(file, size, mtime) of every file of a checkpoint: for a folder, everything in it (a Trainer writes the
+    weights first and its state last)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else readers.checkpoint_files(path)
+    out = []
+    for f in files:
+        stat = f.stat()
+        out.append([str(f), stat.st_size, stat.st_mtime_ns])
+    return out
+
+
+def not_a_checkpoint(ckpt: Checkpoint) -> str | None:
+    if ckpt.kind in OTHER_KINDS:
+        return f"it is a {ckpt.kind} file, not a checkpoint"
+    if ckpt.kind in ("average", "twa"):
+        return f"it is itself an average (written by `twa {ckpt.meta.get('command', ckpt.kind)}`)"
+    if ckpt.meta.get("averaged"):
+        return f"it is itself an average ({ckpt.meta['averaged']})"
+    return None
+
+
+def misfit(taken: Taken, specs: dict[str, tuple[tuple[int, ...], bool]]) -> str | None:
+    """Why a checkpoint whose tensors have these (shape, floating) does not fit the run, or None. Judged on what
+    was taken in, not on the run's first checkpoint: that file may be gone (rotated away by the job) or never
+    read by this process (a resumed watch)."""
+    expected = {name: (shape, True) for name, shape in taken.layout}
+    if taken.others.count:  # the tensors averaged beside the subspace are known once a checkpoint was taken in
+        expected.update({name: (tuple(t.shape), t.is_floating_point()) for name, t in taken.others.sums.items()})
+        extra = sorted(set(specs) - set(expected))
+        if extra:
+            return f"it has a tensor '{extra[0]}' that the checkpoints taken in before do not"
+    for name, (shape, floating) in expected.items():
+        if name not in specs:
+            return f"it has no tensor '{name}', which the checkpoints taken in before have"
+        if specs[name][0] != shape:
+            return f"its tensor '{name}' has shape {list(specs[name][0])}, not {list(shape)} as before"
+        if specs[name][1] != floating:
+            return f"its tensor '{name}' is {'integer' if floating else 'floating-point'}, unlike before"
+    return None
+
+
+def read_once(ckpt: Checkpoint, taken: Taken) -> tuple[torch.Tensor, dict]:
+    """One pass over the file: the trained tensors flattened into one row, every other tensor by name."""
+    offsets, offset = {}, 0
+    for name, shape in taken.layout:
+        offsets[name] = (offset, math.prod(shape))
+        offset += math.prod(shape)
+    row = torch.empty(1, offset, dtype=torch.float32)
+    others: dict[str, torch.Tensor] = {}
+    with open_tensors(ckpt) as handle:
+        why = misfit(taken, {k: (tuple(handle.shape(k)), handle.dtype(k).is_floating_point) for k in handle.keys()})
+        if why is not None:
+            raise SetAside(f"it does not fit the run ({why})")
+        for name in handle.keys():
+            tensor = handle.get(name)
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise SetAside(f"its tensor '{name}' holds NaN or Inf")  # in SWA's running mean for good else
+            if name in offsets:
+                start, size = offsets[name]
+                row[0, start : start + size].copy_(tensor.reshape(-1))
+            else:
+                others[name] = tensor
+    return row, others
