@@ -987,3 +987,20 @@ def test_shards_symlinked_within_one_folder_are_read(mlp_run, tmp_path, twa):
         (snapshot_folder / blob.name).symlink_to(os.path.relpath(blob, snapshot_folder))
     listed = json.loads(twa("inspect", snapshot_folder, "--json").stdout)
     assert listed, listed
+
+
+def test_checking_the_data_as_an_input_runs_no_recorded_task_hook(tmp_path, twa):
+    """The data-as-input checks of orthogonalize and plot resolved the recorded task, and a run made with
+    `--task mod:fn` (a hook the files may name but never run) was refused ("repeat it as --task")."""
+    from twa_cli.io.checkpoints import make_metadata
+    from twa_cli.io.safetensors import save_tensors
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for i in range(3):
+        save_tensors(run / f"c{i}.safetensors", {"w": torch.randn(20)},
+                     make_metadata("checkpoint", step=str(i), trainable=["w"], task={"name": "mytasks:make_task"}))
+    twa("orthogonalize", run, "-o", tmp_path / "basis.safetensors")
+    assert (tmp_path / "basis.safetensors").exists()
+    twa("plot", run, "-o", tmp_path / "pictures")
+    assert (tmp_path / "pictures" / "trajectory.png").exists()

@@ -161,7 +161,26 @@ def data_inputs(task: Task) -> list[Path]:
     """What the task's data is read from, as the flags, else the checkpoints, name it: inputs too, which no output
     may be written into or over. An image folder's split folders (what it holds beside them is never read), text
     files or a saved dataset, a tokenizer folder; a torchvision set's files are its loader's own."""
-    data = task.describe().get("data")
+    return _spec_paths(task.describe().get("data"))
+
+
+def data_paths(request: TaskRequest, ckpt: Checkpoint | None) -> list[Path]:
+    """`data_inputs` without resolving the task (no model built, no `--task` hook run, which a recorded hook would
+    refuse): the paths the flags name, and those the checkpoint records when the flags name no data."""
+    named = [request.val_data, request.eval_data, request.tokenizer,
+             request.data if request.data and Path(request.data).exists() else None]
+    if request.data_dir:
+        named += [str(Path(request.data_dir) / split) for split in ("train", "val", "test")]
+    paths = [Path(p) for p in named if p]
+    if ckpt is not None and not (request.data or request.data_dir):
+        try:
+            paths += _spec_paths(ckpt.data)
+        except TwaError:  # damaged metadata: the command that reads it says so
+            pass
+    return paths
+
+
+def _spec_paths(data: Any) -> list[Path]:
     if not isinstance(data, dict):
         return []
     if data.get("name") == "imagefolder" and isinstance(data.get("dir"), str):

@@ -11,12 +11,10 @@ from typing import Any
 
 from twa_cli.commands.common import (
     compatible,
-    data_inputs,
+    data_paths,
     described,
-    knows_task,
     pick,
     subspace_names,
-    task_of,
 )
 from twa_cli.commands.estimates import Plan, plan_orthogonalize
 from twa_cli.core.basis import check_tol
@@ -71,8 +69,7 @@ def orthogonalize(folder: str | Path, output: str | Path, request: Orthogonalize
         check_output(output, force, inputs=[folder])
         ckpts = pick(folder, request.selection, request.read)
         compatible(ckpts)
-        if knows_task(request.task, ckpts[0]):  # the data the flags or the checkpoints name is an input too
-            check_not_an_input(output, data_inputs(task_of(request.task, ckpts[0], need_data=False)), folder=False)
+        check_not_an_input(output, data_paths(request.task, ckpts[0]), folder=False)  # the data is an input too
         names, ckpts = subspace_names(request.task, ckpts)
         if dry_run:
             return plan_orthogonalize(ckpts, dtype=request.dtype, trainable=names)

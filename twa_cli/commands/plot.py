@@ -29,12 +29,10 @@ from typing import Any
 from twa_cli.commands import figures
 from twa_cli.commands.common import (
     compatible,
-    data_inputs,
-    knows_task,
+    data_paths,
     pick,
     resolve_device,
     subspace_names,
-    task_of,
 )
 from twa_cli.core.basis import Basis, orthogonalize
 from twa_cli.core.basis_files import is_basis_file, load_basis
@@ -144,8 +142,7 @@ def _data_read(inputs: Inputs, opts: PlotOptions) -> list[Path]:
         ckpts += [read_checkpoint(p) for p in sorted(inputs.twa_dir.glob("*.safetensors"))[:1]]
     if inputs.basis_file is not None:
         ckpts.append(read_checkpoint(inputs.basis_file))
-    return [path for ckpt in ckpts if knows_task(opts.task, ckpt)
-            for path in data_inputs(task_of(opts.task, ckpt, need_data=False))]
+    return [path for ckpt in ckpts or [None] for path in data_paths(opts.task, ckpt)]
 
 
 def _set_once(found: Inputs, name: str, value: Path) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from filelock import FileLock, Timeout
 
-from twa_cli.commands.common import aligned, data_inputs, hf_folder, knows_task, subspace_names, task_of
+from twa_cli.commands.common import aligned, data_paths, hf_folder, knows_task, subspace_names, task_of
 from twa_cli.commands.runfolder import check_positive
 from twa_cli.commands.swa import SwaRequest, SwaResult, recalibrated, write_average
 from twa_cli.commands.train_subspace import SubspaceConfig, SubspaceResult, train_subspace
@@ -49,7 +49,6 @@ from twa_cli.io.outputs import check_named, check_not_an_input
 from twa_cli.io.writers import ResultTarget
 from twa_cli.tasks.base import Task
 from twa_cli.tasks.models import check_fits
-from twa_cli.tasks.resolve import TaskRequest
 
 log = logging.getLogger("twa")
 
@@ -228,9 +227,7 @@ class Watcher:
         folder = hf_folder(first)
         if folder is not None and not recorded:
             recorded["hf"] = {"dir": str(folder.resolve()), "auto_class": None}
-        if knows_task(request, first):  # the data the checkpoints record is an input too
-            task = task_of(request, first, need_data=False)
-            check_not_an_input(self.out, data_inputs(task), folder=True)
+        check_not_an_input(self.out, data_paths(request, first), folder=True)  # the data recorded is an input too
         self.taken = Taken.new(self.run.resolve(), layout, self.request.subspace.tol, recorded)
 
     # ------------------------------------------------------------------------------------ writing
@@ -352,7 +349,7 @@ def watch(run: str | Path, out: str | Path, request: WatchRequest | None = None,
     blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise TwaError(f"{out}: cannot be created, {blocking} is a file")
-    check_not_an_input(out, [run, *_named_data(request.subspace.task)], folder=True)  # before the lock file
+    check_not_an_input(out, [run, *data_paths(request.subspace.task, None)], folder=True)  # before the lock file
     if out.exists() and not out.is_dir():
         raise TwaError(f"{out}: is a file; the output of twa watch is a folder")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -413,15 +410,6 @@ def _claim(run: Path, out: Path, *, resume: bool, force: bool) -> Taken | None:
 
         shutil.rmtree(out)
     return None  # OUT is made when the first checkpoint is taken in, once the data it names is checked too
-
-
-def _named_data(request: TaskRequest) -> list[Path]:
-    """The data files and folders the flags name (an image folder's splits, text files, a tokenizer)."""
-    named = [request.val_data, request.eval_data, request.tokenizer,
-             request.data if request.data and Path(request.data).exists() else None]
-    if request.data_dir:
-        named += [str(Path(request.data_dir) / split) for split in ("train", "val", "test")]
-    return [Path(p) for p in named if p]
 
 
 def _a_watch_folder(out: Path) -> bool:
