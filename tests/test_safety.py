@@ -184,6 +184,7 @@ def test_an_output_is_never_written_inside_the_data_it_reads(tmp_path, twa):
     for args in cases:
         _one_line_refusal(twa(*args, check=False), "inside the input folder", str(imgs))
     assert snapshot(tmp_path) == before
+    assert not [p for p in imgs.rglob("*") if p.name.endswith(".lock")]  # no lock file was left in the data
 
 
 def _sharded_average(twa, run: Path, out: Path, *extra: str) -> None:

@@ -327,3 +327,28 @@ def test_a_trainer_deleting_its_oldest_checkpoints_does_not_break_the_rounds(tmp
     assert result.checkpoints == len(checkpoints) == 4
     assert [r.checkpoints for r in result.rounds] == [2, 4] and all(r.twa is not None for r in result.rounds)
     assert (tmp_path / "out" / "twa" / "config.json").exists() and (tmp_path / "out" / "swa" / "config.json").exists()
+
+
+def test_force_replaces_an_earlier_watch_whole_or_not_at_all(tmp_path: Path, synthetic):
+    """--force set the earlier watch aside and removed it only once the new one held a checkpoint: a new watch
+    that takes nothing in leaves the old output as it was; one that does replaces it; a file of the user's in it
+    is refused."""
+    from helpers import snapshot
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(synthetic[0], run)
+    out = tmp_path / "out"
+    watch(run, out, _model_free(polls=2), sleep=lambda s: None)
+    before = snapshot(out)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    watch(empty, out, _model_free(polls=2), sleep=lambda s: None, force=True)
+    assert snapshot(out) == before and not [p for p in tmp_path.iterdir() if p.name.endswith(".old")]
+    shutil.copy(synthetic[1], run)
+    result = watch(run, out, _model_free(polls=2), sleep=lambda s: None, force=True)
+    assert result.checkpoints == 2 and not [p for p in tmp_path.iterdir() if p.name.endswith(".old")]
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(TwaError, match=r"notes\.txt"):
+        watch(run, out, _model_free(polls=2), sleep=lambda s: None, force=True)
+    assert (out / "notes.txt").read_text() == "mine"

@@ -16,9 +16,12 @@ does not fit the run, is set aside with a warning.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +41,7 @@ from twa_cli.core.basis import Basis, subspace_layout
 from twa_cli.core.basis_files import save_basis
 from twa_cli.engine.orthogonalizer import orthogonality_error
 from twa_cli.errors import TwaError
-from twa_cli.io.atomic import is_temp_name, through_link
+from twa_cli.io.atomic import is_temp_name, remove_stale_temps, temp_name, through_link
 from twa_cli.io.checkpoints import (
     Checkpoint,
     Source,
@@ -132,8 +135,9 @@ class Watcher:
     """The state of one watch: the run, what was taken in, the checkpoints waiting to settle."""
 
     def __init__(self, run: Path, out: Path, request: WatchRequest, taken: Taken | None,
-                 clock: Callable[[], float], invocation: dict[str, Any] | None):
+                 clock: Callable[[], float], invocation: dict[str, Any] | None, aside: Path | None = None):
         self.run, self.out, self.request, self.taken = run, out, request, taken
+        self.aside = aside  # the output an earlier watch wrote, set aside by --force
         self.clock, self.invocation = clock, invocation
         self.pending: dict[str, _Pending] = {}
         self.ignored: dict[str, Signature] = {}  # files of the tool's own (averages, a basis) met in the run
@@ -212,6 +216,7 @@ class Watcher:
         taken.sources.append(Source.of(ckpt))
         taken.seen[key] = signature
         taken.save(self.out)
+        self.settle_aside()
         log.info("%s: taken in (%d checkpoints, rank %d)", path, taken.count, taken.basis.rank)
         return 1
 
@@ -229,6 +234,16 @@ class Watcher:
             recorded["hf"] = {"dir": str(folder.resolve()), "auto_class": None}
         check_not_an_input(self.out, data_paths(request, first), folder=True)  # the data recorded is an input too
         self.taken = Taken.new(self.run.resolve(), layout, self.request.subspace.tol, recorded)
+
+    def settle_aside(self) -> None:
+        """The output --force set aside: removed once the new one exists, else put back."""
+        if self.aside is None:
+            return
+        if self.out.exists():
+            shutil.rmtree(self.aside, ignore_errors=True)
+        else:
+            os.rename(self.aside, self.out)
+        self.aside = None
 
     # ------------------------------------------------------------------------------------ writing
     def due(self, ending: bool) -> bool:
@@ -349,20 +364,42 @@ def watch(run: str | Path, out: str | Path, request: WatchRequest | None = None,
     blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise TwaError(f"{out}: cannot be created, {blocking} is a file")
-    check_not_an_input(out, [run, *data_paths(request.subspace.task, None)], folder=True)  # before the lock file
+    # The data the flags name, and the data a checkpoint already there records, are inputs: checked before the
+    # lock file or any folder is made beside OUT (the first checkpoint to come is checked again when taken in).
+    check_not_an_input(out, [run, *data_paths(request.subspace.task, _first_readable(run, request))], folder=True)
     if out.exists() and not out.is_dir():
         raise TwaError(f"{out}: is a file; the output of twa watch is a folder")
+    made = [p for p in reversed(out.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(out.with_name(f".{out.name}.lock"), timeout=0)
+    lock_file = out.with_name(f".{out.name}.lock")
+    lock = FileLock(lock_file, timeout=0)
     try:
         lock.acquire()
     except Timeout as exc:
         raise TwaError(f"{out}: another twa watch is writing there; choose another output") from exc
+    watcher = None
     try:
-        taken = _claim(run, out, resume=resume, force=force)
-        return _follow(Watcher(run, out, request, taken, clock, invocation), sleep, reporter, on_round)
+        remove_stale_temps(out)  # an old output a killed --force set aside comes back first
+        taken, aside = _claim(run, out, resume=resume, force=force)
+        watcher = Watcher(run, out, request, taken, clock, invocation, aside)
+        return _follow(watcher, sleep, reporter, on_round)
     finally:
+        if watcher is not None:
+            watcher.settle_aside()
         lock.release()
+        if not out.exists():  # nothing was written: nothing is left, the lock file and the folders made for it
+            lock_file.unlink(missing_ok=True)
+            for folder in reversed(made):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+
+
+def _first_readable(run: Path, request: WatchRequest) -> Checkpoint | None:
+    """The first of the run's checkpoints whose header reads now, if any (for the data it records)."""
+    for path in candidates(run):
+        with contextlib.suppress(OSError, TwaError):
+            return read_checkpoint(path, request.subspace.read)
+    return None
 
 
 def _follow(watcher: Watcher, sleep: Callable[[float], None], reporter: Any,
@@ -390,8 +427,10 @@ def _follow(watcher: Watcher, sleep: Callable[[float], None], reporter: Any,
         sleep(request.interval)
 
 
-def _claim(run: Path, out: Path, *, resume: bool, force: bool) -> Taken | None:
-    """The output folder, checked and made; with `resume`, what an earlier watcher of the same run took in."""
+def _claim(run: Path, out: Path, *, resume: bool, force: bool) -> tuple[Taken | None, Path | None]:
+    """The output folder checked: with `resume`, what an earlier watcher of the same run took in; with `force`,
+    the earlier watch's folder set aside (removed once the new one holds a checkpoint, put back if it never
+    does)."""
     state = out / STATE_FOLDER / STATE_FILE
     if resume:
         if not state.exists():
@@ -399,25 +438,31 @@ def _claim(run: Path, out: Path, *, resume: bool, force: bool) -> Taken | None:
         taken = Taken.load(out)
         if Path(taken.run) != run.resolve():
             raise TwaError(f"{out}: was watching {taken.run}, not {run.resolve()}; resume with the same run")
-        return taken
+        return taken, None
     if out.exists() and any(out.iterdir()):
         if not force:
             raise TwaError(f"{out}: already exists and is not empty (pass --force to start over"
                            f"{', --resume to continue' if state.exists() else ''})")
-        if not _a_watch_folder(out):
-            raise TwaError(f"{out}: holds files twa watch did not write; --force replaces only a watch's folder")
-        import shutil
+        foreign = _not_a_watchs(out)
+        if foreign is not None:
+            raise TwaError(f"{out}: holds {foreign.name}, which twa watch did not write; --force replaces only a "
+                           "watch's folder")
+        aside = temp_name(out, "old")
+        os.rename(out, aside)
+        return None, aside
+    return None, None  # OUT is made when the first checkpoint is taken in, once the data it names is checked too
 
-        shutil.rmtree(out)
-    return None  # OUT is made when the first checkpoint is taken in, once the data it names is checked too
+
+WRITTEN = (LOG_FILE, STATE_FOLDER, BASIS_FILE, "swa", "swa.safetensors", "swa.safetensors.index.json", "twa",
+           "twa.partial")
 
 
-def _a_watch_folder(out: Path) -> bool:
-    """Whether `out` was written by a watch: it holds the state, or only what a watch stopped before its first
-    checkpoint leaves (its empty log, the state folder it was starting, a temporary of either)."""
-    if (out / STATE_FOLDER / STATE_FILE).exists():
-        return True
-    return all(p.name in (LOG_FILE, STATE_FOLDER) or is_temp_name(p.name) for p in out.iterdir())
+def _not_a_watchs(out: Path) -> Path | None:
+    """The first entry of `out` that a watch does not write (its log, state, basis, SWA, TWA, their
+    temporaries, a lock), or None."""
+    return next((p for p in sorted(out.iterdir()) if not (p.name in WRITTEN or is_temp_name(p.name)
+                                                          or p.name.endswith(".lock"))),
+                None)
 
 
 def _result(watcher: Watcher, ended: str, reached: bool) -> WatchResult:
