@@ -352,3 +352,19 @@ def test_force_replaces_an_earlier_watch_whole_or_not_at_all(tmp_path: Path, syn
     with pytest.raises(TwaError, match=r"notes\.txt"):
         watch(run, out, _model_free(polls=2), sleep=lambda s: None, force=True)
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_order_is_natural_and_a_fifo_is_left_out_without_ending_the_watch(tmp_path: Path):
+    """checkpoint-1000 sorted before checkpoint-500 when several were taken in one look (the last source, whose
+    step an average records, was not the newest); a FIFO named like a checkpoint ended the whole watch."""
+    src = write_synthetic_folder(tmp_path / "src", trajectory(3, 50))
+    run = tmp_path / "run"
+    run.mkdir()
+    for step, path in zip((500, 1000, 20), src, strict=True):
+        shutil.copy(path, run / f"ckpt-{step}.safetensors")
+    os.mkfifo(run / "ckpt-9999.safetensors")
+    result = watch(run, tmp_path / "out", _model_free(polls=3), sleep=lambda s: None)
+    state = json.loads((tmp_path / "out" / "watch-state" / "state.json").read_text())
+    assert result.checkpoints == 3
+    assert [Path(s["path"]).name for s in state["sources"]] == ["ckpt-20.safetensors", "ckpt-500.safetensors",
+                                                                 "ckpt-1000.safetensors"]

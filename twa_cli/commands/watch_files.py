@@ -5,6 +5,7 @@ setting it aside when it does not fit what was taken in before."""
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -13,7 +14,9 @@ import torch
 from twa_cli.commands.watch_state import Signature, Taken
 from twa_cli.errors import TwaError
 from twa_cli.io import readers
-from twa_cli.io.checkpoints import ALIAS, OTHER_KINDS, Checkpoint, is_hf_final_model, open_tensors
+from twa_cli.io.checkpoints import ALIAS, OTHER_KINDS, Checkpoint, is_hf_final_model, natural_key, open_tensors
+
+log = logging.getLogger("twa")
 
 
 class SetAside(TwaError):
@@ -21,16 +24,21 @@ class SetAside(TwaError):
 
 
 def candidates(run: Path) -> list[Path]:
-    """The run's checkpoints as the folder lists them now, in name order: not the second copies tools save
-    (last.ckpt, model_best, a Trainer's final model beside its checkpoint-* folders), nor a Trainer's
-    `tmp-checkpoint-*` folder before its rename."""
+    """The run's checkpoints as the folder lists them now, in natural name order (checkpoint-500 before
+    checkpoint-1000): not the second copies tools save (last.ckpt, model_best, a Trainer's final model beside its
+    checkpoint-* folders), nor a Trainer's `tmp-checkpoint-*` folder before its rename, nor what is not a regular
+    file (a FIFO: left out with a warning, it must not end a watch of days)."""
     try:
-        paths = readers.checkpoint_paths(run)
+        paths = readers.checkpoint_paths(run, regular_only=False)
     except OSError:
         return []
+    odd = [p for p in paths if p.exists() and not p.is_file() and not p.is_dir()]
+    for path in odd:
+        log.warning("%s: left out, it is not a regular file (a FIFO, socket or device named like a checkpoint)", path)
     if any(p.is_dir() for p in paths) and paths != [run]:
         paths = [p for p in paths if p.is_dir() or not is_hf_final_model(p)]
-    return [p for p in paths if p != run and not ALIAS.match(p.name) and not p.name.startswith("tmp-")]
+    kept = [p for p in paths if p != run and p not in odd and not ALIAS.match(p.name) and not p.name.startswith("tmp-")]
+    return sorted(kept, key=lambda p: natural_key(p.name))
 
 
 def files_signature(path: Path) -> Signature:

@@ -221,7 +221,7 @@ def tensor_specs(ckpt: Checkpoint) -> dict[str, tuple[tuple[int, ...], torch.dty
         return {k: (tuple(handle.shape(k)), handle.dtype(k)) for k in handle.keys()}
 
 
-def _natural_key(name: str) -> list[Any]:
+def natural_key(name: str) -> list[Any]:
     return [int(tok) if tok.isdigit() else tok for tok in re.split(r"(\d+)", name)]
 
 
@@ -276,7 +276,7 @@ def scan_folder(folder: str | Path, options: ReadOptions = ReadOptions()) -> Lis
     paths = readers.checkpoint_paths(folder)
     if any(p.is_dir() for p in paths) and paths != [folder]:
         paths = [p for p in paths if p.is_dir() or not is_hf_final_model(p)]
-    paths.sort(key=lambda p: (bool(ALIAS.match(p.name)), _natural_key(p.name)))  # originals before aliases
+    paths.sort(key=lambda p: (bool(ALIAS.match(p.name)), natural_key(p.name)))  # originals before aliases
     ckpts = [c for c in (read_checkpoint(p, options) for p in paths) if c.kind not in OTHER_KINDS]
     listing = Listing([])
     if paths != [folder]:
@@ -300,7 +300,7 @@ def scan_folder(folder: str | Path, options: ReadOptions = ReadOptions()) -> Lis
     if all(c.step is not None for c in listing.checkpoints):
         listing.checkpoints.sort(key=lambda c: c.step)  # stable: equal steps keep filename order
     else:
-        listing.checkpoints.sort(key=lambda c: _natural_key(c.path.name))
+        listing.checkpoints.sort(key=lambda c: natural_key(c.path.name))
     return listing
 
 

@@ -410,20 +410,20 @@ def shard_files(index: Path) -> list[Path]:
     return [index.parent / s for s in sorted(set(read_index(index)["weight_map"].values()))]
 
 
-def checkpoint_paths(folder: Path) -> list[Path]:
+def checkpoint_paths(folder: Path, *, regular_only: bool = True) -> list[Path]:
     """The checkpoints directly in a folder: weight files and shard indexes, and subfolders that are Hugging Face
     checkpoints. A shard is never a checkpoint on its own (it is read through its index), and `NAME.safetensors`
     beside `NAME.safetensors.index.json` is superseded by the index (the writer's order keeps the index current).
-    A folder that is itself one model is returned alone."""
+    A folder that is itself one model is returned alone. An entry named like a checkpoint that is not a regular
+    file (a FIFO, socket or device) is refused, or with `regular_only=False` listed for the caller to judge."""
     entries = sorted(folder.iterdir())
-    odd = next((p for p in entries if p.exists() and not p.is_file() and not p.is_dir() and is_checkpoint_file(p)),
-               None)
-    if odd is not None:  # a FIFO, socket or device: reading it could block forever, leaving it out is silent
-        raise TwaError(f"{odd}: is not a regular file (a FIFO, socket or device named like a checkpoint); move it "
+    odd = [p for p in entries if p.exists() and not p.is_file() and not p.is_dir() and is_checkpoint_file(p)]
+    if odd and regular_only:  # a FIFO, socket or device: reading it could block forever
+        raise TwaError(f"{odd[0]}: is not a regular file (a FIFO, socket or device named like a checkpoint); move it "
                        "out of the folder")
     indexes = [p for p in entries if p.is_file() and p.name.endswith(INDEX_SUFFIX) and is_checkpoint_file(p)]
     superseded = {p.with_name(p.name[: -len(INDEX_SUFFIX)]) for p in indexes}
-    files = [p for p in entries if p.is_file() and is_checkpoint_file(p) and not SHARD.match(p.name)
+    files = [p for p in entries if (p.is_file() or p in odd) and is_checkpoint_file(p) and not SHARD.match(p.name)
              and p not in superseded]
     subfolders = [p for p in entries if p.is_dir() and not p.name.startswith(".") and hf_weights(p) is not None]
     if not subfolders and hf_weights(folder) is not None and _one_model(files):
