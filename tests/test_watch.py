@@ -368,3 +368,40 @@ def test_order_is_natural_and_a_fifo_is_left_out_without_ending_the_watch(tmp_pa
     assert result.checkpoints == 3
     assert [Path(s["path"]).name for s in state["sources"]] == ["ckpt-20.safetensors", "ckpt-500.safetensors",
                                                                  "ckpt-1000.safetensors"]
+
+
+def test_a_checkpoint_saved_again_under_the_same_name_is_taken_in_again(tmp_path: Path, synthetic):
+    """A loop that saves every epoch over one weights file had only its first epoch taken in, without a word."""
+    run = tmp_path / "run"
+    run.mkdir()
+    target = run / "weights.safetensors"
+
+    def save(i):
+        def write():
+            shutil.copy(synthetic[i], target)
+            os.utime(target, ns=(10**9 * (i + 1), 10**9 * (i + 1)))  # distinct times even on a coarse clock
+        return write
+
+    actions = [save(0), lambda: None, save(1), lambda: None, save(2), lambda: None]
+    result = watch(run, tmp_path / "out", _model_free(polls=len(actions) + 2), sleep=Writer(actions))
+    assert result.checkpoints == 3
+    ours = load_tensors(tmp_path / "out" / "swa.safetensors")["w"]
+    expected = torch.stack([load_tensors(p)["w"] for p in synthetic[:3]]).double().mean(dim=0)
+    assert torch.allclose(ours.double(), expected, rtol=0, atol=1e-6)
+
+
+def test_swa_of_a_bfloat16_run_is_written_in_bfloat16_as_twa_swa_writes_it(tmp_path: Path, twa):
+    from twa_cli.io.checkpoints import make_metadata
+    from twa_cli.io.safetensors import save_tensors
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for i, row in enumerate(trajectory(3, 64, step=1e-1)):
+        save_tensors(run / f"c{i}.safetensors", {"w": row.to(torch.bfloat16)},
+                     make_metadata("checkpoint", step=str(i), trainable=["w"]))
+    watch(run, tmp_path / "out", _model_free(polls=3), sleep=lambda s: None)
+    twa("swa", run, "-o", tmp_path / "swa.safetensors")
+    ours = load_tensors(tmp_path / "out" / "swa.safetensors")["w"]
+    theirs = load_tensors(tmp_path / "swa.safetensors")["w"]
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    assert torch.equal(ours, theirs)

@@ -52,6 +52,7 @@ from twa_cli.io.outputs import check_named, check_not_an_input
 from twa_cli.io.writers import ResultTarget
 from twa_cli.tasks.base import Task
 from twa_cli.tasks.models import check_fits
+from twa_cli.units import dtype_name, torch_dtype
 
 log = logging.getLogger("twa")
 
@@ -156,7 +157,7 @@ class Watcher:
         for path in candidates(self.run):
             key = str(path.resolve())
             taken = self.taken
-            if key in looked or (taken is not None and key in taken.seen):
+            if key in looked:
                 continue  # a link beside the file it names is that checkpoint (else each resets the other's wait)
             looked.add(key)
             try:
@@ -164,8 +165,10 @@ class Watcher:
             except (OSError, TwaError):  # deleted, or a shard set not all there yet
                 self.pending.pop(key, None)
                 continue
-            if self.ignored.get(key) == signature:
+            if self.ignored.get(key) == signature or (taken is not None and taken.seen.get(key) == signature):
                 continue
+            # A name taken in before whose files changed is a new checkpoint: a loop that saves each epoch over
+            # one model.pt, or a job restarted in the same folder. It settles and is taken in like any other.
             waiting = self.pending.get(key)
             if waiting is None or waiting.signature != signature:
                 self.pending[key] = _Pending(signature, now)
@@ -182,8 +185,9 @@ class Watcher:
                 # it writes. Tried again when the files change; said once.
                 waiting.failed = str(exc.__cause__)
                 log.warning("%s: cannot be read (%s); waiting for it to change", path, exc.__cause__)
-        done = set(self.taken.seen) if self.taken is not None else set()
-        self.pending = {k: v for k, v in self.pending.items() if k not in done and k not in self.ignored}
+        seen = self.taken.seen if self.taken is not None else {}
+        self.pending = {k: v for k, v in self.pending.items()
+                        if seen.get(k) != v.signature and self.ignored.get(k) != v.signature}
         if new:
             self.last_new = now
         return new
@@ -203,7 +207,7 @@ class Watcher:
         taken = self.taken
         assert taken is not None
         try:
-            vector, others = read_once(ckpt, taken)
+            vector, others, dtypes = read_once(ckpt, taken)
         except SetAside as exc:
             log.warning("%s: set aside, %s", path, exc)
             taken.seen[key], taken.set_aside[key] = signature, str(exc)
@@ -212,6 +216,9 @@ class Watcher:
         except (OSError, TwaError) as exc:
             raise _Unreadable(exc) from exc
         taken.basis.add_block(vector)
+        for name, dtype in dtypes.items():  # the widest precision each trained tensor came in, as `twa swa` keeps
+            taken.dtypes[name] = dtype_name(torch.promote_types(torch_dtype(taken.dtypes.get(name, dtype)),
+                                                                torch_dtype(dtype)))
         taken.others.add(others, where=f"{path}: ")
         taken.sources.append(Source.of(ckpt))
         taken.seen[key] = signature
@@ -485,7 +492,8 @@ def _others_mean(taken: Taken) -> dict[str, torch.Tensor]:
 def _average(taken: Taken) -> dict[str, torch.Tensor]:
     """SWA of everything taken in: the center of the basis on the trained tensors, the running mean elsewhere."""
     basis = Basis(taken.basis.vectors, taken.basis.coords, taken.layout)
-    out = dict(basis.unflatten(basis.point(basis.center_coords())))
+    out = {name: t.to(torch_dtype(taken.dtypes.get(name, "float32")))  # as `twa swa`: the widest precision seen
+           for name, t in basis.unflatten(basis.point(basis.center_coords())).items()}
     out.update(_others_mean(taken))
     return out
 

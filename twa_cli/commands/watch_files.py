@@ -15,6 +15,7 @@ from twa_cli.commands.watch_state import Signature, Taken
 from twa_cli.errors import TwaError
 from twa_cli.io import readers
 from twa_cli.io.checkpoints import ALIAS, OTHER_KINDS, Checkpoint, is_hf_final_model, natural_key, open_tensors
+from twa_cli.units import dtype_name
 
 log = logging.getLogger("twa")
 
@@ -82,14 +83,16 @@ def misfit(taken: Taken, specs: dict[str, tuple[tuple[int, ...], bool]]) -> str 
     return None
 
 
-def read_once(ckpt: Checkpoint, taken: Taken) -> tuple[torch.Tensor, dict]:
-    """One pass over the file: the trained tensors flattened into one row, every other tensor by name."""
+def read_once(ckpt: Checkpoint, taken: Taken) -> tuple[torch.Tensor, dict, dict[str, str]]:
+    """One pass over the file: the trained tensors flattened into one row, every other tensor by name, and the
+    precision each trained tensor is stored in."""
     offsets, offset = {}, 0
     for name, shape in taken.layout:
         offsets[name] = (offset, math.prod(shape))
         offset += math.prod(shape)
     row = torch.empty(1, offset, dtype=torch.float32)
     others: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, str] = {}
     with open_tensors(ckpt) as handle:
         why = misfit(taken, {k: (tuple(handle.shape(k)), handle.dtype(k).is_floating_point) for k in handle.keys()})
         if why is not None:
@@ -99,8 +102,9 @@ def read_once(ckpt: Checkpoint, taken: Taken) -> tuple[torch.Tensor, dict]:
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise SetAside(f"its tensor '{name}' holds NaN or Inf")  # in SWA's running mean for good else
             if name in offsets:
+                dtypes[name] = dtype_name(tensor.dtype)
                 start, size = offsets[name]
                 row[0, start : start + size].copy_(tensor.reshape(-1))
             else:
                 others[name] = tensor
-    return row, others
+    return row, others, dtypes

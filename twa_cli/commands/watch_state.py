@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ class Taken:
     rounds: int = 0
     fitted_at: int = 0  # how many checkpoints the last TWA round spanned
     recorded: dict[str, Any] = field(default_factory=dict)  # what the first checkpoint says about its task
+    dtypes: dict[str, str] = field(default_factory=dict)  # the widest precision each trained tensor came in
 
     @staticmethod
     def new(run: Path, layout: list[tuple[str, tuple[int, ...]]], tol: float, recorded: dict[str, Any]) -> Taken:
@@ -72,7 +74,7 @@ class Taken:
             "dropped": [[d.index, d.relative_residual] for d in self.basis.dropped],
             "sources": [s.to_dict() for s in self.sources], "seen": self.seen, "set_aside": self.set_aside,
             "others": others, "others_count": self.others.count, "rounds": self.rounds, "fitted_at": self.fitted_at,
-            "recorded": self.recorded,
+            "recorded": self.recorded, "dtypes": self.dtypes,
         }
         write_bytes(folder / STATE_FILE, json.dumps(state).encode())
         for stale in folder.glob("others-*.safetensors"):  # means no state names any more
@@ -108,6 +110,8 @@ class Taken:
                                          "dropped": state["dropped"]})
             if any(not 0 <= d.index < count for d in taken.basis.dropped):
                 raise TwaError(f"a checkpoint it says was dropped is not one of its {count}")
+            if not re.fullmatch(r"others-\d+\.safetensors", str(state["others"])):
+                raise TwaError(f"its 'others' names {state['others']!r}, not a file of its own")
             sums = load_tensors(folder / str(state["others"]))
             taken.others.load_state_dict({"sums": sums, "count": int(state["others_count"])})
             widest = json.loads(_metadata(folder / str(state["others"])).get("widest", "{}"))
@@ -116,6 +120,7 @@ class Taken:
             taken.seen = {str(k): v for k, v in state["seen"].items()}
             taken.set_aside = {str(k): str(v) for k, v in state["set_aside"].items()}
             taken.rounds, taken.fitted_at = int(state["rounds"]), int(state["fitted_at"])
+            taken.dtypes = {str(k): dtype_name(torch_dtype(str(v))) for k, v in state.get("dtypes", {}).items()}
         except TwaError as exc:
             raise TwaError(f"{path}: cannot resume from it ({exc})") from exc
         except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as exc:
