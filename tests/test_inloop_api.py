@@ -102,8 +102,8 @@ def test_fit_without_weights_added_says_so():
 
 
 def test_a_basis_in_a_mapped_file_fits_exactly_as_one_in_memory(cnn_run, tmp_path):
-    """`allocate=MappedRows(folder)`: the basis lives in a file mapped into memory (grown past its capacity, the
-    old file removed), and the fit is bit for bit the in-memory one."""
+    """`allocate=MappedRows(folder)`: the basis lives in a file mapped into memory (grown past its capacity into
+    new files, none left behind), and the fit is bit for bit the in-memory one."""
     ckpts = list_folder(cnn_run)
     task = task_of(TaskRequest(), ckpts[0])
     train = task.split("train", augment=False)
@@ -116,12 +116,21 @@ def test_a_basis_in_a_mapped_file_fits_exactly_as_one_in_memory(cnn_run, tmp_pat
             model.load_state_dict(load_tensors(ckpt.path))
             averager.add(model)
         if storage is not None:
-            files = sorted((tmp_path / "scratch").iterdir())
-            assert files == [storage.path]  # the older, smaller files were removed as the basis grew
-            assert storage.path.stat().st_size == averager.basis._q.numel() * 4 >= 7 * averager.basis.dim * 4
-            assert averager.basis.vectors.untyped_storage().filename == str(storage.path)
+            dim = averager.basis.dim
+            assert storage.mapped == [2 * dim * 4, 4 * dim * 4, 8 * dim * 4]  # grown twice, each time a new file
+            mapped_file = averager.basis.vectors.untyped_storage().filename
+            assert mapped_file is not None and mapped_file.startswith(str(tmp_path / "scratch"))
+            assert not list((tmp_path / "scratch").iterdir())  # mapped, then unnamed: nothing is left behind
         result = averager.fit(model, DataLoader(train, batch_size=64), task.loss, epochs=1, lr=0.5)
         results[kind] = (model.state_dict(), result.coefficients)
     memory, mapped = results["memory"], results["mapped"]
     assert all(torch.equal(memory[0][k], mapped[0][k]) for k in memory[0])
     assert memory[1] == mapped[1]
+
+
+def test_a_mapped_basis_that_does_not_fit_on_disk_is_one_error_at_once(tmp_path):
+    """The file's space is reserved when it is made: a disk too small is a TwaError then, not a SIGBUS in the
+    training process when a page of it is first written."""
+    with pytest.raises(twa_cli.TwaError, match="cannot hold a basis"):
+        twa_cli.MappedRows(tmp_path)(1 << 20, 1 << 30)  # 4 PiB
+    assert not list(tmp_path.iterdir())

@@ -68,7 +68,9 @@ class TWA:
         device = device if device is not None else params[self.names[0]].device
         self.basis = Orthogonalizer(dim, tol=tol, capacity=capacity, device=device, allocate=allocate)
         self.others = RunningMean()
-        self._scratch = torch.empty(1, dim, dtype=torch.float32, device=device)
+        # Where the storage put the basis (an allocator may keep it on the CPU while the model is on a GPU): the
+        # weights are copied there, and orthogonalized there.
+        self._scratch = torch.empty(1, dim, dtype=torch.float32, device=self.basis.vectors.device)
 
     @property
     def count(self) -> int:
