@@ -147,12 +147,15 @@ def test_killed_with_sigkill_it_resumes_to_the_basis_of_an_uninterrupted_watch(t
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     state = out / "watch-state" / "state.json"
     deadline = time.monotonic() + 60
+    count = 0
     while time.monotonic() < deadline and proc.poll() is None:
-        if state.exists() and json.loads(state.read_text() or "{}").get("count", 0) >= 2:
+        count = json.loads(state.read_text() or "{}").get("count", 0) if state.exists() else 0
+        if count >= 2:
             break
-        time.sleep(0.01)
+        time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert proc.returncode == -signal.SIGKILL and 2 <= count < 12  # killed while taking checkpoints in
     done = subprocess.run([*argv, "--resume"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     saved = json.loads(state.read_text())
@@ -191,13 +194,13 @@ def test_rounds_train_in_the_grown_span_and_target_ends_the_watch(tmp_path: Path
     assert missed.returncode == 3, missed.stderr
 
 
-@pytest.mark.parametrize("case", ["not-a-folder", "output-inside-run", "nothing-to-resume", "bad-every"])
+@pytest.mark.parametrize("case", ["not-a-folder", "output-inside-run", "nothing-to-resume", "bad-interval"])
 def test_bad_input_is_one_line(tmp_path: Path, synthetic, twa, case):
     run = synthetic[0].parent
     args = {"not-a-folder": [synthetic[0], "-o", tmp_path / "out"],
             "output-inside-run": [run, "-o", run / "watch"],
             "nothing-to-resume": [run, "-o", tmp_path / "out", "--resume"],
-            "bad-every": [run, "-o", tmp_path / "out", "--interval", "-1"]}[case]
+            "bad-interval": [run, "-o", tmp_path / "out", "--interval", "-1"]}[case]
     before = sorted(p.name for p in run.iterdir())
     result = twa("watch", *args, "--polls", "1", check=False)
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -31,7 +31,15 @@ from typing import Any
 import torch
 from filelock import FileLock, Timeout
 
-from twa_cli.commands.common import aligned, data_paths, hf_folder, knows_task, subspace_names, task_of
+from twa_cli.commands.common import (
+    aligned,
+    data_paths,
+    hf_folder,
+    knows_task,
+    resolve_device,
+    subspace_names,
+    task_of,
+)
 from twa_cli.commands.runfolder import check_positive
 from twa_cli.commands.swa import SwaRequest, SwaResult, recalibrated, write_average
 from twa_cli.commands.train_subspace import SubspaceConfig, SubspaceResult, train_subspace
@@ -230,8 +238,6 @@ class Watcher:
     def _start(self, first: Checkpoint) -> None:
         """The first checkpoint fixes the subspace's layout (the model's trained tensors) and the task."""
         self.first = first
-        if self.taken is not None:
-            return
         request = self.request.subspace.task
         names, _ = subspace_names(request, [first])
         layout = subspace_layout([first], names)
@@ -271,8 +277,7 @@ class Watcher:
         request = SwaRequest(task=self.request.subspace.task, bn_batches=self.request.subspace.bn_batches,
                              bn_update=self.request.subspace.bn_update, device=self.request.subspace.device)
         task, net = self._model(first)
-        device = self.request.subspace.device if self.request.subspace.device != "auto" else (
-            "cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(self.request.subspace.device)
         average, bn, test = recalibrated(net, task, average, request, device)
         result = SwaResult(target.path, [Path(s.path) for s in taken.sources], bn, test)
         return write_average(target, average, result, request, task=task, first=first, sources=taken.sources,
