@@ -194,15 +194,18 @@ def test_rounds_train_in_the_grown_span_and_target_ends_the_watch(tmp_path: Path
     assert missed.returncode == 3, missed.stderr
 
 
-@pytest.mark.parametrize("case", ["not-a-folder", "output-inside-run", "nothing-to-resume", "bad-interval"])
+@pytest.mark.parametrize("case", ["not-a-folder", "output-inside-run", "nothing-to-resume", "bad-interval",
+                                  "target-without-model"])
 def test_bad_input_is_one_line(tmp_path: Path, synthetic, twa, case):
     run = synthetic[0].parent
     args = {"not-a-folder": [synthetic[0], "-o", tmp_path / "out"],
             "output-inside-run": [run, "-o", run / "watch"],
             "nothing-to-resume": [run, "-o", tmp_path / "out", "--resume"],
-            "bad-interval": [run, "-o", tmp_path / "out", "--interval", "-1"]}[case]
+            "bad-interval": [run, "-o", tmp_path / "out", "--interval", "-1"],
+            "target-without-model": [run, "-o", tmp_path / "out", "--target", "90", "--settle", "0",
+                                     "--interval", "0.01", "--polls", "3"]}[case]
     before = sorted(p.name for p in run.iterdir())
-    result = twa("watch", *args, "--polls", "1", check=False)
+    result = twa("watch", *args, *([] if "--polls" in args else ["--polls", "1"]), check=False)
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in run.iterdir()) == before

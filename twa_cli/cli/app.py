@@ -571,7 +571,8 @@ def watch(
     target: Annotated[float | None, typer.Option(help="End with exit code 0 as soon as TWA's held-out figure "
                                                  "(accuracy in percent, or loss for a language model) is this "
                                                  "good; if the watch ends otherwise, exit code 3.")] = None,
-    polls: Annotated[int | None, typer.Option(help="End after this many looks.", min=1)] = None,
+    polls: Annotated[int | None, typer.Option(help="End after this many looks (a checkpoint is taken in at the "
+                                              "second look that finds it unchanged).", min=1)] = None,
     epochs: Annotated[int, typer.Option(help="Epochs of each TWA round.", min=1, rich_help_panel=TRAIN)] = 2,
     lr: Annotated[float, typer.Option(help="Learning rate of each round (checked against the span's "
                                       "curvature by default).", rich_help_panel=TRAIN)] = 2.0,

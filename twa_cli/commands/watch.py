@@ -212,6 +212,9 @@ class Watcher:
             return 0
         if self.taken is None:
             self._start(ckpt)
+            if self.request.target is not None and not self._trains(warn=False):
+                raise TwaError(f"{path}: --target needs TWA rounds, which need the model and its data: pass --model "
+                               "and --data (no architecture or data is known for this run)")
         taken = self.taken
         assert taken is not None
         try:
@@ -319,13 +322,13 @@ class Watcher:
             fh.write(json.dumps(round_.to_dict()) + "\n")
         return round_
 
-    def _trains(self) -> bool:
+    def _trains(self, warn: bool = True) -> bool:
         """Whether a round can train: the model and its data are known (else it writes the basis only, for a
         later `twa train-subspace BASIS --model ... --data ...`; said once)."""
         task, _ = self._model(self._first())
         if task is not None and task.has_data:
             return True
-        if not self._said_basis_only:
+        if warn and not self._said_basis_only:
             log.warning("%s: no architecture or data known (--model, --data): each round writes the basis only, "
                         "TWA needs them to train", self.run)
             self._said_basis_only = True
