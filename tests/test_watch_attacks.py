@@ -154,4 +154,4 @@ def test_a_hand_edited_state_is_refused_in_one_line(tmp_path: Path, run: Path, t
 def test_a_round_that_only_writes_the_basis_says_so_in_plain_words(tmp_path: Path, run: Path, twa):
     result = twa("watch", run, "-o", tmp_path / "out", "--polls", "2", "--settle", "0", "--interval", "0.01")
     said = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("round 1:")]
-    assert said == ["round 1: 2 checkpoints (rank 2); held-out: not scored (kept: None)"], result.stderr
+    assert said == ["round 1: 2 checkpoints (rank 2); held-out: not scored"], result.stderr

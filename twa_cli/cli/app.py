@@ -610,7 +610,7 @@ def watch(
                             if value is not None)
         metric = f"held-out {round_.metric.split(':', 1)[1]}" if round_.metric else "held-out"
         out.info(f"round {round_.round}: {round_.checkpoints} checkpoints (rank {round_.rank}); {metric}: "
-                 f"{figures or 'not scored'} (kept: {round_.kept})")
+                 f"{figures or 'not scored'}" + (f" (kept: {round_.kept})" if round_.kept else ""))
 
     result = run_watch(run, output, request, resume=resume, force=force, on_round=said, invocation=invocation)
     if json_out:
