@@ -411,3 +411,21 @@ def test_swa_of_a_bfloat16_run_is_written_in_bfloat16_as_twa_swa_writes_it(tmp_p
     theirs = load_tensors(tmp_path / "swa.safetensors")["w"]
     assert ours.dtype == theirs.dtype == torch.bfloat16
     assert torch.equal(ours, theirs)
+
+
+def test_a_shard_set_that_never_completes_is_reported_once(tmp_path: Path, synthetic, caplog):
+    import logging
+
+    from twa_cli.commands.watch import INCOMPLETE_LOOKS
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(synthetic[0], run)
+    index = {"metadata": {}, "weight_map": {"w": "c9000-00001-of-00002.safetensors",
+                                             "v": "c9000-00002-of-00002.safetensors"}}
+    (run / "c9000.safetensors.index.json").write_text(json.dumps(index))  # its shards never come
+    with caplog.at_level(logging.WARNING, logger="twa"):
+        result = watch(run, tmp_path / "out", _model_free(polls=INCOMPLETE_LOOKS + 5), sleep=lambda s: None)
+    assert result.checkpoints == 1
+    said = [r.getMessage() for r in caplog.records if "still incomplete" in r.getMessage()]
+    assert len(said) == 1 and "c9000.safetensors.index.json" in said[0]

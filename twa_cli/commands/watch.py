@@ -65,6 +65,8 @@ from twa_cli.units import dtype_name, torch_dtype
 log = logging.getLogger("twa")
 
 LOG_FILE = "watch.jsonl"
+# Looks after which a checkpoint whose files are still not all there (a shard set missing a shard) is reported.
+INCOMPLETE_LOOKS = 10
 BASIS_FILE = "basis.safetensors"
 
 
@@ -150,6 +152,7 @@ class Watcher:
         self.clock, self.invocation = clock, invocation
         self.pending: dict[str, _Pending] = {}
         self.ignored: dict[str, Signature] = {}  # files of the tool's own (averages, a basis) met in the run
+        self.incomplete: dict[str, int] = {}  # looks in a row a checkpoint's files were not all there
         self.task: Task | None = None
         self.net: torch.nn.Module | None = None
         self.first: Checkpoint | None = None
@@ -170,9 +173,14 @@ class Watcher:
             looked.add(key)
             try:
                 signature = files_signature(path)
-            except (OSError, TwaError):  # deleted, or a shard set not all there yet
+            except (OSError, TwaError) as exc:  # deleted, or a shard set not all there yet
                 self.pending.pop(key, None)
+                self.incomplete[key] = self.incomplete.get(key, 0) + 1
+                if self.incomplete[key] == INCOMPLETE_LOOKS and path.exists():  # said once, not every look
+                    log.warning("%s: still incomplete after %d looks (%s); waiting for it", path, INCOMPLETE_LOOKS,
+                                exc)
                 continue
+            self.incomplete.pop(key, None)
             if self.ignored.get(key) == signature or (taken is not None and taken.seen.get(key) == signature):
                 continue
             # A name taken in before whose files changed is a new checkpoint: a loop that saves each epoch over
