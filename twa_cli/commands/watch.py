@@ -282,9 +282,9 @@ class Watcher:
         if not self.request.swa or taken is None or taken.basis.rank == 0:
             return None
         first = self._first()
-        target = ResultTarget(self.out / ("swa" if _is_folder_run(first) else "swa.safetensors"), None,
-                              _model_files(taken))
-        average = _average(taken)
+        target = ResultTarget(self.out / ("swa" if first.path.is_dir() else "swa.safetensors"), None,
+                              taken.model_folder())
+        average = taken.average()
         request = SwaRequest(task=self.request.subspace.task, bn_batches=self.request.subspace.bn_batches,
                              bn_update=self.request.subspace.bn_update, device=self.request.subspace.device)
         task, net = self._model(first)
@@ -301,28 +301,25 @@ class Watcher:
         assert taken is not None
         started = time.monotonic()
         basis = Basis(vectors=taken.basis.vectors, coords=taken.basis.coords.clone(), layout=taken.layout,
-                      buffers=_others_mean(taken), sources=list(taken.sources),
+                      buffers=taken.others_mean(), sources=list(taken.sources),
                       dropped=[{"index": d.index, "path": taken.sources[d.index].path,
                                 "relative_residual": d.relative_residual} for d in taken.basis.dropped],
-                      recorded=_recorded_now(taken))
+                      recorded=taken.recorded_now())
         basis.errors["orthogonality"] = orthogonality_error(basis.vectors)
         save_basis(basis, self.out / BASIS_FILE, invocation=self.invocation)
-        if not self._trains():
-            taken.rounds += 1
-            taken.fitted_at = taken.count
-            taken.save(self.out)
-            return self._logged(Round(taken.rounds, taken.count, taken.basis.rank, None, None, None, None,
-                                      round(time.monotonic() - started, 2), str(self.out / BASIS_FILE)))
-        result = train_subspace(self.out / BASIS_FILE, self.out / "twa", self.request.subspace, force=True,
-                                reporter=reporter, invocation=self.invocation)
-        assert isinstance(result, SubspaceResult)
+        found: tuple[str | None, float | None, float | None, str | None] = (None, None, None, None)
+        output = self.out / BASIS_FILE  # without the model and its data, a round is the basis alone
+        if self._trains():
+            result = train_subspace(self.out / BASIS_FILE, self.out / "twa", self.request.subspace, force=True,
+                                    reporter=reporter, invocation=self.invocation)
+            assert isinstance(result, SubspaceResult)
+            found, output = _figures(result), result.out
         taken.rounds += 1
         taken.fitted_at = taken.count
         taken.save(self.out)
-        found = _figures(result)
         seconds = round(time.monotonic() - started, 2)
         return self._logged(Round(taken.rounds, taken.count, taken.basis.rank, *found, seconds=seconds,
-                                  output=str(result.out)))
+                                  output=str(output)))
 
     def _logged(self, round_: Round) -> Round:
         self.rounds.append(round_)
@@ -495,47 +492,6 @@ def _result(watcher: Watcher, ended: str, reached: bool) -> WatchResult:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def _others_mean(taken: Taken) -> dict[str, torch.Tensor]:
-    """The running mean of the tensors outside the subspace, each in the widest precision it came in."""
-    if not taken.others.count:
-        return {}
-    return {k: v.to(taken.others.widest[k]) if v.is_floating_point() else v
-            for k, v in taken.others.average().items()}
-
-
-def _average(taken: Taken) -> dict[str, torch.Tensor]:
-    """SWA of everything taken in: the center of the basis on the trained tensors, the running mean elsewhere."""
-    basis = Basis(taken.basis.vectors, taken.basis.coords, taken.layout)
-    out = {name: t.to(torch_dtype(taken.dtypes.get(name, "float32")))  # as `twa swa`: the widest precision seen
-           for name, t in basis.unflatten(basis.point(basis.center_coords())).items()}
-    out.update(_others_mean(taken))
-    return out
-
-
-def _recorded_now(taken: Taken) -> dict[str, Any]:
-    """What the basis records about the task, its model folder (config, tokenizer) one of the run's that is still
-    there: a Trainer with save_total_limit deletes its oldest checkpoints, the first one taken in among them."""
-    recorded = dict(taken.recorded)
-    folder = _model_files(taken)
-    if isinstance(recorded.get("hf"), dict) and folder is not None:
-        recorded["hf"] = {**recorded["hf"], "dir": str(folder.resolve())}
-    return recorded
-
-
-def _is_folder_run(first: Checkpoint) -> bool:
-    return first.path.is_dir()
-
-
-def _model_files(taken: Taken) -> Path | None:
-    """A Hugging Face checkpoint folder of the run still on disk, whose config and tokenizer go beside the
-    average's weights."""
-    for source in reversed(taken.sources):
-        path = Path(source.path)
-        if path.is_dir():
-            return path
-    return None
 
 
 def _figures(result: SubspaceResult) -> tuple[str | None, float | None, float | None, str | None]:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from twa_cli.core.basis import Basis
 from twa_cli.engine.mean import RunningMean
 from twa_cli.engine.orthogonalizer import Orthogonalizer
 from twa_cli.errors import TwaError
@@ -58,6 +59,35 @@ class Taken:
     @property
     def count(self) -> int:
         return self.basis.count
+
+    def others_mean(self) -> dict[str, torch.Tensor]:
+        """The running mean of the tensors outside the subspace, each in the widest precision it came in."""
+        if not self.others.count:
+            return {}
+        return {k: v.to(self.others.widest[k]) if v.is_floating_point() else v
+                for k, v in self.others.average().items()}
+
+    def average(self) -> dict[str, torch.Tensor]:
+        """SWA of everything taken in: the basis's center on the trained tensors (in the widest precision each
+        came in, as `twa swa` writes it), the running mean elsewhere."""
+        basis = Basis(self.basis.vectors, self.basis.coords, self.layout)
+        out = {name: t.to(torch_dtype(self.dtypes.get(name, "float32")))
+               for name, t in basis.unflatten(basis.point(basis.center_coords())).items()}
+        out.update(self.others_mean())
+        return out
+
+    def model_folder(self) -> Path | None:
+        """A Hugging Face checkpoint folder of the run still on disk (its config and tokenizer go beside a
+        result): a Trainer with save_total_limit deletes its oldest ones, the first taken in among them."""
+        return next((Path(s.path) for s in reversed(self.sources) if Path(s.path).is_dir()), None)
+
+    def recorded_now(self) -> dict[str, Any]:
+        """What a basis records about the task, its model folder one of the run's still there."""
+        recorded = dict(self.recorded)
+        folder = self.model_folder()
+        if isinstance(recorded.get("hf"), dict) and folder is not None:
+            recorded["hf"] = {**recorded["hf"], "dir": str(folder.resolve())}
+        return recorded
 
     def save(self, out: Path) -> None:
         folder = out / STATE_FOLDER
