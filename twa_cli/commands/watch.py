@@ -45,14 +45,13 @@ from twa_cli.commands.swa import SwaRequest, SwaResult, recalibrated, write_aver
 from twa_cli.commands.train_subspace import SubspaceConfig, SubspaceResult, train_subspace
 from twa_cli.commands.watch_files import SetAside, candidates, files_signature, not_a_checkpoint, read_once
 from twa_cli.commands.watch_state import STATE_FILE, STATE_FOLDER, Signature, Taken
-from twa_cli.core.basis import Basis, subspace_layout
+from twa_cli.core.basis import Basis, not_finite_tensor, subspace_layout
 from twa_cli.core.basis_files import save_basis
-from twa_cli.engine.orthogonalizer import orthogonality_error
+from twa_cli.engine.orthogonalizer import NotFiniteRows, orthogonality_error
 from twa_cli.errors import TwaError
 from twa_cli.io.atomic import is_temp_name, remove_stale_temps, temp_name, through_link
 from twa_cli.io.checkpoints import (
     Checkpoint,
-    Source,
     check_compatible,
     read_checkpoint,
 )
@@ -226,7 +225,11 @@ class Watcher:
         taken = self.taken
         assert taken is not None
         try:
-            vector, others, dtypes = read_once(ckpt, taken)
+            row, whole = read_once(ckpt, taken)
+            try:
+                taken.basis.add_block(row)  # refuses NaN or Inf before anything changes
+            except NotFiniteRows as exc:
+                raise SetAside(f"its {not_finite_tensor(row[0], taken.layout)} holds NaN or Inf") from exc
         except SetAside as exc:
             log.warning("%s: set aside, %s", path, exc)
             taken.seen[key], taken.set_aside[key] = signature, str(exc)
@@ -234,12 +237,11 @@ class Watcher:
             return 0
         except (OSError, TwaError) as exc:
             raise _Unreadable(exc) from exc
-        taken.basis.add_block(vector)
-        for name, dtype in dtypes.items():  # the widest precision each trained tensor came in, as `twa swa` keeps
-            taken.dtypes[name] = dtype_name(torch.promote_types(torch_dtype(taken.dtypes.get(name, dtype)),
-                                                                torch_dtype(dtype)))
-        taken.others.add(others, where=f"{path}: ")
-        taken.sources.append(Source.of(ckpt))
+        for name, dtype in whole.dtypes.items():  # the widest precision each trained tensor came in, as `twa swa`
+            taken.dtypes[name] = dtype_name(torch.promote_types(torch_dtype(taken.dtypes.get(name, dtype_name(dtype))),
+                                                                dtype))
+        taken.others.add(whole.others, where=f"{path}: ")
+        taken.sources.append(whole.source)
         taken.seen[key] = signature
         taken.save(self.out)
         self.settle_aside()

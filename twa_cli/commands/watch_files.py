@@ -12,10 +12,18 @@ from pathlib import Path
 import torch
 
 from twa_cli.commands.watch_state import Signature, Taken
+from twa_cli.core.basis import Whole, read_whole
 from twa_cli.errors import TwaError
 from twa_cli.io import readers
-from twa_cli.io.checkpoints import ALIAS, OTHER_KINDS, Checkpoint, is_hf_final_model, natural_key, open_tensors
-from twa_cli.units import dtype_name
+from twa_cli.io.checkpoints import (
+    ALIAS,
+    OTHER_KINDS,
+    Checkpoint,
+    NotFinite,
+    is_hf_final_model,
+    natural_key,
+    tensor_specs,
+)
 
 log = logging.getLogger("twa")
 
@@ -83,28 +91,19 @@ def misfit(taken: Taken, specs: dict[str, tuple[tuple[int, ...], bool]]) -> str 
     return None
 
 
-def read_once(ckpt: Checkpoint, taken: Taken) -> tuple[torch.Tensor, dict, dict[str, str]]:
-    """One pass over the file: the trained tensors flattened into one row, every other tensor by name, and the
-    precision each trained tensor is stored in."""
-    offsets, offset = {}, 0
-    for name, shape in taken.layout:
-        offsets[name] = (offset, math.prod(shape))
-        offset += math.prod(shape)
-    row = torch.empty(1, offset, dtype=torch.float32)
-    others: dict[str, torch.Tensor] = {}
-    dtypes: dict[str, str] = {}
-    with open_tensors(ckpt) as handle:
-        why = misfit(taken, {k: (tuple(handle.shape(k)), handle.dtype(k).is_floating_point) for k in handle.keys()})
-        if why is not None:
-            raise SetAside(f"it does not fit the run ({why})")
-        for name in handle.keys():
-            tensor = handle.get(name)
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise SetAside(f"its tensor '{name}' holds NaN or Inf")  # in SWA's running mean for good else
-            if name in offsets:
-                dtypes[name] = dtype_name(tensor.dtype)
-                start, size = offsets[name]
-                row[0, start : start + size].copy_(tensor.reshape(-1))
-            else:
-                others[name] = tensor
-    return row, others, dtypes
+def read_once(ckpt: Checkpoint, taken: Taken) -> tuple[torch.Tensor, Whole]:
+    """One pass over the file (`read_whole`): the trained tensors in one row, and the rest with the hash of the
+    bytes read. NaN or Inf in a tensor not trained sets the file aside here; in a trained one, when the basis
+    refuses the row."""
+    specs = tensor_specs(ckpt)  # read with the header when the folder was looked at
+    why = misfit(taken, {k: (shape, dtype.is_floating_point) for k, (shape, dtype) in specs.items()})
+    if why is not None:
+        raise SetAside(f"it does not fit the run ({why})")
+    row = torch.empty(1, sum(math.prod(shape) for _, shape in taken.layout), dtype=torch.float32)
+    try:
+        whole = read_whole(ckpt, taken.layout, row[0])
+    except NotFinite as exc:  # in SWA's running mean for good else
+        raise SetAside(str(exc).removeprefix(f"{ckpt.path}: ")) from exc
+    if {name for name, _ in whole.others} - set(specs):
+        raise TwaError(f"{ckpt.path}: its tensors changed while it was read")
+    return row, whole

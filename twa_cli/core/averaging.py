@@ -1,5 +1,5 @@
-"""The arithmetic mean of checkpoint files, streamed file by file (memory of one model) into the tensor core's
-`RunningMean`."""
+"""The arithmetic mean of checkpoint files, each read through once (`twa_cli.io.through`) into the tensor
+core's `RunningMean` (memory of the sums and one tensor)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from collections.abc import Callable, Collection
 import torch
 
 from twa_cli.engine.mean import RunningMean
-from twa_cli.io.checkpoints import Checkpoint, check_finite, open_tensors, to_storage_dtype
+from twa_cli.io.checkpoints import Checkpoint, check_finite, to_storage_dtype
+from twa_cli.io.through import read_through
 
 
 def mean_of(
@@ -24,15 +25,20 @@ def mean_of(
     are taken from the last checkpoint."""
     mean = RunningMean(compute_dtype)
     for done, ckpt in enumerate(ckpts, 1):
-        with open_tensors(ckpt) as handle:
-            mean.add(((name, _checked(handle.get(name), f"{ckpt.path}: tensor '{name}'")) for name in handle.keys()
-                      if name not in skip), where=f"{ckpt.path}: ")
+        mean.add(((name, checked(tensor, f"{ckpt.path}: tensor '{name}'"))
+                  for name, tensor in read_through(ckpt.path, ckpt.options, skip=skip)),
+                 where=f"{ckpt.path}: ")
         if progress is not None:
             progress(done, len(ckpts))
+    return stored(mean, dtype)
+
+
+def stored(mean: RunningMean, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A running mean's tensors in `dtype`, else each in the widest precision it came in (see `mean_of`)."""
     return {k: to_storage_dtype(v, dtype or mean.widest[k], f"the average's tensor '{k}'") if v.is_floating_point()
             else v for k, v in mean.average().items()}
 
 
-def _checked(tensor: torch.Tensor, what: str) -> torch.Tensor:
+def checked(tensor: torch.Tensor, what: str) -> torch.Tensor:
     check_finite(tensor, what)
     return tensor

@@ -10,6 +10,7 @@ beside the basis, to be recomputed after training anyway.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Callable
@@ -18,9 +19,11 @@ from typing import Any
 
 import torch
 
-from twa_cli.core.averaging import mean_of
+from twa_cli.core.averaging import checked, mean_of, stored
+from twa_cli.engine.mean import RunningMean
 from twa_cli.engine.orthogonalizer import (
     ORTHOGONALITY_BOUND,
+    NotFiniteRows,
     Orthogonalizer,
     Reduce,
     combine,
@@ -33,10 +36,11 @@ from twa_cli.io.checkpoints import (
     Layout,
     Source,
     check_compatible,
-    check_finite,
     no_floating_tensor,
     open_tensors,
+    tensor_specs,
 )
+from twa_cli.io.through import read_through
 from twa_cli.units import STORAGE_DTYPES, torch_dtype
 
 log = logging.getLogger("twa")
@@ -96,8 +100,7 @@ class Basis:
 
 def floating_tensors(ckpt: Checkpoint) -> list[str]:
     """Every floating tensor of a checkpoint: the subspace when no architecture says which ones train."""
-    with open_tensors(ckpt) as handle:
-        return [k for k in handle.keys() if handle.dtype(k).is_floating_point]
+    return [k for k, (_, dtype) in tensor_specs(ckpt).items() if dtype.is_floating_point]
 
 
 
@@ -154,9 +157,63 @@ def read_flat(
                     raise
                 except Exception as exc:
                     raise TwaError(f"{path}: cannot read tensor '{name}'; is the file truncated? ({exc})") from exc
-                check_finite(piece, f"{path}: tensor '{name}'")
-                out[a - lo : b - lo].copy_(piece)
+                out[a - lo : b - lo].copy_(piece)  # NaN and Inf: see `orthogonalize`
             offset += size
+
+
+@dataclass
+class Whole:
+    """What one pass over a checkpoint gave besides the trained tensors (`read_whole`)."""
+
+    source: Source  # hashed from the bytes read
+    others: list[tuple[str, torch.Tensor]]  # every tensor not trained, checked finite
+    dtypes: dict[str, torch.dtype]  # the precision each trained tensor is stored in
+
+
+def read_whole(ckpt: Checkpoint, layout: list[tuple[str, tuple[int, ...]]], out: torch.Tensor,
+               with_hash: bool = True) -> Whole:
+    """One pass over a checkpoint (`read_through`): its trained tensors flattened into `out` in `layout`'s
+    order (read straight into place where stored as `out` is), and the rest. NaN and Inf in the trained tensors
+    are left to the orthogonalizer, which finds them from the norms it takes anyway (`NotFiniteRows`)."""
+    offsets, at = {}, 0
+    for name, shape in layout:
+        offsets[name] = (at, shape)
+        at += math.prod(shape)
+
+    def in_out(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        start, expected = offsets.get(name, (0, None))
+        return out[start : start + math.prod(shape)].view(shape) if shape == expected and dtype == out.dtype else None
+
+    digest = hashlib.sha256() if with_hash else None
+    path, others, dtypes = ckpt.path, [], {}
+    for name, tensor in read_through(path, ckpt.options, digest, place=in_out):
+        if name not in offsets:
+            others.append((name, checked(tensor, f"{path}: tensor '{name}'")))
+            continue
+        start, shape = offsets[name]
+        if tuple(tensor.shape) != shape:
+            raise TwaError(f"{path}: tensor '{name}' has shape {list(tensor.shape)} now, {list(shape)} when the "
+                           "folder was listed; was the file rewritten?")
+        target = out[start : start + tensor.numel()]
+        if tensor.data_ptr() != target.data_ptr():  # not read in place: another dtype, or a pickle
+            target.copy_(tensor.reshape(-1))
+        dtypes[name] = tensor.dtype
+    if len(dtypes) != len(offsets):
+        raise TwaError(f"{path}: has no tensor '{next(n for n, _ in layout if n not in dtypes)}' that the model "
+                       "trains; was the file rewritten?")
+    return Whole(Source.hashed(ckpt, digest.hexdigest() if digest else None), others, dtypes)
+
+
+def not_finite_tensor(row: torch.Tensor, layout: list[tuple[str, tuple[int, ...]]], lo: int = 0) -> str:
+    """Which trained tensor of a row (entries lo.. of the parameter vector) holds NaN or Inf, for a message."""
+    offset = 0
+    for name, shape in layout:
+        size = math.prod(shape)
+        a, b = max(lo, offset), min(lo + row.shape[0], offset + size)
+        if a < b and not bool(torch.isfinite(row[a - lo : b - lo]).all()):
+            return f"tensor '{name}'"
+        offset += size
+    return "a trained tensor"  # in columns another rank holds
 
 
 def _read_range(handle: Any, name: str, shape: tuple[int, ...], a: int, b: int) -> torch.Tensor:
@@ -208,12 +265,26 @@ def orthogonalize(
     lo, hi = columns if columns is not None else (0, dim)
     grower = Orthogonalizer(hi - lo, tol=tol, capacity=n, reduce=reduce)
     x = torch.empty(block, hi - lo, dtype=torch.float32)
+    # One process reads each file once: its trained tensors, its buffers and its hash in one pass. A rank
+    # holding some columns reads only the rows that hold them, and the buffers and hashes in passes of their own.
+    whole = columns is None
+    buffers, sources = RunningMean(), []
     for b0 in range(0, n, block):
         cols = list(range(b0, min(n, b0 + block)))
         xb = x[: len(cols)]
         for j, i in enumerate(cols):
-            read_flat(ckpts[i], layout, xb[j], (lo, hi))
-        grower.add_block(xb)
+            if whole:
+                got = read_whole(ckpts[i], layout, xb[j], hashes)
+                buffers.add(got.others, where=f"{ckpts[i].path}: ")
+                sources.append(got.source)
+            else:
+                read_flat(ckpts[i], layout, xb[j], (lo, hi))
+        try:
+            grower.add_block(xb)
+        except NotFiniteRows as exc:  # on every rank alike: the norms are summed over the ranks
+            i = cols[exc.rows[0]]
+            raise TwaError(f"{ckpts[i].path}: {not_finite_tensor(xb[exc.rows[0]], layout, lo)} contains NaN or "
+                           "Inf") from exc
         if progress is not None:
             progress(cols[-1] + 1, n)
     del x
@@ -234,8 +305,8 @@ def orthogonalize(
         vectors=vectors,
         coords=coords,
         layout=layout,
-        buffers=mean_of(ckpts, skip={name for name, _ in layout}),
-        sources=[Source.of(c, hashes) for c in ckpts],
+        buffers=stored(buffers) if whole else mean_of(ckpts, skip={name for name, _ in layout}),
+        sources=sources if whole else [Source.of(c, hashes) for c in ckpts],
         dropped=dropped,
         recorded=recorded if recorded is not None else ckpts[0].task_fields(),
     )

@@ -87,14 +87,13 @@ class TWA:
             size = math.prod(shape)
             self._scratch[0, offset : offset + size].copy_(params[name].reshape(-1))
             offset += size
-        if not bool(torch.isfinite(self._scratch).all()):
-            raise TwaError("the weights hold NaN or Inf: they cannot join the basis")
+        added = self.basis.add_block(self._scratch)[0]  # refuses NaN or Inf before anything changes
         # Everything else the state dict holds, but for weights tied to a trained one (a language model's output
         # layer): a checkpoint file leaves those out too.
         tied = {params[n].data_ptr() for n in self.names}
         self.others.add((k, v) for k, v in model.state_dict().items()
                         if k not in params or params[k].data_ptr() not in tied)
-        return self.basis.add_block(self._scratch)[0]
+        return added
 
     def center(self) -> torch.Tensor:
         """Coordinates of the uniform average of the weights added (SWA), where `fit` starts."""

@@ -12,6 +12,7 @@ loop's callbacks feed it the model's weights as they are. Its vectors live on wh
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -75,19 +76,23 @@ class Orthogonalizer:
 
     def add(self, vector: torch.Tensor) -> bool:
         """Add one flat vector (copied); returns whether it added a direction. A vector holding NaN or Inf is
-        refused (one host sync: adding is no step of the training loop)."""
+        refused (`NotFiniteRows`)."""
         block = vector.detach().reshape(1, -1).to(self._q.device, torch.float32, copy=True)
-        if not bool(torch.isfinite(block).all()):
-            raise TwaError("the weights hold NaN or Inf: they cannot join the basis")
         return self.add_block(block)[0]
 
     def add_block(self, block: torch.Tensor) -> list[bool]:
-        """Add the rows of `block` (b x D fp32, finite, on the basis's device), which are overwritten as
-        scratch; returns for each row whether it added a direction."""
+        """Add the rows of `block` (b x D fp32, on the basis's device), which are overwritten as scratch;
+        returns for each row whether it added a direction. A block with a row holding NaN or Inf is refused
+        whole, before anything changes (`NotFiniteRows`, the block as it came): the rows' fp64 norms, needed
+        anyway, are finite exactly when every entry is (squares of fp32 values cannot overflow fp64), so the
+        check costs no pass of its own."""
         b = block.shape[0]
+        norms = _norms(block, self.reduce)
+        bad = [j for j in range(b) if not math.isfinite(float(norms[j]))]
+        if bad:
+            raise NotFiniteRows(bad)
         self._make_room(b)
         q, coords, n0, k = self._q, self._coords, self.count, self.rank
-        norms = _norms(block, self.reduce)
         c_old = torch.zeros(k, b, dtype=torch.float64)
         _project_out(q[:k], block, c_old, self.reduce)
         coords[:k, n0 : n0 + b] = c_old
@@ -143,6 +148,14 @@ class Orthogonalizer:
         self._coords[: coords.shape[0], : coords.shape[1]] = coords
         self.rank, self.count, self.tol = int(vectors.shape[0]), int(state["count"]), float(state["tol"])
         self.dropped = [Dropped(int(i), float(r)) for i, r in state["dropped"]]
+
+
+class NotFiniteRows(TwaError):
+    """Rows of a block that hold NaN or Inf (indices into the block); nothing was added."""
+
+    def __init__(self, rows: list[int]):
+        super().__init__("the weights hold NaN or Inf: they cannot join the basis")
+        self.rows = rows
 
 
 def _chunk(rows: int) -> int:

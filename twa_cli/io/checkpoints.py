@@ -44,6 +44,10 @@ class Checkpoint:
     meta: Mapping[str, str] = field(default_factory=dict)
     format: str = "safetensors"
     options: ReadOptions = field(default_factory=ReadOptions)
+    # Read with the header, so that checking a selection does not open every file again: each tensor's shape
+    # and dtype, and (for a folder's listing) a hash of the small tensors, to find copies.
+    specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]] | None = field(default=None, compare=False, repr=False)
+    small_hash: str | None = field(default=None, compare=False, repr=False)
 
     def open(self) -> readers.Reader:
         """A lazy reader of the tensors (use it in a `with` block)."""
@@ -133,7 +137,13 @@ class Source:
 
     @staticmethod
     def of(ckpt: Checkpoint, with_hash: bool = True) -> Source:
-        return Source(str(ckpt.path.resolve()), ckpt.step, ckpt.epoch, sha256_file(ckpt.path) if with_hash else None)
+        """The checkpoint as a source, its files hashed in a pass of their own (see `twa_cli.io.through` for a
+        hash taken while the tensors are read)."""
+        return Source.hashed(ckpt, sha256_file(ckpt.path) if with_hash else None)
+
+    @staticmethod
+    def hashed(ckpt: Checkpoint, sha256: str | None) -> Source:
+        return Source(str(ckpt.path.resolve()), ckpt.step, ckpt.epoch, sha256)
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "step": self.step, "epoch": self.epoch, "sha256": self.sha256}
@@ -161,15 +171,21 @@ def sources_of(ckpt: Checkpoint) -> list[Source]:
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def read_checkpoint(path: str | Path, options: ReadOptions = ReadOptions()) -> Checkpoint:
-    """Open a checkpoint's header (not its tensors), in any format the readers know, with its metadata."""
+def read_checkpoint(path: str | Path, options: ReadOptions = ReadOptions(), *,
+                    fingerprint: bool = False) -> Checkpoint:
+    """Open a checkpoint's header (not its tensors), in any format the readers know, with its metadata and
+    its tensors' shapes and dtypes; with `fingerprint`, also hash its small tensors (`_fold_copies`)."""
     path = readers.as_written(path)
     if not path.exists():
         raise TwaError(f"{path}: no such file")
     with readers.reading(path, options) as reader:
         meta = reader.metadata()
-        fmt = reader.format
-    return Checkpoint(path, meta, fmt, options)
+        try:
+            specs = _specs(reader)
+            small = _tensor_hash(reader, small_only=True) if fingerprint else None
+        except TwaError:  # a damaged tensor is reported where the tensors are read, as for any other file
+            specs, small = None, None
+        return Checkpoint(path, meta, reader.format, options, specs, small)
 
 
 @contextmanager
@@ -197,9 +213,13 @@ def load_tensors(ckpt: Checkpoint | str | Path, names: Iterable[str] | None = No
     return tensors
 
 
+class NotFinite(TwaError):
+    """A tensor read from a file holds NaN or Inf."""
+
+
 def check_finite(tensor: torch.Tensor, what: str) -> None:
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        raise TwaError(f"{what} contains NaN or Inf")
+        raise NotFinite(f"{what} contains NaN or Inf")
 
 
 def to_storage_dtype(tensor: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
@@ -216,9 +236,15 @@ def to_storage_dtype(tensor: torch.Tensor, dtype: torch.dtype, what: str) -> tor
 
 
 def tensor_specs(ckpt: Checkpoint) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Every tensor's shape and dtype, from the header."""
+    """Every tensor's shape and dtype, from the header (as read with the metadata, else read now)."""
+    if ckpt.specs is not None:
+        return dict(ckpt.specs)
     with open_tensors(ckpt) as handle:
-        return {k: (tuple(handle.shape(k)), handle.dtype(k)) for k in handle.keys()}
+        return _specs(handle)
+
+
+def _specs(reader: readers.Reader) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    return {k: (tuple(reader.shape(k)), reader.dtype(k)) for k in reader.keys()}
 
 
 def natural_key(name: str) -> list[Any]:
@@ -277,7 +303,8 @@ def scan_folder(folder: str | Path, options: ReadOptions = ReadOptions()) -> Lis
     if any(p.is_dir() for p in paths) and paths != [folder]:
         paths = [p for p in paths if p.is_dir() or not is_hf_final_model(p)]
     paths.sort(key=lambda p: (bool(ALIAS.match(p.name)), natural_key(p.name)))  # originals before aliases
-    ckpts = [c for c in (read_checkpoint(p, options) for p in paths) if c.kind not in OTHER_KINDS]
+    ckpts = [c for c in (read_checkpoint(p, options, fingerprint=paths != [folder]) for p in paths)
+             if c.kind not in OTHER_KINDS]
     listing = Listing([])
     if paths != [folder]:
         for ckpt in ckpts:
@@ -331,9 +358,9 @@ def _fold_copies(ckpts: list[Checkpoint]) -> list[tuple[Path, Path, str]]:
     for group in (g for g in groups.values() if len(g) > 1):
         seen: dict[str, Checkpoint] = {}
         for ckpt in group:
-            quick = _tensor_hash(ckpt, small_only=True)
+            quick = ckpt.small_hash or _hash_of(ckpt, small_only=True)
             twin = seen.get(quick)
-            if twin is not None and _tensor_hash(twin, small_only=False) == _tensor_hash(ckpt, small_only=False):
+            if twin is not None and _hash_of(twin, small_only=False) == _hash_of(ckpt, small_only=False):
                 folded.append((ckpt.path, twin.path, "identical tensors"))
             else:
                 seen.setdefault(quick, ckpt)
@@ -343,18 +370,22 @@ def _fold_copies(ckpts: list[Checkpoint]) -> list[tuple[Path, Path, str]]:
 SMALL_TENSOR = 1 << 16
 
 
-def _tensor_hash(ckpt: Checkpoint, small_only: bool) -> str:
+def _hash_of(ckpt: Checkpoint, small_only: bool) -> str:
+    with open_tensors(ckpt) as handle:
+        return _tensor_hash(handle, small_only)
+
+
+def _tensor_hash(handle: readers.Reader, small_only: bool) -> str:
     """A hash of a checkpoint's tensors (names and bytes): of the small ones (biases, norms: a cheap first test
     that two checkpoints may be equal), or of all."""
     digest = hashlib.sha256()
-    with open_tensors(ckpt) as handle:
-        keys = sorted(handle.keys())
-        if small_only:
-            keys = [k for k in keys if math.prod(handle.shape(k)) <= SMALL_TENSOR] or keys[:1]
-        for key in keys:
-            tensor = handle.get(key).contiguous()
-            digest.update(key.encode())
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    keys = sorted(handle.keys())
+    if small_only:
+        keys = [k for k in keys if math.prod(handle.shape(k)) <= SMALL_TENSOR] or keys[:1]
+    for key in keys:
+        tensor = handle.get(key).contiguous()
+        digest.update(key.encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
 
 

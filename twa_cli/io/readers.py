@@ -120,7 +120,7 @@ class SafetensorsReader(Reader):
         except Exception as exc:  # safetensors raises its own error types for every kind of damage
             raise TwaError(f"{path}: not a readable safetensors file ({first_line(exc)})") from exc
         try:
-            self._names = _strip_map(list(self._handle.keys()), options, auto=False, where=path)
+            self._names = strip_map(list(self._handle.keys()), options, auto=False, where=path)
         except TwaError:
             self.close()
             raise
@@ -175,7 +175,7 @@ class PickleReader(Reader):
         super().__init__(path)
         loaded = torch_load(path)
         state, self.wrapper = find_state_dict(loaded, path, options.ema)
-        names = _strip_map(list(state), options, auto=True, where=path)
+        names = strip_map(list(state), options, auto=True, where=path)
         self._tensors = {new: state[old] for new, old in names.items()}
         self._meta = _pickle_metadata(loaded, self.wrapper)
         averaged = _averaged_by(loaded, state)
@@ -211,7 +211,7 @@ class ShardedReader(Reader):
         spec = read_index(index)
         weight_map: dict[str, str] = spec["weight_map"]
         self._index_meta = spec.get("metadata") if isinstance(spec.get("metadata"), dict) else {}
-        self._names = _strip_map(list(weight_map), options, auto=False, where=index)
+        self._names = strip_map(list(weight_map), options, auto=False, where=index)
         self._shard_of = {new: index.parent / weight_map[old] for new, old in self._names.items()}
         self._open: dict[Path, Reader] = {}
         first = next(iter(self._shard_of.values()), None)
@@ -601,7 +601,7 @@ def trainer_state_metadata(folder: Path) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _strip_map(names: list[str], options: ReadOptions, *, auto: bool, where: Path) -> dict[str, str]:
+def strip_map(names: list[str], options: ReadOptions, *, auto: bool, where: Path) -> dict[str, str]:
     """{name as read (prefix stripped, then options.add_prefix put before it): name on disk}."""
     out = _stripped(names, options.strip_prefix, auto=auto, where=where)
     return {options.add_prefix + k: v for k, v in out.items()} if options.add_prefix else out
