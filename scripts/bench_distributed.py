@@ -5,7 +5,7 @@ hits both alike; prints the median times and their ratio, and the bytes each ran
 
     python scripts/bench_distributed.py --dim 4000000 --rank 32 --world 2 --repeats 20
 
-Columns: twa's own ColumnShardedSGD.step: sum g (on gloo an all-reduce, its reduce-scatter being slower),
+Columns: twa's own SubspaceSGD.step on a ColumnShard: sum g (on gloo an all-reduce, its reduce-scatter being slower),
          c_r = P_r g_r (n x D/N), all-reduce c (n), w_r = P_r^T a, all-gather w.
 Rows:    all-reduce g (DistributedDataParallel's), c_r = P_r g (n/N x D), all-gather c, P_r^T c_r (D),
          all-reduce of the D-sized partial sums.
@@ -33,8 +33,8 @@ def _row_step(p: torch.Tensor, g: torch.Tensor, w: torch.Tensor, c_r: torch.Tens
 
 
 def _worker(rank: int, world: int, port: int, dim: int, n: int, repeats: int) -> None:
-    from twa_cli.core.placement import ColumnShardedSGD, ColumnShards
-    from twa_cli.engine.subspace import FlatParameters
+    from twa_cli.core.placement import ColumnShard, ColumnShards
+    from twa_cli.engine.subspace import FlatParameters, SubspaceSGD
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -44,7 +44,7 @@ def _worker(rank: int, world: int, port: int, dim: int, n: int, repeats: int) ->
     flat = FlatParameters(model, ["weight"], multiple_of=world)
     width = flat.params.numel() // world
     p_cols = torch.randn(n, width) / width**0.5  # this rank's columns, as twa holds them
-    optimizer = ColumnShardedSGD(flat, p_cols, torch.zeros(n), group, lr=1e-3)
+    optimizer = SubspaceSGD(flat, ColumnShard(p_cols, flat, group), torch.zeros(n), lr=1e-3)
     g, w = torch.randn(width * world), torch.empty(width * world)
     p_rows = torch.randn(n // world, width * world)  # this rank's rows, for the alternative
     c, c_r = torch.empty(n), torch.empty(n // world)
@@ -70,7 +70,7 @@ def _worker(rank: int, world: int, port: int, dim: int, n: int, repeats: int) ->
         col, row = statistics.median(times["columns"]), statistics.median(times["rows"])
         sent = 4 * width * (world - 1)
         print(f"D={dim:,} n={n} N={world} (gloo, loopback, CPU), median of {repeats}:")
-        print(f"  columns (twa's ColumnShardedSGD.step): {col * 1e3:8.2f} ms/step")
+        print(f"  columns (twa's SubspaceSGD.step on a ColumnShard): {col * 1e3:8.2f} ms/step")
         print(f"  rows (all-reduce g, all-reduce D):    {row * 1e3:8.2f} ms/step")
         print(f"  rows / columns: {row / col:.2f}x")
         print(f"  the gradient alone: all-reduce {statistics.median(times['all-reduce']) * 1e3:.2f} ms, "

@@ -23,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from twa_cli.engine.subspace import FlatParameters, Projection, SubspaceSGD
+from twa_cli.engine.subspace import FlatParameters, Projector, SubspaceSGD
 from twa_cli.tasks.models import build_model, model_spec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -92,7 +92,7 @@ def time_steps(variant: Variant, x: torch.Tensor, y: torch.Tensor, steps: int, d
     return (time.perf_counter() - started) / steps
 
 
-def time_projection(projection: Projection, flat: FlatParameters, coords: torch.Tensor, repeats: int,
+def time_projection(projection: Projector, flat: FlatParameters, coords: torch.Tensor, repeats: int,
                     device: torch.device) -> float:
     out = torch.empty_like(coords)
     sync(device)
@@ -136,7 +136,7 @@ def main() -> None:
     basis_bytes = twa.basis.numel() * twa.basis.element_size()
     optimizer: SubspaceSGD = twa.optimizer  # type: ignore[assignment]
     proj_s = statistics.median(
-        time_projection(optimizer.projection, twa.flat, optimizer.coords, 20, device) for _ in range(5))
+        time_projection(optimizer.projector, twa.flat, optimizer.coords, 20, device) for _ in range(5))
 
     dim = twa.flat.params.numel()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}; model {args.model} "

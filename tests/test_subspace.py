@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 from helpers import flat_trainable
@@ -12,6 +13,7 @@ from twa_cli.core.batchnorm import recalibrate_bn
 from twa_cli.core.evaluation import evaluate
 from twa_cli.engine.schedules import learning_rate
 from twa_cli.engine.subspace import FlatParameters, SubspaceSGD
+from twa_cli.errors import TwaError
 from twa_cli.io.checkpoints import list_folder, load_tensors, read_checkpoint
 from twa_cli.tasks.models import build_model
 from twa_cli.tasks.resolve import Recorded, TaskRequest, resolve_task
@@ -145,3 +147,55 @@ def test_a_result_beyond_the_output_dtype_is_refused_naming_the_tensor(mlp_run, 
     assert "epoch" not in resumed.stderr, resumed.stderr
     written = load_tensors(out / "twa.safetensors")["net.1.bias"]
     assert written.dtype == torch.bfloat16 and written.abs().max() > 1e5
+
+
+def _steps(opt, model, n=3):
+    g = torch.Generator().manual_seed(3)
+    for _ in range(n):
+        opt.zero_grad()
+        F.cross_entropy(model(torch.randn(8, 1, 8, 8, generator=g)), torch.arange(8)).backward()
+        opt.step()
+
+
+def test_one_optimizer_runs_any_projector_block_diagonal_equals_its_dense_matrix():
+    """The layer-wise projector (one basis per group) is the block-diagonal P: one SubspaceSGD, two projectors,
+    the same iterates; and its state restores as the dense one's does."""
+    from types import SimpleNamespace
+
+    from twa_cli.core.variants import Blocks
+
+    def model_and_flat():
+        torch.manual_seed(0)
+        model = build_model({"name": "mlp", "kwargs": {"num_classes": 10, "in_channels": 1, "image_size": 8}})
+        return model, FlatParameters(model, [n for n, _ in model.named_parameters()])
+
+    model_a, flat_a = model_and_flat()
+    model_b, flat_b = model_and_flat()
+    dim = flat_a.params.numel()
+    cut = dim // 3
+    blocks = []
+    for d, k in ((cut, 3), (dim - cut, 4)):
+        q, _ = torch.linalg.qr(torch.randn(d, k, dtype=torch.float64))
+        blocks.append(SimpleNamespace(vectors=q.t().float().contiguous()))
+    dense = torch.block_diag(*(b.vectors for b in blocks))
+    coords = torch.randn(7)
+    blockwise = SubspaceSGD(flat_a, Blocks(blocks, dim, flat_a.params.device), coords, lr=0.1, weight_decay=1e-3)
+    whole = SubspaceSGD(flat_b, dense, coords, lr=0.1, weight_decay=1e-3)
+    _steps(blockwise, model_a)
+    _steps(whole, model_b)
+    assert torch.allclose(blockwise.coords, whole.coords, atol=1e-5)
+    assert torch.allclose(flat_a.params, flat_b.params, atol=1e-5)
+    assert torch.allclose(flat_a.params, dense.t() @ blockwise.coords, atol=1e-5)  # in the span, nothing else
+    state = blockwise.state_dict()
+    _steps(blockwise, model_a, 2)
+    blockwise.load_state_dict(state)
+    assert torch.equal(blockwise.coords, state["state"][0]["coords"])
+    assert torch.allclose(flat_a.params, dense.t() @ blockwise.coords, atol=1e-5)  # the weights follow
+
+
+def test_coordinates_of_another_rank_are_refused():
+    model = build_model({"name": "mlp", "kwargs": {"num_classes": 10, "in_channels": 1, "image_size": 8}})
+    flat = FlatParameters(model, [n for n, _ in model.named_parameters()])
+    q, _ = torch.linalg.qr(torch.randn(flat.params.numel(), 5))
+    with pytest.raises(TwaError, match="4 coordinates for a basis of rank 5"):
+        SubspaceSGD(flat, q.t().contiguous(), torch.zeros(4), lr=0.1)

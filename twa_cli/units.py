@@ -5,7 +5,9 @@ Torch-free, so the command line can list choices without importing torch.
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Iterable
 from typing import Any
 
 # dtype name -> (safetensors code, bytes per element)
@@ -37,6 +39,12 @@ def torch_dtype(name: str) -> Any:
 
 def itemsize(dtype: Any) -> int:
     return DTYPES[dtype_name(dtype)][1]
+
+
+def layout_size(layout: Iterable[tuple[str, tuple[int, ...]]]) -> int:
+    """D: how many weights the tensors of a layout (name, shape pairs, in the order they fill the parameter
+    vector) hold together."""
+    return sum(math.prod(shape) for _, shape in layout)
 
 
 def human_bytes(n: float) -> str:

@@ -3,7 +3,6 @@ robust), in one process or with its columns split over the ranks of a torchrun j
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +79,6 @@ def orthogonalize(folder: str | Path, output: str | Path, request: Orthogonalize
         placement.save_basis(basis, through_link(output), invocation=invocation, exclusive=not force)
         path = output
         holdings = placement.holdings(basis)
-    dim = sum(math.prod(shape) for _, shape in basis.layout)
+    dim = basis.size
     return OrthogonalizeResult(path, len(ckpts), basis.rank, dim, basis.dropped, basis.errors, holdings,
                                basis.rank * dim * basis.vectors.element_size())

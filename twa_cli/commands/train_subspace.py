@@ -318,7 +318,7 @@ def _inputs(src: Path, work: Path, cfg: SubspaceConfig, placement: Placement, re
 def _identity(basis: Basis, placement: Placement) -> dict[str, Any]:
     """What a resumed run must train on again: the checkpoints (hashed by rank 0), the coordinates, and the
     basis vectors themselves (their fingerprint is the same under any number of ranks)."""
-    lo, _ = placement.columns(sum(math.prod(shape) for _, shape in basis.layout))
+    lo, _ = placement.columns(basis.size)
     parts = placement.gather(fingerprint(basis.vectors, lo))
     vectors = [sum(column) % FINGERPRINT_PRIME for column in zip(*parts, strict=True)]
     sources = placement.gather([s.sha256 for s in basis.sources])[0]

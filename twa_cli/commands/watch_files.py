@@ -6,7 +6,6 @@ setting it aside when it does not fit what was taken in before."""
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from twa_cli.io.checkpoints import (
     natural_key,
     tensor_specs,
 )
+from twa_cli.units import layout_size
 
 log = logging.getLogger("twa")
 
@@ -99,7 +99,7 @@ def read_once(ckpt: Checkpoint, taken: Taken) -> tuple[torch.Tensor, Whole]:
     why = misfit(taken, {k: (shape, dtype.is_floating_point) for k, (shape, dtype) in specs.items()})
     if why is not None:
         raise SetAside(f"it does not fit the run ({why})")
-    row = torch.empty(1, sum(math.prod(shape) for _, shape in taken.layout), dtype=torch.float32)
+    row = torch.empty(1, layout_size(taken.layout), dtype=torch.float32)
     try:
         whole = read_whole(ckpt, taken.layout, row[0])
     except NotFinite as exc:  # in SWA's running mean for good else

@@ -11,7 +11,6 @@ is not named by the state and is overwritten or removed on the next save.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from twa_cli.errors import TwaError
 from twa_cli.io.atomic import write_bytes
 from twa_cli.io.checkpoints import Source, load_tensors
 from twa_cli.io.safetensors import save_tensors
-from twa_cli.units import dtype_name, first_line, torch_dtype
+from twa_cli.units import dtype_name, first_line, layout_size, torch_dtype
 
 STATE_FOLDER = "watch-state"
 STATE_FILE = "state.json"
@@ -53,7 +52,7 @@ class Taken:
 
     @staticmethod
     def new(run: Path, layout: list[tuple[str, tuple[int, ...]]], tol: float, recorded: dict[str, Any]) -> Taken:
-        dim = sum(math.prod(shape) for _, shape in layout)
+        dim = layout_size(layout)
         return Taken(str(run), layout, Orthogonalizer(dim, tol=tol, capacity=8), RunningMean(), recorded=recorded)
 
     @property

@@ -41,7 +41,7 @@ from twa_cli.io.checkpoints import (
     tensor_specs,
 )
 from twa_cli.io.through import read_through
-from twa_cli.units import STORAGE_DTYPES, torch_dtype
+from twa_cli.units import STORAGE_DTYPES, layout_size, torch_dtype
 
 log = logging.getLogger("twa")
 
@@ -67,7 +67,13 @@ class Basis:
 
     @property
     def dim(self) -> int:
+        """The columns held here: D, or a torchrun rank's share of it (see `size`)."""
         return int(self.vectors.shape[1])
+
+    @property
+    def size(self) -> int:
+        """D, the number of trained weights, wherever the columns of the basis are held."""
+        return layout_size(self.layout)
 
     def center_coords(self) -> torch.Tensor:
         """Coordinates of the mean of the checkpoints, TWA's default starting point."""
@@ -259,7 +265,7 @@ def orthogonalize(
         raise TwaError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)} (got '{dtype}')")
     check_tol(tol)
     layout = subspace_layout(ckpts, names, warn=warn)
-    dim = sum(math.prod(s) for _, s in layout)
+    dim = layout_size(layout)
     n = len(ckpts)
     block = block or block_size(n)
     lo, hi = columns if columns is not None else (0, dim)

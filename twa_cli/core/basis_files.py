@@ -9,7 +9,6 @@ column range), beside files `<name>.00001-of-0000N.safetensors` holding the colu
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from twa_cli.io.checkpoints import (
 )
 from twa_cli.io.readers import shard_beside
 from twa_cli.io.safetensors import map_tensor, save_tensors
-from twa_cli.units import dtype_name
+from twa_cli.units import dtype_name, layout_size
 
 
 def basis_metadata(basis: Basis, invocation: dict[str, Any] | None, **extra: Any) -> dict[str, str]:
@@ -93,7 +92,7 @@ def load_basis(path: str | Path, columns: tuple[int, int] | None = None) -> Basi
     if "shard_of" in ckpt.meta:
         raise TwaError(f"{path}: one shard of a basis; pass its index file {path.with_name(ckpt.meta['shard_of'])}")
     layout = basis_layout(ckpt)
-    dim = sum(math.prod(shape) for _, shape in layout)
+    dim = layout_size(layout)
     with open_tensors(ckpt) as handle:
         small = [k for k in handle.keys() if k != "basis"]
     tensors = load_tensors(ckpt, small)

@@ -6,7 +6,7 @@ padded to a multiple of the world size N) and the same columns of the basis P (n
 numbers of it. A step:
 
     reduce-scatter g         each rank receives the summed gradient on its own slice    (N-1)/N * D per rank
-                             (on gloo an all-reduce, see ColumnShardedSGD)
+                             (on gloo an all-reduce, see ColumnShard)
     c_r = P_r g_r            a partial projection, n numbers
     all-reduce c             n numbers: nothing, next to D
     a <- eq. 8 on c          the same n-vector update on every rank
@@ -24,7 +24,6 @@ The commands hold no torchrun logic: they take a Placement and run one straight 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -37,9 +36,10 @@ from torch import nn
 
 from twa_cli.core.basis import Basis, orthogonalize
 from twa_cli.core.basis_files import load_basis, save_basis, save_columns, save_index
-from twa_cli.engine.subspace import FlatParameters, SubspaceSGD
+from twa_cli.engine.subspace import FlatParameters, Projection, Projector, SubspaceSGD
 from twa_cli.errors import TwaError
 from twa_cli.io.checkpoints import Checkpoint
+from twa_cli.units import layout_size
 
 log = logging.getLogger("twa")
 
@@ -219,7 +219,7 @@ class ColumnShards(Placement):
         from twa_cli.core.basis import subspace_layout
 
         layout = subspace_layout(ckpts, names, warn=self.lead)
-        columns = self.columns(sum(math.prod(shape) for _, shape in layout))
+        columns = self.columns(layout_size(layout))
         if not self.lead:
             kwargs["progress"] = None
         return orthogonalize(ckpts, names=[n for n, _ in layout], hashes=self.lead, warn=self.lead,
@@ -230,12 +230,12 @@ class ColumnShards(Placement):
         from twa_cli.io.checkpoints import read_checkpoint
 
         layout = basis_layout(read_checkpoint(path))
-        return load_basis(path, self.columns(sum(math.prod(shape) for _, shape in layout)))
+        return load_basis(path, self.columns(layout_size(layout)))
 
     def save_basis(self, basis: Basis, path: Path, *, invocation: dict[str, Any] | None, exclusive: bool) -> Path:
         """Each rank writes its columns; rank 0 then writes the index, so the index appears only when complete."""
         self.barrier()  # every rank has checked the output before any writes
-        dim = sum(math.prod(shape) for _, shape in basis.layout)
+        dim = basis.size
         shards = self.gather(save_columns(basis, self.columns(dim), path, self.rank, self.world))
         self.barrier()
         if self.lead:
@@ -244,7 +244,7 @@ class ColumnShards(Placement):
         return path
 
     def holdings(self, basis: Basis) -> list[dict[str, Any]]:
-        dim = sum(math.prod(shape) for _, shape in basis.layout)
+        dim = basis.size
         own = {"rank": self.rank, "columns": list(self.columns(dim)), "bytes": resident_bytes(basis.vectors)}
         return self.gather(own)
 
@@ -258,7 +258,7 @@ class ColumnShards(Placement):
         shard = _padded(basis.vectors, width).to(device=self.device, dtype=dtype)
         basis.vectors = shard[:, : basis.vectors.shape[1]]  # one copy of the columns, not two
         pad = None if offspan is None else _padded(offspan[None], width)[0].to(self.device)
-        return ColumnShardedSGD(flat, shard, coords, self, offspan=pad, **hyper)
+        return SubspaceSGD(flat, ColumnShard(shard, flat, self), coords, offspan=pad, **hyper)
 
     def sync_batchnorm(self, model: nn.Module, wanted: bool | None) -> bool:
         """SyncBatchNorm where torch has it (nccl); on gloo say once why results differ from one process."""
@@ -328,67 +328,50 @@ def placement_for(device: str = "cpu") -> Placement:
 # ---------------------------------------------------------------------------------------------- optimizer
 
 
-@dataclass
-class _Slice:
-    """What SubspaceSGD reads and writes: this rank's slice of the weights and of the summed gradient."""
+class ColumnShard(Projector):
+    """This rank's columns of the basis, as SubspaceSGD's projector; see the module docstring for the step.
 
-    params: torch.Tensor
-    grads: torch.Tensor
-
-
-class ColumnShardedSGD(SubspaceSGD):
-    """SubspaceSGD on this rank's columns of the basis; see the module docstring for the step.
-
-    `flat` must be padded to a multiple of N, `shard` is this rank's columns of the basis, zero-padded to the
-    shard width, and `offspan` (if any) the same slice of r. Each rank's gradient is its weighted mean over its
-    part of the batch (the training loop scales the loss by `Placement.part`'s weight), so the sum over ranks
-    divided by N is the batch's mean.
+    The flat buffers must be padded to a multiple of N and `columns` is this rank's columns of the basis,
+    zero-padded to the shard width. Each rank's gradient is its weighted mean over its part of the batch (the
+    training loop scales the loss by `Placement.part`'s weight), so the sum over ranks divided by N is the
+    batch's mean.
     """
 
-    def __init__(self, flat: FlatParameters, shard: torch.Tensor, coords: torch.Tensor, group: ColumnShards, *,
-                 lr: float, momentum: float = 0.9, weight_decay: float = 1e-5, offspan: torch.Tensor | None = None):
+    def __init__(self, columns: torch.Tensor, flat: FlatParameters, group: ColumnShards):
         width = flat.params.numel() // group.world
-        if width * group.world != flat.params.numel() or shard.shape[1] != width:
-            raise TwaError(f"internal: a basis shard of {shard.shape[1]} columns for a slice of {width}")
+        if width * group.world != flat.params.numel() or columns.shape[1] != width:
+            raise TwaError(f"internal: a basis shard of {columns.shape[1]} columns for a slice of {width}")
+        self.products = Projection(columns, flat.params.dtype)
+        self.rank = self.products.rank
         self.group = group
-        self.full = flat
-        lo = group.rank * width
+        self.lo, self.width = group.rank * width, width
         # nccl's reduce-scatter costs half its all-reduce; gloo's is slower than its all-reduce on CPU
         # (scripts/bench_distributed.py), so there every rank sums the whole gradient and reads its slice.
         self.scatter = group.backend == "nccl"
-        grads = torch.zeros_like(flat.grads[lo : lo + width]) if self.scatter else flat.grads[lo : lo + width]
-        local = _Slice(flat.params[lo : lo + width], grads)
-        super().__init__(local, shard, coords, lr=lr, momentum=momentum, weight_decay=weight_decay,  # type: ignore[arg-type]
-                         offspan=offspan, reduce=self._sum_coords)
-        self.trained_names = list(flat.names)
+        self.summed = torch.zeros(width, dtype=flat.grads.dtype, device=flat.grads.device) if self.scatter else None
 
-    def _sum_coords(self, coords: torch.Tensor) -> None:
+    def coords_of(self, vector: torch.Tensor, out: torch.Tensor) -> None:
+        self.products.coords_of(vector, out)
+
+    def point_of(self, coords: torch.Tensor, out: torch.Tensor) -> None:
+        self.products.point_of(coords, out)
+
+    def gradient(self, grads: torch.Tensor) -> torch.Tensor:
+        if self.summed is not None:
+            _reduce_scatter(self.summed, grads)
+            return self.summed
+        dist.all_reduce(grads)
+        return self.own(grads)
+
+    def reduce(self, coords: torch.Tensor) -> None:
         self.group.sum_(coords)
         coords.div_(self.group.world)
 
-    @torch.no_grad()
-    def gradient_coords(self) -> torch.Tensor:
-        if self.scatter:
-            _reduce_scatter(self.flat.grads, self.full.grads)
-        else:
-            dist.all_reduce(self.full.grads)
-        return super().gradient_coords()
+    def own(self, params: torch.Tensor) -> torch.Tensor:
+        return params[self.lo : self.lo + self.width]
 
-    def zero_grad(self, set_to_none: bool = False) -> None:
-        self.full.grads.zero_()
-
-    @torch.no_grad()
-    def direction(self, coords: torch.Tensor) -> torch.Tensor:
-        local = torch.empty_like(self.flat.params)
-        self._expand(coords.to(local.dtype), local)
-        out = torch.empty_like(self.full.params)
-        _all_gather(out, local)
-        return out
-
-    @torch.no_grad()
-    def _write_params(self) -> None:
-        super()._write_params()  # w_r = P_r^T a (+ s r_r) into this rank's slice
-        _all_gather(self.full.params, self.flat.params)
+    def share(self, params: torch.Tensor) -> None:
+        _all_gather(params, self.own(params))  # in place: this rank's part is a view of the whole
 
 
 # torch 2.14 renamed these collectives; the older names still work back to torch 2.1.

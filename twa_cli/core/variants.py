@@ -14,13 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from twa_cli.core.basis import Basis, orthogonalize
 from twa_cli.core.coefficients import LayerGroup
-from twa_cli.engine.subspace import FlatParameters, SubspaceSGD
+from twa_cli.engine.subspace import FlatParameters, Projector, SubspaceSGD
 from twa_cli.errors import TwaError
 from twa_cli.io.checkpoints import Checkpoint
 
@@ -88,27 +87,26 @@ class _Block:
     vectors: torch.Tensor  # (k_g, D_g)
 
 
-class LayerwiseSGD(SubspaceSGD):
-    """Eq. 8 in the direct sum of per-group subspaces: the same update on the concatenated coordinates, with a
-    block-diagonal projection (one pair of matrix-vector products per group)."""
+class Blocks(Projector):
+    """The direct sum of per-group subspaces: a block-diagonal P, one pair of matrix-vector products per
+    group. SubspaceSGD runs eq. 8 on the concatenated coordinates with it."""
 
-    def __init__(self, flat: FlatParameters, bases: list[Basis], coords: torch.Tensor, **kwargs: Any):
+    def __init__(self, bases: list[Basis], dim: int, device: torch.device):
         self.blocks: list[_Block] = []
         p0 = c0 = 0
-        device = flat.params.device
         for basis in bases:
             k, d = basis.vectors.shape
             self.blocks.append(_Block(slice(p0, p0 + d), slice(c0, c0 + k), basis.vectors.to(device, torch.float32)))
             p0, c0 = p0 + d, c0 + k
-        if p0 != flat.params.numel():
+        if p0 != dim:
             raise TwaError("the layer-wise bases do not cover every trainable parameter")
-        super().__init__(flat, torch.empty(0, 0), coords, **kwargs)
+        self.rank = c0
 
-    def _project(self, vector: torch.Tensor, out: torch.Tensor) -> None:
+    def coords_of(self, vector: torch.Tensor, out: torch.Tensor) -> None:
         for b in self.blocks:
             torch.mv(b.vectors, vector[b.params], out=out[b.coords])
 
-    def _expand(self, coords: torch.Tensor, out: torch.Tensor) -> None:
+    def point_of(self, coords: torch.Tensor, out: torch.Tensor) -> None:
         for b in self.blocks:
             torch.mv(b.vectors.t(), coords[b.coords], out=out[b.params])
 
@@ -160,7 +158,7 @@ def build_variant(
     for b in bases:
         pieces.append(b.vectors.double() @ w0[offset : offset + b.dim])
         offset += b.dim
-    optimizer = LayerwiseSGD(flat, bases, torch.cat(pieces), **hyper)
+    optimizer = SubspaceSGD(flat, Blocks(bases, flat.params.numel(), device), torch.cat(pieces), **hyper)
 
     def table(coords: torch.Tensor) -> tuple[None, list[LayerGroup]]:
         rows = layerwise_coefficients(bases, coords)

@@ -31,6 +31,7 @@ from twa_cli.engine.mean import RunningMean
 from twa_cli.engine.orthogonalizer import Allocate, Orthogonalizer
 from twa_cli.engine.subspace import FlatParameters, SubspaceSGD
 from twa_cli.errors import TwaError
+from twa_cli.units import layout_size
 
 Loss = Callable[[nn.Module, Batch], torch.Tensor]
 
@@ -64,7 +65,7 @@ class TWA:
         if not self.names or missing:
             raise TwaError(f"the model has no parameter '{missing[0]}'" if missing else "the model trains nothing")
         self.layout = [(n, tuple(params[n].shape)) for n in self.names]
-        dim = sum(math.prod(shape) for _, shape in self.layout)
+        dim = layout_size(self.layout)
         device = device if device is not None else params[self.names[0]].device
         self.basis = Orthogonalizer(dim, tol=tol, capacity=capacity, device=device, allocate=allocate)
         self.others = RunningMean()

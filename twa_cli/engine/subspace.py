@@ -9,11 +9,15 @@ lambda*w. Started inside the span, w, the momentum and every update stay inside 
 carried out on a = P w (n numbers) and w rebuilt as P^T a. This is the same iteration, with no D-sized
 momentum buffer and no drift out of the subspace. A start outside the span (a user's file) keeps its
 off-span part r, which eq. 8 only shrinks by weight decay: w = P^T a + s r with a scalar s.
+
+Where P lives is not the optimizer's business: it is given a `Projector` (the whole basis in one process,
+one basis per group of layers, or a torchrun rank's columns, `twa_cli.core.placement`) and runs the same
+step on all of them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -56,13 +60,47 @@ class FlatParameters:
                 p.requires_grad_(False)
 
 
+class Projector:
+    """Where the basis P (n x D) lives, and so what c = P g and w = P^T a mean for the flat buffers.
+
+    The optimizer calls, in this order, on each step: `gradient(grads)` (the gradient this process
+    projects: the whole buffer, or a rank's summed slice), `coords_of` into c, `reduce(c)` (the sum over
+    processes holding other columns of P, as a mean); then `own(params)` (the part of the weights this
+    process writes), `point_of` into it, and `share(params)` (the other processes' parts). This class is
+    the single-process identity for the placement steps; `coords_of` and `point_of` are the products.
+    """
+
+    rank: int  # n, the number of coordinates
+
+    def coords_of(self, vector: torch.Tensor, out: torch.Tensor) -> None:
+        """out = P vector (vector: what `gradient` or `own` returned)."""
+        raise NotImplementedError
+
+    def point_of(self, coords: torch.Tensor, out: torch.Tensor) -> None:
+        """out = P^T coords (out: what `own` returned)."""
+        raise NotImplementedError
+
+    def gradient(self, grads: torch.Tensor) -> torch.Tensor:
+        return grads
+
+    def reduce(self, coords: torch.Tensor) -> None:
+        return None
+
+    def own(self, params: torch.Tensor) -> torch.Tensor:
+        return params
+
+    def share(self, params: torch.Tensor) -> None:
+        return None
+
+
 class SubspaceSGD(torch.optim.Optimizer):
-    """SGD with momentum and weight decay restricted to the row space of `basis` (k x D, orthonormal rows)."""
+    """SGD with momentum and weight decay restricted to the row space of a basis: a `Projector`, or a k x D
+    tensor of orthonormal rows held whole in this process (`Projection`)."""
 
     def __init__(
         self,
         flat: FlatParameters,
-        basis: torch.Tensor,
+        basis: Projector | torch.Tensor,
         coords: torch.Tensor,
         *,
         lr: float,
@@ -70,22 +108,20 @@ class SubspaceSGD(torch.optim.Optimizer):
         weight_decay: float = 1e-5,
         offspan: torch.Tensor | None = None,
         offspan_decays: bool = True,
-        reduce: Callable[[torch.Tensor], None] | None = None,
     ):
-        params = [p for p in _params_of(flat)]
-        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+        super().__init__([flat.params], {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
         self.flat = flat
-        self.trained_names = list(getattr(flat, "names", []))  # the parameters, in the order they fill D
-        self.basis = basis
-        self.projection = Projection(basis, flat.params.dtype)
+        self.trained_names = list(flat.names)  # the parameters, in the order they fill D
+        self.projector = basis if isinstance(basis, Projector) else Projection(basis, flat.params.dtype)
         device = flat.params.device
         self.coords = coords.to(device=device, dtype=torch.float32).clone()
+        if self.coords.shape != (self.projector.rank,):
+            raise TwaError(f"internal: {self.coords.numel()} coordinates for a basis of rank {self.projector.rank}")
         self.momentum = torch.zeros_like(self.coords)
         self._grad_coords = torch.zeros_like(self.coords)
-        self.offspan = offspan  # r, the part of the start outside the span, or None
+        self.offspan = offspan  # r (the part of w this process writes), the start's part outside the span, or None
         # False for the affine variant, whose fixed offset is the center of the checkpoints, not a decaying start.
         self.offspan_decays = offspan_decays
-        self.reduce = reduce  # sums c in place over ranks that each hold some columns of the basis, or None
         self.offspan_scale = 1.0  # s
         self.offspan_momentum = 0.0
         self.steps = 0
@@ -96,10 +132,9 @@ class SubspaceSGD(torch.optim.Optimizer):
     @torch.no_grad()
     def gradient_coords(self) -> torch.Tensor:
         """c = P g: the gradient in subspace coordinates (P^T c is the projected gradient of eq. 7), summed
-        over the ranks that hold other columns. The lr check reads Hessian-vector products the same way."""
-        self._project(self.flat.grads, self._grad_coords)
-        if self.reduce is not None:
-            self.reduce(self._grad_coords)
+        over the processes that hold other columns. The lr check reads Hessian-vector products the same way."""
+        self.projector.coords_of(self.projector.gradient(self.flat.grads), self._grad_coords)
+        self.projector.reduce(self._grad_coords)
         return self._grad_coords
 
     @torch.no_grad()
@@ -124,7 +159,8 @@ class SubspaceSGD(torch.optim.Optimizer):
     def direction(self, coords: torch.Tensor) -> torch.Tensor:
         """P^T coords as a whole parameter vector (laid out as the flat buffer): a direction in weight space."""
         out = torch.empty_like(self.flat.params)
-        self._expand(coords.to(out.dtype), out)
+        self.projector.point_of(coords.to(out.dtype), self.projector.own(out))
+        self.projector.share(out)
         return out
 
     @torch.no_grad()
@@ -136,17 +172,11 @@ class SubspaceSGD(torch.optim.Optimizer):
     @torch.no_grad()
     def _write_params(self) -> None:
         """w = P^T a (+ s r), written straight into the parameter buffer."""
-        self._expand(self.coords, self.flat.params)
+        own = self.projector.own(self.flat.params)
+        self.projector.point_of(self.coords, own)
         if self.offspan is not None:
-            self.flat.params.add_(self.offspan, alpha=self.offspan_scale)
-
-    def _project(self, vector: torch.Tensor, out: torch.Tensor) -> None:
-        """out = P vector (subclasses with a structured basis override this and `_expand`)."""
-        self.projection.coords_of(vector, out)
-
-    def _expand(self, coords: torch.Tensor, out: torch.Tensor) -> None:
-        """out = P^T coords."""
-        self.projection.point_of(coords, out)
+            own.add_(self.offspan, alpha=self.offspan_scale)
+        self.projector.share(self.flat.params)
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's layout: {"state": {0: coords, momentum, step, offspan}, "param_groups": [...]}. The
@@ -188,13 +218,8 @@ class SubspaceSGD(torch.optim.Optimizer):
         self.load_state_dict({"state": {0: tensors}, "param_groups": self.state_dict()["param_groups"]})
 
 
-def _params_of(flat: FlatParameters) -> list[torch.Tensor]:
-    # The optimizer base class wants leaf tensors to group; the flat buffer is the one we update.
-    return [flat.params]
-
-
-class Projection:
-    """c = P g and w = P^T a for a basis P (k x D) that may be stored in half precision.
+class Projection(Projector):
+    """c = P g and w = P^T a for a whole basis P (k x D) in this process, which may be stored in half precision.
 
     An fp32 basis is used by torch.mv directly. A bf16/fp16 basis is widened one slab of columns at a time
     into a preallocated fp32 scratch (cache-sized on CPU), so the products accumulate in fp32, the basis is
@@ -205,6 +230,7 @@ class Projection:
         self.basis = basis
         self.dtype = dtype
         k, dim = basis.shape
+        self.rank = k
         self.widen = basis.dtype != dtype
         budget = (1 << 20) if basis.device.type == "cpu" else (1 << 26)
         self.step = max(1024, budget // (4 * max(k, 1))) if self.widen else dim
