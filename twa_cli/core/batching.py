@@ -1,16 +1,34 @@
-"""Which examples make each batch: the data order of an epoch depends only on (seed, epoch), so a resumed run
-sees the batches an uninterrupted run would have, and a torchrun job's ranks each take a contiguous part of
-every global batch (see `Placement.part`)."""
+"""Which examples make each batch, and who loads them.
+
+The data order of an epoch depends only on (seed, epoch), so a resumed run sees the batches an uninterrupted run
+would have, and a torchrun job's ranks each take a contiguous part of every global batch (see `Placement.part`).
+
+Data held in memory (tensors, CIFAR-like image folders decoded once) is sliced on the main thread: that costs
+less than handing a batch between processes. Data read example by example (an ImageNet-like folder decoded and
+augmented per image, a user's Dataset) is loaded by worker processes, a few batches ahead of the step that needs
+them. Each such batch is loaded under random generators seeded from (seed, epoch, batch), so its augmentation is
+the same with any number of workers, none included, and on resume.
+"""
 
 from __future__ import annotations
 
+import os
+import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from twa_cli.tasks.base import Batch, Task
+from twa_cli.errors import TwaError
+from twa_cli.tasks.base import Batch, Part, Task
+
+# Worker processes for data read example by example: enough to decode ahead of one GPU's step for the models
+# twa trains, leaving a core to the training process.
+MAX_WORKERS = 4
+PREFETCH = 2  # batches each worker loads ahead
 
 
 class Parts(Protocol):
@@ -27,20 +45,87 @@ def num_batches(dataset: Any, batch_size: int) -> int:
     return -(-len(dataset) // batch_size)
 
 
+def default_workers() -> int:
+    return max(0, min(MAX_WORKERS, (os.cpu_count() or 1) - 1))
+
+
 def batches(task: Task, dataset: Dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
-            parts: Parts | None = None) -> Iterator[tuple[Batch, float]]:
+            parts: Parts | None = None, workers: int | None = None) -> Iterator[tuple[Batch, float]]:
     """(batch, weight) pairs: the batch this process computes, and how its mean loss counts in the mean of the
-    global batch it is part of (1 in a single process)."""
+    global batch it is part of (1 in a single process). `workers`: processes loading data that is read example
+    by example (default `default_workers()`; 0 loads on this thread, with the same batches)."""
     n = len(dataset)  # type: ignore[arg-type]
     order = torch.randperm(n, generator=epoch_generator(seed, epoch)) if shuffle else torch.arange(n)
+    planned = []
     for i in range(0, n, batch_size):
         indices, weight = (order[i : i + batch_size], 1.0)
         if parts is not None:
             indices, weight = parts.part(indices)
-        yield task.load(dataset, indices), weight
+        planned.append((indices, weight))
+    if in_memory(dataset):
+        for indices, weight in planned:
+            yield task.load(dataset, indices), weight
+        return
+    epoch_seed = seed * 1_000_003 + epoch
+    loads = _SeededLoads(task, dataset, [indices for indices, _ in planned], epoch_seed)
+    workers = default_workers() if workers is None else workers
+    if workers == 0 or len(planned) < 2:
+        source: Any = (loads[b] for b in range(len(planned)))
+    else:
+        # A generator of its own: the workers' base seed is not drawn from torch's global one (dropout's).
+        source = DataLoader(loads, batch_size=None, num_workers=min(workers, len(planned)), prefetch_factor=PREFETCH,
+                            generator=torch.Generator().manual_seed(epoch_seed))
+    for (_, weight), loaded in zip(planned, source, strict=True):
+        if isinstance(loaded, _Failed):
+            raise TwaError(loaded.message)
+        yield loaded, weight
 
 
 def plain_batches(task: Task, dataset: Dataset, batch_size: int) -> Iterator[Batch]:
     """The batches of a data set in order, for evaluation."""
     for batch, _ in batches(task, dataset, batch_size):
         yield batch
+
+
+def in_memory(dataset: Dataset) -> bool:
+    """Whether `Task.load` slices a batch out of tensors or collates examples already in memory (none is read or
+    decoded on its own)."""
+    while isinstance(dataset, Part):
+        dataset = dataset.dataset
+    return (isinstance(dataset, TensorDataset) or callable(getattr(dataset, "batch", None))
+            or bool(getattr(dataset, "held_in_memory", False)))
+
+
+@dataclass
+class _Failed:
+    """A TwaError raised while loading in a worker, carried back whole (DataLoader would re-raise it with the
+    worker's traceback pasted into its message)."""
+
+    message: str
+
+
+class _SeededLoads(Dataset):
+    """Batch b of an epoch, loaded with torch's, Python's and NumPy's generators seeded from (epoch seed, b): the
+    same images, crops and flips in a worker as on the main thread. On the main thread the generators are put
+    back as they were, so loading leaves dropout's draws alone."""
+
+    def __init__(self, task: Task, dataset: Dataset, plan: list[torch.Tensor], epoch_seed: int):
+        self.task, self.dataset, self.plan, self.epoch_seed = task, dataset, plan, epoch_seed
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, b: int) -> Any:
+        seed = (self.epoch_seed * 1_000_033 + b) % (1 << 63)
+        py, npy = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                np.random.seed(seed % (1 << 32))
+                return self.task.load(self.dataset, self.plan[b])
+        except TwaError as exc:
+            return _Failed(str(exc))
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)

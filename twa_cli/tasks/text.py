@@ -24,7 +24,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch.utils.data import Dataset
@@ -181,6 +181,8 @@ class Examples(Dataset):
     """Tokenized examples (dicts of lists or tensors), collated per batch by the task."""
 
     rows: list[dict[str, Any]]
+    # Already in memory: collating a batch costs less than handing it over from a loading process.
+    held_in_memory: ClassVar[bool] = True
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -1,0 +1,89 @@
+"""Batches of data read example by example are loaded by worker processes, ahead of the step, with the same
+augmentation whatever the number of workers (none included), and leave torch's generator (dropout's) alone."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from twa_cli.core.batching import batches, in_memory
+from twa_cli.errors import TwaError
+from twa_cli.tasks.base import Part, Task
+from twa_cli.tasks.text import Examples
+
+
+class Augmenting(Dataset):
+    """Each example drawn with torch's generator, as torchvision's random crops and flips are, and tagged with
+    the process that loaded it."""
+
+    def __init__(self, n: int, broken: int | None = None):
+        self.n, self.broken = n, broken
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        if i == self.broken:
+            raise TwaError(f"/data/img{i}.jpg: not a readable image (truncated)")
+        return torch.tensor([float(i)]) + torch.rand(3), torch.tensor(os.getpid())
+
+
+class _Loading(Task):
+    """Only what loading uses: the base class's own `load` and `collate`."""
+
+    def build_model(self):
+        raise NotImplementedError
+
+    def dataset(self, name, *, augment):
+        raise NotImplementedError
+
+    def loss(self, model, batch):
+        raise NotImplementedError
+
+
+def _task() -> Task:
+    return _Loading()
+
+
+def _load(workers: int, n: int = 37, epoch: int = 2):
+    return [(b, w) for b, w in batches(_task(), Augmenting(n), 8, shuffle=True, seed=5, epoch=epoch,
+                                       workers=workers)]
+
+
+def test_augmented_batches_are_the_same_with_any_number_of_workers_and_in_workers_indeed():
+    alone, one, two = _load(0), _load(1), _load(2)
+    assert len(alone) == 5 and [w for _, w in alone] == [1.0] * 5
+    for a, b, c in zip(alone, one, two, strict=True):
+        assert torch.equal(a[0][0], b[0][0]) and torch.equal(a[0][0], c[0][0])
+    assert {int(p) for (_, pids), _ in alone for p in pids} == {os.getpid()}
+    assert os.getpid() not in {int(p) for (_, pids), _ in two for p in pids}
+    # Every example once, in the epoch's order; another epoch draws other augmentations.
+    seen = torch.cat([x[:, 0] for (x, _), _ in alone]).floor().long()
+    assert sorted(seen.tolist()) == list(range(37))
+    assert not torch.equal(_load(0, epoch=3)[0][0][0], alone[0][0][0])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loading_leaves_torch_s_generator_as_it_was(workers):
+    torch.manual_seed(11)
+    expected = torch.rand(4)
+    torch.manual_seed(11)
+    _load(workers)
+    assert torch.equal(torch.rand(4), expected)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_error_in_a_worker_is_the_same_one_line(workers):
+    with pytest.raises(TwaError) as caught:
+        list(batches(_task(), Augmenting(30, broken=17), 8, workers=workers))
+    assert str(caught.value) == "/data/img17.jpg: not a readable image (truncated)"
+
+
+def test_data_held_in_memory_is_sliced_on_this_thread():
+    tensors = torch.utils.data.TensorDataset(torch.arange(10.0))
+    assert in_memory(tensors) and in_memory(Part(tensors, torch.arange(3)))
+    assert in_memory(Examples([{"input_ids": [1, 2]}]))
+    assert not in_memory(Augmenting(3)) and not in_memory(Part(Augmenting(3), torch.arange(2)))
