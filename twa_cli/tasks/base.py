@@ -108,6 +108,9 @@ class Task(ABC):
     unit = "examples"
     #: The figure the greedy soup ranks by, and whether higher is better.
     selection_metric: tuple[str, bool] = ("loss", False)
+    #: The `--task` name this task was made from, which `describe` records: later commands run that code again
+    #: only when given `--task` again. twa sets it on the task the user's factory returns; None otherwise.
+    hook_name: str | None = None
 
     @abstractmethod
     def build_model(self) -> nn.Module:
@@ -192,8 +195,7 @@ class Task(ABC):
     def describe(self) -> dict[str, Any]:
         """What later commands need to rebuild this task, recorded in the metadata of every file written. A
         task from `--task` records its hook's name (which later commands run only when given `--task` again)."""
-        hook = getattr(self, "hook_name", None)
-        return {"task": {"name": hook}} if hook else {}
+        return {"task": {"name": self.hook_name}} if self.hook_name else {}
 
     @property
     def has_data(self) -> bool:

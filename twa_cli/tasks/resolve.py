@@ -192,7 +192,7 @@ def user_task(name: str) -> Task:
     task = call_hook(factory, name, "--task", "return a twa_cli.Task")
     if not isinstance(task, Task):
         raise TwaError(f"--task {name}: returned {type(task).__name__}, not a twa_cli.Task")
-    task.hook_name = name  # type: ignore[attr-defined]
+    task.hook_name = name
     return task
 
 
