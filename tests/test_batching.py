@@ -87,3 +87,10 @@ def test_data_held_in_memory_is_sliced_on_this_thread():
     assert in_memory(tensors) and in_memory(Part(tensors, torch.arange(3)))
     assert in_memory(Examples([{"input_ids": [1, 2]}]))
     assert not in_memory(Augmenting(3)) and not in_memory(Part(Augmenting(3), torch.arange(2)))
+
+
+def test_a_task_that_says_0_workers_is_loaded_on_this_thread():
+    task = _task()
+    task.workers = 0
+    pids = {int(p) for (_, tags), _ in batches(task, Augmenting(40), 8) for p in tags}
+    assert pids == {os.getpid()}

@@ -53,7 +53,8 @@ def batches(task: Task, dataset: Dataset, batch_size: int, *, shuffle: bool = Fa
             parts: Parts | None = None, workers: int | None = None) -> Iterator[tuple[Batch, float]]:
     """(batch, weight) pairs: the batch this process computes, and how its mean loss counts in the mean of the
     global batch it is part of (1 in a single process). `workers`: processes loading data that is read example
-    by example (default `default_workers()`; 0 loads on this thread, with the same batches)."""
+    by example (default: the task's `workers`, else `default_workers()`; 0 loads on this thread, with the same
+    batches)."""
     n = len(dataset)  # type: ignore[arg-type]
     order = torch.randperm(n, generator=epoch_generator(seed, epoch)) if shuffle else torch.arange(n)
     planned = []
@@ -68,7 +69,7 @@ def batches(task: Task, dataset: Dataset, batch_size: int, *, shuffle: bool = Fa
         return
     epoch_seed = seed * 1_000_003 + epoch
     loads = _SeededLoads(task, dataset, [indices for indices, _ in planned], epoch_seed)
-    workers = default_workers() if workers is None else workers
+    workers = next((w for w in (workers, task.workers) if w is not None), default_workers())
     if workers == 0 or len(planned) < 2:
         source: Any = (loads[b] for b in range(len(planned)))
     else:

@@ -111,6 +111,10 @@ class Task(ABC):
     #: The `--task` name this task was made from, which `describe` records: later commands run that code again
     #: only when given `--task` again. twa sets it on the task the user's factory returns; None otherwise.
     hook_name: str | None = None
+    #: Processes that load data read example by example (`twa_cli.core.batching`); None: twa's choice for the
+    #: machine. A task whose examples cannot be read in a forked process (an open connection, CUDA in
+    #: `__getitem__`) sets 0 to load on the main thread; the batches are the same either way.
+    workers: int | None = None
 
     @abstractmethod
     def build_model(self) -> nn.Module:
