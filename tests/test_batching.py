@@ -94,3 +94,70 @@ def test_a_task_that_says_0_workers_is_loaded_on_this_thread():
     task.workers = 0
     pids = {int(p) for (_, tags), _ in batches(task, Augmenting(40), 8) for p in tags}
     assert pids == {os.getpid()}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loading_never_reseeds_a_gpu_s_generator(workers, monkeypatch):
+    # torch.manual_seed reseeds every GPU's generator as well, and fork_rng(devices=[]) would not put it back.
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+    monkeypatch.setattr(torch.cuda, "manual_seed", reseeded.append)
+    _load(workers)
+    assert reseeded == []
+
+
+class _AsIs(_Loading):
+    """A task whose batches are a tuple holding a NumPy array, which DataLoader's default collation would turn
+    into a list holding a tensor."""
+
+    def load(self, dataset, indices):
+        return (indices.numpy().copy(), "tag")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_batch_comes_back_as_the_task_loaded_it(workers):
+    import numpy as np
+
+    got = [b for b, _ in batches(_AsIs(), Augmenting(20), 8, workers=workers)]
+    assert [type(b) for b in got] == [tuple] * 3 and all(isinstance(b[0], np.ndarray) for b in got)
+    assert got[2][0].tolist() == [16, 17, 18, 19]
+
+
+class _MissingFile(Augmenting):
+    def __getitem__(self, i: int):
+        if i == 17:
+            open(f"/nonexistent-twa-test/img{i}.jpg", "rb")
+        return super().__getitem__(i)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_file_that_cannot_be_read_in_a_worker_is_the_same_system_error(workers):
+    with pytest.raises(OSError) as caught:
+        list(batches(_task(), _MissingFile(30), 8, workers=workers))
+    assert (caught.value.filename, caught.value.strerror) == ("/nonexistent-twa-test/img17.jpg",
+                                                              "No such file or directory")
+
+
+def test_under_torchrun_each_rank_s_part_draws_its_own_augmentation():
+    from twa_cli.core.placement import ColumnShards
+
+    data, common = Augmenting(32), dict(shuffle=True, seed=3, epoch=1)
+    alone = [b for (b, _), _ in batches(_task(), data, 16, workers=0, **common)]
+    ranks = [[b for (b, _), _ in batches(_task(), data, 16, workers=w, **common,
+                                         parts=ColumnShards(rank=r, world=2, backend="gloo", device="cpu"))]
+             for r, w in ((0, 0), (1, 2))]
+    together = torch.cat([ranks[0][0], ranks[1][0]])
+    assert torch.equal(together[:, 0].floor(), alone[0][:, 0].floor())  # the same examples, split in two
+    assert torch.equal(ranks[0][0], alone[0][:8])  # rank 0 draws as one process does
+    noise = [part[0] - part[0][:, :1].floor() for part in ranks]
+    assert not torch.allclose(noise[0], noise[1])
+
+
+def test_negative_workers_are_refused_in_one_line():
+    with pytest.raises(TwaError, match="workers: -1"):
+        list(batches(_task(), Augmenting(20), 8, workers=-1))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_seed_beyond_a_generator_s_range_still_loads(workers):
+    assert len(list(batches(_task(), Augmenting(20), 8, shuffle=True, seed=2**62, workers=workers))) == 3

@@ -37,8 +37,13 @@ class Parts(Protocol):
     def part(self, batch: torch.Tensor) -> tuple[torch.Tensor, float]: ...
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """One number for (seed, epoch), in the range a generator takes, whatever --seed is."""
+    return (seed * 1_000_003 + epoch) % (1 << 63)
+
+
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.Generator().manual_seed(epoch_seed(seed, epoch))
 
 
 def num_batches(dataset: Any, batch_size: int) -> int:
@@ -57,28 +62,31 @@ def batches(task: Task, dataset: Dataset, batch_size: int, *, shuffle: bool = Fa
     batches)."""
     n = len(dataset)  # type: ignore[arg-type]
     order = torch.randperm(n, generator=epoch_generator(seed, epoch)) if shuffle else torch.arange(n)
-    planned = []
+    planned = []  # (this process's indices, their weight, where they start in the global batch)
     for i in range(0, n, batch_size):
-        indices, weight = (order[i : i + batch_size], 1.0)
+        indices, weight, offset = order[i : i + batch_size], 1.0, 0
         if parts is not None:
-            indices, weight = parts.part(indices)
-        planned.append((indices, weight))
+            whole = indices
+            indices, weight = parts.part(whole)
+            offset = int((whole == indices[0]).nonzero()[0, 0])
+        planned.append((indices, weight, offset))
     if in_memory(dataset):
-        for indices, weight in planned:
+        for indices, weight, _ in planned:
             yield task.load(dataset, indices), weight
         return
-    epoch_seed = seed * 1_000_003 + epoch
-    loads = _SeededLoads(task, dataset, [indices for indices, _ in planned], epoch_seed)
+    loads = _SeededLoads(task, dataset, [(indices, offset) for indices, _, offset in planned], epoch_seed(seed, epoch))
     workers = next((w for w in (workers, task.workers) if w is not None), default_workers())
+    if workers < 0:
+        raise TwaError(f"workers: {workers} processes to load data; give 0 (this thread) or more")
     if workers == 0 or len(planned) < 2:
         source: Any = (loads[b] for b in range(len(planned)))
     else:
         # A generator of its own: the workers' base seed is not drawn from torch's global one (dropout's).
         source = DataLoader(loads, batch_size=None, num_workers=min(workers, len(planned)), prefetch_factor=PREFETCH,
-                            generator=torch.Generator().manual_seed(epoch_seed))
-    for (_, weight), loaded in zip(planned, source, strict=True):
+                            generator=epoch_generator(seed, epoch), collate_fn=_as_loaded)
+    for (_, weight, _), loaded in zip(planned, source, strict=True):
         if isinstance(loaded, _Failed):
-            raise TwaError(loaded.message)
+            raise loaded.error()
         yield loaded, weight
 
 
@@ -97,36 +105,63 @@ def in_memory(dataset: Dataset) -> bool:
             or bool(getattr(dataset, "held_in_memory", False)))
 
 
+def _as_loaded(batch: Any) -> Any:
+    """A batch exactly as `Task.load` returned it (DataLoader would turn tuples into lists, arrays into tensors)."""
+    return batch
+
+
 @dataclass
 class _Failed:
-    """A TwaError raised while loading in a worker, carried back whole (DataLoader would re-raise it with the
-    worker's traceback pasted into its message)."""
+    """Bad input met while loading in a worker (a TwaError, a file that cannot be read), carried back whole:
+    DataLoader would re-raise it with the worker's traceback pasted into its message."""
 
     message: str
+    errno: int | None = None
+    strerror: str | None = None
+    filename: str | None = None
+    system: bool = False
+
+    @classmethod
+    def of(cls, exc: TwaError | OSError) -> _Failed:
+        if isinstance(exc, OSError):
+            filename = None if exc.filename is None else str(exc.filename)
+            return cls(str(exc), exc.errno, exc.strerror, filename, system=True)
+        return cls(str(exc))
+
+    def error(self) -> Exception:
+        if not self.system:
+            return TwaError(self.message)
+        if self.errno is not None and self.strerror is not None:
+            return OSError(self.errno, self.strerror, self.filename)
+        return OSError(self.message)
 
 
 class _SeededLoads(Dataset):
-    """Batch b of an epoch, loaded with torch's, Python's and NumPy's generators seeded from (epoch seed, b): the
-    same images, crops and flips in a worker as on the main thread. On the main thread the generators are put
-    back as they were, so loading leaves dropout's draws alone."""
+    """Batch b of an epoch, loaded with torch's (CPU), Python's and NumPy's generators seeded from (epoch seed, b,
+    where this process's part starts in the global batch): the same images, crops and flips in a worker as on the
+    main thread, and under torchrun each rank's part draws its own. On the main thread the generators are put
+    back as they were, so loading leaves dropout's draws alone (and a GPU's generators are never touched)."""
 
-    def __init__(self, task: Task, dataset: Dataset, plan: list[torch.Tensor], epoch_seed: int):
+    def __init__(self, task: Task, dataset: Dataset, plan: list[tuple[torch.Tensor, int]], epoch_seed: int):
         self.task, self.dataset, self.plan, self.epoch_seed = task, dataset, plan, epoch_seed
 
     def __len__(self) -> int:
         return len(self.plan)
 
     def __getitem__(self, b: int) -> Any:
-        seed = (self.epoch_seed * 1_000_033 + b) % (1 << 63)
+        indices, offset = self.plan[b]
+        seed = ((self.epoch_seed * 1_000_033 + b) * 1_000_037 + offset) % (1 << 63)
         py, npy = random.getstate(), np.random.get_state()
         try:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+                # Not torch.manual_seed: that reseeds every GPU's generator too, which fork_rng(devices=[]) would
+                # not put back.
+                torch.default_generator.manual_seed(seed)
                 random.seed(seed)
                 np.random.seed(seed % (1 << 32))
-                return self.task.load(self.dataset, self.plan[b])
-        except TwaError as exc:
-            return _Failed(str(exc))
+                return self.task.load(self.dataset, indices)
+        except (TwaError, OSError) as exc:
+            return _Failed.of(exc)
         finally:
             random.setstate(py)
             np.random.set_state(npy)
