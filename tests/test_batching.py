@@ -161,3 +161,24 @@ def test_negative_workers_are_refused_in_one_line():
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_seed_beyond_a_generator_s_range_still_loads(workers):
     assert len(list(batches(_task(), Augmenting(20), 8, shuffle=True, seed=2**62, workers=workers))) == 3
+
+
+@pytest.mark.parametrize("device, pinned", [("cpu", False), ("cuda", True), ("cuda:1", True)])
+def test_batches_bound_for_a_gpu_are_handed_over_in_page_locked_memory(device, pinned, monkeypatch):
+    # No GPU here: what is checked is that the training loop's batches ask the workers for page-locked memory
+    # exactly when the device is a GPU (the copy to it is non-blocking, `twa_cli.engine.batch.move`).
+    import twa_cli.core.batching as batching
+    from twa_cli.core.training import TaskBatches
+
+    asked = []
+
+    class Recording(batching.DataLoader):
+        def __init__(self, *args, pin_memory=False, **kwargs):
+            asked.append(pin_memory)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(batching, "DataLoader", Recording)
+    task = _task()
+    task.workers = 2
+    source = TaskBatches(task, Augmenting(20), 8, seed=0, pin=batching.pinned_for(device))
+    assert len(list(source.epoch(0))) == 3 and asked == [pinned]

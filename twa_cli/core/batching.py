@@ -50,16 +50,23 @@ def num_batches(dataset: Any, batch_size: int) -> int:
     return -(-len(dataset) // batch_size)
 
 
+def pinned_for(device: torch.device | str) -> bool:
+    """Whether batches bound for `device` are worth handing over in page-locked memory (a GPU's)."""
+    return torch.device(device).type == "cuda"
+
+
 def default_workers() -> int:
     return max(0, min(MAX_WORKERS, (os.cpu_count() or 1) - 1))
 
 
 def batches(task: Task, dataset: Dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
-            parts: Parts | None = None, workers: int | None = None) -> Iterator[tuple[Batch, float]]:
+            parts: Parts | None = None, workers: int | None = None, pin: bool = False
+            ) -> Iterator[tuple[Batch, float]]:
     """(batch, weight) pairs: the batch this process computes, and how its mean loss counts in the mean of the
     global batch it is part of (1 in a single process). `workers`: processes loading data that is read example
     by example (default: the task's `workers`, else `default_workers()`; 0 loads on this thread, with the same
-    batches)."""
+    batches). `pin`: the batches go to a GPU, so workers hand them over in page-locked memory, which the copy to
+    the device (non-blocking) overlaps with the step."""
     n = len(dataset)  # type: ignore[arg-type]
     order = torch.randperm(n, generator=epoch_generator(seed, epoch)) if shuffle else torch.arange(n)
     planned = []  # (this process's indices, their weight, where they start in the global batch)
@@ -83,16 +90,16 @@ def batches(task: Task, dataset: Dataset, batch_size: int, *, shuffle: bool = Fa
     else:
         # A generator of its own: the workers' base seed is not drawn from torch's global one (dropout's).
         source = DataLoader(loads, batch_size=None, num_workers=min(workers, len(planned)), prefetch_factor=PREFETCH,
-                            generator=epoch_generator(seed, epoch), collate_fn=_as_loaded)
+                            generator=epoch_generator(seed, epoch), collate_fn=_as_loaded, pin_memory=pin)
     for (_, weight, _), loaded in zip(planned, source, strict=True):
         if isinstance(loaded, _Failed):
             raise loaded.error()
         yield loaded, weight
 
 
-def plain_batches(task: Task, dataset: Dataset, batch_size: int) -> Iterator[Batch]:
+def plain_batches(task: Task, dataset: Dataset, batch_size: int, *, pin: bool = False) -> Iterator[Batch]:
     """The batches of a data set in order, for evaluation."""
-    for batch, _ in batches(task, dataset, batch_size):
+    for batch, _ in batches(task, dataset, batch_size, pin=pin):
         yield batch
 
 

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from twa_cli.core.batching import Parts, batches
+from twa_cli.core.batching import Parts, batches, pinned_for
 from twa_cli.engine.batch import Batch
 from twa_cli.engine.batchnorm import recompute_bn
 from twa_cli.tasks.base import Task
@@ -38,7 +38,8 @@ def recalibrate_bn(model: nn.Module, task: Task, *, split: str = "train", batch_
     layers see the whole batch, as one process does.
     """
     dataset = task.split(split, augment=True)
-    return recalibrate_on(model, task, (b for b, _ in batches(task, dataset, batch_size, parts=parts)),
+    return recalibrate_on(model, task, (b for b, _ in batches(task, dataset, batch_size, parts=parts,
+                                                                           pin=pinned_for(device))),
                           max_batches=max_batches, device=device)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from twa_cli.core.batching import plain_batches
+from twa_cli.core.batching import pinned_for, plain_batches
 from twa_cli.errors import TwaError
 from twa_cli.tasks.base import Metrics, Task
 
@@ -29,4 +29,5 @@ def score_if_any(model: nn.Module, task: Task, split: str = "test", *, batch_siz
     dataset = task.split(split, augment=False)
     if dataset is None:
         return None
-    return task.metrics(model, plain_batches(task, dataset, batch_size), device=device)
+    return task.metrics(model, plain_batches(task, dataset, batch_size, pin=pinned_for(device)),
+                        device=device)

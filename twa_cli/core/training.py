@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from twa_cli.core.batching import Parts, batches, num_batches
+from twa_cli.core.batching import Parts, batches, num_batches, pinned_for
 from twa_cli.core.placement import Placement, SingleProcess
 from twa_cli.engine.batch import Batch
 from twa_cli.engine.loop import EpochHook, EpochStats, Reporter, StepHook, train_epochs
@@ -48,6 +48,7 @@ class TaskBatches:
     batch_size: int
     seed: int
     parts: Parts | None = None
+    pin: bool = False  # the batches go to a GPU (`batches`)
 
     @property
     def width(self) -> int:
@@ -58,7 +59,7 @@ class TaskBatches:
 
     def epoch(self, epoch: int) -> Iterator[tuple[Batch, float]]:
         return batches(self.task, self.dataset, self.batch_size, shuffle=True, seed=self.seed, epoch=epoch,
-                       parts=self.parts)
+                       parts=self.parts, pin=self.pin)
 
     def measure(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         return self.task.measure(model, batch)
@@ -90,7 +91,8 @@ def train_loop(
     dataset = task.split(cfg.split, augment=True)
     if dataset is None:
         raise TwaError(f"the data has no {cfg.split} split to train on")
-    source = TaskBatches(task, dataset, cfg.batch_size, cfg.seed, placement if placement.world > 1 else None)
+    source = TaskBatches(task, dataset, cfg.batch_size, cfg.seed, placement if placement.world > 1 else None,
+                         pin=pinned_for(cfg.device))
     return train_epochs(model, optimizer, source, epochs=cfg.epochs, lr=cfg.lr, schedule=cfg.schedule,
                         seed=cfg.seed, device=cfg.device, start_epoch=start_epoch, step=step, after_step=after_step,
                         after_epoch=after_epoch, reporter=reporter, checked_steps=checked_steps,
