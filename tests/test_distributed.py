@@ -170,8 +170,9 @@ def test_distributed_train_subspace_equals_single_process(mlp_run, sharded_basis
     assert summary["test"]["accuracy"] == pytest.approx(single.test.accuracy, abs=1e-9)
     names = [n for n, _ in load_basis(single_basis).layout]
     dim = flat_trainable(single.result, names).numel()
-    for s in summary["shards"]:  # each rank's resident basis: its half of the columns, padded to equal halves
-        assert s["bytes"] == len(single.coefficients) * -(-dim // WORLD) * 4
+    # Each rank holds its columns of the basis and nothing more: no padded copy on the short last rank.
+    widths = [hi - lo for lo, hi in (_group(r).columns(dim) for r in range(WORLD))]
+    assert [s["bytes"] for s in summary["shards"]] == [len(single.coefficients) * w * 4 for w in widths]
 
 
 @pytest.mark.slow
@@ -208,3 +209,47 @@ def test_default_flags_give_the_same_coefficients_in_one_process_and_under_torch
     alpha_dist, alpha_single = torch.tensor(dist["coefficients"]), torch.tensor(single.coefficients)
     assert float((alpha_dist - alpha_single).abs().max()) < 1e-5
     assert dist["test"]["accuracy"] == pytest.approx(single.test.accuracy, abs=1e-9) and single.test.accuracy > 80
+
+
+def test_the_last_rank_projects_with_its_own_short_columns_and_leaves_the_basis_as_it_was(monkeypatch):
+    # D = 5 over 2 ranks: shards of 3 columns, the last rank holding 2 real ones and a column of padding.
+    from twa_cli.core.basis import Basis
+    from twa_cli.core.placement import ColumnShard
+
+    monkeypatch.setattr("twa_cli.core.placement._all_gather", lambda whole, part: None)  # no peer here
+    model = torch.nn.Linear(4, 1)
+    names = ["weight", "bias"]
+    group = _group(rank=1)
+    vectors = torch.linalg.qr(torch.randn(5, 2))[0].t().contiguous()[:, 3:]  # rank 1's columns of a rank-2 basis
+    basis = Basis(vectors, torch.zeros(2, 2, dtype=torch.float64), [("weight", (1, 4)), ("bias", (1,))])
+    flat = group.flat_parameters(model, names)
+    coords = torch.tensor([0.5, -2.0], dtype=torch.float64)
+    optimizer = group.subspace_sgd(flat, basis, coords, dtype=torch.float32, offspan=None, lr=0.1)
+    assert basis.vectors is vectors  # the caller's basis is not swapped for a padded copy
+    projector = optimizer.projector
+    assert isinstance(projector, ColumnShard) and projector.products.basis.data_ptr() == vectors.data_ptr()
+    own = projector.own(flat.params)
+    assert own.shape == (3,) and torch.allclose(own[:2], vectors.t() @ coords.float()) and float(own[2]) == 0.0
+    grads = torch.zeros_like(flat.params)
+    grads[3:5] = torch.tensor([1.0, 2.0])
+    grads[5] = float("nan")  # the padding's gradient is never read
+    out = torch.empty(2)
+    projector.coords_of(projector.own(grads), out)
+    assert torch.allclose(out, vectors @ torch.tensor([1.0, 2.0]))
+
+
+def test_a_rank_past_the_last_weight_holds_no_columns_and_writes_zeros(monkeypatch):
+    from twa_cli.core.basis import Basis
+
+    monkeypatch.setattr("twa_cli.core.placement._all_gather", lambda whole, part: None)
+    model = torch.nn.Linear(2, 1)  # D = 3 over 4 ranks: rank 3 owns [3, 3)
+    group = _group(rank=3, world=4)
+    assert group.columns(3) == (3, 3)
+    basis = Basis(torch.empty(2, 0), torch.zeros(2, 2, dtype=torch.float64), [("weight", (1, 2)), ("bias", (1,))])
+    flat = group.flat_parameters(model, ["weight", "bias"])
+    optimizer = group.subspace_sgd(flat, basis, torch.ones(2, dtype=torch.float64), dtype=torch.float32,
+                                   offspan=None, lr=0.1)
+    assert torch.equal(optimizer.projector.own(flat.params), torch.zeros(1))
+    out = torch.full((2,), 7.0)
+    optimizer.projector.coords_of(optimizer.projector.own(flat.grads), out)
+    assert torch.equal(out, torch.zeros(2))

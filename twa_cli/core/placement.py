@@ -255,10 +255,9 @@ class ColumnShards(Placement):
     def subspace_sgd(self, flat: FlatParameters, basis: Basis, coords: torch.Tensor, *, dtype: torch.dtype,
                      offspan: torch.Tensor | None, **hyper: float) -> SubspaceSGD:
         width = flat.params.numel() // self.world
-        shard = _padded(basis.vectors, width).to(device=self.device, dtype=dtype)
-        basis.vectors = shard[:, : basis.vectors.shape[1]]  # one copy of the columns, not two
+        columns = basis.vectors.to(device=self.device, dtype=dtype)  # the basis itself where it is already there
         pad = None if offspan is None else _padded(offspan[None], width)[0].to(self.device)
-        return SubspaceSGD(flat, ColumnShard(shard, flat, self), coords, offspan=pad, **hyper)
+        return SubspaceSGD(flat, ColumnShard(columns, flat, self), coords, offspan=pad, **hyper)
 
     def sync_batchnorm(self, model: nn.Module, wanted: bool | None) -> bool:
         """SyncBatchNorm where torch has it (nccl); on gloo say once why results differ from one process."""
@@ -331,17 +330,19 @@ def placement_for(device: str = "cpu") -> Placement:
 class ColumnShard(Projector):
     """This rank's columns of the basis, as SubspaceSGD's projector; see the module docstring for the step.
 
-    The flat buffers must be padded to a multiple of N and `columns` is this rank's columns of the basis,
-    zero-padded to the shard width. Each rank's gradient is its weighted mean over its part of the batch (the
+    The flat buffers are padded to a multiple of N, so every rank writes and gathers a slice of the same width;
+    `columns` is this rank's columns of the basis as they are (the last rank's may be fewer than that width: the
+    padding's weights stay 0 and its gradient is never read, so no padded copy of the basis is made). Each rank's gradient is its weighted mean over its part of the batch (the
     training loop scales the loss by `Placement.part`'s weight), so the sum over ranks divided by N is the
     batch's mean.
     """
 
     def __init__(self, columns: torch.Tensor, flat: FlatParameters, group: ColumnShards):
         width = flat.params.numel() // group.world
-        if width * group.world != flat.params.numel() or columns.shape[1] != width:
+        if width * group.world != flat.params.numel() or columns.shape[1] > width:
             raise TwaError(f"internal: a basis shard of {columns.shape[1]} columns for a slice of {width}")
         self.products = Projection(columns, flat.params.dtype)
+        self.held = columns.shape[1]
         self.rank = self.products.rank
         self.group = group
         self.lo, self.width = group.rank * width, width
@@ -351,10 +352,12 @@ class ColumnShard(Projector):
         self.summed = torch.zeros(width, dtype=flat.grads.dtype, device=flat.grads.device) if self.scatter else None
 
     def coords_of(self, vector: torch.Tensor, out: torch.Tensor) -> None:
-        self.products.coords_of(vector, out)
+        self.products.coords_of(vector[: self.held], out)
 
     def point_of(self, coords: torch.Tensor, out: torch.Tensor) -> None:
-        self.products.point_of(coords, out)
+        self.products.point_of(coords, out[: self.held])
+        if self.held < self.width:
+            out[self.held :].zero_()
 
     def gradient(self, grads: torch.Tensor) -> torch.Tensor:
         if self.summed is not None:
