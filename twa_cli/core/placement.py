@@ -332,9 +332,9 @@ class ColumnShard(Projector):
 
     The flat buffers are padded to a multiple of N, so every rank writes and gathers a slice of the same width;
     `columns` is this rank's columns of the basis as they are (the last rank's may be fewer than that width: the
-    padding's weights stay 0 and its gradient is never read, so no padded copy of the basis is made). Each rank's gradient is its weighted mean over its part of the batch (the
-    training loop scales the loss by `Placement.part`'s weight), so the sum over ranks divided by N is the
-    batch's mean.
+    padding's weights stay 0 and its gradient is never read, so no padded copy of the basis is made). Each rank's
+    gradient is its weighted mean over its part of the batch (the training loop scales the loss by
+    `Placement.part`'s weight), so the sum over ranks divided by N is the batch's mean.
     """
 
     def __init__(self, columns: torch.Tensor, flat: FlatParameters, group: ColumnShards):
