@@ -65,3 +65,38 @@ def test_a_task_hook_that_returns_something_else_is_one_line(tmp_path, twa):
     result = twa("sample", tmp_path / "x", "--task", "json:dumps", check=False)
     assert result.returncode == 1 and "--task json:dumps" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_each_piece_of_a_task_serves_the_core_alone():
+    # The core asks for the piece it uses: batching for the data, the lr check's loss and the validation choice
+    # for the metrics. Each works with an object that is only that piece.
+    from torch.utils.data import TensorDataset
+
+    from twa_cli.core.batching import batches
+    from twa_cli.core.holdout import better
+    from twa_cli.core.sharpness import sample_loss
+    from twa_cli.tasks.base import Metrics, Task, TaskData, TaskMetrics, TaskModel
+
+    class Data(TaskData):
+        def dataset(self, split, *, augment):
+            return TensorDataset(torch.arange(10.0)[:, None], torch.arange(10) % 2) if split == "train" else None
+
+    class Measured(TaskMetrics):
+        selection_metric = ("accuracy", True)
+
+        def loss(self, model, batch):
+            return (model(batch[0]) ** 2).mean()
+
+    data, measured = Data(), Measured()
+    data.hold_out(0.2)
+    train = data.split("train", augment=True)
+    assert len(train) == 8 and len(data.split("val", augment=False)) == 2
+    got = [b for b, _ in batches(data, train, 3, shuffle=True, seed=1)]
+    assert [len(b[0]) for b in got] == [3, 3, 2]
+    model = torch.nn.Linear(1, 1)
+    loss = sample_loss(model, measured, [(b, 1.0) for b in got])
+    assert torch.isclose(loss, sum(measured.loss(model, b) for b in got) / 3)
+    assert better(measured, Metrics({"loss": 1.0, "accuracy": 60.0}, 10), Metrics({"loss": 0.5, "accuracy": 50.0}, 10))
+    assert not {"loss", "measure", "metrics"} & set(dir(Data)) and not {"dataset", "load"} & set(dir(Measured))
+    assert issubclass(Task, TaskModel) and issubclass(Task, TaskData) and issubclass(Task, TaskMetrics)
+    assert sorted(Task.__abstractmethods__) == ["build_model", "dataset", "loss"]  # what a user's task writes

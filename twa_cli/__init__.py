@@ -38,7 +38,8 @@ _API = {
     "plot": "twa_cli.commands.plot", "PlotOptions": "twa_cli.commands.plot",
     # what they take
     "Selection": "twa_cli.core.selection", "ReadOptions": "twa_cli.io.readers", "TaskRequest": "twa_cli.tasks.resolve",
-    "Task": "twa_cli.tasks.base", "Metrics": "twa_cli.tasks.base",
+    "Task": "twa_cli.tasks.base", "Metrics": "twa_cli.tasks.base", "TaskModel": "twa_cli.tasks.base",
+    "TaskData": "twa_cli.tasks.base", "TaskMetrics": "twa_cli.tasks.base",
     "TwaError": "twa_cli.errors",
     # in a training loop (twa_cli.engine, the tensor core; callbacks in twa_cli.integrations)
     "TWA": "twa_cli.engine", "FitResult": "twa_cli.engine", "update_bn": "twa_cli.engine",

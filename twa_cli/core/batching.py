@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from twa_cli.errors import TwaError
-from twa_cli.tasks.base import Batch, Part, Task
+from twa_cli.tasks.base import Batch, Part, TaskData
 
 # Worker processes for data read example by example: enough to decode ahead of one GPU's step for the models
 # twa trains, leaving a core to the training process.
@@ -59,7 +59,7 @@ def default_workers() -> int:
     return max(0, min(MAX_WORKERS, (os.cpu_count() or 1) - 1))
 
 
-def batches(task: Task, dataset: Dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
+def batches(task: TaskData, dataset: Dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
             parts: Parts | None = None, workers: int | None = None, pin: bool = False
             ) -> Iterator[tuple[Batch, float]]:
     """(batch, weight) pairs: the batch this process computes, and how its mean loss counts in the mean of the
@@ -97,14 +97,14 @@ def batches(task: Task, dataset: Dataset, batch_size: int, *, shuffle: bool = Fa
         yield loaded, weight
 
 
-def plain_batches(task: Task, dataset: Dataset, batch_size: int, *, pin: bool = False) -> Iterator[Batch]:
+def plain_batches(task: TaskData, dataset: Dataset, batch_size: int, *, pin: bool = False) -> Iterator[Batch]:
     """The batches of a data set in order, for evaluation."""
     for batch, _ in batches(task, dataset, batch_size, pin=pin):
         yield batch
 
 
 def in_memory(dataset: Dataset) -> bool:
-    """Whether `Task.load` slices a batch out of tensors or collates examples already in memory (none is read or
+    """Whether `TaskData.load` slices a batch out of tensors or collates examples already in memory (none is read or
     decoded on its own)."""
     while isinstance(dataset, Part):
         dataset = dataset.dataset
@@ -113,7 +113,7 @@ def in_memory(dataset: Dataset) -> bool:
 
 
 def _as_loaded(batch: Any) -> Any:
-    """A batch exactly as `Task.load` returned it (DataLoader would turn tuples into lists, arrays into tensors)."""
+    """A batch exactly as `TaskData.load` returned it (DataLoader would turn tuples into lists, arrays into tensors)."""
     return batch
 
 
@@ -149,7 +149,7 @@ class _SeededLoads(Dataset):
     main thread, and under torchrun each rank's part draws its own. On the main thread the generators are put
     back as they were, so loading leaves dropout's draws alone (and a GPU's generators are never touched)."""
 
-    def __init__(self, task: Task, dataset: Dataset, plan: list[tuple[torch.Tensor, int]], epoch_seed: int):
+    def __init__(self, task: TaskData, dataset: Dataset, plan: list[tuple[torch.Tensor, int]], epoch_seed: int):
         self.task, self.dataset, self.plan, self.epoch_seed = task, dataset, plan, epoch_seed
 
     def __len__(self) -> int:

@@ -25,7 +25,7 @@ from torch import nn
 from twa_cli.core.batching import Parts, batches, pinned_for
 from twa_cli.engine.batch import Batch
 from twa_cli.engine.batchnorm import recompute_bn
-from twa_cli.tasks.base import Task
+from twa_cli.tasks.base import Task, TaskMetrics
 
 
 def recalibrate_bn(model: nn.Module, task: Task, *, split: str = "train", batch_size: int = 128,
@@ -43,7 +43,7 @@ def recalibrate_bn(model: nn.Module, task: Task, *, split: str = "train", batch_
                           max_batches=max_batches, device=device)
 
 
-def recalibrate_on(model: nn.Module, task: Task, batches_: Iterable[Batch], *, max_batches: int | None = None,
+def recalibrate_on(model: nn.Module, task: TaskMetrics, batches_: Iterable[Batch], *, max_batches: int | None = None,
                    device: torch.device | str = "cpu") -> int:
     """Recompute the running statistics over the given batches, the task's loss as the forward pass."""
     return recompute_bn(model, batches_, task.loss, max_batches=max_batches, device=device)

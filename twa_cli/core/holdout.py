@@ -6,7 +6,7 @@ weights out of its basin. Neither shows on the training data. So by default `tra
 the span on a validation split the fit never sees: the candidate starting points (the center of the
 checkpoints, which is SWA, and the last checkpoint), then the run itself every so often, and it returns the best
 point it saw, which is a starting point when nothing trained beat it. Each figure is the task's own
-(`Task.selection_metric`: accuracy for classifiers, the loss for language models), ties broken by the loss.
+(`TaskMetrics.selection_metric`: accuracy for classifiers, the loss for language models), ties broken by the loss.
 
 A point is the optimizer's coordinates (and the scale of an off-span start) plus the model's floating buffers
 (BatchNorm statistics, recomputed over the training data before a trained point is scored, as they are for the
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from twa_cli.engine.subspace import SubspaceSGD
-from twa_cli.tasks.base import Metrics, Task
+from twa_cli.tasks.base import Metrics, TaskMetrics
 
 # The fewest validation examples (or, for a language model, blocks) a choice is made on: below this the noise
 # of a handful of examples decides.
@@ -55,7 +55,7 @@ def scored_steps(per_epoch_batches: int, epochs: int) -> set[int]:
     return {round(j * per_epoch_batches / k) - 1 for j in range(1, k)} - {per_epoch_batches - 1, -1}
 
 
-def better(task: Task, a: Metrics, b: Metrics | None) -> bool:
+def better(task: TaskMetrics, a: Metrics, b: Metrics | None) -> bool:
     """Whether figures `a` beat `b` (None: nothing yet) by the task's selection metric, ties by the loss. A
     non-finite figure never wins."""
     name, higher = task.selection_metric
@@ -89,7 +89,7 @@ class Point:
 class KeepBest:
     """The best point seen so far on the validation split, and every point scored."""
 
-    task: Task
+    task: TaskMetrics
     optimizer: SubspaceSGD
     model: nn.Module
     best: Metrics | None = None

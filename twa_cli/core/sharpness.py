@@ -26,7 +26,7 @@ from torch import nn
 
 from twa_cli.engine.batch import Batch, move
 from twa_cli.engine.subspace import SubspaceSGD
-from twa_cli.tasks.base import Task
+from twa_cli.tasks.base import TaskMetrics
 
 # Half the stability limit: the estimate comes from a few batches at the start point, and the curvature
 # seen along the way is larger than at the start (the steps go where the loss is lower and sharper).
@@ -61,9 +61,9 @@ class LrCheck:
         return dict(self.__dict__)
 
 
-def subspace_sharpness(model: nn.Module, task: Task, optimizer: SubspaceSGD, sample: Sequence[tuple[Batch, float]],
-                       *, iters: int = 10, device: torch.device | str = "cpu", method: str | None = None
-                       ) -> tuple[float, str]:
+def subspace_sharpness(model: nn.Module, task: TaskMetrics, optimizer: SubspaceSGD,
+                       sample: Sequence[tuple[Batch, float]], *, iters: int = 10,
+                       device: torch.device | str = "cpu", method: str | None = None) -> tuple[float, str]:
     """(largest eigenvalue of P H P^T, how the products were computed), H the training loss's Hessian on
     `sample` (batches with their weights, as the training loop gets them) at the optimizer's point. The
     weights, BatchNorm statistics and random state are left as they were.
@@ -112,7 +112,7 @@ def subspace_sharpness(model: nn.Module, task: Task, optimizer: SubspaceSGD, sam
     return float(torch.linalg.eigvalsh(tridiagonal).max()), method
 
 
-def sample_loss(model: nn.Module, task: Task, sample: Sequence[tuple[Batch, float]], *,
+def sample_loss(model: nn.Module, task: TaskMetrics, sample: Sequence[tuple[Batch, float]], *,
                 device: torch.device | str = "cpu") -> torch.Tensor:
     """This process's part of the training loss on `sample` (summed over ranks it is the mean over the sample's
     global batches), BatchNorm in training mode as in the steps; statistics and random state left as they were."""
@@ -152,7 +152,7 @@ def _params(model: nn.Module, optimizer: SubspaceSGD) -> list[nn.Parameter]:
     return [named[n] for n in optimizer.trained_names]
 
 
-def _double_backward(model: nn.Module, task: Task, optimizer: SubspaceSGD, sample: Sequence[tuple[Batch, float]],
+def _double_backward(model: nn.Module, task: TaskMetrics, optimizer: SubspaceSGD, sample: Sequence[tuple[Batch, float]],
                      v: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     params = _params(model, optimizer)
     direction = optimizer.direction(v)
@@ -171,7 +171,7 @@ def _double_backward(model: nn.Module, task: Task, optimizer: SubspaceSGD, sampl
     return optimizer.gradient_coords().clone()
 
 
-def _gradient_at(model: nn.Module, task: Task, optimizer: SubspaceSGD, sample: Sequence[tuple[Batch, float]],
+def _gradient_at(model: nn.Module, task: TaskMetrics, optimizer: SubspaceSGD, sample: Sequence[tuple[Batch, float]],
                  coords: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     optimizer.move_to(coords)
     optimizer.zero_grad()
@@ -181,8 +181,9 @@ def _gradient_at(model: nn.Module, task: Task, optimizer: SubspaceSGD, sample: S
     return optimizer.gradient_coords().clone()
 
 
-def _finite_difference(model: nn.Module, task: Task, optimizer: SubspaceSGD, sample: Sequence[tuple[Batch, float]],
-                       v: torch.Tensor, start: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+def _finite_difference(model: nn.Module, task: TaskMetrics, optimizer: SubspaceSGD,
+                       sample: Sequence[tuple[Batch, float]], v: torch.Tensor, start: torch.Tensor,
+                       device: torch.device | str) -> torch.Tensor:
     """(g(a + eps v) - g(a - eps v)) / (2 eps) in coordinates: first derivatives only. The step moves the weights
     by FD_STEP in norm (the basis is orthonormal): small enough that few ReLUs switch (a piecewise-linear network's
     gradient jumps where they do), large enough for fp32 gradients to resolve the difference."""

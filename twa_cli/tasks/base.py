@@ -11,6 +11,9 @@ subclass away (`--task package.module:function` returning a Task):
         def dataset(self, split, *, augment): return {"train": train_set, "test": test_set}.get(split)
         def loss(self, model, batch): return my_loss(model(batch["x"]), batch["y"])
 
+A Task is three pieces, each usable alone: `TaskModel` (the network), `TaskData` (the examples and how a batch
+is made) and `TaskMetrics` (the loss and the figures); the core's functions take the piece they use.
+
 Batches are made of examples the core picks by index (so a torchrun job can give each rank its part of every
 batch); `collate` turns the examples into a batch, and `load` may do both at once for data held in memory.
 
@@ -99,38 +102,37 @@ class Part(Dataset):
         return self.dataset[int(self.indices[i])]
 
 
-class Task(ABC):
-    """A model, its data, its loss and its figures (see the module docstring)."""
-
-    #: What the per-batch tallies of `measure` count, in order; `figures` turns their sums into metrics.
-    tallies: tuple[str, ...] = ("loss", "examples")
-    #: What the figures are normalised by.
-    unit = "examples"
-    #: The figure the greedy soup ranks by, and whether higher is better.
-    selection_metric: tuple[str, bool] = ("loss", False)
-    #: The `--task` name this task was made from, which `describe` records: later commands run that code again
-    #: only when given `--task` again. twa sets it on the task the user's factory returns; None otherwise.
-    hook_name: str | None = None
-    #: Processes that load data read example by example (`twa_cli.core.batching`); None: twa's choice for the
-    #: machine. A task whose examples cannot be read in a forked process (an open connection, CUDA in
-    #: `__getitem__`) sets 0 to load on the main thread; the batches are the same either way.
-    workers: int | None = None
+class TaskModel(ABC):
+    """The network: how to build it, and how a result is handed to the model's own tool."""
 
     @abstractmethod
     def build_model(self) -> nn.Module:
         """A fresh network (its weights are replaced by a checkpoint's)."""
 
+    #: The file name of a result in a train-subspace folder (a Hugging Face model's is model.safetensors).
+    result_name = RESULT_FILE
+
+    def export(self, state: Mapping[str, torch.Tensor], folder: Any) -> list[Any]:
+        """Beside a result written to `folder`, the files that let the model's own tool load it (configuration and
+        tokenizer files, a Lightning checkpoint); returns their paths."""
+        return []
+
+
+class TaskData(ABC):
+    """The examples: the splits, the validation split carved from the training examples, and how a batch of
+    examples is made. Batching (`twa_cli.core.batching`) needs nothing else."""
+
+    #: Processes that load data read example by example (`twa_cli.core.batching`); None: twa's choice for the
+    #: machine. A task whose examples cannot be read in a forked process (an open connection, CUDA in
+    #: `__getitem__`) sets 0 to load on the main thread; the batches are the same either way.
+    workers: int | None = None
+    #: The fraction of the training examples `hold_out` set aside as the validation split (0: none).
+    held_out: float = 0.0
+
     @abstractmethod
     def dataset(self, split: str, *, augment: bool) -> Dataset | None:
         """The examples of a split ("train", "val" or "test"), or None when the task has no such split.
         `augment`: the view training sees (random augmentation, if any) rather than the plain one."""
-
-    @abstractmethod
-    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """The scalar training loss of a batch (a mean, so batches of any size weigh alike)."""
-
-    #: The fraction of the training examples `hold_out` set aside as the validation split (0: none).
-    held_out: float = 0.0
 
     def hold_out(self, fraction: float) -> None:
         """Give the task a validation split of `fraction` of its training examples, unless it has one of its own:
@@ -165,6 +167,27 @@ class Task(ABC):
             return batch(indices)
         return self.collate([dataset[int(i)] for i in indices])
 
+    @property
+    def has_data(self) -> bool:
+        """Whether the task knows its data (a classifier rebuilt from a checkpoint may know only its model)."""
+        return True
+
+
+class TaskMetrics(ABC):
+    """What is measured: the training loss of a batch, and named figures summed over many batches."""
+
+    #: What the per-batch tallies of `measure` count, in order; `figures` turns their sums into metrics.
+    tallies: tuple[str, ...] = ("loss", "examples")
+    #: What the figures are normalised by.
+    unit = "examples"
+    #: The figure a validation choice (the greedy soup, train-subspace's best point) ranks by, and whether
+    #: higher is better.
+    selection_metric: tuple[str, bool] = ("loss", False)
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The scalar training loss of a batch (a mean, so batches of any size weigh alike)."""
+
     def measure(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, tallies): the loss, and a float64 vector of sums named by `tallies`, kept on the device so
         that adding them up over an epoch needs no host sync."""
@@ -196,23 +219,22 @@ class Task(ABC):
             model.train(was_training)
         return self.summarize(sums)
 
+
+class Task(TaskModel, TaskData, TaskMetrics):
+    """A model, its data and what is measured (see the module docstring), and the record that rebuilds it.
+
+    The core asks each function for the piece it uses: batching for `TaskData`, the lr check and the validation
+    choice for `TaskMetrics`; the commands, which need all three, for a Task.
+    """
+
+    #: The `--task` name this task was made from, which `describe` records: later commands run that code again
+    #: only when given `--task` again. twa sets it on the task the user's factory returns; None otherwise.
+    hook_name: str | None = None
+
     def describe(self) -> dict[str, Any]:
         """What later commands need to rebuild this task, recorded in the metadata of every file written. A
         task from `--task` records its hook's name (which later commands run only when given `--task` again)."""
         return {"task": {"name": self.hook_name}} if self.hook_name else {}
-
-    @property
-    def has_data(self) -> bool:
-        """Whether the task knows its data (a classifier rebuilt from a checkpoint may know only its model)."""
-        return True
-
-    #: The file name of a result in a train-subspace folder (a Hugging Face model's is model.safetensors).
-    result_name = RESULT_FILE
-
-    def export(self, state: Mapping[str, torch.Tensor], folder: Any) -> list[Any]:
-        """Beside a result written to `folder`, the files that let the model's own tool load it (configuration and
-        tokenizer files, a Lightning checkpoint); returns their paths."""
-        return []
 
 
 def accuracy_figures(totals: Mapping[str, float]) -> dict[str, float]:
