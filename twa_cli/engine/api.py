@@ -29,7 +29,8 @@ from twa_cli.engine.batchnorm import recompute_bn
 from twa_cli.engine.loop import LoaderBatches, Reporter, check_state_finite, train_epochs
 from twa_cli.engine.mean import RunningMean
 from twa_cli.engine.orthogonalizer import Allocate, Orthogonalizer
-from twa_cli.engine.subspace import FlatParameters, SubspaceSGD
+from twa_cli.engine.parallel import Replicated, average_batchnorm, joined
+from twa_cli.engine.subspace import FlatParameters, Projection, SubspaceSGD
 from twa_cli.errors import TwaError
 from twa_cli.units import layout_size
 
@@ -108,26 +109,39 @@ class TWA:
     def fit(self, model: nn.Module, loader: Iterable[Batch], loss: Loss, *, epochs: int = 10, lr: float = 2.0,
             schedule: str = "step", momentum: float = 0.9, weight_decay: float = 1e-5, seed: int = 0,
             bn_loader: Iterable[Batch] | None = None, bn_batches: int | None = None,
-            reporter: Reporter | None = None) -> FitResult:
+            reporter: Reporter | None = None, parallel: bool | None = None) -> FitResult:
         """Train `model` in the span of the weights added (the paper's Algorithm 1, Appendix A.2.1 defaults) on
         the batches of `loader` with `loss`, then recompute BatchNorm on `bn_loader` (default `loader`); the
         result is left in `model`. The model's parameters become views of one flat buffer (as in
-        `twa train-subspace`); which of them require grad is restored at the end."""
+        `twa train-subspace`); which of them require grad is restored at the end.
+
+        `parallel`: under torch.distributed (DDP, where every process holds the model and `loader` gives each its
+        part of every batch) the processes fit together, averaging the n coordinates of each step's gradient
+        (`twa_cli.engine.parallel`), and end with the same model. The default is to do so whenever this process
+        is one of several; False fits in this process alone (a fit run on one rank only)."""
         if self.basis.rank == 0:
             raise TwaError("no weights were added: call add(model) first")
+        processes = joined() if parallel is not False else None
+        if parallel and processes is None:
+            raise TwaError("parallel=True: this process is not one of several joined by torch.distributed")
         device = next(model.parameters()).device
         self._load_others(model)
         requires = {n: p.requires_grad for n, p in model.named_parameters()}
         flat = FlatParameters(model, self.names)
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                optimizer = SubspaceSGD(flat, self.basis.vectors.to(device), self.center(), lr=lr,
-                                        momentum=momentum, weight_decay=weight_decay)
+                vectors = self.basis.vectors.to(device)
+                projector = (Projection(vectors, flat.params.dtype) if processes is None
+                             else Replicated(vectors, flat.params.dtype, processes))
+                optimizer = SubspaceSGD(flat, projector, self.center(), lr=lr, momentum=momentum,
+                                        weight_decay=weight_decay)
                 history: list[dict[str, Any]] = []
                 step = train_epochs(model, optimizer, LoaderBatches(loader, loss), epochs=epochs, lr=lr,
                                     schedule=schedule, seed=seed, device=device, reporter=reporter,
-                                    after_epoch=lambda stats: history.append(stats.to_dict()))
+                                    after_epoch=lambda stats: history.append(stats.to_dict()), collective=processes)
                 update_bn(bn_loader if bn_loader is not None else loader, model, loss, max_batches=bn_batches)
+                if processes is not None:
+                    average_batchnorm(model, processes)
             check_state_finite(model, step, lr)
             return FitResult(self.coefficients(optimizer.coords), optimizer.coords.detach().cpu().clone(), history)
         finally:
