@@ -113,3 +113,35 @@ def test_train_half_then_twa_stops_the_run_with_the_result_saved(plain, root):
     assert relative_difference(result, combined, names) < 1e-5
     for other in (w8, {k: (w4[k].double() + w8[k].double()) / 2 for k in w4}):
         assert relative_difference(result, other, names) > 1e-4
+
+
+def _ddp_run(folder, *extra):
+    """tests/hf_ddp_run.py under torchrun on 2 CPU processes; each process's final model and coefficients."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    folder.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                           "127.0.0.1", "--master-port", str(port), str(tests / "hf_ddp_run.py"), str(folder), *extra],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def test_under_ddp_every_process_fits_together_and_ends_with_the_same_model(tmp_path):
+    ranks = _ddp_run(tmp_path / "ddp")
+    assert [(r["world"], r["count"]) for r in ranks] == [(2, 4), (2, 4)]  # steps 2, 4, 6, 8 on every process
+    assert ranks[0]["coefficients"] == ranks[1]["coefficients"]
+    assert all(torch.equal(v, ranks[1]["state"][k]) for k, v in ranks[0]["state"].items())
+    # Fitting each on its own part of the batches, the two processes would end with two different models.
+    alone = _ddp_run(tmp_path / "alone", "alone")
+    assert alone[0]["coefficients"] != alone[1]["coefficients"]

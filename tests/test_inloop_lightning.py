@@ -88,3 +88,29 @@ def test_train_half_then_twa_stops_and_a_resumed_run_keeps_the_basis(plain, root
     realtools.build_lightning_run(root / "resumed", extra=(again,), ckpt_path=epoch_files(ckpts, range(1))[0])
     assert again.twa.count == 4 and len(again.result.coefficients) == 4
     assert torch.equal(again.twa.basis.vectors[0], callback.twa.basis.vectors[0])
+
+
+def _ddp_run(folder, *extra):
+    """tests/lightning_ddp_run.py on 2 CPU processes; each process's final model and coefficients."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    folder.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(tests / "lightning_ddp_run.py"), str(folder), "2", *extra], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def test_under_ddp_every_process_fits_together_and_ends_with_the_same_model(tmp_path):
+    ranks = _ddp_run(tmp_path / "ddp")
+    assert [r["count"] for r in ranks] == [3, 3]  # each epoch's weights, on every process
+    assert ranks[0]["coefficients"] == ranks[1]["coefficients"]
+    assert all(torch.equal(v, ranks[1]["state"][k]) for k, v in ranks[0]["state"].items())
+    # Fitting each on its own half of the batches, the two processes would end with two different models.
+    alone = _ddp_run(tmp_path / "alone", "alone")
+    assert not torch.equal(alone[0]["state"]["model.0.weight"], alone[1]["state"]["model.0.weight"])
