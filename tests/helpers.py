@@ -4,6 +4,10 @@ snapshots."""
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -60,3 +64,25 @@ def snapshot(root: Path) -> dict[str, object]:
             stat = path.stat()
             state[rel] = (stat.st_size, stat.st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
     return state
+
+
+def free_port() -> int:
+    """A TCP port on the loopback that nothing listens on now (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ranks_of_script(script: str, folder: Path, *args: str, world: int = 2, torchrun: bool = False) -> list[dict]:
+    """Run tests/SCRIPT (directly, or under torchrun on `world` CPU processes) with FOLDER and ARGS; it leaves
+    FOLDER/rank<R>.pt per process, which are returned."""
+    tests = Path(__file__).parent
+    folder.mkdir()
+    launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(world), "--master-addr", "127.0.0.1",
+                "--master-port", str(free_port())] if torchrun else []
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, *launcher, str(tests / script), str(folder), *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(world)]

@@ -3,14 +3,13 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from itertools import pairwise
 
 import pytest
 import torch
-from helpers import flat_trainable, write_synthetic_folder
+from helpers import flat_trainable, free_port, write_synthetic_folder
 
 from twa_cli.commands.train_subspace import SubspaceConfig, train_subspace
 from twa_cli.core.basis import orthogonalize, read_flat
@@ -26,15 +25,10 @@ from twa_cli.tasks.resolve import TaskRequest, resolve_task
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def torchrun(*args):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD),
-               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "twa_cli", *map(str, args)]
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "twa_cli", *map(str, args)]
     proc = subprocess.run(command, capture_output=True, text=True,
                           env={**os.environ, "NO_COLOR": "1", "OMP_NUM_THREADS": "1"})
     if proc.returncode != 0:

@@ -11,6 +11,7 @@ import shutil
 import pytest
 import realtools
 import torch
+from helpers import ranks_of_script
 from inloop_helpers import CommandBatches, relative_difference
 from safetensors.torch import load_file
 
@@ -115,33 +116,11 @@ def test_train_half_then_twa_stops_the_run_with_the_result_saved(plain, root):
         assert relative_difference(result, other, names) > 1e-4
 
 
-def _ddp_run(folder, *extra):
-    """tests/hf_ddp_run.py under torchrun on 2 CPU processes; each process's final model and coefficients."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    tests = Path(__file__).parent
-    folder.mkdir()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                           "127.0.0.1", "--master-port", str(port), str(tests / "hf_ddp_run.py"), str(folder), *extra],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(2)]
-
-
 def test_under_ddp_every_process_fits_together_and_ends_with_the_same_model(tmp_path):
-    ranks = _ddp_run(tmp_path / "ddp")
+    ranks = ranks_of_script("hf_ddp_run.py", tmp_path / "ddp", torchrun=True)
     assert [(r["world"], r["count"]) for r in ranks] == [(2, 4), (2, 4)]  # steps 2, 4, 6, 8 on every process
     assert ranks[0]["coefficients"] == ranks[1]["coefficients"]
     assert all(torch.equal(v, ranks[1]["state"][k]) for k, v in ranks[0]["state"].items())
     # Fitting each on its own part of the batches, the two processes would end with two different models.
-    alone = _ddp_run(tmp_path / "alone", "alone")
+    alone = ranks_of_script("hf_ddp_run.py", tmp_path / "alone", "alone", torchrun=True)
     assert alone[0]["coefficients"] != alone[1]["coefficients"]

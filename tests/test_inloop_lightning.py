@@ -10,6 +10,7 @@ import json
 import pytest
 import realtools
 import torch
+from helpers import ranks_of_script
 from inloop_helpers import CommandBatches, in_order, relative_difference
 from test_realtools import epoch_files, plain_load
 
@@ -90,27 +91,11 @@ def test_train_half_then_twa_stops_and_a_resumed_run_keeps_the_basis(plain, root
     assert torch.equal(again.twa.basis.vectors[0], callback.twa.basis.vectors[0])
 
 
-def _ddp_run(folder, *extra):
-    """tests/lightning_ddp_run.py on 2 CPU processes; each process's final model and coefficients."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    tests = Path(__file__).parent
-    folder.mkdir()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(tests / "lightning_ddp_run.py"), str(folder), "2", *extra], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(2)]
-
-
 def test_under_ddp_every_process_fits_together_and_ends_with_the_same_model(tmp_path):
-    ranks = _ddp_run(tmp_path / "ddp")
+    ranks = ranks_of_script("lightning_ddp_run.py", tmp_path / "ddp", "2")
     assert [r["count"] for r in ranks] == [3, 3]  # each epoch's weights, on every process
     assert ranks[0]["coefficients"] == ranks[1]["coefficients"]
     assert all(torch.equal(v, ranks[1]["state"][k]) for k, v in ranks[0]["state"].items())
     # Fitting each on its own half of the batches, the two processes would end with two different models.
-    alone = _ddp_run(tmp_path / "alone", "alone")
+    alone = ranks_of_script("lightning_ddp_run.py", tmp_path / "alone", "2", "alone")
     assert not torch.equal(alone[0]["state"]["model.0.weight"], alone[1]["state"]["model.0.weight"])

@@ -4,12 +4,12 @@ with its half of every batch, against one process with the whole batches."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 from torch import nn
 
 from twa_cli.engine import TWA
@@ -17,11 +17,6 @@ from twa_cli.errors import TwaError
 
 WORLD = 2
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _problem(batchnorm: bool):
@@ -75,7 +70,7 @@ def _rank(rank: int, port: int, folder: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("parallel")
-    mp.start_processes(_rank, args=(_free_port(), str(folder)), nprocs=WORLD, start_method="spawn")
+    mp.start_processes(_rank, args=(free_port(), str(folder)), nprocs=WORLD, start_method="spawn")
     return [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
