@@ -4,6 +4,7 @@ with its half of every batch, against one process with the whole batches."""
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -57,10 +58,22 @@ def _rank(rank: int, port: int, folder: str) -> None:
         for batchnorm in (False, True):
             model, snapshots, batches = _problem(batchnorm)
             mine = [tuple(t[rank * 4 : (rank + 1) * 4] for t in batch) for batch in batches]
-            out[batchnorm] = _fit(model, snapshots, mine)
+            out[batchnorm] = _fit(model, snapshots, mine, parallel=True)
             if batchnorm:
                 model, snapshots, _ = _problem(batchnorm)
-                out["alone"] = _fit(model, snapshots, mine, parallel=False)
+                with warnings.catch_warnings(record=True) as said:
+                    warnings.simplefilter("always")
+                    out["alone"] = _fit(model, snapshots, mine)  # the default: alone, and said
+                out["said"] = [str(w.message) for w in said]
+                # A BatchNorm pass on fewer batches in one process counts for less in the average.
+                model, snapshots, _ = _problem(batchnorm)
+                out["short"] = _fit(model, snapshots, mine, parallel=True, bn_loader=mine[: 4 - 3 * rank])
+        # Different numbers of batches: refused in every process before any step, not a hang.
+        model, snapshots, _ = _problem(False)
+        try:
+            _fit(model, snapshots, mine[: 4 - rank], parallel=True)
+        except TwaError as exc:
+            out["unequal"] = str(exc)
         torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
     finally:
         dist.barrier()
@@ -91,9 +104,33 @@ def test_every_process_ends_with_the_same_model_batchnorm_statistics_included(ra
     alone = [out["alone"][0] for out in ranks]
     assert not torch.equal(alone[0]["0.weight"], alone[1]["0.weight"])
     assert not torch.equal(alone[0]["1.running_mean"], alone[1]["1.running_mean"])
+    assert all(any("parallel=True" in m for m in out["said"]) for out in ranks)
+
+
+def test_batchnorm_statistics_are_weighted_by_the_batches_each_process_saw(ranks):
+    short = [out["short"][0] for out in ranks]  # process 0 recomputed on 4 batches, process 1 on 1
+    assert all(torch.equal(short[0][k], short[1][k]) for k in short[0])
+    assert int(short[0]["1.num_batches_tracked"]) == 5
+    # Process 1's 1 batch weighs 1/5: far nearer process 0's statistics than the plain mean of the two.
+    alone_mean = [out["alone"][0]["1.running_mean"] for out in ranks]
+    assert not torch.allclose(short[0]["1.running_mean"], (alone_mean[0] + alone_mean[1]) / 2)
+
+
+def test_processes_with_different_numbers_of_batches_are_refused_in_one_line_not_left_waiting(ranks):
+    assert [out["unequal"] for out in ranks] == [ranks[0]["unequal"]] * 2
+    assert "from 3 to 4 batches an epoch" in ranks[0]["unequal"]
 
 
 def test_asking_for_a_parallel_fit_outside_torch_distributed_is_one_line():
     model, snapshots, batches = _problem(batchnorm=False)
     with pytest.raises(TwaError, match="parallel=True"):
         _fit(model, snapshots, batches, parallel=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_is_refused_in_one_line(dtype):
+    model, _, batches = _problem(batchnorm=False)
+    twa = TWA(model.to(dtype))
+    twa.add(model)
+    with pytest.raises(TwaError, match=f"'0.weight' is {str(dtype)[6:]}"):
+        twa.fit(model, batches, _loss)

@@ -17,6 +17,7 @@ the same weights and batches, it returns what the command returns from the same 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +30,7 @@ from twa_cli.engine.batchnorm import recompute_bn
 from twa_cli.engine.loop import LoaderBatches, Reporter, check_state_finite, train_epochs
 from twa_cli.engine.mean import RunningMean
 from twa_cli.engine.orthogonalizer import Allocate, Orthogonalizer
-from twa_cli.engine.parallel import Replicated, average_batchnorm, joined
+from twa_cli.engine.parallel import Replicated, average_batchnorm, check_same_batches, joined, several
 from twa_cli.engine.subspace import FlatParameters, Projection, SubspaceSGD
 from twa_cli.errors import TwaError
 from twa_cli.units import layout_size
@@ -115,15 +116,27 @@ class TWA:
         result is left in `model`. The model's parameters become views of one flat buffer (as in
         `twa train-subspace`); which of them require grad is restored at the end.
 
-        `parallel`: under torch.distributed (DDP, where every process holds the model and `loader` gives each its
-        part of every batch) the processes fit together, averaging the n coordinates of each step's gradient
-        (`twa_cli.engine.parallel`), and end with the same model. The default is to do so whenever this process
-        is one of several; False fits in this process alone (a fit run on one rank only)."""
+        `parallel=True`: under torch.distributed (DDP, where every process holds the model and `loader` gives each
+        its part of every batch) the processes fit together, averaging the n coordinates of each step's gradient
+        (`twa_cli.engine.parallel`), and end with the same model; every process must call `fit`, with the same
+        number of batches. Otherwise (the default) this process fits alone, as a fit run on one rank only does;
+        under torch.distributed that is said once, as the callbacks choose for themselves."""
         if self.basis.rank == 0:
             raise TwaError("no weights were added: call add(model) first")
-        processes = joined() if parallel is not False else None
+        trained = dict(model.named_parameters())
+        wide = next((n for n in self.names if trained[n].dtype != torch.float32), None)
+        if wide is not None:
+            dtype = str(trained[wide].dtype).removeprefix("torch.")
+            raise TwaError(f"TWA.fit trains fp32 parameters; '{wide}' is {dtype} (fit a float32 copy, model.float(), "
+                           "and cast the result back)")
+        processes = joined() if parallel else None
         if parallel and processes is None:
             raise TwaError("parallel=True: this process is not one of several joined by torch.distributed")
+        if parallel is None and several():
+            warnings.warn("TWA.fit: this process is one of several (torch.distributed) but fits alone, on its own "
+                          "batches; pass parallel=True for every process to fit together", stacklevel=2)
+        if processes is not None:
+            check_same_batches(processes, len(loader), "TWA.fit's loader")  # type: ignore[arg-type]
         device = next(model.parameters()).device
         self._load_others(model)
         requires = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -139,9 +152,10 @@ class TWA:
                 step = train_epochs(model, optimizer, LoaderBatches(loader, loss), epochs=epochs, lr=lr,
                                     schedule=schedule, seed=seed, device=device, reporter=reporter,
                                     after_epoch=lambda stats: history.append(stats.to_dict()), collective=processes)
-                update_bn(bn_loader if bn_loader is not None else loader, model, loss, max_batches=bn_batches)
+                used = update_bn(bn_loader if bn_loader is not None else loader, model, loss,
+                                 max_batches=bn_batches)
                 if processes is not None:
-                    average_batchnorm(model, processes)
+                    average_batchnorm(model, processes, used)
             check_state_finite(model, step, lr)
             return FitResult(self.coefficients(optimizer.coords), optimizer.coords.detach().cpu().clone(), history)
         finally:

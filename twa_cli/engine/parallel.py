@@ -15,6 +15,7 @@ from torch import nn
 
 from twa_cli.engine.batchnorm import _BN
 from twa_cli.engine.subspace import Projection
+from twa_cli.errors import TwaError
 
 
 class Processes:
@@ -46,11 +47,14 @@ class Processes:
             dist.all_reduce(tensor, op=op, group=self.group)
 
 
+def several() -> bool:
+    """Whether this process is one of several that torch.distributed joined."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def joined() -> Processes | None:
-    """The default group when this process is one of several that torch.distributed joined, else None."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return Processes()
-    return None
+    """The default group when this process is one of several, else None."""
+    return Processes() if several() else None
 
 
 class Replicated(Projection):
@@ -64,12 +68,34 @@ class Replicated(Projection):
         self.processes.mean_(coords)
 
 
+def check_same_batches(processes: Processes, batches: int, what: str) -> None:
+    """Refuse, on every process at once, a loader that gives the processes different numbers of batches: each
+    step is a collective, and a process with a batch more would wait for the others forever."""
+    counts = torch.tensor([batches, -batches], dtype=torch.long)
+    processes.min_(counts)
+    fewest, most = int(counts[0]), -int(counts[1])
+    if fewest != most:
+        raise TwaError(f"{what}: the processes have from {fewest} to {most} batches an epoch; fitting together "
+                       "needs the same number in each (a DistributedSampler, drop_last, or the loader's even_batches)")
+
+
 @torch.no_grad()
-def average_batchnorm(model: nn.Module, processes: Processes) -> None:
-    """Each BatchNorm layer's running mean and variance averaged over the processes (each recomputed them on its
-    own part of the data), so that every process ends with the same model."""
-    for module in model.modules():
-        if isinstance(module, _BN) and module.track_running_stats:
-            for stat in (module.running_mean, module.running_var):
-                if stat is not None:
-                    processes.mean_(stat)
+def average_batchnorm(model: nn.Module, processes: Processes, batches: int) -> None:
+    """Each BatchNorm layer's running mean and variance averaged over the processes, each weighted by the
+    `batches` it recomputed them on (its own part of the data), and the batch count summed: every process ends
+    with the same model. A process that saw no batch counts for nothing."""
+    layers = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
+    if not layers:
+        return
+    total = torch.tensor(float(batches), dtype=torch.float64)
+    processes.sum_(total)
+    if float(total) == 0:
+        return
+    share = batches / float(total)
+    for module in layers:
+        for stat in (module.running_mean, module.running_var):
+            if stat is not None:
+                stat.mul_(share)
+                processes.sum_(stat)
+        if module.num_batches_tracked is not None:
+            module.num_batches_tracked.fill_(int(total))

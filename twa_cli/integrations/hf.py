@@ -9,7 +9,8 @@ Weights join the basis every `every_steps` optimizer steps (default: the steps t
 at when it saves by steps, else each epoch's end). Once `fit_at` of `max_steps` is reached the callback trains in
 their span (`twa_cli.TWA.fit`, the paper's Algorithm 1) on the Trainer's training batches with the model's own
 loss (`model(**batch).loss`, as `Trainer.compute_loss`), unless `data` and `loss` say otherwise; the result is
-left in the Trainer's model and a checkpoint is saved right after it. With `stop` the run ends there.
+left in the Trainer's model and a checkpoint is saved right after it. With `stop` the run ends there. Under DDP
+(torchrun) the processes fit together, each on its part of the batches, and end with the same model.
 
 Each checkpoint folder the Trainer writes gets `twa_basis.pt` (the basis, its coordinates and the averaged
 buffers; `torch.load(weights_only=True)` reads it), and a run resumed from such a folder of its output_dir
@@ -118,7 +119,9 @@ class TWACallback(TrainerCallback):
         data = self.data if self.data is not None else loader
         if data is None:
             raise TwaError("TWACallback: the Trainer has no training DataLoader to fit on; pass data=")
-        self.result = self.twa.fit(model, data, self.loss, **self.fit_options)  # type: ignore[union-attr]
+        # Under DDP every process holds the model and its part of the batches: they fit together.
+        options = {"parallel": args.world_size > 1, **self.fit_options}
+        self.result = self.twa.fit(model, data, self.loss, **options)  # type: ignore[union-attr]
         if control is not None:
             if getattr(args.save_strategy, "value", args.save_strategy) != "no":
                 control.should_save = True  # the result, and the basis beside it, where the Trainer saves

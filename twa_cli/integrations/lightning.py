@@ -11,7 +11,8 @@ steps. At the end of the epoch that completes `fit_at` of `max_epochs` the callb
 `training_step` as the loss, unless `data` and `loss` say otherwise. That happens before ModelCheckpoint saves the
 epoch (Lightning runs checkpoint callbacks last), so the epoch's checkpoint holds the result, and the basis
 travels in it as this callback's state (`state_dict`), from which a resumed `fit(ckpt_path=...)` goes on. With
-`stop` the run ends there.
+`stop` the run ends there. Under the `ddp` strategy the processes fit together, each on its part of the batches,
+and end with the same model.
 """
 
 from __future__ import annotations
@@ -106,7 +107,9 @@ class TWACallback(pl.Callback):
         if data is None:
             raise TwaError("TWACallback: the Trainer has no training DataLoader to fit on; pass data=")
         with _outside_the_loop(pl_module):
-            self.result = self.twa.fit(pl_module, data, self.loss, **self.fit_options)  # type: ignore[union-attr]
+            # Under DDP every process holds the module and its part of the batches: they fit together.
+            options = {"parallel": trainer.world_size > 1, **self.fit_options}
+            self.result = self.twa.fit(pl_module, data, self.loss, **options)  # type: ignore[union-attr]
 
 
 @contextmanager
