@@ -182,3 +182,60 @@ def test_batches_bound_for_a_gpu_are_handed_over_in_page_locked_memory(device, p
     task.workers = 2
     source = TaskBatches(task, Augmenting(20), 8, seed=0, pin=batching.pinned_for(device))
     assert len(list(source.epoch(0))) == 3 and asked == [pinned]
+
+
+class _Raising(Augmenting):
+    def __init__(self, n: int, error: Exception):
+        super().__init__(n)
+        self.error = error
+
+    def __getitem__(self, i: int):
+        if i == 17:
+            raise self.error
+        return super().__getitem__(i)
+
+
+class _MyOSError(OSError):
+    pass
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("error", [ValueError("bad row 17"), KeyError("label"), _MyOSError(13, "denied", "/x.jpg")])
+def test_any_error_in_a_worker_comes_back_as_itself(workers, error):
+    with pytest.raises(type(error)) as caught:
+        list(batches(_task(), _Raising(30, error), 8, workers=workers))
+    assert type(caught.value) is type(error) and str(caught.value) == str(error)
+    notes = getattr(caught.value, "__notes__", [])
+    if workers and not isinstance(error, OSError):  # a bug in the data set: where in the worker it happened
+        assert any("_Raising" in line or "__getitem__" in line for note in notes for line in note.splitlines())
+
+
+class _TwoArguments(Exception):
+    def __init__(self, path, reason):
+        super().__init__(f"{path}: {reason}")
+
+
+def test_an_error_that_cannot_travel_between_processes_comes_back_named_with_its_message():
+    with pytest.raises(RuntimeError, match=r"_TwoArguments: /x\.jpg: bad"):
+        list(batches(_task(), _Raising(30, _TwoArguments("/x.jpg", "bad")), 8, workers=2))
+
+
+class _InterruptHandling(Augmenting):
+    def __getitem__(self, i: int):
+        import signal
+
+        return torch.tensor([float(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)]), torch.tensor(os.getpid())
+
+
+def test_workers_leave_ctrl_c_to_the_main_process():
+    import signal
+
+    def handler(signum, frame):  # as the CLI's, which raises its own interruption
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        got = [b for (b, _), _ in batches(_task(), _InterruptHandling(20), 8, workers=2)]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert torch.cat(got).eq(1.0).all()  # ignored in every worker: the main process stops them

@@ -13,14 +13,17 @@ the same with any number of workers, none included, and on resume.
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import signal
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset, get_worker_info
 
 from twa_cli.errors import TwaError
 from twa_cli.tasks.base import Batch, Part, TaskData
@@ -89,12 +92,16 @@ def batches(task: TaskData, dataset: Dataset, batch_size: int, *, shuffle: bool 
         source: Any = (loads[b] for b in range(len(planned)))
     else:
         # A generator of its own: the workers' base seed is not drawn from torch's global one (dropout's).
-        source = DataLoader(loads, batch_size=None, num_workers=min(workers, len(planned)), prefetch_factor=PREFETCH,
-                            generator=epoch_generator(seed, epoch), collate_fn=_as_loaded, pin_memory=pin)
-    for (_, weight, _), loaded in zip(planned, source, strict=True):
-        if isinstance(loaded, _Failed):
-            raise loaded.error()
-        yield loaded, weight
+        source = iter(DataLoader(loads, batch_size=None, num_workers=min(workers, len(planned)),
+                                 prefetch_factor=PREFETCH, generator=epoch_generator(seed, epoch),
+                                 collate_fn=_as_loaded, pin_memory=pin, worker_init_fn=_leave_interrupts_to_the_main))
+    try:
+        for (_, weight, _), loaded in zip(planned, source, strict=True):
+            if isinstance(loaded, _Failed):
+                raise loaded.error
+            yield loaded, weight
+    finally:
+        del source  # the workers stop now, not when a traceback holding this frame goes
 
 
 def plain_batches(task: TaskData, dataset: Dataset, batch_size: int, *, pin: bool = False) -> Iterator[Batch]:
@@ -117,30 +124,36 @@ def _as_loaded(batch: Any) -> Any:
     return batch
 
 
+def _leave_interrupts_to_the_main(worker: int) -> None:
+    """Ctrl-C reaches the whole process group: the main process says "interrupted" and stops the workers, which
+    would otherwise each raise the CLI's interruption and print a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @dataclass
 class _Failed:
-    """Bad input met while loading in a worker (a TwaError, a file that cannot be read), carried back whole:
-    DataLoader would re-raise it with the worker's traceback pasted into its message."""
+    """An exception raised while loading in a worker, carried back as itself: DataLoader would re-raise it as
+    another type, with the worker's traceback pasted into its message. Bad input (a TwaError, a file that cannot
+    be read) keeps its one line; anything else carries the worker's traceback as a note."""
 
-    message: str
-    errno: int | None = None
-    strerror: str | None = None
-    filename: str | None = None
-    system: bool = False
+    error: BaseException
 
     @classmethod
-    def of(cls, exc: TwaError | OSError) -> _Failed:
-        if isinstance(exc, OSError):
-            filename = None if exc.filename is None else str(exc.filename)
-            return cls(str(exc), exc.errno, exc.strerror, filename, system=True)
-        return cls(str(exc))
-
-    def error(self) -> Exception:
-        if not self.system:
-            return TwaError(self.message)
-        if self.errno is not None and self.strerror is not None:
-            return OSError(self.errno, self.strerror, self.filename)
-        return OSError(self.message)
+    def of(cls, exc: Exception) -> _Failed:
+        if not isinstance(exc, (TwaError, OSError)):
+            exc.add_note("raised in a process loading data:\n" + "".join(traceback.format_exception(exc)).rstrip())
+        try:
+            pickle.loads(pickle.dumps(exc))
+            return cls(exc)
+        except Exception:  # an exception class that cannot be rebuilt from its pickle (its own __init__ arguments)
+            pass
+        if isinstance(exc, TwaError):
+            return cls(TwaError(str(exc)))
+        if isinstance(exc, OSError) and exc.errno is not None and exc.strerror:
+            return cls(OSError(exc.errno, exc.strerror, exc.filename))
+        twin = RuntimeError(f"{type(exc).__name__}: {exc}")
+        twin.__notes__ = list(getattr(exc, "__notes__", []))
+        return cls(twin)
 
 
 class _SeededLoads(Dataset):
@@ -167,7 +180,9 @@ class _SeededLoads(Dataset):
                 random.seed(seed)
                 np.random.seed(seed % (1 << 32))
                 return self.task.load(self.dataset, indices)
-        except (TwaError, OSError) as exc:
+        except Exception as exc:
+            if get_worker_info() is None:
+                raise  # on this thread, as it is
             return _Failed.of(exc)
         finally:
             random.setstate(py)
