@@ -99,3 +99,16 @@ def digits_with_small_val() -> Task:
 
 def digits_with_nan_val() -> Task:
     return DigitsWithVal(200, nan=True)
+
+
+class DigitsWithEmptyTrain(DigitsWithVal):
+    """A validation and a test split, and a training split of no examples (a filter that kept nothing)."""
+
+    def __init__(self):
+        super().__init__(200)
+        train = self.splits["train"]
+        self.splits["train"] = DictDigits(train.x[:0], train.y[:0])
+
+
+def digits_with_empty_train() -> Task:
+    return DigitsWithEmptyTrain()

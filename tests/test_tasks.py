@@ -100,3 +100,22 @@ def test_each_piece_of_a_task_serves_the_core_alone():
     assert not {"loss", "measure", "metrics"} & set(dir(Data)) and not {"dataset", "load"} & set(dir(Measured))
     assert issubclass(Task, TaskModel) and issubclass(Task, TaskData) and issubclass(Task, TaskMetrics)
     assert sorted(Task.__abstractmethods__) == ["build_model", "dataset", "loss"]  # what a user's task writes
+
+
+def test_a_training_split_with_no_examples_is_refused_in_one_line_with_nothing_written(dict_run, tmp_path, twa):
+    out = tmp_path / "twa"
+    refused = twa("train-subspace", dict_run, "-o", out, "--task", "custom_task:digits_with_empty_train", "--json",
+                  check=False)
+    assert refused.returncode == 1 and "train split has no examples to train on" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_a_fit_on_an_empty_loader_is_refused():
+    from twa_cli.engine import TWA
+    from twa_cli.errors import TwaError
+
+    model = torch.nn.Linear(2, 1)
+    twa = TWA(model)
+    twa.add(model)
+    with pytest.raises(TwaError, match="no batches"):
+        twa.fit(model, [], lambda m, b: m(b).sum())

@@ -1,4 +1,5 @@
-"""Names and sizes shared by every layer: the one dtype table, the one size formatter and parser.
+"""Names and sizes shared by every layer: the one dtype table, the one size formatter and parser, and the one
+way a number that is not finite is written in JSON.
 
 Torch-free, so the command line can list choices without importing torch.
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 # dtype name -> (safetensors code, bytes per element)
@@ -77,3 +78,15 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (library errors can run to pages)."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def standard_json(obj: Any) -> Any:
+    """`obj` with every non-finite float (an unbounded lr limit, a diverged loss) as null: Python's json would
+    write Infinity and NaN, which no standard parser (JavaScript's, jq's) reads."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: standard_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [standard_json(v) for v in obj]
+    return obj

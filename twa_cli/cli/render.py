@@ -22,6 +22,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from twa_cli.units import standard_json
+
 
 def _plain() -> bool:
     return bool(os.environ.get("NO_COLOR")) or not sys.stderr.isatty() or not sys.stdout.isatty()
@@ -56,7 +58,7 @@ class Output:
     def emit_json(self, obj: Any) -> None:
         if self.silent:
             return
-        sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+        sys.stdout.write(json.dumps(standard_json(obj), indent=2, default=str, allow_nan=False) + "\n")
         sys.stdout.flush()
 
     def line(self, text: str) -> None:

@@ -333,6 +333,9 @@ def _train(inputs: _Inputs, folder: RunFolder, cfg: SubspaceConfig, placement: P
     fit_split = "val" if cfg.fit_on == "val" else "train"
     if fit_split == "val" and task.split("val", augment=True) is None:
         raise TwaError("--fit-on val needs --val-split (or checkpoints sampled with one)")
+    fit_data = task.split(fit_split, augment=True)
+    if fit_data is not None and len(fit_data) == 0:  # type: ignore[arg-type]
+        raise TwaError(f"the data's {fit_split} split has no examples to train on")
     model = task.build_model()
     check_basis_fits(model, basis, inputs.where)
     start_coords, offspan, init_tensors = _starting_point(basis, cfg, placement)
@@ -620,8 +623,7 @@ def _is_point(point: Any) -> bool:
     if not isinstance(point, dict):
         return False
     label, step, figures, kept = (point.get(k) for k in ("label", "step", "figures", "kept"))
-    numbers = isinstance(figures, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                for v in figures.values())
+    numbers = isinstance(figures, dict) and all(v is None or _is_number(v) for v in figures.values())
     return (isinstance(label, str) and isinstance(step, int) and not isinstance(step, bool) and step >= 0
             and numbers and isinstance(kept, bool))
 
@@ -633,6 +635,8 @@ def _recorded_lr_check(path: Path, lr: float) -> LrCheck:
         raise TwaError(f"{path}: missing; it holds the lr the interrupted run trained at: restore it, or resume with "
                        "another --lr (used as given)")
     body = read_json(path)
+    if isinstance(body, dict) and "limit" in body and body["limit"] is None:
+        body["limit"] = math.inf  # an unbounded limit, written as null (standard JSON has no Infinity)
     numbers = ("requested", "sharpness", "limit", "used")
     known = {f.name for f in fields(LrCheck)}
     if not (isinstance(body, dict) and set(body) <= known and all(_is_number(body.get(k)) for k in numbers)

@@ -137,6 +137,8 @@ class TWA:
                           "batches; pass parallel=True for every process to fit together", stacklevel=2)
         if processes is not None:
             check_same_batches(processes, len(loader), "TWA.fit's loader")  # type: ignore[arg-type]
+        if len(loader) == 0:  # type: ignore[arg-type]
+            raise TwaError("TWA.fit's loader has no batches to train on")
         device = next(model.parameters()).device
         self._load_others(model)
         requires = {n: p.requires_grad for n, p in model.named_parameters()}
