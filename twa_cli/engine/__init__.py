@@ -3,9 +3,10 @@
 `Orthogonalizer` grows an orthonormal basis one weight vector (or block) at a time; `RunningMean` is the uniform
 average (SWA); `SubspaceSGD` is eq. 8 as a torch optimizer whose whole state is in `state_dict()`, run on any
 `Projector` (where the basis lives; `Projection` holds the whole of it in this process); the one training loop
-(`loop.train_epochs`); BatchNorm recomputation; and `TWA`, the in-loop API built on them. The commands feed them
-what they read from files; the callbacks of `twa_cli.integrations` feed them a trainer's model. Nothing here
-imports `twa_cli.io`, tasks, commands or the CLI (tests/test_layers.py), and nothing is imported until used.
+(`loop.train_epochs`); BatchNorm recomputation; processes fitting together under DDP (`parallel`); and `TWA`, the
+in-loop API built on them. The commands feed them what they read from files; the callbacks of `twa_cli.integrations`
+feed them a trainer's model. Nothing here imports `twa_cli.io`, tasks, commands or the CLI (tests/test_layers.py),
+and nothing is imported until used.
 """
 
 from importlib import import_module
