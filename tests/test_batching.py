@@ -239,3 +239,12 @@ def test_workers_leave_ctrl_c_to_the_main_process():
     finally:
         signal.signal(signal.SIGINT, previous)
     assert torch.cat(got).eq(1.0).all()  # ignored in every worker: the main process stops them
+
+
+@pytest.mark.parametrize("cores, workers", [(1, 0), (2, 1), (3, 2), (16, 4)])
+def test_the_default_number_of_workers_follows_the_cores_this_process_may_use(cores, workers, monkeypatch):
+    from twa_cli.core.batching import default_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # the machine's count, which a container's share is not
+    assert default_workers() == workers

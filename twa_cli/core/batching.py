@@ -59,7 +59,10 @@ def pinned_for(device: torch.device | str) -> bool:
 
 
 def default_workers() -> int:
-    return max(0, min(MAX_WORKERS, (os.cpu_count() or 1) - 1))
+    """One fewer than the cores this process may run on (a container's or a job scheduler's share, not the
+    machine's count), at most MAX_WORKERS."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(MAX_WORKERS, cores - 1))
 
 
 def batches(task: TaskData, dataset: Dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
