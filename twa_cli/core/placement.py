@@ -36,6 +36,7 @@ from torch import nn
 
 from twa_cli.core.basis import Basis, orthogonalize
 from twa_cli.core.basis_files import load_basis, save_basis, save_columns, save_index
+from twa_cli.engine.parallel import all_reduce
 from twa_cli.engine.subspace import FlatParameters, Projection, Projector, SubspaceSGD
 from twa_cli.errors import TwaError
 from twa_cli.io.checkpoints import Checkpoint
@@ -186,12 +187,7 @@ class ColumnShards(Placement):
         self._all_reduce(tensor, dist.ReduceOp.MIN)
 
     def _all_reduce(self, tensor: torch.Tensor, op: Any) -> None:
-        if self.backend == "nccl" and tensor.device.type != "cuda":
-            moved = tensor.to(self.device)
-            dist.all_reduce(moved, op=op)
-            tensor.copy_(moved)
-        else:
-            dist.all_reduce(tensor, op=op)
+        all_reduce(tensor, op, via=self.device if self.backend == "nccl" else None)
 
     def barrier(self) -> None:
         dist.barrier()

@@ -39,12 +39,19 @@ class Processes:
         tensor.div_(self.world)
 
     def _all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp) -> None:
-        if self.device is not None and tensor.device.type != "cuda":
-            moved = tensor.to(self.device)
-            dist.all_reduce(moved, op=op, group=self.group)
-            tensor.copy_(moved)
-        else:
-            dist.all_reduce(tensor, op=op, group=self.group)
+        all_reduce(tensor, op, via=self.device, group=self.group)
+
+
+def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp, *, via: torch.device | str | None,
+               group: dist.ProcessGroup | None = None) -> None:
+    """dist.all_reduce in place. `via`: the GPU a tensor held elsewhere travels to and back (nccl reduces on a
+    GPU only); None where the backend reduces tensors where they are."""
+    if via is not None and tensor.device.type != "cuda":
+        moved = tensor.to(via)
+        dist.all_reduce(moved, op=op, group=group)
+        tensor.copy_(moved)
+    else:
+        dist.all_reduce(tensor, op=op, group=group)
 
 
 def several() -> bool:
