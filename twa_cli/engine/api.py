@@ -30,7 +30,7 @@ from twa_cli.engine.batchnorm import recompute_bn
 from twa_cli.engine.loop import LoaderBatches, Reporter, check_state_finite, train_epochs
 from twa_cli.engine.mean import RunningMean
 from twa_cli.engine.orthogonalizer import Allocate, Orthogonalizer
-from twa_cli.engine.parallel import Replicated, average_batchnorm, check_same_batches, joined, several
+from twa_cli.engine.parallel import Processes, Replicated, average_batchnorm, check_same_batches, joined, several
 from twa_cli.engine.subspace import FlatParameters, Projection, SubspaceSGD
 from twa_cli.errors import TwaError
 from twa_cli.units import layout_size
@@ -121,24 +121,7 @@ class TWA:
         (`twa_cli.engine.parallel`), and end with the same model; every process must call `fit`, with the same
         number of batches. Otherwise (the default) this process fits alone, as a fit run on one rank only does;
         under torch.distributed that is said once, as the callbacks choose for themselves."""
-        if self.basis.rank == 0:
-            raise TwaError("no weights were added: call add(model) first")
-        trained = dict(model.named_parameters())
-        wide = next((n for n in self.names if trained[n].dtype != torch.float32), None)
-        if wide is not None:
-            dtype = str(trained[wide].dtype).removeprefix("torch.")
-            raise TwaError(f"TWA.fit trains fp32 parameters; '{wide}' is {dtype} (fit a float32 copy, model.float(), "
-                           "and cast the result back)")
-        processes = joined() if parallel else None
-        if parallel and processes is None:
-            raise TwaError("parallel=True: this process is not one of several joined by torch.distributed")
-        if parallel is None and several():
-            warnings.warn("TWA.fit: this process is one of several (torch.distributed) but fits alone, on its own "
-                          "batches; pass parallel=True for every process to fit together", stacklevel=2)
-        if processes is not None:
-            check_same_batches(processes, len(loader), "TWA.fit's loader")  # type: ignore[arg-type]
-        if len(loader) == 0:  # type: ignore[arg-type]
-            raise TwaError("TWA.fit's loader has no batches to train on")
+        processes = self._checked(model, loader, parallel)
         device = next(model.parameters()).device
         self._load_others(model)
         requires = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -170,6 +153,28 @@ class TWA:
                         p.data = p.data.clone()
                     p.requires_grad_(requires[name])
                     p.grad = None
+
+    def _checked(self, model: nn.Module, loader: Iterable[Batch], parallel: bool | None) -> Processes | None:
+        """What `fit` refuses before touching the model, and the processes it fits with (None: alone)."""
+        if self.basis.rank == 0:
+            raise TwaError("no weights were added: call add(model) first")
+        trained = dict(model.named_parameters())
+        wide = next((n for n in self.names if trained[n].dtype != torch.float32), None)
+        if wide is not None:
+            dtype = str(trained[wide].dtype).removeprefix("torch.")
+            raise TwaError(f"TWA.fit trains fp32 parameters; '{wide}' is {dtype} (fit a float32 copy, model.float(), "
+                           "and cast the result back)")
+        processes = joined() if parallel else None
+        if parallel and processes is None:
+            raise TwaError("parallel=True: this process is not one of several joined by torch.distributed")
+        if parallel is None and several():
+            warnings.warn("TWA.fit: this process is one of several (torch.distributed) but fits alone, on its own "
+                          "batches; pass parallel=True for every process to fit together", stacklevel=3)
+        if processes is not None:
+            check_same_batches(processes, len(loader), "TWA.fit's loader")  # type: ignore[arg-type]
+        if len(loader) == 0:  # type: ignore[arg-type]
+            raise TwaError("TWA.fit's loader has no batches to train on")
+        return processes
 
     @torch.no_grad()
     def _load_others(self, model: nn.Module) -> None:
