@@ -6,6 +6,7 @@ Torch-free, so the command line can list choices without importing torch.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -78,6 +79,11 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (library errors can run to pages)."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def json_dumps(obj: Any, *, indent: int | None = None, default: Any = None) -> str:
+    """`json.dumps` of `standard_json(obj)`: what every JSON text twa writes goes through."""
+    return json.dumps(standard_json(obj), indent=indent, default=default, allow_nan=False)
 
 
 def standard_json(obj: Any) -> Any:

@@ -7,7 +7,6 @@ string a user gave (paths, flags, names) is printed literally: no markup, no emo
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -22,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from twa_cli.units import standard_json
+from twa_cli.units import json_dumps
 
 
 def _plain() -> bool:
@@ -58,7 +57,7 @@ class Output:
     def emit_json(self, obj: Any) -> None:
         if self.silent:
             return
-        sys.stdout.write(json.dumps(standard_json(obj), indent=2, default=str, allow_nan=False) + "\n")
+        sys.stdout.write(json_dumps(obj, indent=2, default=str) + "\n")
         sys.stdout.flush()
 
     def line(self, text: str) -> None:

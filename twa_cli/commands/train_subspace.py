@@ -331,9 +331,9 @@ def _train(inputs: _Inputs, folder: RunFolder, cfg: SubspaceConfig, placement: P
     basis, task, work = inputs.basis, inputs.task, folder.work
     torch.manual_seed(cfg.seed)
     fit_split = "val" if cfg.fit_on == "val" else "train"
-    if fit_split == "val" and task.split("val", augment=True) is None:
-        raise TwaError("--fit-on val needs --val-split (or checkpoints sampled with one)")
     fit_data = task.split(fit_split, augment=True)
+    if fit_data is None and fit_split == "val":
+        raise TwaError("--fit-on val needs --val-split (or checkpoints sampled with one)")
     if fit_data is not None and len(fit_data) == 0:  # type: ignore[arg-type]
         raise TwaError(f"the data's {fit_split} split has no examples to train on")
     model = task.build_model()

@@ -75,19 +75,17 @@ def batches(task: TaskData, dataset: Dataset, batch_size: int, *, shuffle: bool 
     the device (non-blocking) overlaps with the step."""
     n = len(dataset)  # type: ignore[arg-type]
     order = torch.randperm(n, generator=epoch_generator(seed, epoch)) if shuffle else torch.arange(n)
-    planned = []  # (this process's indices, their weight, where they start in the global batch)
+    planned = []  # (this process's indices, their weight)
     for i in range(0, n, batch_size):
-        indices, weight, offset = order[i : i + batch_size], 1.0, 0
+        indices, weight = order[i : i + batch_size], 1.0
         if parts is not None:
-            whole = indices
-            indices, weight = parts.part(whole)
-            offset = int((whole == indices[0]).nonzero()[0, 0])
-        planned.append((indices, weight, offset))
+            indices, weight = parts.part(indices)
+        planned.append((indices, weight))
     if in_memory(dataset):
-        for indices, weight, _ in planned:
+        for indices, weight in planned:
             yield task.load(dataset, indices), weight
         return
-    loads = _SeededLoads(task, dataset, [(indices, offset) for indices, _, offset in planned], epoch_seed(seed, epoch))
+    loads = _SeededLoads(task, dataset, [indices for indices, _ in planned], epoch_seed(seed, epoch))
     workers = next((w for w in (workers, task.workers) if w is not None), default_workers())
     if workers < 0:
         raise TwaError(f"workers: {workers} processes to load data; give 0 (this thread) or more")
@@ -99,7 +97,7 @@ def batches(task: TaskData, dataset: Dataset, batch_size: int, *, shuffle: bool 
                                  prefetch_factor=PREFETCH, generator=epoch_generator(seed, epoch),
                                  collate_fn=_as_loaded, pin_memory=pin, worker_init_fn=_leave_interrupts_to_the_main))
     try:
-        for (_, weight, _), loaded in zip(planned, source, strict=True):
+        for (_, weight), loaded in zip(planned, source, strict=True):
             if isinstance(loaded, _Failed):
                 raise loaded.error
             yield loaded, weight
@@ -161,19 +159,21 @@ class _Failed:
 
 class _SeededLoads(Dataset):
     """Batch b of an epoch, loaded with torch's (CPU), Python's and NumPy's generators seeded from (epoch seed, b,
-    where this process's part starts in the global batch): the same images, crops and flips in a worker as on the
-    main thread, and under torchrun each rank's part draws its own. On the main thread the generators are put
-    back as they were, so loading leaves dropout's draws alone (and a GPU's generators are never touched)."""
+    the first example of this process's part): the same images, crops and flips in a worker as on the main
+    thread, and under torchrun each rank's part draws its own (rank 0's as one process's). On the main thread
+    the generators are put back as they were, so loading leaves dropout's draws alone (and a GPU's generators are
+    never touched)."""
 
-    def __init__(self, task: TaskData, dataset: Dataset, plan: list[tuple[torch.Tensor, int]], epoch_seed: int):
+    def __init__(self, task: TaskData, dataset: Dataset, plan: list[torch.Tensor], epoch_seed: int):
         self.task, self.dataset, self.plan, self.epoch_seed = task, dataset, plan, epoch_seed
 
     def __len__(self) -> int:
         return len(self.plan)
 
     def __getitem__(self, b: int) -> Any:
-        indices, offset = self.plan[b]
-        seed = ((self.epoch_seed * 1_000_033 + b) * 1_000_037 + offset) % (1 << 63)
+        indices = self.plan[b]
+        first = int(indices[0]) if len(indices) else 0
+        seed = ((self.epoch_seed * 1_000_033 + b) * 1_000_037 + first) % (1 << 63)
         py, npy = random.getstate(), np.random.get_state()
         try:
             with torch.random.fork_rng(devices=[]):

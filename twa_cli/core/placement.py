@@ -351,9 +351,7 @@ class ColumnShard(Projector):
         self.products.coords_of(vector[: self.held], out)
 
     def point_of(self, coords: torch.Tensor, out: torch.Tensor) -> None:
-        self.products.point_of(coords, out[: self.held])
-        if self.held < self.width:
-            out[self.held :].zero_()
+        self.products.point_of(coords, out[: self.held])  # the padding after them stays 0
 
     def gradient(self, grads: torch.Tensor) -> torch.Tensor:
         if self.summed is not None:

@@ -158,7 +158,7 @@ class SubspaceSGD(torch.optim.Optimizer):
     @torch.no_grad()
     def direction(self, coords: torch.Tensor) -> torch.Tensor:
         """P^T coords as a whole parameter vector (laid out as the flat buffer): a direction in weight space."""
-        out = torch.empty_like(self.flat.params)
+        out = torch.zeros_like(self.flat.params)  # a projector may leave padding it does not own as it is
         self.projector.point_of(coords.to(out.dtype), self.projector.own(out))
         self.projector.share(out)
         return out

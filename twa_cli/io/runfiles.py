@@ -16,7 +16,7 @@ from typing import Any
 
 from twa_cli.errors import TwaError
 from twa_cli.io.writers import write_text
-from twa_cli.units import standard_json
+from twa_cli.units import json_dumps
 
 RESULT_FILE = "twa.safetensors"
 COEFFICIENTS_FILE = "coefficients.json"
@@ -55,7 +55,7 @@ def step_of_sample(path: Path) -> int | None:
 def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
     """The per-epoch figures as JSON lines, rewritten whole (atomically) after each epoch and on resuming,
     so the file always matches the saved state, and a temporary left by a killed write is cleared."""
-    write_text(path, "".join(json.dumps(standard_json(h), allow_nan=False) + "\n" for h in history))
+    write_text(path, "".join(json_dumps(h) + "\n" for h in history))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

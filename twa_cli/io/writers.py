@@ -39,7 +39,7 @@ from twa_cli.io.atomic import (
 )
 from twa_cli.io.outputs import check_not_replacing, check_output
 from twa_cli.io.safetensors import save_tensors
-from twa_cli.units import standard_json
+from twa_cli.units import json_dumps
 
 SUFFIX = ".safetensors"
 HF_STEM = "model"
@@ -260,7 +260,7 @@ def _remove(paths: list[Path]) -> None:
 
 
 def json_text(obj: object) -> str:
-    return json.dumps(standard_json(obj), indent=2, sort_keys=False, allow_nan=False) + "\n"
+    return json_dumps(obj, indent=2) + "\n"
 
 
 def split_shards(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
