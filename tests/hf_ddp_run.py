@@ -15,6 +15,7 @@ from pathlib import Path
 
 import realtools
 import torch
+from helpers import exit_once_every_rank_has_saved
 from transformers import DataCollatorForLanguageModeling, GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 from twa_cli.integrations.hf import TWACallback
@@ -47,3 +48,4 @@ def main(out: Path, alone: bool) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2:] == ["alone"])
+    exit_once_every_rank_has_saved()

@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import realtools
 import torch
+from helpers import exit_once_every_rank_has_saved
 from torch.utils.data import DataLoader
 
 from twa_cli.integrations.lightning import TWACallback
@@ -36,3 +37,4 @@ def main(out: Path, devices: int, alone: bool) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:] == ["alone"])
+    exit_once_every_rank_has_saved()
