@@ -52,10 +52,11 @@ print(q.shape[0], q.shape[1])
 
 
 def timed(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one command in a fresh process."""
+    """Wall seconds and peak RSS (bytes) of one command in a fresh process, run from the tree on its PYTHONPATH:
+    `python -m` puts the working directory first on the path, so from another checkout it would run that one."""
     started = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", CHILD, *argv], capture_output=True, text=True, check=True,
-                         env=env).stdout
+                         env=env, cwd=env["PYTHONPATH"]).stdout
     return time.perf_counter() - started, int(out.strip()) * 1024
 
 

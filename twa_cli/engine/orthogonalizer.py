@@ -171,16 +171,39 @@ def _project_out(q: torch.Tensor, x: torch.Tensor, coords: torch.Tensor, reduce:
     (torchrun) or thread counts would differ by that over the residual's size (1e-4 measured on a small MLP's
     checkpoints, tests/test_distributed.py); in fp64 they agree within the 1e-5 that test asserts. The updates
     are fp32 GEMMs in place: their rounding is noise of the size of x's own fp32 rounding, random with respect
-    to q. Together with `_norms`, this is the only place that reduces over D.
+    to q. The first update and the second pass's inner products go chunk by chunk in one sweep over q (three
+    sweeps in all, not four: on a large basis the sweeps are the cost). Together with `_norms`, this is the only
+    place that reduces over D.
     """
     if q.shape[0] == 0:
         return
-    for _ in range(2):
-        c = _inner_products(q, x, exact=True)
-        if reduce is not None:
-            reduce(c)
-        x.addmm_(c.t().to(device=x.device, dtype=x.dtype), q, alpha=-1.0)
-        coords += c
+    first = _inner_products(q, x, exact=True)
+    if reduce is not None:
+        reduce(first)
+    second = _update_then_inner_products(q, x, first.t().to(device=x.device, dtype=x.dtype))
+    if reduce is not None:
+        reduce(second)
+    x.addmm_(second.t().to(device=x.device, dtype=x.dtype), q, alpha=-1.0)
+    coords += first
+    coords += second
+
+
+def _update_then_inner_products(q: torch.Tensor, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """x <- x - c q (fp32, in place), then q x.T in fp64 (on the CPU), both chunk by chunk in one sweep."""
+    dim = x.shape[1]
+    out = torch.zeros(q.shape[0], x.shape[0], dtype=torch.float64, device=x.device)
+    step = _chunk(q.shape[0] + x.shape[0])
+    q64 = torch.empty(q.shape[0], step, dtype=torch.float64, device=x.device)
+    x64 = torch.empty(x.shape[0], step, dtype=torch.float64, device=x.device)
+    for s in range(0, dim, step):
+        width = min(step, dim - s)
+        qs, xs = q[:, s : s + width], x[:, s : s + width]
+        xs.addmm_(c, qs, alpha=-1.0)
+        qc, xc = q64[:, :width], x64[:, :width]
+        qc.copy_(qs)
+        xc.copy_(xs)
+        out.addmm_(qc, xc.t())
+    return out.cpu()
 
 
 def _inner_products(q: torch.Tensor, x: torch.Tensor, exact: bool) -> torch.Tensor:
