@@ -119,3 +119,37 @@ def test_a_fit_on_an_empty_loader_is_refused():
     twa.add(model)
     with pytest.raises(TwaError, match="no batches"):
         twa.fit(model, [], lambda m, b: m(b).sum())
+
+
+class _Builds:
+    """Only what building a model needs of a task."""
+
+    def __init__(self, build):
+        self.build_model = build
+
+
+def test_the_subspace_names_come_from_a_model_built_without_memory():
+    from twa_cli.commands.common import _model_outline
+    from twa_cli.tasks.models import tied_names
+
+    def two_of_a_shape():
+        return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+
+    net = _model_outline(_Builds(two_of_a_shape))
+    assert all(p.is_meta for p in net.parameters())
+    assert tied_names(net) == []  # on meta every data_ptr is 0: same-shape weights are not ties
+
+    def tied():
+        a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        b.weight = a.weight
+        return torch.nn.Sequential(a, b)
+
+    assert tied_names(_model_outline(_Builds(tied))) == ["1.weight"]
+
+    def reads_values():  # a model that computes with its weights while it is built cannot be built on meta
+        net = torch.nn.Linear(4, 4)
+        net.scale = float(net.weight.detach().abs().max())
+        return net
+
+    built = _model_outline(_Builds(reads_values))
+    assert not built.weight.is_meta and built.scale > 0

@@ -314,7 +314,9 @@ def tied_names(model: nn.Module) -> list[str]:
     seen: dict[tuple[int, tuple[int, ...]], str] = {}
     tied = []
     for name, tensor in model.state_dict(keep_vars=True).items():
-        key = (tensor.data_ptr(), tuple(tensor.shape))
+        # A model built on the meta device has no memory (every data_ptr is 0): there a tied weight is the
+        # same parameter object under a second name.
+        key = (id(tensor) if tensor.is_meta else tensor.data_ptr(), tuple(tensor.shape))
         if tensor.numel() and key in seen:
             tied.append(name)
         else:
