@@ -119,3 +119,47 @@ def test_the_command_computes_a_large_basis_in_its_file(cnn_run, tmp_path, twa, 
     finished.clear()
     twa("orthogonalize", cnn_run, "-o", tmp_path / "half.safetensors", "--dtype", "bfloat16")
     assert finished == [] and load_basis(tmp_path / "half.safetensors").vectors.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("refusal", ["reserve", "map"])
+def test_a_file_system_that_cannot_map_the_file_gets_the_basis_written_from_memory(cnn_run, tmp_path, monkeypatch,
+                                                                                  refusal):
+    import errno
+    import mmap
+
+    from twa_cli.io import safetensors
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EOPNOTSUPP if refusal == "reserve" else errno.ENODEV, "not supported here")
+
+    if refusal == "reserve":
+        monkeypatch.setattr(safetensors.os, "posix_fallocate", refuse)
+    else:
+        monkeypatch.setattr(safetensors, "mmap", type("NoMap", (), {"PAGESIZE": mmap.PAGESIZE, "mmap": refuse}))
+    ckpts = list_folder(cnn_run)
+    path = tmp_path / "basis.safetensors"
+    with BasisOutput(path, exclusive=True, in_place_from=0) as out:
+        basis = orthogonalize(ckpts, names=ckpts[0].trainable, storage=out)
+        assert not out.in_file
+        out.save(basis)
+    usual = save_basis(orthogonalize(ckpts, names=ckpts[0].trainable), tmp_path / "usual.safetensors")
+    _same_file_content(usual, path)
+
+
+def test_a_full_disk_is_one_line_naming_the_output_and_leaves_nothing(cnn_run, tmp_path, twa, monkeypatch):
+    import errno
+
+    from twa_cli.io import safetensors
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.os, "posix_fallocate", full)
+    monkeypatch.setattr(basis_files, "IN_PLACE_FROM", 0)
+    out = tmp_path / "out"
+    out.mkdir()
+    run = twa("orthogonalize", cnn_run, "-o", out / "basis.safetensors", check=False)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "basis.safetensors" in lines[0], run.stderr
+    assert list(out.iterdir()) == []

@@ -9,6 +9,7 @@ column range), beside files `<name>.00001-of-0000N.safetensors` holding the colu
 
 from __future__ import annotations
 
+import logging
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,10 @@ from twa_cli.io.checkpoints import (
     sources_of,
 )
 from twa_cli.io.readers import shard_beside
-from twa_cli.io.safetensors import PlacedRows, map_tensor, save_tensors, write_tensors
+from twa_cli.io.safetensors import CannotMap, PlacedRows, map_tensor, save_tensors, write_tensors
 from twa_cli.units import dtype_name, layout_size
+
+log = logging.getLogger("twa")
 
 
 def basis_metadata(basis: Basis, invocation: dict[str, Any] | None, **extra: Any) -> dict[str, str]:
@@ -95,7 +98,11 @@ class BasisOutput:
         # Room for the header before the rows: the metadata lists every checkpoint and tensor; a header that
         # still does not fit is written the usual way (`save`).
         room = self.room if self.room is not None else max(1 << 16, size >> 12)
-        self._placed = PlacedRows(self._fh, rows, dim, room)
+        try:
+            self._placed = PlacedRows(self._fh, rows, dim, room)
+        except CannotMap as exc:
+            log.debug("%s: the basis is computed in memory: %s", self.path, exc)
+            return torch.empty(rows, dim, dtype=torch.float32)
         return self._placed.rows
 
     def settled(self, rows: int) -> None:

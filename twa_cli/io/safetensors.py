@@ -9,6 +9,7 @@ range (after the header) plus `__metadata__` (strings), then the data. The metad
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import math
 import mmap
@@ -68,6 +69,14 @@ def write_tensors(fh: BinaryIO, tensors: Mapping[str, torch.Tensor], metadata: M
         _write(fh, tensors[name])
 
 
+class CannotMap(Exception):
+    """The file cannot be written through a mapping here (its file system): write it the usual way."""
+
+
+# posix_fallocate's answers for a file system that cannot reserve space (as opposed to a full disk)
+_CANNOT_RESERVE = (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
+
+
 class PlacedRows:
     """A safetensors file whose one large fp32 matrix is computed in place: `rows` is a writable mapping of the
     file where the matrix's bytes will lie, so nothing copies it out at the end and the operating system writes
@@ -83,11 +92,17 @@ class PlacedRows:
     def __init__(self, fh: BinaryIO, rows: int, cols: int, room: int):
         self.fh, self.room, self.cols = fh, -(-room // mmap.PAGESIZE) * mmap.PAGESIZE, cols
         size = self.room + rows * cols * 4
-        if hasattr(os, "posix_fallocate"):  # a full disk is an error now, not a crash when a page is written
+        try:  # a full disk is an error now, not a crash when a page of the mapping is first written
             os.posix_fallocate(fh.fileno(), 0, size)
-        else:
-            os.ftruncate(fh.fileno(), size)
-        self._map = mmap.mmap(fh.fileno(), size)
+        except (AttributeError, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno not in _CANNOT_RESERVE:
+                raise
+            raise CannotMap(f"this file system cannot reserve the space of a file ({exc})") from exc
+        try:
+            self._map = mmap.mmap(fh.fileno(), size)
+        except OSError as exc:
+            os.ftruncate(fh.fileno(), 0)
+            raise CannotMap(f"this file system cannot map a file for writing ({exc})") from exc
         self.rows = torch.frombuffer(self._map, dtype=torch.float32, count=rows * cols,
                                      offset=self.room).view(rows, cols)
         self._settled = 0
