@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from twa_cli.core.basis import block_size
+from twa_cli.core.basis_files import computed_in_file, header_room
 from twa_cli.errors import TwaError
 from twa_cli.io.checkpoints import Checkpoint
 from twa_cli.units import STORAGE_DTYPES, itemsize
@@ -88,16 +88,16 @@ def plan_swa(ckpts: list[Checkpoint], *, compute_dtype: str, dtype: str | None, 
 
 
 def plan_orthogonalize(ckpts: list[Checkpoint], *, dtype: str, trainable: list[str] | None) -> Plan:
-    """The basis (n x D fp32) plus one block of checkpoints (`block_size`, as the orthogonalizer reads them),
-    plus buffers."""
+    """The basis (n x D fp32; the checkpoints are read into its free rows), plus buffers."""
     if dtype not in STORAGE_DTYPES:
         raise TwaError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)} (got '{dtype}')")
     lay = _layout(ckpts[0], trainable)
     n, dim = len(ckpts), lay.trainable
-    block = block_size(n)
     buffers = (lay.floating - dim) * 8 + lay.other_bytes
-    peak = (n + block) * dim * 4 + n * n * 8 + buffers + lay.largest_bytes
+    peak = n * dim * 4 + n * n * 8 + buffers + lay.largest_bytes
     disk = n * dim * itemsize(dtype) + n * n * 8 + (lay.floating - dim) * 4 + lay.other_bytes
+    if computed_in_file(n, dim, dtype):  # the room kept for the header before the rows
+        disk += header_room(n, dim)
     notes = [] if trainable is not None else ["no architecture known: every floating tensor spans the subspace"]
     return Plan("orthogonalize", [str(c.path) for c in ckpts], lay.bytes_on_disk * n, peak, 0, disk, dim, notes)
 

@@ -62,6 +62,18 @@ def save_basis(basis: Basis, path: str | Path, *, invocation: dict[str, Any] | N
 IN_PLACE_FROM = 1 << 24
 
 
+def header_room(rows: int, dim: int) -> int:
+    """Bytes kept for the header before the rows of a basis computed in its file (`BasisOutput`): the metadata
+    lists every checkpoint and tensor, so it grows with the basis; a header that still does not fit is written
+    the usual way. Rounded up to a page, where the rows begin."""
+    return -(-max(1 << 16, rows * dim * 4 >> 12) // 4096) * 4096
+
+
+def computed_in_file(rows: int, dim: int, dtype: str = "float32") -> bool:
+    """Whether `twa orthogonalize` computes such a basis inside its output file."""
+    return dtype == "float32" and rows * dim * 4 >= IN_PLACE_FROM
+
+
 class BasisOutput:
     """The file a basis is computed into: a context (the file appears, complete, only when the block ends
     without error) that is also the basis's storage (`allocate`, `settled`; see `core.basis.orthogonalize`).
@@ -92,12 +104,9 @@ class BasisOutput:
         return self._stack.__exit__(kind, value, traceback)
 
     def allocate(self, rows: int, dim: int) -> torch.Tensor:
-        size = rows * dim * 4
-        if self._placed is not None or not self.in_place or size < self.in_place_from:
+        if self._placed is not None or not self.in_place or rows * dim * 4 < self.in_place_from:
             return torch.empty(rows, dim, dtype=torch.float32)
-        # Room for the header before the rows: the metadata lists every checkpoint and tensor; a header that
-        # still does not fit is written the usual way (`save`).
-        room = self.room if self.room is not None else max(1 << 16, size >> 12)
+        room = self.room if self.room is not None else header_room(rows, dim)
         try:
             self._placed = PlacedRows(self._fh, rows, dim, room)
         except CannotMap as exc:

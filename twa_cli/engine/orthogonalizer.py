@@ -74,6 +74,12 @@ class Orthogonalizer:
         """(rank x count) fp64: the coordinates of every vector added."""
         return self._coords[: self.rank, : self.count]
 
+    def free_rows(self, count: int) -> torch.Tensor:
+        """The next `count` rows of the basis's storage, not yet part of the basis: a place to read vectors into
+        and pass to `add_block` (their own place in the basis), so adding them needs no memory of its own."""
+        self._make_room(count)
+        return self._q[self.rank : self.rank + count]
+
     def add(self, vector: torch.Tensor) -> bool:
         """Add one flat vector (copied); returns whether it added a direction. A vector holding NaN or Inf is
         refused (`NotFiniteRows`)."""
@@ -81,8 +87,8 @@ class Orthogonalizer:
         return self.add_block(block)[0]
 
     def add_block(self, block: torch.Tensor) -> list[bool]:
-        """Add the rows of `block` (b x D fp32, on the basis's device), which are overwritten as scratch;
-        returns for each row whether it added a direction. A block with a row holding NaN or Inf is refused
+        """Add the rows of `block` (b x D fp32, on the basis's device, or `free_rows(b)`), which are overwritten
+        as scratch; returns for each row whether it added a direction. A block with a row holding NaN or Inf is refused
         whole, before anything changes (`NotFiniteRows`, the block as it came): the rows' fp64 norms, needed
         anyway, are finite exactly when every entry is (squares of fp32 values cannot overflow fp64), so the
         check costs no pass of its own."""
