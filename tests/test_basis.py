@@ -74,3 +74,25 @@ def test_basis_file_round_trip(cnn_run, tmp_path):
     assert set(loaded.buffers) == set(basis.buffers)
     assert len(loaded.sources) == basis.coords.shape[1]
     assert all(len(s.sha256) == 64 for s in loaded.sources)
+
+
+def test_vectors_read_into_the_free_rows_make_the_basis_a_copy_makes():
+    """Blocks are read into the rows they become (no block of their own); rows dropped within a block (a
+    duplicate, a zero) shift the later ones down over them, which must not corrupt the basis."""
+    from twa_cli.engine.orthogonalizer import Orthogonalizer, orthogonality_error
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(9, 5000, generator=g)
+    w[3] = w[2]  # dropped inside the second block
+    w[4] = 0.0
+    w[7] = 2 * w[6] - w[5]  # dropped: in the span
+    copied, placed = Orthogonalizer(5000, capacity=9), Orthogonalizer(5000, capacity=9)
+    for start in range(0, 9, 3):
+        copied.add_block(w[start : start + 3].clone())
+        rows = placed.free_rows(3)
+        assert rows.data_ptr() == placed._q[placed.rank].data_ptr()  # the basis's own storage
+        rows.copy_(w[start : start + 3])
+        placed.add_block(rows)
+    assert placed.rank == copied.rank == 6 and [d.index for d in placed.dropped] == [3, 4, 7]
+    assert torch.equal(placed.vectors, copied.vectors) and torch.equal(placed.coords, copied.coords)
+    assert orthogonality_error(placed.vectors) < 1e-6

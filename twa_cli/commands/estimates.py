@@ -11,7 +11,6 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from twa_cli.core.basis_files import computed_in_file, header_room
 from twa_cli.errors import TwaError
 from twa_cli.io.checkpoints import Checkpoint
 from twa_cli.units import STORAGE_DTYPES, itemsize
@@ -96,8 +95,6 @@ def plan_orthogonalize(ckpts: list[Checkpoint], *, dtype: str, trainable: list[s
     buffers = (lay.floating - dim) * 8 + lay.other_bytes
     peak = n * dim * 4 + n * n * 8 + buffers + lay.largest_bytes
     disk = n * dim * itemsize(dtype) + n * n * 8 + (lay.floating - dim) * 4 + lay.other_bytes
-    if computed_in_file(n, dim, dtype):  # the room kept for the header before the rows
-        disk += header_room(n, dim)
     notes = [] if trainable is not None else ["no architecture known: every floating tensor spans the subspace"]
     return Plan("orthogonalize", [str(c.path) for c in ckpts], lay.bytes_on_disk * n, peak, 0, disk, dim, notes)
 

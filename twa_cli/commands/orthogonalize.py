@@ -72,13 +72,11 @@ def orthogonalize(folder: str | Path, output: str | Path, request: Orthogonalize
         names, ckpts = subspace_names(request.task, ckpts)
         if dry_run:
             return plan_orthogonalize(ckpts, dtype=request.dtype, trainable=names)
+        basis = placement.orthogonalize(ckpts, names=names, tol=request.tol, dtype=request.dtype,
+                                        progress=progress if placement.lead else None,
+                                        recorded=described(request.task, ckpts[0]))
         # A link the user named is written through: the file it names is replaced, the link stays.
-        with placement.basis_output(through_link(output), exclusive=not force,
-                                    in_place=request.dtype == "float32") as out:
-            basis = placement.orthogonalize(ckpts, names=names, tol=request.tol, dtype=request.dtype,
-                                            progress=progress if placement.lead else None,
-                                            recorded=described(request.task, ckpts[0]), storage=out)
-            out.save(basis, invocation=invocation)
+        placement.save_basis(basis, through_link(output), invocation=invocation, exclusive=not force)
         path = output
         holdings = placement.holdings(basis)
     dim = basis.size

@@ -15,7 +15,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -238,15 +238,6 @@ def _read_range(handle: Any, name: str, shape: tuple[int, ...], a: int, b: int) 
 Progress = Callable[[int, int], None]
 
 
-class RowStorage(Protocol):
-    """Storage for a basis's rows: `allocate(rows, dim)` an fp32 matrix, and `settled(rows)` says that rows
-    [0, rows) are final (never written again)."""
-
-    def allocate(self, rows: int, dim: int) -> torch.Tensor: ...
-
-    def settled(self, rows: int) -> None: ...
-
-
 def orthogonalize(
     ckpts: list[Checkpoint],
     *,
@@ -260,7 +251,6 @@ def orthogonalize(
     columns: tuple[int, int] | None = None,
     reduce: Reduce | None = None,
     recorded: dict[str, Any] | None = None,
-    storage: RowStorage | None = None,
 ) -> Basis:
     """Build an orthonormal basis of span{w_i} from checkpoint files, streaming them block by block.
 
@@ -271,8 +261,6 @@ def orthogonalize(
     With `columns` (lo, hi) only those entries of the parameter vector are read and returned, and `reduce`
     sums the inner products over the ranks holding the other columns (`twa_cli.core.placement`).
     `recorded`: what the checkpoints say about their task, kept with the basis (default: the first's).
-    `storage`: where the basis's rows live (default: memory), e.g. its output file (`basis_files.BasisOutput`),
-    told as rows become final.
     """
     if not ckpts:
         raise TwaError("no checkpoints to orthogonalize")
@@ -284,8 +272,7 @@ def orthogonalize(
     n = len(ckpts)
     block = block or block_size(n)
     lo, hi = columns if columns is not None else (0, dim)
-    grower = Orthogonalizer(hi - lo, tol=tol, capacity=n, reduce=reduce,
-                            allocate=storage.allocate if storage is not None else None)
+    grower = Orthogonalizer(hi - lo, tol=tol, capacity=n, reduce=reduce)
     # One process reads each file once: its trained tensors, its buffers and its hash in one pass. A rank
     # holding some columns reads only the rows that hold them, and the buffers and hashes in passes of their own.
     whole = columns is None
@@ -306,8 +293,6 @@ def orthogonalize(
             i = cols[exc.rows[0]]
             raise TwaError(f"{ckpts[i].path}: {not_finite_tensor(xb[exc.rows[0]], layout, lo)} contains NaN or "
                            "Inf") from exc
-        if storage is not None:
-            storage.settled(grower.rank)
         if progress is not None:
             progress(cols[-1] + 1, n)
     dropped = [{"index": d.index, "path": str(ckpts[d.index].path), "relative_residual": d.relative_residual}

@@ -9,8 +9,6 @@ column range), beside files `<name>.00001-of-0000N.safetensors` holding the colu
 
 from __future__ import annotations
 
-import logging
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,6 @@ import torch
 
 from twa_cli.core.basis import Basis
 from twa_cli.errors import TwaError
-from twa_cli.io.atomic import atomic_file
 from twa_cli.io.checkpoints import (
     Checkpoint,
     check_finite,
@@ -29,10 +26,8 @@ from twa_cli.io.checkpoints import (
     sources_of,
 )
 from twa_cli.io.readers import shard_beside
-from twa_cli.io.safetensors import CannotMap, PlacedRows, map_tensor, save_tensors, write_tensors
+from twa_cli.io.safetensors import map_tensor, save_tensors
 from twa_cli.units import dtype_name, layout_size
-
-log = logging.getLogger("twa")
 
 
 def basis_metadata(basis: Basis, invocation: dict[str, Any] | None, **extra: Any) -> dict[str, str]:
@@ -48,97 +43,11 @@ def basis_metadata(basis: Basis, invocation: dict[str, Any] | None, **extra: Any
     )
 
 
-def _beside_basis(basis: Basis) -> dict[str, torch.Tensor]:
-    return {"coords": basis.coords, **{f"buffer.{k}": v for k, v in basis.buffers.items()}}
-
-
 def save_basis(basis: Basis, path: str | Path, *, invocation: dict[str, Any] | None = None,
                exclusive: bool = False, **extra_meta: Any) -> Path:
-    tensors = {"basis": basis.vectors, **_beside_basis(basis)}
+    tensors = {"basis": basis.vectors, "coords": basis.coords}
+    tensors.update({f"buffer.{k}": v for k, v in basis.buffers.items()})
     return save_tensors(path, tensors, basis_metadata(basis, invocation, **extra_meta), exclusive=exclusive)
-
-
-# An fp32 basis this large is computed inside its output file: below it, writing it at the end costs little.
-IN_PLACE_FROM = 1 << 24
-
-
-def header_room(rows: int, dim: int) -> int:
-    """Bytes kept for the header before the rows of a basis computed in its file (`BasisOutput`): the metadata
-    lists every checkpoint and tensor, so it grows with the basis; a header that still does not fit is written
-    the usual way. Rounded up to a page, where the rows begin."""
-    return -(-max(1 << 16, rows * dim * 4 >> 12) // 4096) * 4096
-
-
-def computed_in_file(rows: int, dim: int, dtype: str = "float32") -> bool:
-    """Whether `twa orthogonalize` computes such a basis inside its output file."""
-    return dtype == "float32" and rows * dim * 4 >= IN_PLACE_FROM
-
-
-class BasisOutput:
-    """The file a basis is computed into: a context (the file appears, complete, only when the block ends
-    without error) that is also the basis's storage (`allocate`, `settled`; see `core.basis.orthogonalize`).
-
-    A large fp32 basis is computed inside the output file itself, mapped into memory (`io.safetensors.PlacedRows`):
-    the operating system writes each finished row back to disk while later ones are computed, and `save` only
-    adds the header and the small tensors around it, where writing a 10 GB basis at the end used to take as long
-    as computing it. A smaller or narrower basis is held in memory and written by `save`.
-    """
-
-    def __init__(self, path: Path, *, exclusive: bool, in_place: bool = True, in_place_from: int | None = None,
-                 room: int | None = None):
-        self.path, self.exclusive, self.in_place, self.room = path, exclusive, in_place, room
-        self.in_place_from = IN_PLACE_FROM if in_place_from is None else in_place_from
-        self._placed: PlacedRows | None = None
-        self._saved = False
-        self._stack = ExitStack()
-
-    def __enter__(self) -> BasisOutput:
-        self._fh = self._stack.enter_context(atomic_file(self.path, exclusive=self.exclusive))
-        return self
-
-    def __exit__(self, kind: Any, value: Any, traceback: Any) -> bool | None:
-        if kind is None and not self._saved:  # never let a file without its header appear
-            value = RuntimeError(f"{self.path}: the block ended without saving a basis into it")
-            self._stack.__exit__(RuntimeError, value, None)
-            raise value
-        return self._stack.__exit__(kind, value, traceback)
-
-    def allocate(self, rows: int, dim: int) -> torch.Tensor:
-        if self._placed is not None or not self.in_place or rows * dim * 4 < self.in_place_from:
-            return torch.empty(rows, dim, dtype=torch.float32)
-        room = self.room if self.room is not None else header_room(rows, dim)
-        try:
-            self._placed = PlacedRows(self._fh, rows, dim, room)
-        except CannotMap as exc:
-            log.debug("%s: the basis is computed in memory: %s", self.path, exc)
-            return torch.empty(rows, dim, dtype=torch.float32)
-        return self._placed.rows
-
-    def settled(self, rows: int) -> None:
-        if self._placed is not None:
-            self._placed.settled(rows)
-
-    @property
-    def in_file(self) -> bool:
-        """Whether the basis's rows are computed inside the output file."""
-        return self._placed is not None
-
-    def save(self, basis: Basis, *, invocation: dict[str, Any] | None = None, **extra_meta: Any) -> Path:
-        """Write the basis computed into this output (or any basis) to it; the file appears when the block ends."""
-        meta, others = basis_metadata(basis, invocation, **extra_meta), _beside_basis(basis)
-        placed = self._placed
-        if placed is not None and placed.holds(basis.vectors):
-            if placed.finish("basis", basis.vectors, others, meta):
-                self._saved = True
-                return self.path
-            # The header outgrew its room: the rows leave the mapping for memory, and the file is rewritten.
-            basis.vectors = basis.vectors.clone()
-            self._placed = None
-        self._fh.seek(0)
-        self._fh.truncate()
-        write_tensors(self._fh, {"basis": basis.vectors, **others}, meta)
-        self._saved = True
-        return self.path
 
 
 def shard_path(index: Path, rank: int, world: int) -> Path:

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from twa_cli.core.basis import Basis, orthogonalize
-from twa_cli.core.basis_files import BasisOutput, load_basis, save_basis, save_columns, save_index
+from twa_cli.core.basis_files import load_basis, save_basis, save_columns, save_index
 from twa_cli.engine.parallel import all_reduce
 from twa_cli.engine.subspace import FlatParameters, Projection, Projector, SubspaceSGD
 from twa_cli.errors import TwaError
@@ -104,12 +104,6 @@ class Placement(ABC):
     def save_basis(self, basis: Basis, path: Path, *, invocation: dict[str, Any] | None, exclusive: bool) -> Path:
         """Write the basis (each rank its columns); returns the file to read it back from."""
 
-    def basis_output(self, path: Path, *, exclusive: bool, in_place: bool) -> Any:
-        """A context that is the storage of the basis to be computed (`orthogonalize(..., storage=)`) and
-        writes it (`.save(basis, invocation=)`): here, each rank its columns in memory, then `save_basis`.
-        `in_place`: the basis may be computed inside its output file (one process, fp32)."""
-        return _SavedByPlacement(self, path, exclusive)
-
     def holdings(self, basis: Basis) -> list[dict[str, Any]]:
         """What each rank holds of the basis (empty in one process)."""
         return []
@@ -166,9 +160,6 @@ class SingleProcess(Placement):
     def save_basis(self, basis: Basis, path: Path, *, invocation: dict[str, Any] | None, exclusive: bool) -> Path:
         return save_basis(basis, path, invocation=invocation, exclusive=exclusive)
 
-    def basis_output(self, path: Path, *, exclusive: bool, in_place: bool) -> BasisOutput:
-        return BasisOutput(path, exclusive=exclusive, in_place=in_place)
-
     def subspace_sgd(self, flat: FlatParameters, basis: Basis, coords: torch.Tensor, *, dtype: torch.dtype,
                      offspan: torch.Tensor | None, **hyper: float) -> SubspaceSGD:
         # The basis keeps its stored precision (a half-precision one is widened slab by slab inside the
@@ -176,28 +167,6 @@ class SingleProcess(Placement):
         vectors = basis.vectors.to(device=self.device, dtype=dtype)
         return SubspaceSGD(flat, vectors, coords, offspan=None if offspan is None else offspan.to(self.device),
                            **hyper)
-
-
-@dataclass
-class _SavedByPlacement:
-    placement: Placement
-    path: Path
-    exclusive: bool
-
-    def __enter__(self) -> _SavedByPlacement:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-    def allocate(self, rows: int, dim: int) -> torch.Tensor:
-        return torch.empty(rows, dim, dtype=torch.float32)
-
-    def settled(self, rows: int) -> None:
-        return None
-
-    def save(self, basis: Basis, *, invocation: dict[str, Any] | None = None) -> Path:
-        return self.placement.save_basis(basis, self.path, invocation=invocation, exclusive=self.exclusive)
 
 
 @dataclass
