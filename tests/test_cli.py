@@ -74,3 +74,29 @@ def test_a_sharded_result_reads_back_by_the_name_it_was_written_to(mlp_run, tmp_
         "--device", "cpu", "--no-eval-every-epoch")
     twa("train-subspace", mlp_run, "-o", tmp_path / "twa", "--init", out, "--epochs", "1", "--device", "cpu",
         "--no-eval-every-epoch", "--no-lr-check", "--lr", "0.1")
+
+
+class _Left(Exception):
+    def __init__(self, code):
+        self.code = code
+
+
+@pytest.mark.parametrize("args, expected", [(["inspect", "{run}"], 0), (["inspect", "{run}/missing"], 1)])
+def test_a_torchrun_rank_leaves_without_the_interpreters_teardown_with_its_code(cnn_run, monkeypatch, capsys,
+                                                                               args, expected):
+    """A rank's process ends in os._exit with the command's exit code, after its output is flushed: gloo's threads
+    can abort the interpreter's teardown and fail a job whose ranks all finished."""
+    import os
+
+    from twa_cli.cli import main
+
+    def leave(code):
+        raise _Left(code)
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(os, "_exit", leave)
+    with pytest.raises(_Left) as left:
+        main([a.format(run=cnn_run) for a in args])
+    assert left.value.code == expected
+    out = capsys.readouterr()
+    assert (out.out if expected == 0 else out.err).strip()  # what the command printed came out first

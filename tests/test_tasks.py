@@ -121,35 +121,57 @@ def test_a_fit_on_an_empty_loader_is_refused():
         twa.fit(model, [], lambda m, b: m(b).sum())
 
 
-class _Builds:
-    """Only what building a model needs of a task."""
 
-    def __init__(self, build):
-        self.build_model = build
+def _structure(net):
+    from twa_cli.tasks.models import tied_names, trainable_names
+
+    return trainable_names(net), tied_names(net), {k: tuple(v.shape) for k, v in net.state_dict().items()}
 
 
-def test_the_subspace_names_come_from_a_model_built_without_memory():
-    from twa_cli.commands.common import _model_outline
-    from twa_cli.tasks.models import tied_names
+def test_the_tools_own_models_are_outlined_on_the_meta_device_as_they_are_built(tmp_path):
+    """The tensors spanning the subspace are read from the model's outline: the tool's own models (registry,
+    transformers) are built there on the meta device, with the structure of a real build, tied weights included."""
+    import transformers
 
-    def two_of_a_shape():
-        return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    from twa_cli.tasks.classification import ClassificationTask
+    from twa_cli.tasks.hf import hf_task
 
-    net = _model_outline(_Builds(two_of_a_shape))
-    assert all(p.is_meta for p in net.parameters())
-    assert tied_names(net) == []  # on meta every data_ptr is 0: same-shape weights are not ties
+    registry = ClassificationTask({"name": "small-cnn", "kwargs": {"num_classes": 10, "in_channels": 1,
+                                                                    "image_size": 8}}, {})
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    for task in (registry, hf_task(tmp_path / "gpt2", None, None)):
+        outline = task.outline_model()
+        assert all(t.is_meta for t in outline.state_dict().values())
+        assert _structure(outline) == _structure(task.build_model())
+    assert _structure(task.build_model())[1] == ["lm_head.weight"]  # the tie is there to compare
 
-    def tied():
-        a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
-        b.weight = a.weight
-        return torch.nn.Sequential(a, b)
 
-    assert tied_names(_model_outline(_Builds(tied))) == ["1.weight"]
+def test_a_task_of_ones_own_is_outlined_by_building_it_as_for_training(tmp_path):
+    """A task's own code may cache or save while it builds: on the meta device that would keep meta tensors
+    (a cached backbone) or write them (a saved starting point), so it is built for real."""
+    import functools
 
-    def reads_values():  # a model that computes with its weights while it is built cannot be built on meta
-        net = torch.nn.Linear(4, 4)
-        net.scale = float(net.weight.detach().abs().max())
-        return net
+    from twa_cli.tasks.base import Task
 
-    built = _model_outline(_Builds(reads_values))
-    assert not built.weight.is_meta and built.scale > 0
+    @functools.lru_cache(maxsize=1)
+    def backbone():
+        return torch.nn.Linear(4, 4)
+
+    class Cached(Task):
+        def build_model(self):
+            torch.save({"made": torch.ones(1)}, tmp_path / "init.pt")
+            return torch.nn.Sequential(backbone(), torch.nn.Linear(4, 2))
+
+        def dataset(self, split, *, augment):
+            return None
+
+        def loss(self, model, batch):
+            return torch.zeros(())
+
+    task = Cached()
+    assert not any(t.is_meta for t in task.outline_model().state_dict().values())
+    assert not task.build_model()[0].weight.is_meta  # the cache holds a real backbone
+    assert not torch.load(tmp_path / "init.pt", weights_only=True)["made"].is_meta
+

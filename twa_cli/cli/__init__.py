@@ -13,6 +13,25 @@ from twa_cli.errors import TwaError
 
 def main(argv: list[str] | None = None) -> None:
     """The `twa` entry point."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _main(argv)
+    # A rank of a torchrun job ends here, its results written and its process group left: the interpreter's own
+    # teardown can then abort it in gloo's threads ("terminate called without an active exception", seen under
+    # load), which turns a finished rank into a failed job. So it leaves without that teardown, with its code.
+    try:
+        _main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _main(argv: list[str] | None) -> None:
     import typer
 
     from twa_cli.cli.app import app

@@ -117,23 +117,10 @@ def subspace_names(request: TaskRequest, ckpts: list[Checkpoint]) -> tuple[list[
         return ckpt.trainable, ckpts
     if not knows_task(request, ckpt):
         return None, ckpts
-    net = _model_outline(task_of(request, ckpt, need_data=False))
+    net = task_of(request, ckpt, need_data=False).outline_model()
     ckpts = aligned(ckpts, net)
     check_fits(net, check_compatible(ckpts).shapes, str(ckpts[0].path))
     return trainable_names(net), ckpts
-
-
-def _model_outline(task: Task) -> Any:
-    """The task's model for its names, shapes and trainable flags only: built on the meta device (no memory,
-    no initialisation: seconds for a 100M-parameter model), unless the model cannot be built there."""
-    import torch
-
-    try:
-        with torch.device("meta"):
-            return task.build_model()
-    except Exception:  # a model that reads or computes values while it is built: build it for real
-        log.debug("the model cannot be built on the meta device; building it for real", exc_info=True)
-        return task.build_model()
 
 
 def described(request: TaskRequest, ckpt: Checkpoint) -> dict[str, Any]:

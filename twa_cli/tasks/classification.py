@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from twa_cli.errors import TwaError
-from twa_cli.tasks.base import Batch, Task, accuracy_figures
+from twa_cli.tasks.base import Batch, Task, accuracy_figures, meta_model
 from twa_cli.tasks.images import Datasets, data_shape, load_data
 from twa_cli.tasks.models import build_model
 
@@ -68,6 +68,9 @@ class ClassificationTask(Task):
 
     def build_model(self) -> nn.Module:
         return build_model(self.arch, allow_code=self._user_model, source=None if self._user_model else self.source)
+
+    def outline_model(self) -> nn.Module:
+        return super().outline_model() if self._user_model else meta_model(self.build_model)
 
     def dataset(self, split: str, *, augment: bool) -> Dataset | None:
         data = self.data

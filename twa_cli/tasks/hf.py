@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from twa_cli.errors import TwaError
 from twa_cli.io.runfiles import HF_RESULT_FILE
-from twa_cli.tasks.base import Batch, Task, accuracy_figures, perplexity
+from twa_cli.tasks.base import Batch, Task, accuracy_figures, meta_model, perplexity
 from twa_cli.tasks.text import Examples, carve, classification_examples, eval_rows, lm_blocks, read_rows
 from twa_cli.units import first_line
 
@@ -147,6 +147,12 @@ class HFTask(Task):
     @property
     def has_data(self) -> bool:
         return bool(self.data_spec)
+
+    def outline_model(self) -> nn.Module:
+        try:
+            return meta_model(self.build_model)  # transformers builds the same structure there
+        except TwaError:  # a model whose construction computes with its weights: no user code runs, so build it
+            return self.build_model()
 
     def build_model(self) -> nn.Module:
         try:
