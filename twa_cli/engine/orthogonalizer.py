@@ -183,10 +183,10 @@ def _project_out(q: torch.Tensor, x: torch.Tensor, coords: torch.Tensor, reduce:
     """
     if q.shape[0] == 0:
         return
-    first = _inner_products(q, x, exact=True)
+    first = _inner_products(q, x)
     if reduce is not None:
         reduce(first)
-    second = _update_then_inner_products(q, x, first.t().to(device=x.device, dtype=x.dtype))
+    second = _inner_products(q, x, subtract=first.t().to(device=x.device, dtype=x.dtype))
     if reduce is not None:
         reduce(second)
     x.addmm_(second.t().to(device=x.device, dtype=x.dtype), q, alpha=-1.0)
@@ -194,8 +194,9 @@ def _project_out(q: torch.Tensor, x: torch.Tensor, coords: torch.Tensor, reduce:
     coords += second
 
 
-def _update_then_inner_products(q: torch.Tensor, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """x <- x - c q (fp32, in place), then q x.T in fp64 (on the CPU), both chunk by chunk in one sweep."""
+def _inner_products(q: torch.Tensor, x: torch.Tensor, subtract: torch.Tensor | None = None) -> torch.Tensor:
+    """q x.T (k, b) in fp64 on the CPU, multiplied and summed in fp64 chunk by chunk over D. `subtract` (b, k):
+    first x <- x - subtract q in fp32, in place, in the same sweep (each chunk of q is read once)."""
     dim = x.shape[1]
     out = torch.zeros(q.shape[0], x.shape[0], dtype=torch.float64, device=x.device)
     step = _chunk(q.shape[0] + x.shape[0])
@@ -204,31 +205,11 @@ def _update_then_inner_products(q: torch.Tensor, x: torch.Tensor, c: torch.Tenso
     for s in range(0, dim, step):
         width = min(step, dim - s)
         qs, xs = q[:, s : s + width], x[:, s : s + width]
-        xs.addmm_(c, qs, alpha=-1.0)
+        if subtract is not None:
+            xs.addmm_(subtract, qs, alpha=-1.0)
         qc, xc = q64[:, :width], x64[:, :width]
         qc.copy_(qs)
         xc.copy_(xs)
-        out.addmm_(qc, xc.t())
-    return out.cpu()
-
-
-def _inner_products(q: torch.Tensor, x: torch.Tensor, exact: bool) -> torch.Tensor:
-    """q x.T (k, b) in fp64 on the CPU, summed chunk by chunk over D; `exact` also multiplies in fp64."""
-    dim = x.shape[1]
-    out = torch.zeros(q.shape[0], x.shape[0], dtype=torch.float64, device=x.device)
-    if not exact:
-        step = 1 << 16
-        for s in range(0, dim, step):
-            out += (q[:, s : s + step] @ x[:, s : s + step].t()).double()
-        return out.cpu()
-    step = _chunk(q.shape[0] + x.shape[0])
-    q64 = torch.empty(q.shape[0], step, dtype=torch.float64, device=x.device)
-    x64 = torch.empty(x.shape[0], step, dtype=torch.float64, device=x.device)
-    for s in range(0, dim, step):
-        width = min(step, dim - s)
-        qc, xc = q64[:, :width], x64[:, :width]
-        qc.copy_(q[:, s : s + width])
-        xc.copy_(x[:, s : s + width])
         out.addmm_(qc, xc.t())
     return out.cpu()
 
@@ -251,13 +232,13 @@ def _norms(x: torch.Tensor, reduce: Reduce | None = None) -> torch.Tensor:
 
 def inner_products(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """q x.T in fp64, chunk by chunk over D (no fp64 copy of either)."""
-    return _inner_products(q, x, exact=True)
+    return _inner_products(q, x)
 
 
 def orthogonality_error(vectors: torch.Tensor, reduce: Reduce | None = None) -> float:
     """max |P P^T - I|, with fp64 accumulation."""
     k = vectors.shape[0]
-    gram = _inner_products(vectors, vectors, exact=True)
+    gram = _inner_products(vectors, vectors)
     if reduce is not None:
         reduce(gram)
     return float((gram - torch.eye(k, dtype=torch.float64)).abs().max()) if k else 0.0

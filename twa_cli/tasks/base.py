@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,7 +102,7 @@ class Part(Dataset):
         return self.dataset[int(self.indices[i])]
 
 
-def meta_model(build: Any) -> nn.Module:
+def meta_model(build: Callable[[], nn.Module]) -> nn.Module:
     """`build()` on the meta device: a model's structure without memory or initialisation (seconds saved for a
     100M-parameter model). For builders the tool knows to build alike there (its registry, timm, transformers)."""
     with torch.device("meta"):
