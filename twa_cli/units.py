@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -96,3 +97,8 @@ def standard_json(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [standard_json(v) for v in obj]
     return obj
+
+
+def launched_by_torchrun() -> bool:
+    """Whether the launcher started this process as one of several (torchrun sets WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1

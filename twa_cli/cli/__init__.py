@@ -9,11 +9,12 @@ import sys
 
 from twa_cli.cli.signals import Interrupted, ctrl_c_raises_interrupted
 from twa_cli.errors import TwaError
+from twa_cli.units import launched_by_torchrun
 
 
 def main(argv: list[str] | None = None) -> None:
     """The `twa` entry point."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not launched_by_torchrun():
         return _main(argv)
     # A rank of a torchrun job ends here, its results written and its process group left: the interpreter's own
     # teardown can then abort it in gloo's threads ("terminate called without an active exception", seen under

@@ -40,7 +40,7 @@ from twa_cli.engine.parallel import all_reduce
 from twa_cli.engine.subspace import FlatParameters, Projection, Projector, SubspaceSGD
 from twa_cli.errors import TwaError
 from twa_cli.io.checkpoints import Checkpoint
-from twa_cli.units import layout_size
+from twa_cli.units import launched_by_torchrun, layout_size
 
 log = logging.getLogger("twa")
 
@@ -294,7 +294,7 @@ def launched() -> bool:
     """Whether this process is one of several (started by torchrun, or a group the caller set up)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size() > 1
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return launched_by_torchrun()
 
 
 def placement_for(device: str = "cpu") -> Placement:
